@@ -1,0 +1,1 @@
+"""The gateway process: settings, CLI, routing core, XMPP adapter, store."""

@@ -1,0 +1,1 @@
+"""SIP side: an asyncio SIP SIMPLE stack. Knows nothing of XMPP."""
