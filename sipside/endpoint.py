@@ -1,0 +1,748 @@
+"""The one asyncio adapter of the SIP side: sockets, the clock and timers around the cores.
+
+It owns UDP, TCP and TLS listeners, stream connections (reused both ways), the transaction
+layer and its single timer. Incoming requests go to one application callback with a
+``respond`` handle; outgoing requests are ``await endpoint.request(...)`` and return the final
+response, answering Digest challenges on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import ssl
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import structlog
+
+from sipside.digest import AuthenticationError, DigestClient
+from sipside.errors import LocalError, PeerError, TransactionTimeout, TransportError
+from sipside.framing import PONG, FramingError, KeepAlive, StreamFramer
+from sipside.message import (
+    SipMessage,
+    SipRequest,
+    SipResponse,
+    make_response,
+    new_branch,
+    parse_message,
+    reason_phrase,
+)
+from sipside.peer import Peer
+from sipside.timers import TimerConfig
+from sipside.transaction import (
+    AnyServerKey,
+    ClientKey,
+    DeliverRequest,
+    DeliverResponse,
+    Discarded,
+    Effect,
+    Failed,
+    Stray,
+    Terminated,
+    Transmit,
+)
+from sipside.txlayer import TransactionLayer
+from sipside.validate import UnsupportedExtension, validate_request
+
+log = structlog.get_logger("sipside.endpoint")
+
+# RFC 3261 18.1.1: a request within 200 bytes of the path MTU (1500) goes over a congestion
+# controlled transport; 1300 is the RFC's figure for an unknown MTU.
+UDP_MAX_REQUEST = 1300
+MAX_DATAGRAM = 65535
+ANSWERED_METHODS = ("MESSAGE", "SUBSCRIBE", "NOTIFY", "PUBLISH", "REGISTER", "OPTIONS")
+ALLOW = ", ".join(ANSWERED_METHODS)
+KNOWN_METHODS = frozenset(
+    {"INVITE", "ACK", "BYE", "CANCEL", "PRACK", "UPDATE", "INFO", "REFER", *ANSWERED_METHODS}
+)
+_MANDATORY = ("Via", "From", "To", "Call-ID", "CSeq")
+_COMPACT = {"v": "Via", "f": "From", "t": "To", "i": "Call-ID"}
+
+
+def parse_listen(spec: str) -> Peer:
+    """Parse ``udp:127.0.0.1:5070``, ``tls:[::1]:5071`` into a Peer; ValueError names the fault."""
+    transport, sep, rest = spec.partition(":")
+    transport = transport.lower()
+    if not sep or transport not in ("udp", "tcp", "tls"):
+        raise ValueError(f"{spec!r}: expected udp:, tcp: or tls: followed by HOST:PORT")
+    if rest.startswith("["):
+        host, bracket, port_text = rest[1:].partition("]")
+        if not bracket or not port_text.startswith(":"):
+            raise ValueError(f"{spec!r}: IPv6 address must be written [ADDR]:PORT")
+        port_text = port_text[1:]
+    else:
+        host, sep, port_text = rest.rpartition(":")
+        if not sep:
+            raise ValueError(f"{spec!r}: missing :PORT")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{spec!r}: host must be an IP address, not {host!r}") from None
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{spec!r}: port must be 0-65535")
+    return Peer(transport, host, int(port_text))
+
+
+def peer_for_uri(uri: str) -> Peer:
+    """Where to send a request for a ``sip:``/``sips:`` URI with an IP host (no DNS, RFC 3263
+    lookups are the proxy's job): transport from ``;transport=``, default port 5060/5061."""
+    scheme, _, rest = uri.partition(":")
+    scheme = scheme.lower()
+    if scheme not in ("sip", "sips"):
+        raise LocalError(f"cannot route to {uri!r}: not a sip: URI")
+    rest = rest.split("?", 1)[0]
+    hostpart, *params = rest.split(";")
+    hostpart = hostpart.rsplit("@", 1)[-1]
+    transport = "tls" if scheme == "sips" else "udp"
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.lower() == "transport" and value.lower() in ("udp", "tcp", "tls"):
+            transport = value.lower()
+    if hostpart.startswith("["):
+        host, _, tail = hostpart[1:].partition("]")
+        port_text = tail[1:] if tail.startswith(":") else ""
+    elif hostpart.count(":") == 1:
+        host, port_text = hostpart.split(":")
+    else:
+        host, port_text = hostpart, ""
+    default = 5061 if transport == "tls" else 5060
+    try:
+        ipaddress.ip_address(host)
+        port = int(port_text) if port_text else default
+    except ValueError:
+        raise LocalError(f"cannot route to {uri!r}: host must be an IP address") from None
+    return Peer(transport, host, port)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointLimits:
+    """Size limits on incoming requests (RFC 3261 21.4.14, 21.4.15, 21.5.14)."""
+
+    max_uri: int = 4096
+    max_header_bytes: int = 16384
+    max_body: int = 65536
+    max_stream_buffer: int = 131072
+    idle_timeout: float = 600.0
+
+
+class IncomingRequest:
+    """A request handed to the application; answer it once with ``respond``."""
+
+    __slots__ = ("_endpoint", "_key", "answered", "request", "source")
+
+    def __init__(
+        self, endpoint: Endpoint, key: AnyServerKey, request: SipRequest, source: Peer
+    ) -> None:
+        self._endpoint = endpoint
+        self._key = key
+        self.request = request
+        self.source = source
+        self.answered = False
+
+    def respond(
+        self,
+        status: int,
+        reason: str | None = None,
+        *,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+        to_tag: str | None = None,
+    ) -> SipResponse:
+        """Send the final (or 100) response through the server transaction."""
+        response = make_response(
+            self.request, status, reason, to_tag=to_tag, headers=headers, body=body
+        )
+        self.send(response)
+        return response
+
+    def send(self, response: SipResponse) -> None:
+        """Send a response built by the application."""
+        if response.status >= 200:
+            if self.answered:
+                raise LocalError(f"request answered twice ({response.status})")
+            self.answered = True
+        self._endpoint._send_response(self._key, response)
+
+
+RequestHandler = Callable[[IncomingRequest], None]
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: asyncio.Future[SipResponse]
+    request: SipRequest
+    peer: Peer
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters for metrics."""
+
+    requests_in: int = 0
+    requests_out: int = 0
+    responses_in: int = 0
+    responses_out: int = 0
+    parse_errors: int = 0
+    rejected: int = 0
+    timeouts: int = 0
+    transport_errors: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)
+
+
+class _Datagram(asyncio.DatagramProtocol):
+    def __init__(self, endpoint: Endpoint, local: Peer) -> None:
+        self.endpoint = endpoint
+        self.local = local
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.endpoint._on_datagram(data, Peer("udp", addr[0], addr[1]))
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and the like: the transaction's timers handle the loss.
+        log.debug("udp_error_received", error=str(exc))
+
+
+class _Stream(asyncio.Protocol):
+    """One TCP or TLS connection, either direction, framed by Content-Length."""
+
+    def __init__(self, endpoint: Endpoint, transport_name: str) -> None:
+        self.endpoint = endpoint
+        self.transport_name = transport_name
+        self.transport: asyncio.Transport | None = None
+        self.peer: Peer | None = None
+        self.framer = StreamFramer(endpoint.limits.max_stream_buffer)
+        self.last_used = 0.0
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        addr = transport.get_extra_info("peername")
+        self.peer = Peer(self.transport_name, addr[0], addr[1])
+        self.last_used = self.endpoint._now()
+        self.endpoint._streams[self.peer] = self
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.peer is not None and self.transport is not None
+        self.last_used = self.endpoint._now()
+        for event in self.framer.feed(data):
+            if isinstance(event, KeepAlive):
+                self.transport.write(PONG)  # RFC 5626 3.5.1
+            elif isinstance(event, FramingError):
+                # RFC 3261 18.3: framing is lost; the only safe thing is to close the connection.
+                log.warning("stream_framing_failed", peer=str(self.peer), error=str(event.error))
+                self.endpoint.stats.parse_errors += 1
+                self.transport.close()
+                return
+            else:
+                self.endpoint._on_message(event, self.peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None and self.endpoint._streams.get(self.peer) is self:
+            del self.endpoint._streams[self.peer]
+        if not self.ready.done():
+            self.ready.set_exception(TransportError(f"connection lost: {exc}"))
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.last_used = self.endpoint._now()
+        self.transport.write(data)
+
+
+class Endpoint:
+    """A SIP endpoint: listeners, transactions, and the application's handler."""
+
+    def __init__(
+        self,
+        listen: Iterable[str],
+        handler: RequestHandler,
+        *,
+        timers: TimerConfig | None = None,
+        trusted: Iterable[str] = ("127.0.0.0/8", "::1/128"),
+        outbound_proxy: str | None = None,
+        digest: DigestClient | None = None,
+        limits: EndpointLimits | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_verify: bool = False,
+        user_agent: str = "sipxmpp",
+        supported: frozenset[str] = frozenset(),
+    ) -> None:
+        self.listen = [parse_listen(s) for s in listen]
+        self.handler = handler
+        self.limits = limits or EndpointLimits()
+        self.trusted = [ipaddress.ip_network(n, strict=False) for n in trusted]
+        self.proxy = peer_for_uri(outbound_proxy) if outbound_proxy else None
+        self.digest = digest
+        self.user_agent = user_agent
+        self.supported = supported
+        self.stats = Stats()
+        self._layer = TransactionLayer(timers)
+        self._tls_cert, self._tls_key, self._tls_verify = tls_cert, tls_key, tls_verify
+        self._udp: dict[int, _Datagram] = {}  # address family -> socket of that family
+        self._local: dict[str, Peer] = {}  # transport -> our bound address for Via/Contact
+        self._servers: list[asyncio.Server] = []
+        self._streams: dict[Peer, _Stream] = {}
+        self._connecting: dict[Peer, asyncio.Task[_Stream]] = {}
+        self._pending: dict[ClientKey, _Pending] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind every listener; the actual ports (for port 0) are in ``local_peers``."""
+        loop = self._loop = asyncio.get_running_loop()
+        for spec in self.listen:
+            family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
+            if spec.transport == "udp":
+                transport, protocol = await loop.create_datagram_endpoint(
+                    lambda spec=spec: _Datagram(self, spec),  # type: ignore[misc]
+                    local_addr=(spec.host, spec.port),
+                    family=family,
+                )
+                port = transport.get_extra_info("sockname")[1]
+                self._udp.setdefault(family, protocol)
+            else:
+                ctx = self._server_tls() if spec.transport == "tls" else None
+                name = spec.transport
+                server = await loop.create_server(
+                    lambda name=name: _Stream(self, name),
+                    host=spec.host,
+                    port=spec.port,
+                    family=family,
+                    ssl=ctx,
+                    reuse_address=True,
+                )
+                self._servers.append(server)
+                port = server.sockets[0].getsockname()[1]
+            self._local.setdefault(spec.transport, Peer(spec.transport, spec.host, port))
+        self._sweeper = loop.create_task(self._sweep_idle())
+        log.info("sip_endpoint_started", listen=[str(p) for p in self._local.values()])
+
+    async def close(self) -> None:
+        """Stop listening, fail pending requests and close every connection."""
+        self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for task in self._connecting.values():
+            task.cancel()
+        for server in self._servers:
+            server.close()
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(TransportError("endpoint closed"))
+        self._pending.clear()
+        for stream in list(self._streams.values()):
+            if stream.transport is not None:
+                stream.transport.close()
+        for udp in self._udp.values():
+            if udp.transport is not None:
+                udp.transport.close()
+        if self._timer is not None:
+            self._timer.cancel()
+        for server in self._servers:
+            await server.wait_closed()
+
+    @property
+    def local_peers(self) -> dict[str, Peer]:
+        """Our bound address per transport ("udp", "tcp", "tls")."""
+        return dict(self._local)
+
+    def contact_for(self, transport: str = "udp", user: str | None = None) -> str:
+        """A Contact URI that reaches this endpoint over ``transport``."""
+        local = self._local.get(transport) or next(iter(self._local.values()))
+        userpart = f"{user}@" if user else ""
+        param = "" if local.transport == "udp" else f";transport={local.transport}"
+        scheme = "sips" if local.transport == "tls" else "sip"
+        return f"{scheme}:{userpart}{local.hostport()}{param}"
+
+    @property
+    def transactions(self) -> tuple[int, int]:
+        """Live (client, server) transactions, for metrics."""
+        return self._layer.client_count, self._layer.server_count
+
+    # --- outgoing requests ---------------------------------------------------------------------
+
+    async def request(self, request: SipRequest, peer: Peer | None = None) -> SipResponse:
+        """Send ``request`` (no Via needed) and return its final response.
+
+        The destination is ``peer``, else the outbound proxy, else the Request-URI's host. A
+        401/407 is answered once with the endpoint's Digest credentials. Raises
+        TransactionTimeout or TransportError when no final response comes.
+        """
+        if self._closing:
+            raise TransportError("endpoint is closing")
+        dest = peer or self.proxy or peer_for_uri(request.uri)
+        response = await self._request_once(request, dest)
+        if response.status in (401, 407) and self.digest is not None:
+            challenges = [
+                (name, value)
+                for name, value in response.headers
+                if name in ("WWW-Authenticate", "Proxy-Authenticate")
+            ]
+            try:
+                auth = self.digest.answer(challenges, request.method, request.uri, request.body)
+            except AuthenticationError as exc:
+                log.warning("sip_auth_unanswerable", uri=request.uri, error=str(exc))
+                return response
+            number, method = request.cseq
+            retry = request.replace_headers("CSeq", [f"{number + 1} {method}"])
+            for name, value in auth:
+                retry = retry.replace_headers(name, [value])
+            response = await self._request_once(retry, dest)
+        return response
+
+    async def _request_once(self, request: SipRequest, dest: Peer) -> SipResponse:
+        data_len = len(request.body) + 600  # headers of our own requests stay well under this
+        if dest.transport == "udp" and data_len > UDP_MAX_REQUEST and "tcp" in self._local:
+            dest = Peer("tcp", dest.host, dest.port)  # RFC 3261 18.1.1
+        local = self._local.get(dest.transport)
+        if local is None:
+            raise LocalError(f"no {dest.transport} listener to send {request.method} to {dest}")
+        via = f"SIP/2.0/{dest.transport.upper()} {local.hostport()};branch={new_branch()};rport"
+        request = request.add_header("Via", via, first=True)
+        if request.header("Max-Forwards") is None:
+            request = request.add_header("Max-Forwards", "70")
+        if request.header("User-Agent") is None:
+            request = request.add_header("User-Agent", self.user_agent)
+        loop = self._loop
+        assert loop is not None, "Endpoint.start() first"
+        future: asyncio.Future[SipResponse] = loop.create_future()
+        key, effects = self._layer.send_request(request, dest, loop.time())
+        self._pending[key] = _Pending(future, request, dest)
+        self.stats.requests_out += 1
+        self._run(effects)
+        return await future
+
+    # --- incoming bytes ------------------------------------------------------------------------
+
+    def _on_datagram(self, data: bytes, source: Peer) -> None:
+        if not data.strip(b"\r\n"):
+            return  # RFC 5626 keep-alive over UDP
+        self._on_message(data, source)
+
+    def _on_message(self, data: bytes, source: Peer) -> None:
+        try:
+            message = parse_message(data)
+        except PeerError as exc:
+            self.stats.parse_errors += 1
+            self._answer_unparsable(data, source, exc)
+            return
+        if isinstance(message, SipResponse):
+            self.stats.responses_in += 1
+        else:
+            self.stats.requests_in += 1
+        try:
+            effects = self._layer.receive(message, source, self._now())
+        except PeerError as exc:
+            self.stats.parse_errors += 1
+            self._answer_unparsable(data, source, exc)
+            return
+        self._run(effects)
+
+    def _answer_unparsable(self, data: bytes, source: Peer, exc: PeerError) -> None:
+        """RFC 3261 8.2: answer a broken request if its Via, From, To, Call-ID and CSeq can be
+        read at all; otherwise (or for a response) it is dropped, as 16.3 and 18.1.2 allow."""
+        log.info("sip_message_rejected", peer=str(source), status=exc.status, error=str(exc))
+        headers = _salvage_headers(data)
+        if headers is None:
+            return
+        status = exc.status if exc.status >= 400 else 400
+        lines = [f"SIP/2.0 {status} {reason_phrase(status)}"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        if exc.warning:
+            lines.append(f'Warning: 399 sipxmpp "{_quote_warning(exc.warning)}"')
+        lines += ["Content-Length: 0", "", ""]
+        self._transmit("\r\n".join(lines).encode(), source, None)  # RFC 3261 18.2.2
+
+    # --- effects -------------------------------------------------------------------------------
+
+    def _run(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            match effect:
+                case Transmit(data=data, peer=peer, key=key):
+                    self._transmit(data, peer, key)
+                case DeliverRequest(key=key, request=request, source=source):
+                    self._deliver(key, request, source)
+                case DeliverResponse(key=key, response=response):
+                    if response.status >= 200:
+                        pending = self._pending.pop(key, None)
+                        if pending is not None and not pending.future.done():
+                            pending.future.set_result(response)
+                case Failed(key=key, error=error):
+                    if isinstance(error, TransactionTimeout):
+                        self.stats.timeouts += 1
+                    else:
+                        self.stats.transport_errors += 1
+                    pending = self._pending.pop(key, None)  # type: ignore[arg-type]
+                    if pending is not None and not pending.future.done():
+                        pending.future.set_exception(error)
+                case Terminated(key=key):
+                    self._pending.pop(key, None)  # type: ignore[arg-type]
+                case Stray(message=message, source=source, reason=reason):
+                    log.debug(
+                        "sip_stray_dropped",
+                        peer=str(source),
+                        reason=reason,
+                        call_id=_call_id(message),
+                    )
+                case Discarded(response=response, reason=reason):
+                    log.debug("sip_response_discarded", status=response.status, reason=reason)
+        self._arm_timer()
+
+    def _deliver(self, key: AnyServerKey, request: SipRequest, source: Peer) -> None:
+        method = request.method
+        if method == "ACK":
+            return
+        incoming = IncomingRequest(self, key, request, source)
+        try:
+            self._screen(request, source)
+        except UnsupportedExtension as exc:
+            self.stats.rejected += 1
+            incoming.respond(420, headers=[("Unsupported", ", ".join(exc.options))])
+            return
+        except PeerError as exc:
+            self.stats.rejected += 1
+            extra = [("Allow", ALLOW)] if exc.status == 405 else []
+            if exc.warning:
+                extra.append(("Warning", f'399 sipxmpp "{_quote_warning(exc.warning)}"'))
+            incoming.respond(exc.status, exc.reason, headers=extra)
+            return
+        if method == "OPTIONS" and request.uri.partition("@")[2] == "":
+            # An OPTIONS to the gateway itself (no user part) is a keep-alive probe.
+            incoming.respond(200, headers=[("Allow", ALLOW), ("Accept", "text/plain")])
+            return
+        try:
+            self.handler(incoming)
+        except PeerError as exc:
+            if not incoming.answered:
+                incoming.respond(exc.status, exc.reason)
+        except Exception:
+            log.exception("sip_handler_failed", method=method, call_id=request.call_id)
+            if not incoming.answered:
+                incoming.respond(500, "Internal Server Error")
+
+    def _screen(self, request: SipRequest, source: Peer) -> None:
+        """The checks every request passes before the application sees it."""
+        if not self._is_trusted(source.host):
+            raise PeerError(403, "Forbidden", "source address not trusted")
+        validate_request(
+            request,
+            supported=self.supported,
+            max_uri=self.limits.max_uri,
+            max_header_bytes=self.limits.max_header_bytes,
+            max_body=self.limits.max_body,
+        )
+        method = request.method
+        if method == "INVITE":
+            raise PeerError(405, "Method Not Allowed", "sessions are not supported")
+        if method not in ANSWERED_METHODS:
+            if method in KNOWN_METHODS:
+                raise PeerError(405, "Method Not Allowed")
+            raise PeerError(501, "Not Implemented")
+
+    def _is_trusted(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted)
+
+    def _send_response(self, key: AnyServerKey, response: SipResponse) -> None:
+        self.stats.responses_out += 1
+        self.stats.by_status[response.status] = self.stats.by_status.get(response.status, 0) + 1
+        self._run(self._layer.send_response(key, response, self._now()))
+
+    def _transmit(self, data: bytes, peer: Peer, key: Any) -> None:
+        if peer.transport == "udp":
+            family = socket.AF_INET6 if ":" in peer.host else socket.AF_INET
+            udp = self._udp.get(family)
+            if udp is None or udp.transport is None:
+                self._transport_failed(key, TransportError(f"no UDP socket for {peer}"))
+                return
+            udp.transport.sendto(data, (peer.host, peer.port))
+            return
+        stream = self._streams.get(peer)
+        if stream is not None and stream.transport is not None:
+            stream.write(data)
+            return
+        loop = self._loop
+        assert loop is not None
+        task = self._connecting.get(peer)
+        if task is None:
+            task = loop.create_task(self._connect(peer))
+            self._connecting[peer] = task
+        task.add_done_callback(lambda t: self._after_connect(t, data, peer, key))
+
+    async def _connect(self, peer: Peer) -> _Stream:
+        loop = self._loop
+        assert loop is not None
+        try:
+            ctx = self._client_tls() if peer.transport == "tls" else None
+            _, stream = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Stream(self, peer.transport), peer.host, peer.port, ssl=ctx
+                ),
+                timeout=self._layer.config.t1 * 64,
+            )
+            await stream.ready
+            # Register under the address we dialled too, which is what later sends look up.
+            self._streams[peer] = stream
+            return stream
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
+            raise TransportError(f"cannot connect to {peer}: {exc}") from exc
+        finally:
+            self._connecting.pop(peer, None)
+
+    def _after_connect(
+        self, task: asyncio.Task[_Stream], data: bytes, peer: Peer, key: Any
+    ) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            error = exc if isinstance(exc, TransportError) else TransportError(str(exc))
+            self._transport_failed(key, error)
+            return
+        task.result().write(data)
+
+    def _transport_failed(self, key: Any, error: TransportError) -> None:
+        log.info("sip_transport_failed", error=str(error))
+        if key is None:
+            return
+        self._run(self._layer.transport_error(key, error, self._now()))
+
+    # --- timers --------------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        loop = self._loop
+        return loop.time() if loop is not None else 0.0
+
+    def _arm_timer(self) -> None:
+        deadline = self._layer.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None and self._loop is not None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._run(self._layer.handle_timer(self._now()))
+
+    async def _sweep_idle(self) -> None:
+        """Close stream connections idle longer than the limit (read-side idle limit)."""
+        limit = self.limits.idle_timeout
+        while True:
+            await asyncio.sleep(min(limit, 30.0))
+            cutoff = self._now() - limit
+            for stream in list(self._streams.values()):
+                if stream.last_used < cutoff and stream.transport is not None:
+                    log.debug("sip_stream_idle_closed", peer=str(stream.peer))
+                    stream.transport.close()
+
+    # --- TLS -----------------------------------------------------------------------------------
+
+    def _server_tls(self) -> ssl.SSLContext:
+        if not self._tls_cert or not self._tls_key:
+            raise LocalError("tls: listener needs tls_cert and tls_key")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self._tls_cert, self._tls_key)
+        return ctx
+
+    def _client_tls(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        if not self._tls_verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+
+def _call_id(message: SipMessage) -> str | None:
+    try:
+        return message.call_id
+    except PeerError:
+        return None
+
+
+def _quote_warning(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\r", " ").replace("\n", " ")
+
+
+def _salvage_headers(data: bytes) -> list[tuple[str, str]] | None:
+    """The headers a response must copy (RFC 3261 8.2.6.2), read leniently from a request that
+    did not parse; None when it is not a request or one of them is missing."""
+    head = data.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+    lines = head.split("\r\n")
+    if not lines or lines[0].startswith("SIP/"):
+        return None
+    found: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon:
+            continue
+        key = name.strip()
+        canonical = _COMPACT.get(key.lower()) or next(
+            (m for m in _MANDATORY if m.lower() == key.lower()), None
+        )
+        if canonical is not None:
+            found.setdefault(canonical, []).append(value.strip())
+    if any(name not in found for name in _MANDATORY):
+        return None
+    salvaged = [("Via", v) for v in found["Via"]]
+    salvaged += [(name, found[name][0]) for name in _MANDATORY[1:]]
+    if any("\x00" in v or "\ufffd" in v for _, v in salvaged):
+        return None
+    return salvaged
+
+
+def make_request(
+    method: str,
+    uri: str,
+    *,
+    from_: str,
+    to: str,
+    call_id: str,
+    cseq: int = 1,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+) -> SipRequest:
+    """A new out-of-dialog request without Via (the endpoint adds it)."""
+    base = (
+        ("From", from_),
+        ("To", to),
+        ("Call-ID", call_id),
+        ("CSeq", f"{cseq} {method}"),
+    )
+    return SipRequest(method, uri, base + tuple(headers), body)
+
+
+__all__ = [
+    "ALLOW",
+    "Endpoint",
+    "EndpointLimits",
+    "IncomingRequest",
+    "RequestHandler",
+    "Stats",
+    "make_request",
+    "parse_listen",
+    "peer_for_uri",
+]
