@@ -1,0 +1,382 @@
+"""Chat messages across the gateway (DESIGN 4): routing, error mapping, the retry queue.
+
+The router sees only our own values (``SipText``, ``ChatMessage``...) and talks to the world
+through three ports: an XMPP sender, a SIP sender and the store. The SIP -> XMPP hot path is
+synchronous: a message written to a live XMPP stream is answered 202 in the same call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from component.addresses import AddressBook, AddressError, HomeUser, Registrar, XmppTarget
+from component.bodies import RETRYABLE, xmpp_error_for_status
+from component.events import ChatMessage, SipAnswer, SipText, StanzaError
+from component.logs import get_logger
+from component.store import MessageDirection, QueuedMessage, StorePort, StoreUnavailable
+
+log = get_logger("component.messaging")
+
+RETRY_AFTER = "30"
+_MAX_TRACKED = 20000  # stanza ids remembered to map XMPP errors back to SIP senders
+
+
+class XmppSender(Protocol):
+    """What the router needs of the XMPP link."""
+
+    @property
+    def connected(self) -> bool:
+        """True while the component stream is up."""
+        ...
+
+    def send_message(self, msg: ChatMessage) -> bool:
+        """Write a message to the stream; False when the link is down."""
+        ...
+
+    def send_error(self, err: StanzaError) -> bool:
+        """Write an error reply; False when the link is down."""
+        ...
+
+
+class SipSender(Protocol):
+    """What the router needs of the SIP side."""
+
+    async def send_text(
+        self, *, from_uri: str, to_uri: str, body: str, from_display: str | None = None
+    ) -> int:
+        """Send a MESSAGE; the final status (408 for a timeout, 503 for a transport failure)."""
+        ...
+
+
+Command = Callable[[SipText], Awaitable[str | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """A stanza we sent for a SIP user: where to report an XMPP error about it."""
+
+    sip_sender: str
+    recipient: str
+
+
+class MessageRouter:
+    """Routes chat messages both ways and keeps the promise that nothing accepted is lost."""
+
+    def __init__(
+        self,
+        book: AddressBook,
+        xmpp: XmppSender,
+        sip: SipSender,
+        store: StorePort,
+        *,
+        clock: Callable[[], float],
+        delay_time: float,
+        instance: str = "",
+        max_inflight: int = 20,
+    ) -> None:
+        self.book = book
+        self.xmpp = xmpp
+        self.sip = sip
+        self.store = store
+        self.clock = clock
+        self.delay_time = delay_time
+        self.instance = instance or f"gw-{os.getpid()}"
+        self.max_inflight = max_inflight
+        self.inflight = 0
+        self.commands: Command | None = None  # set by the presence side (DESIGN 5.4)
+        self._ids = itertools.count(1)
+        self._prefix = os.urandom(4).hex()
+        self._sent: OrderedDict[str, _Sent] = OrderedDict()
+        self.counters = {"sip_to_xmpp": 0, "xmpp_to_sip": 0, "queued": 0, "failed": 0}
+
+    # --- SIP -> XMPP (DESIGN 4.1) ---------------------------------------------------------------
+
+    def on_sip_message(self, msg: SipText) -> SipAnswer | Awaitable[SipAnswer]:
+        """Answer a SIP MESSAGE now (202 once written), or return the slow path to await."""
+        try:
+            target = self.book.classify_request_uri(msg.to_uri)
+            if isinstance(target, Registrar):
+                return self._command(msg)
+            if isinstance(target, HomeUser):
+                # Home users are the proxy's to reach; relaying would make us an open relay.
+                return SipAnswer(404, "Not Found", _warning("not an address of the XMPP side"))
+            sender = self.book.jid_for_sip_uri(msg.from_uri)
+        except AddressError as exc:
+            return SipAnswer(exc.sip_status, exc.sip_reason, _warning(exc.warning or str(exc)))
+        assert isinstance(target, XmppTarget)
+        stanza = ChatMessage(
+            sender=f"{sender}/sip",
+            recipient=target.full_jid,
+            body=msg.body,
+            id=self._new_id(),
+            html=msg.html,
+        )
+        if self.xmpp.send_message(stanza):
+            self._track(stanza, msg.from_uri)
+            self.counters["sip_to_xmpp"] += 1
+            log.debug(
+                "message_relayed", call_id=msg.call_id, sip_uri=msg.from_uri, jid=stanza.recipient
+            )
+            return SipAnswer(202, "Accepted")
+        return self._store_for_xmpp(msg, stanza)
+
+    async def _store_for_xmpp(self, msg: SipText, stanza: ChatMessage) -> SipAnswer:
+        """The link is down: 202 only once the message is stored durably (DESIGN 4.1)."""
+        try:
+            await self.store.enqueue_message(
+                MessageDirection.SIP_TO_XMPP,
+                msg.from_uri,
+                stanza.recipient,
+                msg.body,
+                "text/plain",
+                now=self.clock(),
+                delay=self.delay_time,
+                extra={"from_jid": stanza.sender, "html": msg.html},
+            )
+        except StoreUnavailable as exc:
+            log.warning("message_refused", call_id=msg.call_id, reason=str(exc))
+            return SipAnswer(503, "Service Unavailable", (("Retry-After", RETRY_AFTER),))
+        self.counters["queued"] += 1
+        log.info(
+            "message_queued",
+            call_id=msg.call_id,
+            sip_uri=msg.from_uri,
+            jid=stanza.recipient,
+            reason="xmpp link down",
+        )
+        return SipAnswer(202, "Accepted")
+
+    async def _command(self, msg: SipText) -> SipAnswer:
+        reply = await self.commands(msg) if self.commands is not None else None
+        if reply is None:
+            reply = "Unknown command. Send 'help' for the list."
+        await self.notice(msg.from_uri, reply)
+        return SipAnswer(200, "OK")
+
+    def _track(self, stanza: ChatMessage, sip_sender: str) -> None:
+        if stanza.id is None:
+            return
+        sent = self._sent
+        sent[stanza.id] = _Sent(sip_sender, stanza.recipient)
+        if len(sent) > _MAX_TRACKED:
+            sent.popitem(last=False)
+
+    def on_xmpp_error(self, err: StanzaError) -> Awaitable[None] | None:
+        """An error came back for a stanza we sent: tell the SIP sender (DESIGN 4.1, 4.4)."""
+        sent = self._sent.pop(err.id, None) if err.id else None
+        if sent is None:
+            log.info("xmpp_error_unmatched", jid=err.sender, condition=err.condition)
+            return None
+        self.counters["failed"] += 1
+        detail = f" ({err.text})" if err.text else ""
+        text = (
+            f"Your message to {_bare(sent.recipient)} was not delivered: "
+            f"{err.condition.replace('-', ' ')}{detail}."
+        )
+        log.info(
+            "message_bounced", sip_uri=sent.sip_sender, jid=sent.recipient, condition=err.condition
+        )
+        return self.notice(sent.sip_sender, text)
+
+    # --- XMPP -> SIP (DESIGN 4.2) ---------------------------------------------------------------
+
+    async def on_xmpp_message(self, msg: ChatMessage) -> None:
+        """Relay an XMPP message to its SIP user; store and retry what can't go now."""
+        if msg.body is None or msg.type in ("error", "groupchat"):
+            return
+        try:
+            to_uri = self.book.sip_uri_for_component_jid(_bare(msg.recipient))
+            from_uri = self.book.sip_uri_for_jid(msg.sender)
+        except AddressError as exc:
+            self._reply_error(msg, exc.xmpp_condition, "modify", str(exc))
+            return
+        if self.inflight >= self.max_inflight:
+            # DESIGN 8: bounded work; the sender is told to slow down.
+            self._reply_error(msg, "resource-constraint", "wait", "gateway busy, try again")
+            return
+        self.inflight += 1
+        try:
+            status = await self.sip.send_text(from_uri=from_uri, to_uri=to_uri, body=msg.body)
+        finally:
+            self.inflight -= 1
+        if status < 300:
+            self.counters["xmpp_to_sip"] += 1
+            log.debug("message_relayed", jid=msg.sender, sip_uri=to_uri, status=status)
+            return
+        if await self._is_offline(status, to_uri):
+            await self._store_for_sip(msg, from_uri, to_uri, status)
+            return
+        condition, kind = xmpp_error_for_status(status)
+        log.info(
+            "message_rejected", jid=msg.sender, sip_uri=to_uri, status=status, condition=condition
+        )
+        self._reply_error(msg, condition, kind, f"SIP {status}")
+
+    async def _is_offline(self, status: int, aor: str) -> bool:
+        """480/408/503 and a 404 for a home user seen before mean "not now" (DESIGN 4.2)."""
+        if status in RETRYABLE:
+            return True
+        if status == 404 and self._is_home(aor):
+            try:
+                return await self.store.user_seen_before(aor)
+            except StoreUnavailable:
+                return False
+        return False
+
+    def _is_home(self, aor: str) -> bool:
+        return aor.rsplit("@", 1)[-1].split(";")[0] == self.book.sip_domain
+
+    async def _store_for_sip(
+        self, msg: ChatMessage, from_uri: str, to_uri: str, status: int
+    ) -> None:
+        now = self.clock()
+        try:
+            await self.store.enqueue_message(
+                MessageDirection.XMPP_TO_SIP,
+                msg.sender,
+                to_uri,
+                msg.body or "",
+                "text/plain",
+                now=now,
+                delay=self.delay_time,
+                extra={"from_uri": from_uri, "to_jid": msg.recipient, "id": msg.id},
+                next_attempt_at=now + _backoff(0, self.delay_time),
+            )
+        except StoreUnavailable:
+            self._reply_error(msg, "recipient-unavailable", "wait", f"SIP {status}")
+            return
+        self.counters["queued"] += 1
+        log.info("message_queued", jid=msg.sender, sip_uri=to_uri, status=status)
+
+    def _reply_error(self, msg: ChatMessage, condition: str, kind: str, text: str) -> None:
+        self.xmpp.send_error(
+            StanzaError(
+                sender=msg.recipient,
+                recipient=msg.sender,
+                id=msg.id,
+                condition=condition,
+                type=kind,
+                text=text,
+            )
+        )
+
+    # --- notices (DESIGN 4.4) -------------------------------------------------------------------
+
+    async def notice(self, aor: str, text: str) -> None:
+        """A short MESSAGE from ``sip.registrar`` telling a SIP user what happened."""
+        status = await self.sip.send_text(
+            from_uri=self.book.registrar, to_uri=aor, body=text, from_display="XMPP gateway"
+        )
+        if status >= 300:
+            log.info("notice_undelivered", sip_uri=aor, status=status)
+
+    # --- the queue (DESIGN 8) -------------------------------------------------------------------
+
+    async def retry_due(self, limit: int = 100) -> int:
+        """Try every due stored message once; expire what is past ``delay_time``."""
+        now = self.clock()
+        for expired in await self.store.expire_messages(now):
+            await self._give_up(expired)
+        claimed = await self.store.claim_due_messages(now, limit, self.instance)
+        for queued in claimed:
+            await self._attempt(queued)
+        return len(claimed)
+
+    async def flush_recipient(self, recipient: str) -> None:
+        """A SIP user came online: retry what waits for them at once (DESIGN 8)."""
+        now = self.clock()
+        for queued in await self.store.claim_messages_for_recipient(recipient, now, self.instance):
+            await self._attempt(queued)
+
+    async def _attempt(self, queued: QueuedMessage) -> None:
+        now = self.clock()
+        extra = queued.extra
+        if queued.direction is MessageDirection.SIP_TO_XMPP:
+            stanza = ChatMessage(
+                sender=str(extra.get("from_jid") or self.book.jid_for_sip_uri(queued.sender)),
+                recipient=queued.recipient,
+                body=queued.body,
+                id=self._new_id(),
+                html=extra.get("html"),
+                delay_stamp=_stamp(queued.created_at),
+                delay_from=self.book.component,
+            )
+            if self.xmpp.send_message(stanza):
+                self._track(stanza, queued.sender)
+                await self.store.mark_delivered(queued.id, now)
+            else:
+                await self.store.reschedule(queued.id, now + 5.0, "xmpp link down")
+            return
+        status = await self.sip.send_text(
+            from_uri=str(extra.get("from_uri")), to_uri=queued.recipient, body=queued.body
+        )
+        if status < 300:
+            await self.store.mark_delivered(queued.id, now)
+        elif await self._is_offline(status, queued.recipient):
+            next_at = now + _backoff(queued.attempts + 1, self.delay_time)
+            await self.store.reschedule(queued.id, min(next_at, queued.deliver_by), f"SIP {status}")
+        else:
+            await self.store.mark_failed(queued.id, f"SIP {status}", now)
+            condition, kind = xmpp_error_for_status(status)
+            self._error_for_queued(queued, condition, kind, f"SIP {status}")
+
+    async def _give_up(self, queued: QueuedMessage) -> None:
+        log.info(
+            "message_expired",
+            sender=queued.sender,
+            recipient=queued.recipient,
+            reason=queued.last_error,
+        )
+        if queued.direction is MessageDirection.XMPP_TO_SIP:
+            self._error_for_queued(
+                queued, "recipient-unavailable", "wait", "not delivered within the delay time"
+            )
+        else:
+            await self.notice(
+                queued.sender,
+                f"Your message to {_bare(queued.recipient)} was not delivered: "
+                "the XMPP service was unreachable.",
+            )
+
+    def _error_for_queued(
+        self, queued: QueuedMessage, condition: str, kind: str, text: str
+    ) -> None:
+        extra = queued.extra
+        self.xmpp.send_error(
+            StanzaError(
+                sender=str(extra.get("to_jid")),
+                recipient=queued.sender,
+                id=extra.get("id"),
+                condition=condition,
+                type=kind,
+                text=text,
+            )
+        )
+
+    def _new_id(self) -> str:
+        return f"sx{self._prefix}{next(self._ids)}"
+
+
+def _backoff(attempt: int, delay_time: float) -> float:
+    """Seconds before the next try: 5, 10, 20 ... capped at a third of the delay time."""
+    return float(min(5 * 2**attempt, max(delay_time / 3, 5)))
+
+
+def _bare(jid: str) -> str:
+    return jid.split("/", 1)[0]
+
+
+def _stamp(when: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _warning(text: str) -> tuple[tuple[str, str], ...]:
+    safe = text.replace("\\", "\\\\").replace('"', '\\"')
+    return (("Warning", f'399 sipxmpp "{safe}"'),)

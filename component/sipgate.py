@@ -1,0 +1,159 @@
+"""The gateway's SIP adapter: requests from the endpoint to the core, MESSAGEs from the core out.
+
+SIP messages stop here: the core gets ``SipText`` and answers ``SipAnswer``; errors raised by
+body decoding (PeerError with a status) are translated to responses once, in ``handle``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from component.bodies import ACCEPT, UnsupportedMediaType, decode_body
+from component.events import SipAnswer, SipText
+from component.logs import get_logger
+from sipside.endpoint import Endpoint, IncomingRequest, make_request
+from sipside.errors import PeerError, TransactionTimeout, TransportError
+from sipside.message import new_call_id, new_tag, parse_name_addr
+
+log = get_logger("component.sipgate")
+
+
+class MessageCore(Protocol):
+    """The part of the core that takes SIP MESSAGEs."""
+
+    def on_sip_message(self, msg: SipText) -> SipAnswer | Awaitable[SipAnswer]:
+        """Answer now, or return an awaitable answer."""
+        ...
+
+
+# Other methods (SUBSCRIBE, NOTIFY, PUBLISH, REGISTER) go to a handler the presence side sets.
+OtherHandler = Callable[[IncomingRequest], Awaitable[SipAnswer] | SipAnswer]
+
+
+class SipGate:
+    """Owns the endpoint's request handler and implements the core's ``SipSender`` port."""
+
+    def __init__(self, endpoint: Endpoint, *, max_pending: int = 1000) -> None:
+        self.endpoint = endpoint
+        self.core: MessageCore | None = None
+        self.others: dict[str, OtherHandler] = {}
+        self.accepting = True
+        self.max_pending = max_pending
+        self._tasks: set[asyncio.Task[None]] = set()
+        endpoint.handler = self.handle
+
+    # --- incoming ------------------------------------------------------------------------------
+
+    def handle(self, incoming: IncomingRequest) -> None:
+        """The endpoint's single request handler."""
+        if not self.accepting or self.core is None:
+            # DESIGN 8: stopping (SIGTERM) or not ready: refuse, the sender retries later.
+            incoming.respond(503, headers=[("Retry-After", "30")])
+            return
+        request = incoming.request
+        try:
+            if request.method == "MESSAGE":
+                answer = self.core.on_sip_message(self._sip_text(incoming))
+            else:
+                other = self.others.get(request.method)
+                if other is None:
+                    status = 489 if request.method in ("SUBSCRIBE", "PUBLISH") else 405
+                    incoming.respond(status)
+                    return
+                answer = other(incoming)
+        except UnsupportedMediaType as exc:
+            incoming.respond(415, headers=[("Accept", ACCEPT), *_warning(exc)])
+            return
+        except PeerError as exc:
+            incoming.respond(exc.status, exc.reason, headers=_warning(exc))
+            return
+        if isinstance(answer, SipAnswer):
+            self._answer(incoming, answer)
+            return
+        if len(self._tasks) >= self.max_pending:
+            incoming.respond(503, headers=[("Retry-After", "5")])
+            return
+        self._own(self._finish(incoming, answer))
+
+    def _sip_text(self, incoming: IncomingRequest) -> SipText:
+        request = incoming.request
+        decoded = decode_body(request.header("Content-Type"), request.body)
+        from_header = request.header("From") or ""
+        try:
+            from_addr = parse_name_addr(from_header)
+        except PeerError:
+            raise PeerError(400, "Bad Request", "unreadable From") from None
+        return SipText(
+            from_uri=from_addr.uri,
+            to_uri=request.uri,
+            body=decoded.text,
+            content_type=request.header("Content-Type") or "text/plain",
+            call_id=request.call_id,
+            from_display=from_addr.display or None,
+            html=decoded.html,
+        )
+
+    async def _finish(self, incoming: IncomingRequest, answer: Awaitable[SipAnswer]) -> None:
+        try:
+            result = await answer
+        except PeerError as exc:
+            result = SipAnswer(exc.status, exc.reason)
+        except Exception:
+            log.exception("sip_request_failed", call_id=incoming.request.call_id)
+            result = SipAnswer(500, "Internal Server Error")
+        self._answer(incoming, result)
+
+    @staticmethod
+    def _answer(incoming: IncomingRequest, answer: SipAnswer) -> None:
+        if not incoming.answered:
+            incoming.respond(answer.status, answer.reason, headers=answer.headers)
+
+    def _own(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for requests being answered (SIGTERM path)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+    # --- outgoing: the core's SipSender port ---------------------------------------------------
+
+    async def send_text(
+        self, *, from_uri: str, to_uri: str, body: str, from_display: str | None = None
+    ) -> int:
+        """A MESSAGE through the proxy; the final status, 408/503 for timeouts/failures."""
+        display = f'"{_quote(from_display)}" ' if from_display else ""
+        request = make_request(
+            "MESSAGE",
+            to_uri,
+            from_=f"{display}<{from_uri}>;tag={new_tag()}",
+            to=f"<{to_uri}>",
+            call_id=new_call_id(),
+            headers=[("Content-Type", "text/plain; charset=UTF-8")],
+            body=body.encode("utf-8"),
+        )
+        try:
+            response = await self.endpoint.request(request)
+        except TransactionTimeout:
+            return 408
+        except TransportError as exc:
+            log.info("sip_send_failed", sip_uri=to_uri, error=str(exc))
+            return 503
+        return response.status
+
+
+def _warning(exc: PeerError) -> list[tuple[str, str]]:
+    if not exc.warning:
+        return []
+    return [("Warning", f'399 sipxmpp "{_quote(exc.warning)}"')]
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\r", " ").replace("\n", " ")
+
+
+__all__ = ["SipGate"]

@@ -1,0 +1,604 @@
+"""SIP messages: parsing, serialization and cheap structured accessors (RFC 3261 7, 20, 25).
+
+The parser is on the hot path of the gateway. It splits the header block once into a tuple of
+``(canonical name, value)`` pairs and leaves every structured value (Via, CSeq, addresses) to be
+parsed on demand. It is tolerant where RFC 3261 asks for tolerance (line folding, compact forms,
+case-insensitive names, whitespace around the colon) and strict where the RFC 4475 torture
+messages show that leniency is dangerous (start line, Content-Length). Malformed input always
+raises :class:`PeerError` with status 400 (or 505 for a request of another SIP version), never
+any other exception type. Semantic checks live in ``sipside.validate``.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Self
+
+from sipside.errors import LocalError, PeerError
+
+# RFC 3261 7.3.3 and the IANA registry: compact form -> full name
+COMPACT_FORMS: dict[str, str] = {
+    "a": "Accept-Contact",
+    "b": "Referred-By",
+    "c": "Content-Type",
+    "d": "Request-Disposition",
+    "e": "Content-Encoding",
+    "f": "From",
+    "i": "Call-ID",
+    "j": "Reject-Contact",
+    "k": "Supported",
+    "l": "Content-Length",
+    "m": "Contact",
+    "n": "Identity-Info",
+    "o": "Event",
+    "r": "Refer-To",
+    "s": "Subject",
+    "t": "To",
+    "u": "Allow-Events",
+    "v": "Via",
+    "x": "Session-Expires",
+    "y": "Identity",
+}
+
+# fmt: off
+_KNOWN_NAMES = [
+    "Accept", "Accept-Contact", "Accept-Encoding", "Accept-Language", "Alert-Info", "Allow",
+    "Allow-Events", "Authentication-Info", "Authorization", "Call-ID", "Call-Info", "Contact",
+    "Content-Disposition", "Content-Encoding", "Content-ID", "Content-Language",
+    "Content-Length", "Content-Transfer-Encoding", "Content-Type", "CSeq", "Date",
+    "Error-Info", "Event", "Expires", "From", "History-Info", "Identity", "Identity-Info",
+    "In-Reply-To", "Max-Forwards", "MIME-Version", "Min-Expires", "Min-SE", "Organization",
+    "P-Asserted-Identity", "P-Preferred-Identity", "Path", "Priority", "Privacy",
+    "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Require", "RAck", "Reason",
+    "Record-Route", "Refer-To", "Referred-By", "Reject-Contact", "Replaces", "Reply-To",
+    "Request-Disposition", "Require", "Retry-After", "Route", "RSeq", "Server",
+    "Service-Route", "Session-Expires", "SIP-ETag", "SIP-If-Match", "Subject",
+    "Subscription-State", "Supported", "Timestamp", "To", "Unsupported", "User-Agent", "Via",
+    "Warning", "WWW-Authenticate",
+]
+# fmt: on
+
+# lower-case name (full or compact) -> canonical spelling
+_CANON: dict[str, str] = {name.lower(): name for name in _KNOWN_NAMES}
+_CANON.update(COMPACT_FORMS)
+_KNOWN = frozenset(_KNOWN_NAMES)
+
+# Headers whose values are comma-separated lists (RFC 3261 7.3.1); the others are never split
+# fmt: off
+LIST_HEADERS = frozenset([
+    "Accept", "Accept-Contact", "Accept-Encoding", "Accept-Language", "Alert-Info", "Allow",
+    "Allow-Events", "Call-Info", "Contact", "Content-Encoding", "Content-Language",
+    "Error-Info", "History-Info", "In-Reply-To", "P-Asserted-Identity",
+    "P-Preferred-Identity", "Path", "Proxy-Require", "Reason", "Record-Route",
+    "Reject-Contact", "Request-Disposition", "Require", "Route", "Service-Route", "Supported",
+    "Unsupported", "Via", "Warning",
+])
+# fmt: on
+
+_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+_METHOD = _TOKEN
+_URI_START = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:[^\s<>\"]+")
+_VERSION = re.compile(r"SIP/\d+\.\d+", re.IGNORECASE)
+_FOLD = re.compile(r"\r\n[ \t]+")
+_VIA = re.compile(
+    r"SIP[ \t]*/[ \t]*2\.0[ \t]*/[ \t]*([A-Za-z0-9\-.!%*_+`'~]+)[ \t]+"
+    r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-.]+)(?:[ \t]*:[ \t]*([0-9]{1,5}))?[ \t]*(;.*)?",
+    re.IGNORECASE | re.DOTALL,
+)
+_CSEQ = re.compile(r"([0-9]{1,10})[ \t]+([A-Za-z0-9\-.!%*_+`'~]+)")
+
+Params = tuple[tuple[str, str | None], ...]
+
+
+def _bad(warning: str) -> PeerError:
+    return PeerError(400, "Bad Request", warning)
+
+
+def canonical_name(name: str) -> str:
+    """The canonical spelling of a header name; compact forms expanded, unknown names kept."""
+    return _CANON.get(name.lower(), name)
+
+
+def split_list(value: str) -> list[str]:
+    """Split a comma-separated header value, ignoring commas in quotes and <...>; keeps empties."""
+    if "," not in value:
+        return [value.strip()]
+    if '"' not in value and "<" not in value:
+        return [item.strip() for item in value.split(",")]
+    return [item.strip() for item in _split_outside(value, ",")]
+
+
+def _split_outside(value: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside quoted strings (with backslash escapes) and angle brackets."""
+    items: list[str] = []
+    start = 0
+    quoted = escaped = False
+    angle = 0
+    for i, ch in enumerate(value):
+        if quoted:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch == "<":
+            angle += 1
+        elif ch == ">" and angle:
+            angle -= 1
+        elif ch == sep and not angle:
+            items.append(value[start:i])
+            start = i + 1
+    if quoted:
+        raise _bad("unterminated quoted string")
+    items.append(value[start:])
+    return items
+
+
+def parse_params(text: str) -> Params:
+    """Parse ``;name=value;flag`` (LWS tolerated around ``;`` and ``=``, RFC 3261 25.1)."""
+    text = text.strip()
+    if not text:
+        return ()
+    if not text.startswith(";"):
+        raise _bad(f"garbage before parameters: {text[:40]!r}")
+    parts = text[1:].split(";") if '"' not in text else _split_outside(text[1:], ";")
+    params: list[tuple[str, str | None]] = []
+    for part in parts:
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not _TOKEN.fullmatch(name):
+            raise _bad(f"bad parameter name {name!r}")
+        if not eq:
+            params.append((name, None))
+            continue
+        value = value.strip()
+        if not value:
+            raise _bad(f"empty value for parameter {name!r}")
+        params.append((name, value))
+    return tuple(params)
+
+
+def _param(params: Params, name: str) -> str | None:
+    lname = name.lower()
+    for key, value in params:
+        if key.lower() == lname:
+            return "" if value is None else value
+    return None
+
+
+def _format_params(params: Params) -> str:
+    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params)
+
+
+@dataclass(frozen=True, slots=True)
+class Via:
+    """One Via value (RFC 3261 20.42): sent-protocol transport, sent-by, parameters."""
+
+    transport: str
+    host: str
+    port: int | None
+    params: Params = ()
+    branch: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "branch", _param(self.params, "branch"))
+
+    def param(self, name: str) -> str | None:
+        """Value of a parameter: None if absent, "" for a flag such as ``rport``."""
+        return _param(self.params, name)
+
+    def with_param(self, name: str, value: str | None) -> Via:
+        """A copy with ``name`` set (replacing it in place, or appended)."""
+        lname = name.lower()
+        kept = [(k, value if k.lower() == lname else v) for k, v in self.params]
+        if not any(k.lower() == lname for k, _ in self.params):
+            kept.append((name, value))
+        return replace(self, params=tuple(kept))
+
+    def __str__(self) -> str:
+        port = "" if self.port is None else f":{self.port}"
+        return f"SIP/2.0/{self.transport} {self.host}{port}{_format_params(self.params)}"
+
+    @classmethod
+    def parse(cls, value: str) -> Via:
+        """Parse one Via value (not a comma list); PeerError 400 if malformed."""
+        match = _VIA.fullmatch(value.strip())
+        if match is None:
+            raise _bad(f"bad Via {value[:60]!r}")
+        transport, host, port, rest = match.groups()
+        port_number = int(port) if port else None
+        if port_number is not None and port_number > 65535:
+            raise _bad(f"bad Via port {port}")
+        return cls(transport.upper(), host, port_number, parse_params(rest or ""))
+
+
+@dataclass(frozen=True, slots=True)
+class NameAddr:
+    """An address header value (To, From, Contact, Route...): display name, URI, parameters."""
+
+    display: str | None
+    uri: str
+    params: Params = ()
+
+    def param(self, name: str) -> str | None:
+        """Value of a header parameter (None if absent, "" for a flag)."""
+        return _param(self.params, name)
+
+    @property
+    def tag(self) -> str | None:
+        """The ``tag`` parameter (RFC 3261 19.3)."""
+        return _param(self.params, "tag")
+
+
+def parse_name_addr(value: str) -> NameAddr:
+    """Parse ``name-addr / addr-spec`` with parameters (RFC 3261 20.10); PeerError 400 if bad."""
+    text = value.strip()
+    display: str | None = None
+    if text.startswith('"'):
+        i, escaped, chars = 1, False, []
+        while i < len(text):
+            ch = text[i]
+            if escaped:
+                chars.append(ch)
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                break
+            else:
+                chars.append(ch)
+            i += 1
+        else:
+            raise _bad("unterminated quoted display name")
+        display = "".join(chars)
+        text = text[i + 1 :].lstrip(" \t")
+        if not text.startswith("<"):
+            raise _bad("display name without <URI>")
+    lt = text.find("<")
+    if lt >= 0:
+        if display is None and lt:
+            words = text[:lt].split()
+            # RFC 3261 25.1: an unquoted display name is a sequence of tokens (RFC 4475 baddn)
+            if not all(_TOKEN.fullmatch(w) for w in words):
+                raise _bad(f"unquoted display name with non-token characters {text[:lt]!r}")
+            display = " ".join(words)
+        gt = text.find(">", lt)
+        if gt < 0:
+            raise _bad("unterminated <URI>")
+        uri = text[lt + 1 : gt]
+        rest = text[gt + 1 :]
+    else:
+        # addr-spec: parameters after the URI belong to the header (RFC 3261 20.10), so the
+        # URI cannot carry ';', '?' or ',' of its own (RFC 4475 regbadct)
+        uri, semi, params = text.partition(";")
+        uri = uri.rstrip(" \t")
+        rest = semi + params
+        if "?" in uri or "," in uri:
+            raise _bad(f"URI with headers must be in <>: {uri[:60]!r}")
+    if not _URI_START.fullmatch(uri):
+        raise _bad(f"bad URI {uri[:60]!r}")
+    return NameAddr(display, uri, parse_params(rest))
+
+
+class _Headers:
+    """Accessors shared by requests and responses (a mixin over ``headers`` and ``body``)."""
+
+    __slots__ = ()
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        """First value of a header; name case-insensitive, compact forms accepted."""
+        canon = canonical_name(name)
+        if canon == "Content-Length":
+            return str(len(self.body))
+        if canon in _KNOWN:
+            for key, value in self.headers:
+                if key == canon:
+                    return value
+            return None
+        lname = canon.lower()
+        for key, value in self.headers:
+            if key.lower() == lname:
+                return value
+        return None
+
+    def header_values(self, name: str) -> list[str]:
+        """All values of a header; list headers are split on commas (empty items dropped)."""
+        canon = canonical_name(name)
+        if canon == "Content-Length":
+            return [str(len(self.body))]
+        lname = canon.lower()
+        known = canon in _KNOWN
+        values = [v for k, v in self.headers if (k == canon if known else k.lower() == lname)]
+        if canon not in LIST_HEADERS:
+            return values
+        return [item for value in values for item in split_list(value) if item]
+
+    @property
+    def call_id(self) -> str:
+        """The Call-ID; PeerError 400 if missing."""
+        value = self.header("Call-ID")
+        if not value:
+            raise _bad("missing Call-ID")
+        return value
+
+    @property
+    def cseq(self) -> tuple[int, str]:
+        """``(number, method)`` from CSeq (RFC 3261 20.16); PeerError 400 if missing or bad."""
+        value = self.header("CSeq")
+        match = _CSEQ.fullmatch(value.strip()) if value else None
+        if match is None:
+            raise _bad(f"bad or missing CSeq {value!r}")
+        number = int(match[1])
+        if number >= 2**32:  # RFC 3261 8.1.1.5: a 32-bit unsigned integer (RFC 4475 scalar02)
+            raise _bad(f"CSeq number out of range {match[1]}")
+        return number, match[2]
+
+    @property
+    def from_tag(self) -> str | None:
+        """The From tag, None if there is none (RFC 2543 peers)."""
+        value = self.header("From")
+        return parse_name_addr(value).tag if value is not None else None
+
+    @property
+    def to_tag(self) -> str | None:
+        """The To tag, None outside a dialog."""
+        value = self.header("To")
+        return parse_name_addr(value).tag if value is not None else None
+
+    @property
+    def vias(self) -> list[Via]:
+        """All Via values, top first; PeerError 400 if one is malformed."""
+        return [
+            Via.parse(item)
+            for value in self.headers
+            if value[0] == "Via"
+            for item in split_list(value[1])
+        ]
+
+    def replace_headers(self, name: str, values: Iterable[str]) -> Self:
+        """A copy where ``values`` replace every ``name`` header (appended at the end)."""
+        canon = _settable(name)
+        lname = canon.lower()
+        kept = tuple((k, v) for k, v in self.headers if k.lower() != lname)
+        return replace(self, headers=kept + tuple((canon, v) for v in values))  # type: ignore[type-var]
+
+    def add_header(self, name: str, value: str, *, first: bool = False) -> Self:
+        """A copy with one more header, at the end or (``first``) before all others."""
+        entry = ((_settable(name), value),)
+        headers = entry + self.headers if first else self.headers + entry
+        return replace(self, headers=headers)  # type: ignore[type-var]
+
+
+def _settable(name: str) -> str:
+    canon = canonical_name(name)
+    if canon == "Content-Length":
+        raise LocalError("Content-Length is computed from the body when serializing")
+    return canon
+
+
+def _serialize(start: str, headers: tuple[tuple[str, str], ...], body: bytes) -> bytes:
+    lines = [start]
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+    return "\r\n".join(lines).encode() + body
+
+
+@dataclass(frozen=True, slots=True)
+class SipRequest(_Headers):
+    """A SIP request; ``headers`` in wire order without Content-Length (derived from body)."""
+
+    method: str
+    uri: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes = b""
+
+    def __bytes__(self) -> bytes:
+        return _serialize(f"{self.method} {self.uri} SIP/2.0", self.headers, self.body)
+
+
+@dataclass(frozen=True, slots=True)
+class SipResponse(_Headers):
+    """A SIP response; ``headers`` in wire order without Content-Length (derived from body)."""
+
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes = b""
+
+    def __bytes__(self) -> bytes:
+        return _serialize(f"SIP/2.0 {self.status} {self.reason}", self.headers, self.body)
+
+
+SipMessage = SipRequest | SipResponse
+
+
+def parse_message(data: bytes) -> SipMessage:
+    """Parse one complete message; PeerError 400 for malformed input, 505 for another version."""
+    try:
+        return _parse(data)
+    except PeerError:
+        raise
+    except Exception as exc:  # the contract: nothing but PeerError escapes the parser
+        raise _bad(f"unparsable message ({type(exc).__name__})") from None
+
+
+def _parse(data: bytes) -> SipMessage:
+    # RFC 3261 7.5: CRLFs before the start line are ignored
+    start = 0
+    while data.startswith(b"\r\n", start):
+        start += 2
+    end = data.find(b"\r\n\r\n", start)
+    if end >= 0:
+        head, rest = data[start:end], data[end + 4 :]
+    else:
+        # a datagram whose header block is not closed by an empty line: take it all as headers
+        head = data[start:-2] if data.endswith(b"\r\n") else data[start:]
+        rest = b""
+    if not head:
+        raise _bad("empty message")
+    try:
+        text = head.decode()
+    except UnicodeDecodeError:
+        raise _bad("header block is not UTF-8") from None
+    breaks = text.count("\r\n")
+    if text.count("\r") != breaks or text.count("\n") != breaks:
+        raise _bad("bare CR or LF in header block")
+    first, _, block = text.partition("\r\n")
+    if block[:1] in (" ", "\t"):
+        raise _bad("start line continued on the next line")
+    if "\r\n " in block or "\r\n\t" in block:
+        block = _FOLD.sub(" ", block)  # RFC 3261 7.3.1: folded LWS is one SP
+    headers: list[tuple[str, str]] = []
+    length: str | None = None
+    if block:
+        for line in block.split("\r\n"):
+            name, colon, value = line.partition(":")
+            if not colon:
+                raise _bad(f"header line without colon {line[:40]!r}")
+            name = name.rstrip(" \t")
+            canon = _CANON.get(name.lower())
+            if canon is None:
+                if not _TOKEN.fullmatch(name):
+                    raise _bad(f"bad header name {name[:40]!r}")
+                canon = name
+            value = value.strip(" \t")
+            if canon == "Content-Length":
+                # RFC 4475 mcl01: two different lengths leave the framing unknowable
+                if length is not None and value != length:
+                    raise _bad("conflicting Content-Length values")
+                length = value
+                continue
+            headers.append((canon, value))
+    if length is not None:
+        if not length.isascii() or not length.isdigit():
+            raise _bad(f"bad Content-Length {length[:20]!r}")  # RFC 4475 ncl
+        size = int(length)
+        if size > len(rest):
+            # RFC 3261 18.3: a datagram that ends before its body is an error (RFC 4475 clerr)
+            raise _bad(f"body shorter than Content-Length {size}")
+        body = rest[:size]  # RFC 3261 18.3: bytes past Content-Length are dropped
+    else:
+        body = rest
+    return _start_line(first, tuple(headers), body)
+
+
+def _start_line(first: str, headers: tuple[tuple[str, str], ...], body: bytes) -> SipMessage:
+    if first[:4].upper() == "SIP/":
+        parts = first.split(" ", 2)
+        if parts[0].upper() != "SIP/2.0":
+            raise _bad(f"response of another SIP version {parts[0][:20]!r}")
+        code = parts[1] if len(parts) > 1 else ""
+        # RFC 3261 25.1: Status-Code is 3DIGIT; RFC 4475 bigcode has more
+        if len(code) != 3 or not code.isascii() or not code.isdigit() or code[0] not in "123456":
+            raise _bad(f"bad status code {code[:20]!r}")
+        return SipResponse(int(code), parts[2] if len(parts) > 2 else "", headers, body)
+    parts = first.split(" ")
+    # RFC 3261 7.1: exactly one SP between the elements (RFC 4475 lwsstart, lwsruri, trws)
+    if len(parts) != 3:
+        raise _bad("request line is not Method SP Request-URI SP SIP-Version")
+    method, uri, version = parts
+    if not _METHOD.fullmatch(method):
+        raise _bad(f"bad method {method[:40]!r}")
+    if not _URI_START.fullmatch(uri):
+        raise _bad(f"bad Request-URI {uri[:60]!r}")  # RFC 4475 ltgtruri
+    if version.upper() != "SIP/2.0":
+        if _VERSION.fullmatch(version):
+            # RFC 3261 8.2.1 and 21.5.7 (RFC 4475 badvers)
+            raise PeerError(505, "Version Not Supported", version)
+        raise _bad(f"bad SIP version {version[:20]!r}")
+    return SipRequest(method, uri, headers, body)
+
+
+_REASONS: dict[int, str] = {
+    100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
+    183: "Session Progress", 199: "Early Dialog Terminated", 200: "OK", 202: "Accepted",
+    204: "No Notification", 300: "Multiple Choices", 301: "Moved Permanently",
+    302: "Moved Temporarily", 305: "Use Proxy", 380: "Alternative Service", 400: "Bad Request",
+    401: "Unauthorized", 402: "Payment Required", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 406: "Not Acceptable", 407: "Proxy Authentication Required",
+    408: "Request Timeout", 410: "Gone", 412: "Conditional Request Failed",
+    413: "Request Entity Too Large", 414: "Request-URI Too Long", 415: "Unsupported Media Type",
+    416: "Unsupported URI Scheme", 417: "Unknown Resource-Priority", 420: "Bad Extension",
+    421: "Extension Required", 423: "Interval Too Brief", 428: "Use Identity Header",
+    429: "Provide Referrer Identity", 430: "Flow Failed", 433: "Anonymity Disallowed",
+    436: "Bad Identity-Info", 437: "Unsupported Certificate", 438: "Invalid Identity Header",
+    439: "First Hop Lacks Outbound Support", 440: "Max-Breadth Exceeded",
+    469: "Bad Info Package", 470: "Consent Needed", 480: "Temporarily Unavailable",
+    481: "Call/Transaction Does Not Exist", 482: "Loop Detected", 483: "Too Many Hops",
+    484: "Address Incomplete", 485: "Ambiguous", 486: "Busy Here", 487: "Request Terminated",
+    488: "Not Acceptable Here", 489: "Bad Event", 491: "Request Pending",
+    493: "Undecipherable", 494: "Security Agreement Required", 500: "Server Internal Error",
+    501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
+    504: "Server Time-out", 505: "Version Not Supported", 513: "Message Too Large",
+    555: "Push Notification Service Not Supported", 580: "Precondition Failure",
+    600: "Busy Everywhere", 603: "Decline", 604: "Does Not Exist Anywhere",
+    606: "Not Acceptable", 607: "Unwanted", 608: "Rejected",
+}  # fmt: skip
+
+_CLASS_REASONS = {1: "Trying", 2: "OK", 3: "Redirection", 4: "Client Error", 5: "Server Error"}
+
+
+def reason_phrase(status: int) -> str:
+    """The usual reason phrase for a status code (RFC 3261 21), or one for its class."""
+    return _REASONS.get(status) or _CLASS_REASONS.get(status // 100, "Global Failure")
+
+
+def make_response(
+    request: SipRequest,
+    status: int,
+    reason: str | None = None,
+    *,
+    to_tag: str | None = None,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+) -> SipResponse:
+    """A response copying Via, From, To (plus ``to_tag``), Call-ID and CSeq (RFC 3261 8.2.6.2).
+
+    Works on requests missing some of those headers, so that a 400 can still be sent.
+    """
+    if not 100 <= status <= 699:
+        raise LocalError(f"status {status} out of range")
+    copied: list[tuple[str, str]] = []
+    for name, value in request.headers:
+        if name == "To" and to_tag is not None:
+            if _lacks_tag(value):
+                value = f"{value};tag={to_tag}"
+        elif name == "Timestamp" and status == 100:
+            pass  # RFC 3261 8.2.6.1: a 100 copies the Timestamp
+        elif name not in ("Via", "From", "Call-ID", "CSeq", "To"):
+            continue
+        copied.append((name, value))
+    copied.extend((canonical_name(n), v) for n, v in headers)
+    return SipResponse(
+        status, reason_phrase(status) if reason is None else reason, tuple(copied), body
+    )
+
+
+def _lacks_tag(to: str) -> bool:
+    try:
+        return parse_name_addr(to).tag is None
+    except PeerError:
+        return False  # a malformed To is echoed untouched in the error response
+
+
+def new_branch() -> str:
+    """A fresh RFC 3261 branch: the magic cookie plus 80 random bits."""
+    return "z9hG4bK" + secrets.token_hex(10)
+
+
+def new_tag() -> str:
+    """A fresh From/To tag (RFC 3261 19.3: at least 32 random bits)."""
+    return secrets.token_hex(8)
+
+
+def new_call_id() -> str:
+    """A fresh, globally unique Call-ID (RFC 3261 8.1.1.4)."""
+    return secrets.token_hex(16)
