@@ -1,0 +1,234 @@
+"""SIP dialogs (RFC 3261 section 12) as frozen values.
+
+A ``Dialog`` holds the state RFC 3261 12 names: Call-ID, tags, local and remote URI, sequence
+numbers, remote target, route set and the secure flag. Creating one from a request/response
+pair and building the next in-dialog request are pure functions that return a new ``Dialog``.
+A dialog whose ``remote_tag`` is empty is not yet confirmed; it builds out-of-dialog requests
+(initial SUBSCRIBE, PUBLISH) that share one Call-ID and an increasing CSeq.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+from sipside.errors import PeerError
+from sipside.message import SipRequest, SipResponse, parse_name_addr
+
+__all__ = ["Dialog", "DialogId", "address_uri", "strip_tag"]
+
+MAX_FORWARDS = "70"
+
+
+def _find_unquoted(text: str, char: str, start: int = 0) -> int:
+    """Index of ``char`` outside double quotes, or -1."""
+    quoted = False
+    i = start
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and quoted:
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c == char and not quoted:
+            return i
+        i += 1
+    return -1
+
+
+def address_uri(value: str) -> str:
+    """The URI inside a name-addr or addr-spec header value (Contact, From, Route...)."""
+    return parse_name_addr(value).uri
+
+
+def strip_tag(value: str) -> str:
+    """A From/To value without its ``tag`` parameter (the dialog keeps the tag apart)."""
+    lt = _find_unquoted(value, "<")
+    split = value.find(">", lt) + 1 if lt >= 0 else value.find(";")
+    if split <= 0:
+        return value.strip()
+    head, params = value[:split], value[split:]
+    kept = [p for p in params.split(";")[1:] if p.strip().split("=")[0].lower() != "tag"]
+    return head.strip() + "".join(";" + p for p in kept)
+
+
+@dataclass(frozen=True, slots=True)
+class DialogId:
+    """The hashable key of a dialog (RFC 3261 12: Call-ID, local tag, remote tag)."""
+
+    call_id: str
+    local_tag: str
+    remote_tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class Dialog:
+    """Dialog state of RFC 3261 12; ``remote_cseq`` is None while the remote sequence is empty."""
+
+    call_id: str
+    local_tag: str
+    remote_tag: str
+    local_uri: str
+    remote_uri: str
+    local_cseq: int
+    remote_cseq: int | None
+    remote_target: str
+    route_set: tuple[str, ...] = ()
+    secure: bool = False
+
+    @property
+    def id(self) -> DialogId:
+        """The key of this dialog."""
+        return DialogId(self.call_id, self.local_tag, self.remote_tag)
+
+    @property
+    def confirmed(self) -> bool:
+        """A dialog is usable in-dialog once the remote tag is known."""
+        return bool(self.remote_tag)
+
+    @classmethod
+    def unconfirmed(
+        cls,
+        *,
+        call_id: str,
+        local_tag: str,
+        local_uri: str,
+        remote_uri: str,
+        request_uri: str,
+        route_set: Iterable[str] = (),
+        local_cseq: int = 0,
+    ) -> Dialog:
+        """State for requests sent outside a dialog (RFC 3261 8.1.1) before any answer."""
+        return cls(
+            call_id=call_id,
+            local_tag=local_tag,
+            remote_tag="",
+            local_uri=local_uri,
+            remote_uri=remote_uri,
+            local_cseq=local_cseq,
+            remote_cseq=None,
+            remote_target=request_uri,
+            route_set=tuple(route_set),
+            secure=request_uri.lower().startswith("sips:"),
+        )
+
+    @classmethod
+    def from_uac(cls, request: SipRequest, response: SipResponse) -> Dialog:
+        """The dialog a UAC creates from its request and a 2xx/1xx with To tag (RFC 3261 12.1.2)."""
+        contact = response.header("Contact")
+        if contact is None:
+            raise PeerError(400, "Bad Request", "dialog-creating response without Contact")
+        local_tag = request.from_tag
+        if local_tag is None:
+            raise PeerError(400, "Bad Request", "request without From tag")
+        return cls(
+            call_id=request.call_id,
+            local_tag=local_tag,
+            # RFC 3261 12.1.2: a missing To tag is an empty remote tag (RFC 2543 peers).
+            remote_tag=response.to_tag or "",
+            local_uri=strip_tag(request.header("From") or ""),
+            remote_uri=strip_tag(request.header("To") or ""),
+            local_cseq=request.cseq[0],
+            remote_cseq=None,
+            remote_target=address_uri(contact),
+            # RFC 3261 12.1.2: the route set is the Record-Route list in reverse order.
+            route_set=tuple(reversed(response.header_values("Record-Route"))),
+            secure=request.uri.lower().startswith("sips:"),
+        )
+
+    @classmethod
+    def from_uas(cls, request: SipRequest, local_tag: str) -> Dialog:
+        """The dialog a UAS creates when it answers ``request`` with To tag ``local_tag``.
+
+        RFC 3261 12.1.1; also used by a subscriber whose first NOTIFY arrives before the 2xx
+        (RFC 6665 4.1.2.4), with ``local_tag`` the From tag of its SUBSCRIBE.
+        """
+        contact = request.header("Contact")
+        if contact is None:
+            raise PeerError(400, "Bad Request", f"{request.method} without Contact")
+        remote_tag = request.from_tag
+        if remote_tag is None:
+            raise PeerError(400, "Bad Request", "request without From tag")
+        return cls(
+            call_id=request.call_id,
+            local_tag=local_tag,
+            remote_tag=remote_tag,
+            local_uri=strip_tag(request.header("To") or ""),
+            remote_uri=strip_tag(request.header("From") or ""),
+            local_cseq=0,
+            remote_cseq=request.cseq[0],
+            remote_target=address_uri(contact),
+            # RFC 3261 12.1.1: the route set is the Record-Route list in order.
+            route_set=tuple(request.header_values("Record-Route")),
+            secure=request.uri.lower().startswith("sips:"),
+        )
+
+    def confirm(self, response: SipResponse) -> Dialog:
+        """Confirm an unconfirmed dialog with the 2xx to its request (RFC 3261 12.1.2).
+
+        A 2xx without Contact keeps the Request-URI as remote target rather than failing:
+        some presence servers omit it on 200 to SUBSCRIBE and send it in the NOTIFY.
+        """
+        contact = response.header("Contact")
+        return replace(
+            self,
+            remote_tag=response.to_tag or "",
+            remote_target=address_uri(contact) if contact else self.remote_target,
+            route_set=tuple(reversed(response.header_values("Record-Route"))),
+        )
+
+    def matches(self, request: SipRequest) -> bool:
+        """Does an incoming request belong to this dialog (RFC 3261 12.2.2)?"""
+        return (
+            request.call_id == self.call_id
+            and request.to_tag == self.local_tag
+            and (request.from_tag or "") == self.remote_tag
+        )
+
+    def receive(self, request: SipRequest, *, target_refresh: bool = False) -> Dialog:
+        """Account for an in-dialog request from the peer; raises 500 when CSeq went back."""
+        number = request.cseq[0]
+        # RFC 3261 12.2.2: a CSeq lower than the remote sequence number gets 500.
+        if self.remote_cseq is not None and number < self.remote_cseq:
+            raise PeerError(500, "Server Internal Error", "CSeq lower than the dialog's")
+        target = self.remote_target
+        contact = request.header("Contact")
+        if target_refresh and contact is not None:
+            # RFC 3261 12.2.2 / RFC 6665 4.1.2.1: target refresh requests update the target.
+            target = address_uri(contact)
+        return replace(self, remote_cseq=number, remote_target=target)
+
+    def refresh_target(self, message: SipRequest | SipResponse) -> Dialog:
+        """Adopt the Contact of a target-refresh message (e.g. the 2xx of a re-SUBSCRIBE)."""
+        contact = message.header("Contact")
+        if contact is None:
+            return self
+        return replace(self, remote_target=address_uri(contact))
+
+    def request(
+        self,
+        method: str,
+        *,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+        cseq: int | None = None,
+    ) -> tuple[Dialog, SipRequest]:
+        """The next request in this dialog, without Via (the transport adds it).
+
+        RFC 3261 12.2.1.1 with loose routing only: the Request-URI is the remote target and
+        the route set becomes Route headers in order. CSeq is one more than the last one sent.
+        """
+        number = self.local_cseq + 1 if cseq is None else cseq
+        to = self.remote_uri + (f";tag={self.remote_tag}" if self.remote_tag else "")
+        lines: list[tuple[str, str]] = [("Route", route) for route in self.route_set]
+        lines += [
+            ("Max-Forwards", MAX_FORWARDS),
+            ("From", f"{self.local_uri};tag={self.local_tag}"),
+            ("To", to),
+            ("Call-ID", self.call_id),
+            ("CSeq", f"{number} {method}"),
+        ]
+        lines += headers
+        request = SipRequest(method, self.remote_target, tuple(lines), body)
+        return replace(self, local_cseq=number), request

@@ -1,0 +1,554 @@
+"""Event state publication (RFC 3903), sans-IO: the publisher (EPA) and the compositor (ESC).
+
+``Publisher`` keeps one piece of event state published: the initial PUBLISH with a body, the
+SIP-ETag from the 2xx, refreshes with SIP-If-Match and no body before expiry, modifications,
+removal with ``Expires: 0``, a fresh start after 412, a retry with Min-Expires after 423.
+``PublicationStore`` is the server side: it answers PUBLISH requests, keeps publications by
+entity-tag, expires them, and tells the application whose state changed.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import secrets
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, replace
+
+from sipside.dialog import Dialog, address_uri
+from sipside.digest import AuthenticationError, DigestClient
+from sipside.errors import PeerError
+from sipside.message import SipRequest, SipResponse, new_call_id, new_tag
+from sipside.subscription import (
+    SendRequest,
+    SendResponse,
+    adopt_auth_retry,
+    expires_value,
+    parse_event,
+    refresh_delay,
+    respond,
+    retry_after_value,
+)
+
+__all__ = [
+    "Publication",
+    "PublicationChanged",
+    "PublicationEffect",
+    "PublicationRemoved",
+    "PublicationStore",
+    "PublishFailed",
+    "Published",
+    "Publisher",
+    "PublisherSnapshot",
+    "PublisherState",
+    "StoreEffect",
+    "Unpublished",
+]
+
+
+# -- publisher (EPA, RFC 3903 4) ---------------------------------------------------------
+
+
+class PublisherState(enum.Enum):
+    """Where our publication stands."""
+
+    IDLE = "idle"  # nothing published (never, removed, or lost)
+    PUBLISHING = "publishing"  # initial PUBLISH in flight
+    PUBLISHED = "published"
+    REMOVING = "removing"
+
+
+class _Op(enum.Enum):
+    INITIAL = "initial"
+    REFRESH = "refresh"
+    MODIFY = "modify"
+    REMOVE = "remove"
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """The ESC holds our state under ``etag`` for ``expires`` seconds."""
+
+    etag: str
+    expires: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unpublished:
+    """Our state is removed from the ESC (after ``remove``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishFailed:
+    """A PUBLISH failed; nothing of ours is published any more."""
+
+    status: int
+    retry_after: int | None = None
+
+
+PublicationEffect = SendRequest | Published | Unpublished | PublishFailed
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherSnapshot:
+    """Everything a ``Publisher`` needs to resume after a restart, as primitives."""
+
+    state: str
+    call_id: str
+    local_tag: str
+    local_uri: str
+    remote_uri: str
+    request_uri: str
+    local_cseq: int
+    event: str
+    expires: int
+    etag: str | None
+    body: bytes
+    content_type: str | None
+    refresh_at: float | None
+
+
+class Publisher:
+    """Keeps one piece of event state published at an ESC (RFC 3903 4)."""
+
+    __slots__ = (
+        "_auth_retried",
+        "_body",
+        "_content_type",
+        "_dialog",
+        "_digest",
+        "_etag",
+        "_event",
+        "_expires",
+        "_next",
+        "_offset",
+        "_pending",
+        "_refresh_at",
+        "state",
+    )
+
+    def __init__(
+        self,
+        *,
+        local_uri: str,
+        remote_uri: str,
+        event: str = "presence",
+        expires: int = 3600,
+        request_uri: str | None = None,
+        call_id: str | None = None,
+        local_tag: str | None = None,
+        route_set: Iterable[str] = (),
+        refresh_offset: float = 0.0,
+        digest: DigestClient | None = None,
+    ) -> None:
+        # PUBLISH is sent outside any dialog; an unconfirmed dialog numbers the requests.
+        self._dialog = Dialog.unconfirmed(
+            call_id=call_id or new_call_id(),
+            local_tag=local_tag or new_tag(),
+            local_uri=local_uri,
+            remote_uri=remote_uri,
+            request_uri=request_uri or address_uri(remote_uri),
+            route_set=route_set,
+        )
+        self._event = event
+        self._expires = expires
+        self._offset = refresh_offset
+        self._digest = digest
+        self.state = PublisherState.IDLE
+        self._etag: str | None = None
+        self._body = b""
+        self._content_type: str | None = None
+        self._pending: tuple[int, _Op, SipRequest] | None = None
+        self._next: _Op | None = None
+        self._refresh_at: float | None = None
+        self._auth_retried: set[int] = set()
+
+    @property
+    def etag(self) -> str | None:
+        """The entity-tag of our published state, if any."""
+        return self._etag
+
+    def _send(self, op: _Op, now: float) -> list[PublicationEffect]:
+        headers = [("Event", self._event)]
+        headers.append(("Expires", "0" if op is _Op.REMOVE else str(self._expires)))
+        if op is not _Op.INITIAL and self._etag is not None:
+            headers.append(("SIP-If-Match", self._etag))
+        # RFC 3903 4.1: initial and modify carry the state; refresh and remove carry none.
+        body = self._body if op in (_Op.INITIAL, _Op.MODIFY) else b""
+        if body and self._content_type:
+            headers.append(("Content-Type", self._content_type))
+        if self._digest is not None:
+            headers += self._digest.preauthorize("PUBLISH", self._dialog.remote_target, body)
+        self._dialog, request = self._dialog.request("PUBLISH", headers=headers, body=body)
+        self._pending = (request.cseq[0], op, request)
+        self._refresh_at = None
+        if op is _Op.INITIAL:
+            self.state = PublisherState.PUBLISHING
+        elif op is _Op.REMOVE:
+            self.state = PublisherState.REMOVING
+        return [SendRequest(request)]
+
+    def publish(self, body: bytes, content_type: str, now: float) -> list[PublicationEffect]:
+        """Publish new state: the initial PUBLISH, or a modification of ours."""
+        self._body, self._content_type = body, content_type
+        op = _Op.MODIFY if self._etag is not None else _Op.INITIAL
+        if self._pending is not None:
+            # RFC 3903 4.1: no new PUBLISH until the previous one completed; latest wins.
+            self._next = _Op.MODIFY
+            return []
+        return self._send(op, now)
+
+    def remove(self, now: float) -> list[PublicationEffect]:
+        """Remove our state from the ESC (RFC 3903 4.5: Expires 0 with SIP-If-Match)."""
+        if self._pending is not None:
+            self._next = _Op.REMOVE
+            return []
+        if self._etag is None:
+            self.state = PublisherState.IDLE
+            return []
+        return self._send(_Op.REMOVE, now)
+
+    def handle_response(self, response: SipResponse, now: float) -> list[PublicationEffect]:
+        """A final response to our PUBLISH."""
+        if self._pending is None or response.status < 200:
+            return []
+        number, op, request = self._pending
+        if adopt_auth_retry(response.cseq[0], (number,), self._dialog.local_cseq):
+            number = response.cseq[0]
+            self._dialog = replace(self._dialog, local_cseq=number)
+        if response.cseq != (number, "PUBLISH"):
+            return []
+        self._pending = None
+        status = response.status
+        if status in (401, 407):
+            retry = self._retry_with_auth(op, request, response)
+            if retry:
+                return retry
+        if 200 <= status < 300:
+            return self._on_success(op, response, now)
+        if status == 412 and op is not _Op.REMOVE:
+            # RFC 3903 4.4: the ESC lost our entity-tag; publish the full state afresh.
+            self._etag = None
+            return self._send(_Op.INITIAL, now)
+        if status == 423:
+            # RFC 3903 4.2 / RFC 3261 21.4.17: ask again with at least Min-Expires.
+            try:
+                minimum = int((response.header("Min-Expires") or "").strip())
+            except ValueError:
+                minimum = 0
+            if minimum > self._expires:
+                self._expires = minimum
+                return self._send(op, now)
+        return self._on_failure(op, status, retry_after_value(response))
+
+    def handle_timeout(self, cseq: int, now: float) -> list[PublicationEffect]:
+        """Our PUBLISH with CSeq ``cseq`` got no final response."""
+        if self._pending is None or self._pending[0] != cseq:
+            return []
+        _, op, _ = self._pending
+        self._pending = None
+        return self._on_failure(op, 408, None)
+
+    def _retry_with_auth(
+        self, op: _Op, request: SipRequest, response: SipResponse
+    ) -> list[PublicationEffect]:
+        # RFC 3261 22.2: answer the challenge once; a second one means wrong credentials.
+        if self._digest is None or request.cseq[0] in self._auth_retried:
+            return []
+        challenges = [
+            (n, v)
+            for n, v in response.headers
+            if n.lower() in ("www-authenticate", "proxy-authenticate")
+        ]
+        try:
+            auth = self._digest.answer(challenges, "PUBLISH", request.uri, request.body)
+        except AuthenticationError:
+            return []
+        number = self._dialog.local_cseq + 1
+        self._dialog = replace(self._dialog, local_cseq=number)
+        retry = request.replace_headers("CSeq", [f"{number} PUBLISH"])
+        for name, value in auth:
+            retry = retry.replace_headers(name, [value])
+        self._pending = (number, op, retry)
+        self._auth_retried.add(number)
+        return [SendRequest(retry)]
+
+    def _on_success(self, op: _Op, response: SipResponse, now: float) -> list[PublicationEffect]:
+        effects: list[PublicationEffect] = []
+        if op is _Op.REMOVE:
+            self._etag = None
+            self.state = PublisherState.IDLE
+            effects.append(Unpublished())
+        else:
+            try:
+                expires = expires_value(response, self._expires)
+            except PeerError:
+                expires = self._expires
+            # RFC 3903 4.1: every 2xx carries the entity-tag to use next time.
+            self._etag = response.header("SIP-ETag") or self._etag
+            if self._etag is None:
+                self.state = PublisherState.IDLE
+                return [PublishFailed(response.status)]
+            self.state = PublisherState.PUBLISHED
+            self._refresh_at = now + refresh_delay(expires, self._offset)
+            effects.append(Published(self._etag, expires))
+        if self._next is not None:
+            queued, self._next = self._next, None
+            if queued is _Op.REMOVE:
+                effects += self.remove(now)
+            elif self._etag is not None:
+                effects += self._send(_Op.MODIFY, now)
+            else:
+                effects += self._send(_Op.INITIAL, now)
+        return effects
+
+    def _on_failure(self, op: _Op, status: int, retry_after: int | None) -> list[PublicationEffect]:
+        self._etag = None
+        self._refresh_at = None
+        self.state = PublisherState.IDLE
+        queued, self._next = self._next, None
+        if op is _Op.REMOVE or queued is _Op.REMOVE:
+            return [Unpublished()]
+        return [PublishFailed(status, retry_after)]
+
+    def next_deadline(self) -> float | None:
+        """When the next refresh is due."""
+        return self._refresh_at if self._pending is None else None
+
+    def handle_timer(self, now: float) -> list[PublicationEffect]:
+        """Refresh before expiry (RFC 3903 4.3: SIP-If-Match, no body)."""
+        if self._pending is None and self._refresh_at is not None and now >= self._refresh_at:
+            return self._send(_Op.REFRESH, now)
+        return []
+
+    def snapshot(self) -> PublisherSnapshot:
+        """The state to persist (a PUBLISH in flight is redone after restore)."""
+        d = self._dialog
+        return PublisherSnapshot(
+            state=self.state.value,
+            call_id=d.call_id,
+            local_tag=d.local_tag,
+            local_uri=d.local_uri,
+            remote_uri=d.remote_uri,
+            request_uri=d.remote_target,
+            local_cseq=d.local_cseq,
+            event=self._event,
+            expires=self._expires,
+            etag=self._etag,
+            body=self._body,
+            content_type=self._content_type,
+            refresh_at=self._refresh_at,
+        )
+
+    @classmethod
+    def restore(
+        cls,
+        snap: PublisherSnapshot,
+        now: float,
+        *,
+        spread: float = 0.0,
+        refresh_offset: float = 0.0,
+        digest: DigestClient | None = None,
+    ) -> Publisher:
+        """Rebuild after a restart; overdue refreshes are due at ``now + spread``."""
+        pub = cls(
+            local_uri=snap.local_uri,
+            remote_uri=snap.remote_uri,
+            event=snap.event,
+            expires=snap.expires,
+            request_uri=snap.request_uri,
+            call_id=snap.call_id,
+            local_tag=snap.local_tag,
+            refresh_offset=refresh_offset,
+            digest=digest,
+        )
+        pub._dialog = replace(pub._dialog, local_cseq=snap.local_cseq)
+        pub._etag, pub._body, pub._content_type = snap.etag, snap.body, snap.content_type
+        if snap.etag is not None:
+            # Whatever was in flight is redone as a refresh; a 412 turns it into a new publish.
+            pub.state = PublisherState.PUBLISHED
+            refresh_at = snap.refresh_at if snap.refresh_at is not None else now
+            pub._refresh_at = max(refresh_at, now + spread) if refresh_at <= now else refresh_at
+        return pub
+
+
+# -- compositor (ESC, RFC 3903 6) --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One publication held by the ESC for an entity and event package."""
+
+    entity: str
+    event: str
+    etag: str
+    body: bytes
+    content_type: str | None
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PublicationChanged:
+    """A publication was created, refreshed or modified; ``state_changed`` is False on refresh."""
+
+    publication: Publication
+    previous_etag: str | None
+    state_changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PublicationRemoved:
+    """A publication ended: ``reason`` is "removed" (Expires 0) or "expired"."""
+
+    publication: Publication
+    reason: str
+
+
+StoreEffect = SendResponse | PublicationChanged | PublicationRemoved
+
+
+def _new_etag() -> str:
+    return secrets.token_hex(8)
+
+
+class PublicationStore:
+    """The ESC's publications: answers PUBLISH (RFC 3903 6) and expires them."""
+
+    __slots__ = (
+        "_by_etag",
+        "_content_types",
+        "_default",
+        "_events",
+        "_heap",
+        "_max",
+        "_min",
+        "_new_etag",
+    )
+
+    def __init__(
+        self,
+        *,
+        events: Collection[str] = ("presence",),
+        min_expires: int = 60,
+        max_expires: int = 3600,
+        default_expires: int = 3600,
+        content_types: Collection[str] | None = None,
+        etag_factory: Callable[[], str] = _new_etag,
+    ) -> None:
+        self._events = tuple(events)
+        self._min, self._max, self._default = min_expires, max_expires, default_expires
+        self._content_types = None if content_types is None else tuple(content_types)
+        self._new_etag = etag_factory
+        self._by_etag: dict[str, Publication] = {}
+        # (expires_at, etag); stale entries are skipped when popped.
+        self._heap: list[tuple[float, str]] = []
+
+    def publications(self, entity: str, event: str) -> list[Publication]:
+        """Every live publication of ``entity`` for ``event`` (the ESC composes them)."""
+        return [p for p in self._by_etag.values() if p.entity == entity and p.event == event]
+
+    def handle_publish(
+        self, request: SipRequest, now: float, *, entity: str | None = None
+    ) -> list[StoreEffect]:
+        """Answer a PUBLISH; ``entity`` is the caller's key for the Request-URI's resource."""
+        key = entity if entity is not None else request.uri
+        try:
+            return self._handle(request, key, now)
+        except PeerError as exc:
+            extra = [("Allow-Events", ", ".join(self._events))] if exc.status == 489 else []
+            if exc.status == 415 and self._content_types is not None:
+                extra = [("Accept", ", ".join(self._content_types))]
+            if exc.status == 423:
+                extra = [("Min-Expires", str(self._min))]
+            return [respond(request, exc.status, extra)]
+
+    def _handle(self, request: SipRequest, entity: str, now: float) -> list[StoreEffect]:
+        # RFC 3903 6 step 2: unknown or missing event package -> 489.
+        event = parse_event(request.header("Event"))
+        if event.package.lower() not in {e.lower() for e in self._events}:
+            raise PeerError(489, "Bad Event", f"event package {event.package} not supported")
+        package = event.package.lower()
+        # Step 3: SIP-If-Match must name a publication of this entity and event.
+        if_match = request.header("SIP-If-Match")
+        old: Publication | None = None
+        if if_match is not None:
+            old = self._by_etag.get(if_match.strip())
+            if old is None or old.entity != entity or old.event != package:
+                raise PeerError(412, "Conditional Request Failed", "unknown entity-tag")
+        # Step 4: Expires bounds.
+        expires = expires_value(request, self._default)
+        if 0 < expires < self._min:
+            raise PeerError(423, "Interval Too Brief")
+        expires = min(expires, self._max)
+        content_type = request.header("Content-Type")
+        if request.body and self._content_types is not None:
+            media = (content_type or "").split(";")[0].strip().lower()
+            if media not in {c.lower() for c in self._content_types}:
+                raise PeerError(415, "Unsupported Media Type", f"cannot compose {media!r}")
+        if old is None:
+            # Step 5: an initial PUBLISH must carry state.
+            if not request.body:
+                raise PeerError(400, "Bad Request", "initial PUBLISH without a body")
+            if expires == 0:
+                raise PeerError(400, "Bad Request", "initial PUBLISH with Expires 0")
+            return self._store(request, entity, package, None, expires, now)
+        del self._by_etag[old.etag]
+        if expires == 0:
+            # RFC 3903 6 step 6: Expires 0 removes the publication.
+            ok = respond(request, 200, [("Expires", "0")])
+            return [ok, PublicationRemoved(old, "removed")]
+        return self._store(request, entity, package, old, expires, now)
+
+    def _store(
+        self,
+        request: SipRequest,
+        entity: str,
+        event: str,
+        old: Publication | None,
+        expires: int,
+        now: float,
+    ) -> list[StoreEffect]:
+        etag = self._new_etag()
+        while etag in self._by_etag:
+            etag = self._new_etag()
+        if request.body or old is None:
+            body, content_type, changed = request.body, request.header("Content-Type"), True
+        else:
+            # A refresh keeps the state (RFC 3903 4.3) but gets a new entity-tag.
+            body, content_type, changed = old.body, old.content_type, False
+        pub = Publication(entity, event, etag, body, content_type, now + expires)
+        self._by_etag[etag] = pub
+        heapq.heappush(self._heap, (pub.expires_at, etag))
+        headers = [("SIP-ETag", etag), ("Expires", str(expires))]
+        return [
+            respond(request, 200, headers),
+            PublicationChanged(pub, old.etag if old else None, changed),
+        ]
+
+    def next_deadline(self) -> float | None:
+        """When the earliest publication expires."""
+        while self._heap:
+            at, etag = self._heap[0]
+            pub = self._by_etag.get(etag)
+            if pub is not None and pub.expires_at == at:
+                return at
+            heapq.heappop(self._heap)
+        return None
+
+    def handle_timer(self, now: float) -> list[StoreEffect]:
+        """Remove every publication whose time ran out (RFC 3903 6)."""
+        effects: list[StoreEffect] = []
+        while (at := self.next_deadline()) is not None and at <= now:
+            _, etag = heapq.heappop(self._heap)
+            effects.append(PublicationRemoved(self._by_etag.pop(etag), "expired"))
+        return effects
+
+    def snapshot(self) -> tuple[Publication, ...]:
+        """All live publications, for the store."""
+        return tuple(self._by_etag.values())
+
+    def restore(self, publications: Iterable[Publication]) -> None:
+        """Load publications saved by ``snapshot`` (expired ones go at the next timer)."""
+        for pub in publications:
+            self._by_etag[pub.etag] = pub
+            heapq.heappush(self._heap, (pub.expires_at, pub.etag))

@@ -1,0 +1,728 @@
+"""SIP-specific event notification (RFC 6665): the subscriber, plus what the notifier shares.
+
+Both machines take messages and ``now`` and return effects: ``SendRequest`` (the caller runs a
+client transaction and reports its outcome with ``handle_response`` / ``handle_timeout``),
+``SendResponse`` (answer the request just handled), ``StateChanged`` (subscriber: the
+subscription state the notifier reported, or its local end) and ``SubscriptionEnded``
+(notifier: forget this subscription). Both expose ``next_deadline`` / ``handle_timer`` and can
+be saved as a snapshot of primitives and restored after a restart (DESIGN 8). The notifier
+machine is in ``sipside.notifier``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, replace
+
+from sipside.dialog import Dialog, address_uri
+from sipside.digest import AuthenticationError, DigestClient
+from sipside.errors import LocalError, PeerError
+from sipside.message import SipRequest, SipResponse, make_response, new_call_id, new_tag
+
+__all__ = [
+    "NOTIFY_TIMEOUT_FACTOR",
+    "EventHeader",
+    "SendRequest",
+    "SendResponse",
+    "StateChanged",
+    "Subscriber",
+    "SubscriberSnapshot",
+    "SubscriberState",
+    "SubscriptionEffect",
+    "SubscriptionEnded",
+    "SubscriptionState",
+    "SubscriptionStateHeader",
+    "adopt_auth_retry",
+    "expires_value",
+    "parse_event",
+    "parse_subscription_state",
+    "refresh_delay",
+    "respond",
+    "resubscribe_delay",
+    "retry_after_value",
+]
+
+# RFC 6665 4.1.2.4: a subscriber waits 64*T1 for the first NOTIFY after the 2xx.
+NOTIFY_TIMEOUT_FACTOR = 64
+
+# Failure codes that end a subscription when they answer a refresh or a NOTIFY: RFC 6665
+# 4.1.2.2 (481) and RFC 5057 5.1 (responses that destroy the usage, 408 = timeout).
+_USAGE_ENDING = frozenset({404, 405, 408, 410, 416, 480, 481, 482, 483, 484, 485, 489, 501, 604})
+
+
+class SubscriptionState(enum.Enum):
+    """Subscription-State values (RFC 6665 4.1.3)."""
+
+    PENDING = "pending"
+    ACTIVE = "active"
+    TERMINATED = "terminated"
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionStateHeader:
+    """A parsed ``Subscription-State`` header; unknown states are kept as ``state=None``."""
+
+    state: SubscriptionState | None
+    expires: int | None = None
+    reason: str | None = None
+    retry_after: int | None = None
+
+    def __str__(self) -> str:
+        text = self.state.value if self.state else "pending"
+        if self.reason:
+            text += f";reason={self.reason}"
+        if self.expires is not None:
+            text += f";expires={self.expires}"
+        if self.retry_after is not None:
+            text += f";retry-after={self.retry_after}"
+        return text
+
+
+def _params(value: str) -> tuple[str, dict[str, str]]:
+    head, *rest = value.split(";")
+    params: dict[str, str] = {}
+    for item in rest:
+        name, _, val = item.partition("=")
+        params[name.strip().lower()] = val.strip().strip('"')
+    return head.strip(), params
+
+
+def _int_param(params: dict[str, str], name: str) -> int | None:
+    if name not in params:
+        return None
+    try:
+        number = int(params[name])
+    except ValueError:
+        raise PeerError(400, "Bad Request", f"bad {name} parameter {params[name]!r}") from None
+    if number < 0:
+        raise PeerError(400, "Bad Request", f"negative {name} parameter")
+    return number
+
+
+def parse_subscription_state(value: str) -> SubscriptionStateHeader:
+    """Parse ``active;expires=60`` or ``terminated;reason=probation;retry-after=30``."""
+    head, params = _params(value)
+    if not head:
+        raise PeerError(400, "Bad Request", "empty Subscription-State")
+    try:
+        state: SubscriptionState | None = SubscriptionState(head.lower())
+    except ValueError:
+        # RFC 6665 4.1.3: unknown substate values are extensions; the caller keeps its state.
+        state = None
+    return SubscriptionStateHeader(
+        state=state,
+        expires=_int_param(params, "expires"),
+        reason=params.get("reason") or None,
+        retry_after=_int_param(params, "retry-after"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EventHeader:
+    """An ``Event`` header: the package and its optional ``id`` (RFC 6665 8.2.1)."""
+
+    package: str
+    id: str | None = None
+
+    def __str__(self) -> str:
+        return self.package + (f";id={self.id}" if self.id else "")
+
+    def matches(self, other: EventHeader) -> bool:
+        """Same package (compared without case, lenient with old clients) and same id."""
+        return self.package.lower() == other.package.lower() and self.id == other.id
+
+
+def parse_event(value: str | None) -> EventHeader:
+    """Parse an ``Event`` header; a missing or empty one is a 489 (RFC 6665 8.3.2)."""
+    if value is None or not value.split(";")[0].strip():
+        raise PeerError(489, "Bad Event", "missing Event header")
+    head, params = _params(value)
+    return EventHeader(head, params.get("id") or None)
+
+
+def refresh_delay(expires: float, offset: float = 0.0) -> float:
+    """Seconds after a grant of ``expires`` seconds at which to refresh it.
+
+    RFC 6665 4.1.2.2 leaves the time open; we take max(expires - 32, expires / 2), moved
+    earlier by ``offset`` (caller-chosen jitter that spreads many refreshes), never earlier
+    than a quarter of the interval so a large offset cannot cause a refresh storm.
+    """
+    base = max(expires - 32.0, expires / 2.0)
+    return max(expires / 4.0, min(base, base - offset))
+
+
+def resubscribe_delay(reason: str | None, retry_after: int | None) -> float | None:
+    """When the subscriber may subscribe again after ``terminated`` (RFC 6665 4.1.3).
+
+    ``None`` means "do not retry" (rejected, noresource, invariant).
+    """
+    # deactivated and timeout invite an immediate retry, probation and giveup a later one;
+    # unknown reasons are treated like a missing one. Retry-After is honoured for all.
+    if reason in ("rejected", "noresource", "invariant"):
+        return None
+    return float(retry_after or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    """Send this request in a new client transaction; report its outcome back."""
+
+    request: SipRequest
+
+
+@dataclass(frozen=True, slots=True)
+class SendResponse:
+    """Answer the request just handled with this response."""
+
+    response: SipResponse
+
+
+@dataclass(frozen=True, slots=True)
+class StateChanged:
+    """The subscription's state as the subscriber now sees it.
+
+    ``status`` is the SIP status when the subscription ended on a failed request.
+    """
+
+    state: SubscriptionState
+    reason: str | None = None
+    body: bytes = b""
+    content_type: str | None = None
+    retry_after: int | None = None
+    status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionEnded:
+    """Notifier side: the subscription is over; the application forgets it."""
+
+    reason: str
+
+
+SubscriptionEffect = SendRequest | SendResponse | StateChanged | SubscriptionEnded
+
+
+def expires_value(message: SipRequest | SipResponse, default: int) -> int:
+    """The Expires header as seconds (``default`` when absent); malformed -> PeerError 400."""
+    value = message.header("Expires")
+    if value is None:
+        return default
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise PeerError(400, "Bad Request", f"bad Expires {value!r}") from None
+    if number < 0:
+        raise PeerError(400, "Bad Request", "negative Expires")
+    return number
+
+
+class SubscriberState(enum.Enum):
+    """States of a subscription we hold (RFC 6665 4.1)."""
+
+    SUBSCRIBING = "subscribing"  # initial SUBSCRIBE sent, no 2xx and no NOTIFY yet
+    ACCEPTED = "accepted"  # 2xx received, waiting for the first NOTIFY
+    PENDING = "pending"
+    ACTIVE = "active"
+    UNSUBSCRIBING = "unsubscribing"  # Expires: 0 sent, waiting for the final NOTIFY
+    TERMINATED = "terminated"
+
+
+class _Kind(enum.Enum):
+    INITIAL = "initial"
+    REFRESH = "refresh"
+    UNSUBSCRIBE = "unsubscribe"
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberSnapshot:
+    """Everything a ``Subscriber`` needs to resume after a restart, as primitives."""
+
+    state: str
+    call_id: str
+    local_tag: str
+    remote_tag: str
+    local_uri: str
+    remote_uri: str
+    local_cseq: int
+    remote_cseq: int | None
+    remote_target: str
+    route_set: tuple[str, ...]
+    secure: bool
+    request_uri: str
+    contact: str
+    event: str
+    accept: tuple[str, ...]
+    expires: int
+    expires_at: float | None
+    refresh_at: float | None
+
+
+class Subscriber:
+    """One subscription we hold to a remote notifier (RFC 6665 4.1)."""
+
+    __slots__ = (
+        "_accept",
+        "_auth_retried",
+        "_contact",
+        "_dialog",
+        "_digest",
+        "_event",
+        "_expires",
+        "_expires_at",
+        "_notify_deadline",
+        "_offset",
+        "_pending",
+        "_refresh_at",
+        "_request_uri",
+        "_resend_at",
+        "_t1",
+        "_unsubscribe_wanted",
+        "state",
+    )
+
+    def __init__(
+        self,
+        *,
+        local_uri: str,
+        remote_uri: str,
+        contact: str,
+        event: str,
+        expires: int = 3600,
+        accept: Iterable[str] = (),
+        request_uri: str | None = None,
+        call_id: str | None = None,
+        local_tag: str | None = None,
+        route_set: Iterable[str] = (),
+        refresh_offset: float = 0.0,
+        t1: float = 0.5,
+        digest: DigestClient | None = None,
+    ) -> None:
+        self._request_uri = request_uri or address_uri(remote_uri)
+        self._dialog = Dialog.unconfirmed(
+            call_id=call_id or new_call_id(),
+            local_tag=local_tag or new_tag(),
+            local_uri=local_uri,
+            remote_uri=remote_uri,
+            request_uri=self._request_uri,
+            route_set=route_set,
+        )
+        self._contact = contact
+        try:
+            self._event = parse_event(event)
+        except PeerError as exc:
+            raise LocalError(f"bad event package {event!r}") from exc
+        self._accept = tuple(accept)
+        self._expires = expires
+        self._offset = refresh_offset
+        self._t1 = t1
+        self._digest = digest
+        self.state = SubscriberState.SUBSCRIBING
+        self._pending: dict[int, tuple[_Kind, SipRequest]] = {}
+        self._auth_retried: set[int] = set()
+        self._expires_at: float | None = None
+        self._refresh_at: float | None = None
+        self._notify_deadline: float | None = None
+        self._resend_at: float | None = None
+        self._unsubscribe_wanted = False
+
+    @property
+    def dialog(self) -> Dialog:
+        """The dialog (unconfirmed until the 2xx or the first NOTIFY)."""
+        return self._dialog
+
+    @property
+    def expires_at(self) -> float | None:
+        """When the subscription runs out unless refreshed."""
+        return self._expires_at
+
+    # -- outgoing requests ---------------------------------------------------------------
+
+    def _send(self, kind: _Kind, expires: int, now: float) -> list[SubscriptionEffect]:
+        headers = [
+            ("Contact", f"<{self._contact}>"),
+            ("Event", str(self._event)),
+            ("Expires", str(expires)),
+        ]
+        if self._accept:
+            headers.append(("Accept", ", ".join(self._accept)))
+        if self._digest is not None:
+            uri = self._dialog.remote_target
+            headers += self._digest.preauthorize("SUBSCRIBE", uri)
+        self._dialog, request = self._dialog.request("SUBSCRIBE", headers=headers)
+        self._pending[request.cseq[0]] = (kind, request)
+        return [SendRequest(request)]
+
+    def start(self, now: float) -> list[SubscriptionEffect]:
+        """The initial SUBSCRIBE (RFC 6665 4.1.2.1)."""
+        self.state = SubscriberState.SUBSCRIBING
+        self._resend_at = None
+        return self._send(_Kind.INITIAL, self._expires, now)
+
+    def unsubscribe(self, now: float) -> list[SubscriptionEffect]:
+        """End the subscription with ``Expires: 0`` (RFC 6665 4.1.2.3)."""
+        match self.state:
+            case SubscriberState.TERMINATED | SubscriberState.UNSUBSCRIBING:
+                return []
+            case SubscriberState.SUBSCRIBING if not self._dialog.confirmed:
+                # No dialog to send in yet: unsubscribe once the 2xx or a NOTIFY arrives.
+                self._unsubscribe_wanted = True
+                if self._resend_at is not None:
+                    return self._terminate(now, reason="timeout")
+                return []
+        self.state = SubscriberState.UNSUBSCRIBING
+        self._refresh_at = None
+        self._notify_deadline = now + NOTIFY_TIMEOUT_FACTOR * self._t1
+        return self._send(_Kind.UNSUBSCRIBE, 0, now)
+
+    def _terminate(
+        self,
+        now: float,
+        *,
+        reason: str | None = None,
+        status: int | None = None,
+        retry_after: int | None = None,
+        body: bytes = b"",
+        content_type: str | None = None,
+    ) -> list[SubscriptionEffect]:
+        self.state = SubscriberState.TERMINATED
+        self._expires_at = self._refresh_at = self._notify_deadline = self._resend_at = None
+        return [
+            StateChanged(
+                SubscriptionState.TERMINATED, reason, body, content_type, retry_after, status
+            )
+        ]
+
+    def _grant(self, expires: int, now: float) -> None:
+        self._expires_at = now + expires
+        self._refresh_at = now + refresh_delay(expires, self._offset)
+
+    # -- responses to our SUBSCRIBEs -----------------------------------------------------
+
+    def handle_response(self, response: SipResponse, now: float) -> list[SubscriptionEffect]:
+        """A final (or provisional) response to one of our SUBSCRIBE requests."""
+        number, method = response.cseq
+        if adopt_auth_retry(number, self._pending.keys(), self._dialog.local_cseq):
+            self._pending[number] = self._pending.pop(number - 1)
+            self._dialog = replace(self._dialog, local_cseq=number)
+        if method != "SUBSCRIBE" or number not in self._pending or response.status < 200:
+            return []
+        kind, request = self._pending.pop(number)
+        if response.status in (401, 407):
+            retry = self._retry_with_auth(kind, request, response)
+            if retry:
+                return retry
+        if response.status == 423 and kind is not _Kind.UNSUBSCRIBE:
+            # RFC 6665 4.1.2.1 / RFC 3261 21.4.17: retry with at least Min-Expires.
+            try:
+                minimum = int((response.header("Min-Expires") or "").strip())
+            except ValueError:
+                minimum = 0
+            if minimum > self._expires:
+                self._expires = minimum
+                return self._send(kind, minimum, now)
+        if self.state is SubscriberState.TERMINATED:
+            return []
+        if 200 <= response.status < 300:
+            return self._on_success(kind, response, now)
+        return self._on_failure(kind, response.status, retry_after_value(response), now)
+
+    def handle_timeout(self, cseq: int, now: float) -> list[SubscriptionEffect]:
+        """The client transaction for CSeq ``cseq`` timed out (treated as 408)."""
+        if cseq not in self._pending:
+            return []
+        kind, _ = self._pending.pop(cseq)
+        if self.state is SubscriberState.TERMINATED:
+            return []
+        return self._on_failure(kind, 408, None, now)
+
+    def _retry_with_auth(
+        self, kind: _Kind, request: SipRequest, response: SipResponse
+    ) -> list[SubscriptionEffect]:
+        # RFC 3261 22.2: resend once with credentials; a second challenge means they are wrong.
+        if self._digest is None or request.cseq[0] in self._auth_retried:
+            return []
+        challenges = [
+            (name, value)
+            for name, value in response.headers
+            if name.lower() in ("www-authenticate", "proxy-authenticate")
+        ]
+        try:
+            auth = self._digest.answer(challenges, "SUBSCRIBE", request.uri, request.body)
+        except AuthenticationError:
+            return []
+        number = self._dialog.local_cseq + 1
+        self._dialog = replace(self._dialog, local_cseq=number)
+        retry = request.replace_headers("CSeq", [f"{number} SUBSCRIBE"])
+        for name, value in auth:
+            retry = retry.replace_headers(name, [value])
+        self._pending[number] = (kind, retry)
+        self._auth_retried.add(number)
+        return [SendRequest(retry)]
+
+    def _on_success(
+        self, kind: _Kind, response: SipResponse, now: float
+    ) -> list[SubscriptionEffect]:
+        try:
+            expires = expires_value(response, self._expires)
+        except PeerError:
+            expires = self._expires
+        match kind:
+            case _Kind.INITIAL:
+                if not self._dialog.confirmed:
+                    self._dialog = self._dialog.confirm(response)
+                if self.state is SubscriberState.SUBSCRIBING:
+                    # RFC 6665 4.1.2.4: the first NOTIFY must follow within 64*T1.
+                    self.state = SubscriberState.ACCEPTED
+                    self._notify_deadline = now + NOTIFY_TIMEOUT_FACTOR * self._t1
+                self._grant(expires, now)
+                if self._unsubscribe_wanted:
+                    return self.unsubscribe(now)
+            case _Kind.REFRESH:
+                self._dialog = self._dialog.refresh_target(response)
+                if self.state is not SubscriberState.UNSUBSCRIBING:
+                    self._grant(expires, now)
+            case _Kind.UNSUBSCRIBE:
+                pass  # the final NOTIFY ends it, or the 64*T1 deadline set in unsubscribe()
+        return []
+
+    def _on_failure(
+        self, kind: _Kind, status: int, retry_after: int | None, now: float
+    ) -> list[SubscriptionEffect]:
+        match kind:
+            case _Kind.INITIAL | _Kind.UNSUBSCRIBE:
+                return self._terminate(now, status=status, retry_after=retry_after)
+            case _Kind.REFRESH if status in _USAGE_ENDING:
+                return self._terminate(now, status=status, retry_after=retry_after)
+            case _Kind.REFRESH:
+                # RFC 6665 4.1.2.2: other failures leave the subscription valid until it
+                # expires; the expiry timer ends it if no later refresh succeeds.
+                if self._expires_at is not None:
+                    self._refresh_at = None
+                return []
+        return []
+
+    # -- NOTIFY ----------------------------------------------------------------------------
+
+    def handle_notify(self, request: SipRequest, now: float) -> list[SubscriptionEffect]:
+        """An incoming NOTIFY for this subscription: the answer to send plus state effects."""
+        try:
+            event = parse_event(request.header("Event"))
+        except PeerError as exc:
+            return [respond(request, exc.status)]
+        if not event.matches(self._event):
+            return [respond(request, 489)]
+        dialog = self._dialog
+        if (
+            request.call_id != dialog.call_id
+            or request.to_tag != dialog.local_tag
+            or self.state is SubscriberState.TERMINATED
+        ):
+            return [respond(request, 481)]
+        try:
+            if not dialog.confirmed:
+                # RFC 6665 4.1.2.4: the NOTIFY may come before the 2xx; it creates the dialog.
+                created = Dialog.from_uas(request, dialog.local_tag)
+                dialog = replace(
+                    created,
+                    local_uri=dialog.local_uri,
+                    remote_uri=dialog.remote_uri,
+                    local_cseq=dialog.local_cseq,
+                )
+            elif (request.from_tag or "") != dialog.remote_tag:
+                # A NOTIFY from another fork: we keep one dialog per subscription.
+                return [respond(request, 481)]
+            else:
+                dialog = dialog.receive(request, target_refresh=True)
+            value = request.header("Subscription-State")
+            if value is None:
+                raise PeerError(400, "Bad Request", "NOTIFY without Subscription-State")
+            sub = parse_subscription_state(value)
+        except PeerError as exc:
+            return [respond(request, exc.status)]
+        self._dialog = dialog
+        effects: list[SubscriptionEffect] = [respond(request, 200)]
+        content_type = request.header("Content-Type")
+        match sub.state:
+            case SubscriptionState.TERMINATED:
+                # RFC 6665 4.1.3: the notifier ended it; the reason says if we may retry.
+                return effects + self._terminate(
+                    now,
+                    reason=sub.reason,
+                    retry_after=sub.retry_after,
+                    body=request.body,
+                    content_type=content_type,
+                )
+            case None:
+                return effects  # unknown substate: keep ours (RFC 6665 4.1.3)
+            case _ if self.state is SubscriberState.UNSUBSCRIBING:
+                return effects  # state before our unsubscribe took effect
+            case SubscriptionState.ACTIVE | SubscriptionState.PENDING as state:
+                self.state = (
+                    SubscriberState.ACTIVE
+                    if state is SubscriptionState.ACTIVE
+                    else SubscriberState.PENDING
+                )
+                self._notify_deadline = None
+                if sub.expires is not None:
+                    # RFC 6665 4.1.3: "expires" is the notifier's view of the time left.
+                    self._grant(sub.expires, now)
+                effects.append(StateChanged(state, sub.reason, request.body, content_type))
+        if self._unsubscribe_wanted:
+            effects += self.unsubscribe(now)
+        return effects
+
+    # -- timers --------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """The earliest time ``handle_timer`` has something to do, or None."""
+        if self.state is SubscriberState.TERMINATED:
+            return None
+        times = [self._expires_at, self._notify_deadline, self._resend_at]
+        if not any(kind is _Kind.REFRESH for kind, _ in self._pending.values()):
+            times.append(self._refresh_at)
+        present = [t for t in times if t is not None]
+        return min(present) if present else None
+
+    def handle_timer(self, now: float) -> list[SubscriptionEffect]:
+        """Fire whatever is due at ``now``: resend, refresh, NOTIFY wait or expiry."""
+        if self.state is SubscriberState.TERMINATED:
+            return []
+        if self._resend_at is not None and now >= self._resend_at:
+            return self.start(now)
+        if self._notify_deadline is not None and now >= self._notify_deadline:
+            # RFC 6665 4.1.2.4: no NOTIFY within 64*T1 -> the subscription failed; also ends
+            # an unsubscribe whose final NOTIFY never came.
+            return self._terminate(now, reason="timeout")
+        if self._expires_at is not None and now >= self._expires_at:
+            return self._terminate(now, reason="timeout")
+        refreshing = any(kind is _Kind.REFRESH for kind, _ in self._pending.values())
+        if self._refresh_at is not None and now >= self._refresh_at and not refreshing:
+            self._refresh_at = None
+            if self._unsubscribe_wanted:
+                return self.unsubscribe(now)  # owed since before a restart
+            return self._send(_Kind.REFRESH, self._expires, now)
+        return []
+
+    # -- persistence ---------------------------------------------------------------------
+
+    def snapshot(self) -> SubscriberSnapshot:
+        """The state to persist (pending transactions are not kept: they are redone)."""
+        d = self._dialog
+        return SubscriberSnapshot(
+            state=self.state.value,
+            call_id=d.call_id,
+            local_tag=d.local_tag,
+            remote_tag=d.remote_tag,
+            local_uri=d.local_uri,
+            remote_uri=d.remote_uri,
+            local_cseq=d.local_cseq,
+            remote_cseq=d.remote_cseq,
+            remote_target=d.remote_target,
+            route_set=d.route_set,
+            secure=d.secure,
+            request_uri=self._request_uri,
+            contact=self._contact,
+            event=str(self._event),
+            accept=self._accept,
+            expires=self._expires,
+            expires_at=self._expires_at,
+            refresh_at=self._refresh_at,
+        )
+
+    @classmethod
+    def restore(
+        cls,
+        snap: SubscriberSnapshot,
+        now: float,
+        *,
+        spread: float = 0.0,
+        refresh_offset: float = 0.0,
+        t1: float = 0.5,
+        digest: DigestClient | None = None,
+    ) -> Subscriber:
+        """Rebuild a subscriber after a restart; overdue work is due at ``now + spread``.
+
+        ``spread`` is chosen by the caller per subscription (e.g. random in [0, 30]) so a
+        restarted gateway does not refresh everything at once.
+        """
+        sub = cls(
+            local_uri=snap.local_uri,
+            remote_uri=snap.remote_uri,
+            contact=snap.contact,
+            event=snap.event,
+            expires=snap.expires,
+            accept=snap.accept,
+            request_uri=snap.request_uri,
+            call_id=snap.call_id,
+            local_tag=snap.local_tag,
+            refresh_offset=refresh_offset,
+            t1=t1,
+            digest=digest,
+        )
+        sub._dialog = Dialog(
+            call_id=snap.call_id,
+            local_tag=snap.local_tag,
+            remote_tag=snap.remote_tag,
+            local_uri=snap.local_uri,
+            remote_uri=snap.remote_uri,
+            local_cseq=snap.local_cseq,
+            remote_cseq=snap.remote_cseq,
+            remote_target=snap.remote_target,
+            route_set=snap.route_set,
+            secure=snap.secure,
+        )
+        sub.state = SubscriberState(snap.state)
+        due = now + spread
+        match sub.state:
+            case SubscriberState.TERMINATED:
+                pass
+            case SubscriberState.SUBSCRIBING if not sub._dialog.confirmed:
+                # The initial transaction died with the old process: send a new one.
+                sub._resend_at = due
+            case SubscriberState.UNSUBSCRIBING:
+                sub.state = SubscriberState.ACTIVE
+                sub._unsubscribe_wanted = True
+                sub._refresh_at = due
+            case _:
+                # ACCEPTED after a restart: the first NOTIFY may have been lost with the
+                # process, so refresh (which makes the notifier send a NOTIFY) instead.
+                sub.state = (
+                    SubscriberState.PENDING
+                    if sub.state in (SubscriberState.ACCEPTED, SubscriberState.SUBSCRIBING)
+                    else sub.state
+                )
+                refresh_at = snap.refresh_at if snap.refresh_at is not None else due
+                sub._refresh_at = due if refresh_at <= now else refresh_at
+                # Keep the expiry after the refresh so its answer can still arrive.
+                floor = sub._refresh_at + NOTIFY_TIMEOUT_FACTOR * t1
+                sub._expires_at = max(snap.expires_at or floor, floor)
+        return sub
+
+
+def adopt_auth_retry(number: int, pending: Collection[int], local_cseq: int) -> bool:
+    """Is a response with CSeq ``number`` the answer to a retry someone else sent for us?
+
+    An endpoint that answers a 401/407 itself resends with CSeq + 1 (RFC 3261 22.2) and hands
+    back that final response. The core then adopts the new number, so its next request in
+    the dialog stays above it (RFC 3261 12.2.1.1).
+    """
+    return number not in pending and number - 1 in pending and number > local_cseq
+
+
+def retry_after_value(response: SipResponse) -> int | None:
+    """The seconds of a Retry-After header (comment and parameters ignored), else None."""
+    value = response.header("Retry-After")
+    if value is None:
+        return None
+    try:
+        return int(value.split(";")[0].split("(")[0].strip())
+    except ValueError:
+        return None
+
+
+def respond(
+    request: SipRequest, status: int, headers: Iterable[tuple[str, str]] = ()
+) -> SendResponse:
+    """The ``SendResponse`` effect answering ``request`` with ``status``."""
+    return SendResponse(make_response(request, status, headers=headers))
