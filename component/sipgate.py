@@ -28,8 +28,9 @@ class MessageCore(Protocol):
         ...
 
 
-# Other methods (SUBSCRIBE, NOTIFY, PUBLISH, REGISTER) go to a handler the presence side sets.
-OtherHandler = Callable[[IncomingRequest], Awaitable[SipAnswer] | SipAnswer]
+# Other methods (SUBSCRIBE, NOTIFY, PUBLISH, REGISTER) go to a handler the presence side sets;
+# it returns None when it answered the request itself.
+OtherHandler = Callable[[IncomingRequest], Awaitable[SipAnswer] | SipAnswer | None]
 
 
 class SipGate:
@@ -53,6 +54,7 @@ class SipGate:
             incoming.respond(503, headers=[("Retry-After", "30")])
             return
         request = incoming.request
+        answer: SipAnswer | Awaitable[SipAnswer] | None
         try:
             if request.method == "MESSAGE":
                 answer = self.core.on_sip_message(self._sip_text(incoming))
@@ -69,6 +71,8 @@ class SipGate:
         except PeerError as exc:
             incoming.respond(exc.status, exc.reason, headers=_warning(exc))
             return
+        if answer is None:
+            return  # the handler answered by itself
         if isinstance(answer, SipAnswer):
             self._answer(incoming, answer)
             return
