@@ -9,6 +9,7 @@ from html.parser import HTMLParser
 
 from sipside import cpim
 from sipside.errors import PeerError
+from sipside.xmlsafe import parse_media_type
 
 ACCEPT = "text/plain, message/cpim, text/html"
 MAX_TEXT = 65536
@@ -29,17 +30,6 @@ class UnsupportedMediaType(PeerError):
         super().__init__(415, "Unsupported Media Type", f"cannot relay {content_type}")
 
 
-def _media(content_type: str) -> tuple[str, str | None]:
-    """``text/plain; charset=UTF-8`` -> ("text/plain", "utf-8")."""
-    main, *params = content_type.split(";")
-    charset = None
-    for param in params:
-        name, _, value = param.partition("=")
-        if name.strip().lower() == "charset":
-            charset = value.strip().strip('"').lower()
-    return main.strip().lower(), charset
-
-
 def _text(body: bytes, charset: str | None) -> str:
     try:
         return body.decode(charset or "utf-8")
@@ -48,19 +38,27 @@ def _text(body: bytes, charset: str | None) -> str:
 
 
 def decode_body(content_type: str | None, body: bytes) -> DecodedBody:
-    """The text of a MESSAGE body; PeerError 415 for media we can't relay, 400 for bad text."""
+    """The text of a MESSAGE body; PeerError 415 for media we can't relay, 400 for bad text.
+
+    One ``message/cpim`` wrapper is unwrapped (RFC 3862); a CPIM inside CPIM is refused rather
+    than followed, so a hostile body can't make us recurse.
+    """
     if len(body) > MAX_TEXT:
         raise PeerError(413, "Request Entity Too Large", f"body over {MAX_TEXT} bytes")
-    media, charset = _media(content_type or "text/plain")
-    if media == "text/plain":
-        return DecodedBody(_text(body, charset))
-    if media == "message/cpim":
+    media = parse_media_type(content_type or "text/plain")
+    if media.essence == "message/cpim":
         inner = cpim.parse(body)
-        return decode_body(inner.content_type, inner.body)
-    if media in ("text/html", "application/xhtml+xml"):
+        media = parse_media_type(inner.content_type)
+        body = inner.body
+        if media.essence == "message/cpim":
+            raise UnsupportedMediaType("message/cpim inside message/cpim")
+    charset = media.charset
+    if media.essence == "text/plain":
+        return DecodedBody(_text(body, charset))
+    if media.essence in ("text/html", "application/xhtml+xml"):
         markup = _text(body, charset)
         return DecodedBody(html_to_text(markup), xhtml_im_body(markup))
-    raise UnsupportedMediaType(media)
+    raise UnsupportedMediaType(media.essence)
 
 
 class _TextExtractor(HTMLParser):
