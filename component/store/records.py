@@ -1,0 +1,209 @@
+"""What the store hands back: frozen dataclasses and enums of our own, never SQLModel rows.
+
+Times are POSIX seconds (``time.time()`` wall clock) as the cores use them; the store keeps them
+as timezone-aware UTC ``datetime`` columns and converts at its edge.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+JsonObject = dict[str, Any]
+"""A JSON object as stored in a TEXT JSON column (dialog snapshots, message extras)."""
+
+
+class StoreError(Exception):
+    """The store could not do what was asked; the database error is the ``__cause__``."""
+
+
+class StoreUnavailable(StoreError):
+    """The database is unreachable, locked for too long, or closed: answer 503 and retry later."""
+
+
+class RecordNotFound(StoreError, LookupError):
+    """The record named by the caller does not exist (a bug on the caller's side, usually)."""
+
+
+class StoreNotAtHead(StoreError):
+    """The schema is not at the revision this code expects; the message says what to run."""
+
+
+class MessageDirection(enum.StrEnum):
+    """Which way a queued message travels."""
+
+    SIP_TO_XMPP = "sip_to_xmpp"
+    XMPP_TO_SIP = "xmpp_to_sip"
+
+
+class MessageState(enum.StrEnum):
+    """Life of a queued message: queued -> inflight -> delivered | failed (or back to queued)."""
+
+    QUEUED = "queued"
+    INFLIGHT = "inflight"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class SubscriptionState(enum.StrEnum):
+    """Subscription-State values of RFC 6665 section 4.1.3 that we keep."""
+
+    PENDING = "pending"
+    ACTIVE = "active"
+    TERMINATED = "terminated"
+
+
+class ApprovalDirection(enum.StrEnum):
+    """Who asked to see whose presence in an XMPP roster approval."""
+
+    SIP_WATCHES_XMPP = "sip_watches_xmpp"
+    XMPP_WATCHES_SIP = "xmpp_watches_sip"
+
+
+class ApprovalState(enum.StrEnum):
+    """Outcome of an XMPP presence subscription request (RFC 6121 section 3)."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    REFUSED = "refused"
+
+
+class MembershipState(enum.StrEnum):
+    """Where a SIP user stands in a chat room: the join is sent, or the room confirmed it."""
+
+    JOINING = "joining"
+    JOINED = "joined"
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    """A message stored until delivered, failed or past ``deliver_by``."""
+
+    id: int
+    direction: MessageDirection
+    sender: str
+    recipient: str
+    body: str
+    content_type: str
+    extra: JsonObject
+    created_at: float
+    deliver_by: float
+    attempts: int
+    next_attempt_at: float
+    state: MessageState
+    owner: str | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SeenUser:
+    """A home-domain SIP user the gateway has seen online at least once (DESIGN 4.2)."""
+
+    aor: str
+    last_seen: float
+    online: bool
+    contact: str | None = None
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SipWatcherSubscription:
+    """A SIP user watching an XMPP entity; the gateway is the notifier (DESIGN 5.2)."""
+
+    dialog_id: str
+    watcher_aor: str
+    target_jid: str
+    state: SubscriptionState
+    dialog: JsonObject
+    expires_at: float
+    event: str = "presence"
+
+
+@dataclass(frozen=True, slots=True)
+class XmppWatcherSubscription:
+    """An XMPP user watching a SIP user; the gateway is the subscriber (DESIGN 5.3).
+
+    ``dialog`` and ``expires_at`` are None until the SIP side has answered the SUBSCRIBE.
+    """
+
+    watcher_jid: str
+    sip_aor: str
+    state: SubscriptionState
+    dialog: JsonObject | None = None
+    expires_at: float | None = None
+    event: str = "presence"
+
+
+@dataclass(frozen=True, slots=True)
+class RosterApproval:
+    """An XMPP presence subscription decision between a gateway JID and an XMPP JID."""
+
+    sip_jid: str
+    xmpp_jid: str
+    direction: ApprovalDirection
+    state: ApprovalState
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceRecord:
+    """Last known presence of one resource of an entity ('' for an entity without resources)."""
+
+    entity: str
+    resource: str
+    available: bool
+    show: str | None
+    status: str | None
+    priority: int
+    updated_at: float
+    pidf: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """A PUBLISH the gateway accepted for a SIP user (RFC 3903), keyed by our entity-tag."""
+
+    etag: str
+    entity: str
+    body: str
+    content_type: str
+    expires_at: float
+    event: str = "presence"
+
+
+@dataclass(frozen=True, slots=True)
+class RoomMembership:
+    """A SIP user's seat in a chat room, kept so the gateway rejoins after a restart."""
+
+    sip_aor: str
+    room_jid: str
+    nick: str
+    state: MembershipState
+
+
+@dataclass(frozen=True, slots=True)
+class TransportStatus:
+    """Result of the last probe of an alias transport domain (DESIGN 9, check_time)."""
+
+    domain: str
+    up: bool
+    checked_at: float
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCounts:
+    """Row counts for metrics and the admin statistics command."""
+
+    queued: int
+    inflight: int
+    delivered: int
+    failed: int
+    users_seen: int
+    users_online: int
+    sip_watchers: int
+    xmpp_watchers: int
+    publications: int
+    memberships: int
+    transports_down: int
