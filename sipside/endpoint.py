@@ -280,6 +280,7 @@ class Endpoint:
         self.handler = handler
         self.limits = limits or EndpointLimits()
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in trusted]
+        self._trusted_cache: dict[str, bool] = {}
         self.proxy = peer_for_uri(outbound_proxy) if outbound_proxy else None
         self.digest = digest
         self.user_agent = user_agent
@@ -384,7 +385,7 @@ class Endpoint:
         """
         if self._closing:
             raise TransportError("endpoint is closing")
-        dest = peer or self.proxy or peer_for_uri(request.uri)
+        dest = peer or self._route_peer(request) or self.proxy or peer_for_uri(request.uri)
         response = await self._request_once(request, dest)
         if response.status in (401, 407) and self.digest is not None:
             challenges = [
@@ -403,6 +404,16 @@ class Endpoint:
                 retry = retry.replace_headers(name, [value])
             response = await self._request_once(retry, dest)
         return response
+
+    @staticmethod
+    def _route_peer(request: SipRequest) -> Peer | None:
+        """RFC 3261 8.1.2 / 12.2.1.1: a request with a route set goes to its first Route."""
+        routes = request.header_values("Route")
+        if not routes:
+            return None
+        first = routes[0].strip()
+        uri = first[1 : first.index(">")] if first.startswith("<") and ">" in first else first
+        return peer_for_uri(uri)
 
     async def _request_once(self, request: SipRequest, dest: Peer) -> SipResponse:
         data_len = len(request.body) + 600  # headers of our own requests stay well under this
@@ -453,8 +464,9 @@ class Endpoint:
         self._run(effects)
 
     def _answer_unparsable(self, data: bytes, source: Peer, exc: PeerError) -> None:
-        """RFC 3261 8.2: answer a broken request if its Via, From, To, Call-ID and CSeq can be
-        read at all; otherwise (or for a response) it is dropped, as 16.3 and 18.1.2 allow."""
+        """RFC 3261 8.2: answer a broken request if its Via can be read at all, copying whichever
+        of From, To, Call-ID and CSeq it has (RFC 4475 3.3.1 asks for a 400 even without them);
+        otherwise (or for a response) it is dropped, as 16.3 and 18.1.2 allow."""
         log.info("sip_message_rejected", peer=str(source), status=exc.status, error=str(exc))
         headers = _salvage_headers(data)
         if headers is None:
@@ -554,6 +566,14 @@ class Endpoint:
             raise PeerError(501, "Not Implemented")
 
     def _is_trusted(self, host: str) -> bool:
+        known = self._trusted_cache.get(host)
+        if known is None:
+            known = self._trusted_cache[host] = self._check_trusted(host)
+            if len(self._trusted_cache) > 4096:
+                self._trusted_cache.clear()
+        return known
+
+    def _check_trusted(self, host: str) -> bool:
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
@@ -689,7 +709,7 @@ def _quote_warning(text: str) -> str:
 
 def _salvage_headers(data: bytes) -> list[tuple[str, str]] | None:
     """The headers a response must copy (RFC 3261 8.2.6.2), read leniently from a request that
-    did not parse; None when it is not a request or one of them is missing."""
+    did not parse; None when it is not a request or has no Via to answer along."""
     head = data.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
     lines = head.split("\r\n")
     if not lines or lines[0].startswith("SIP/"):
@@ -705,10 +725,12 @@ def _salvage_headers(data: bytes) -> list[tuple[str, str]] | None:
         )
         if canonical is not None:
             found.setdefault(canonical, []).append(value.strip())
-    if any(name not in found for name in _MANDATORY):
+    if "Via" not in found:
         return None
     salvaged = [("Via", v) for v in found["Via"]]
-    salvaged += [(name, found[name][0]) for name in _MANDATORY[1:]]
+    # RFC 4475 3.3.1: a request missing From, To or Call-ID still gets its 400; the fields it
+    # lacks cannot be copied, and the client matches the response by Via branch and CSeq.
+    salvaged += [(name, found[name][0]) for name in _MANDATORY[1:] if name in found]
     if any("\x00" in v or "\ufffd" in v for _, v in salvaged):
         return None
     return salvaged

@@ -46,11 +46,10 @@ def test_outcome(name: str) -> None:
     assert outcome(load(name)) == ALL[name].status, ALL[name].note
 
 
-@pytest.mark.parametrize("name", sorted(ALL))
+# Rows whose point does not survive the MESSAGE rewrite are marked "n/a" and not generated.
+@pytest.mark.parametrize("name", sorted(n for n in ALL if ALL[n].as_message_status != "n/a"))
 def test_outcome_as_message(name: str) -> None:
     expected = ALL[name].as_message_status
-    if expected == "n/a":
-        pytest.skip("the MESSAGE copy loses the point of this test")
     rewritten = rewrite_to_message(load(name))
     assert outcome(rewritten) == expected, ALL[name].note
     if expected is None:
@@ -69,9 +68,9 @@ def test_app_status_matches_method(name: str) -> None:
         return
     message = parse_message(raw)
     assert isinstance(message, SipRequest)
-    if message.method == "INVITE":
+    if message.method in ("INVITE", "BYE"):  # sessions are not ours: 405 with Allow (DESIGN 7)
         assert row.app_status == 405
-    elif message.method not in {"OPTIONS", "REGISTER", "MESSAGE", "BYE", "SUBSCRIBE", "NOTIFY"}:
+    elif message.method not in {"OPTIONS", "REGISTER", "MESSAGE", "SUBSCRIBE", "NOTIFY"}:
         assert row.app_status == 501
     else:
         assert row.app_status is None
