@@ -1,0 +1,519 @@
+"""The XMPP adapter: one XEP-0114 component link to the XMPP server, on slixmpp's ComponentXMPP.
+
+slixmpp does the TCP stream, the XML parser and the handshake; everything above that is ours,
+because the gateway's budget (150 us of CPU per message per direction, DESIGN 8) is below what
+slixmpp's stanza objects and plugins cost (SERVERS.md: ~156 us for a bare echo component).
+
+- Inbound, :class:`_Stream` takes each top-level ``<message>``/``<presence>``/``<iq>`` element
+  straight from the parser, before slixmpp builds a stanza object, runs filters and matches
+  handlers. That also keeps hostile stanzas (thousands of levels deep) away from slixmpp code
+  that would ``str()`` them. Nothing raised here reaches slixmpp: a bad stanza is answered with
+  an error or dropped with a log line, and the link stays up.
+- Outbound stanzas are text formatted in :mod:`component.xmpp_stanzas` and written with
+  ``send_raw``: no stanza objects, no send queue.
+- The adapter answers disco#info, ping, version and XEP-0100 itself, for the component domain
+  and every JID under it; the core sees only ChatMessage, Presence and StanzaError.
+- :meth:`XmppLink.run` owns the connection: connect, handshake, wait for the loss, back off
+  (capped exponential with jitter), repeat until :meth:`XmppLink.stop`. slixmpp's own
+  reconnection is not used; a refused handshake backs off like any other failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import random
+import secrets
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from slixmpp import ComponentXMPP
+
+from component.events import ChatMessage, Presence, StanzaError
+from component.logs import get_logger
+from component.xmpp_stanzas import (
+    NS_CLIENT,
+    NS_COMPONENT,
+    NS_DISCO_INFO,
+    NS_PING,
+    DiscoIdentity,
+    DiscoInfo,
+    IqResponder,
+    Jid,
+    QueryFailed,
+    Rejected,
+    format_error,
+    format_iq,
+    format_message,
+    format_presence,
+    outbound_jids,
+    parse_disco_info,
+    parse_error,
+    parse_jid,
+    parse_message,
+    parse_presence,
+)
+from sipside.errors import LocalError
+
+__all__ = [
+    "Backoff",
+    "DiscoIdentity",
+    "DiscoInfo",
+    "LinkState",
+    "LinkStats",
+    "QueryFailed",
+    "XmppLink",
+]
+
+log = get_logger("component.xmpp")
+
+_KINDS: dict[str, str] = {
+    f"{{{ns}}}{kind}": kind
+    for ns in (NS_COMPONENT, NS_CLIENT)
+    for kind in ("message", "presence", "iq")
+}
+
+
+class LinkState(enum.Enum):
+    """Where the link is in its life (one machine, driven by :meth:`XmppLink.run`)."""
+
+    IDLE = "idle"  # run() not called yet
+    CONNECTING = "connecting"  # TCP connect in progress
+    HANDSHAKING = "handshaking"  # stream open, XEP-0114 handshake sent
+    UP = "up"  # handshake accepted: stanzas flow
+    BACKING_OFF = "backing_off"  # waiting before the next attempt
+    STOPPED = "stopped"  # stop() called; run() returns
+
+
+@dataclass(slots=True)
+class LinkStats:
+    """Counters of the link, for metrics and the admin commands."""
+
+    stanzas_in: int = 0
+    stanzas_out: int = 0
+    errors_in: int = 0  # error stanzas received
+    errors_out: int = 0  # error replies sent
+    rejected_in: int = 0  # inbound stanzas refused (malformed, foreign, too big)
+    rejected_out: int = 0  # outbound stanzas refused (our bug)
+    connects: int = 0  # handshakes accepted
+    reconnects: int = 0  # attempts scheduled after a failure or loss
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Capped exponential backoff with upward jitter; pure (the random source is injected).
+
+    Jitter only lengthens a delay, so attempts are never closer than ``minimum`` apart: a refused
+    handshake must not turn into a reconnect storm (Kamailio's xmpp module does ~400/s).
+    """
+
+    minimum: float
+    maximum: float
+    jitter: float = 0.25
+    rng: Callable[[], float] = random.random
+    failures: int = field(default=0, init=False)
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt; each call counts one more failure."""
+        base = min(self.maximum, self.minimum * 2.0**self.failures)
+        self.failures += 1
+        return min(self.maximum, base * (1.0 + self.jitter * self.rng()))
+
+    def reset(self) -> None:
+        """A handshake succeeded: start again from ``minimum``."""
+        self.failures = 0
+
+
+class _Stream(ComponentXMPP):
+    """slixmpp's component stream with our own stanza entry and a synchronous ``send``."""
+
+    def __init__(self, link: XmppLink, secret: str) -> None:
+        super().__init__(link.component, secret)  # type: ignore[no-untyped-call]
+        self._link = link
+        self.add_event_handler("session_start", link._on_session_start)
+        self.add_event_handler("disconnected", link._on_disconnected)
+        self.add_event_handler("stream_error", link._on_stream_error)
+
+    def _spawn_event(self, xml: ET.Element) -> None:
+        kind = _KINDS.get(xml.tag)
+        if kind is None:
+            # The handshake reply and stream errors: slixmpp's own handlers deal with those.
+            super()._spawn_event(xml)
+            return
+        try:
+            self._link._dispatch(kind, xml)
+        except RecursionError:
+            self._link._reject_in(kind, xml, "recursion")
+        except Exception:
+            log.exception("xmpp_stanza_failed", kind=kind, id=_attr(xml, "id"))
+
+    def send(self, data: Any, use_filters: bool = True) -> None:
+        # Only slixmpp itself calls this (handshake, stream errors): write at once instead of
+        # going through its send queue, which we never start.
+        if self.transport is None:
+            return
+        text = data if isinstance(data, str) else str(data)
+        self.send_raw(text)
+
+
+def _attr(xml: ET.Element, name: str) -> str | None:
+    """An attribute for a log line, cut short: never the stanza itself."""
+    value = xml.get(name)
+    return value[:120] if value is not None else None
+
+
+class XmppLink:
+    """The component connection (XEP-0114) between the gateway core and the XMPP server."""
+
+    def __init__(
+        self,
+        *,
+        component: str,
+        host: str,
+        port: int,
+        secret: str,
+        on_message: Callable[[ChatMessage], None],
+        on_error: Callable[[StanzaError], None],
+        on_presence: Callable[[Presence], None],
+        on_link: Callable[[bool], None] = lambda up: None,
+        version: str = "0.1.0",
+        min_backoff: float = 1.0,
+        max_backoff: float = 60.0,
+        disco_features: Iterable[str] = (),
+        gateway_jid_for: Callable[[str], str] | None = None,
+        gateway_desc: str = "Enter the SIP address of the person you want to contact.",
+        gateway_prompt: str = "SIP address",
+        connect_timeout: float = 10.0,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        domain = parse_jid(component)
+        if domain is None or domain.local or domain.resource:
+            raise LocalError(f"component {component!r} is not a bare domain JID")
+        self.component = domain.domain
+        self.host = host
+        self.port = port
+        self._secret = secret
+        self._on_message = on_message
+        self._on_error = on_error
+        self._on_presence = on_presence
+        self._on_link = on_link
+        self._connect_timeout = connect_timeout
+        self._handshake_timeout = handshake_timeout
+        self.backoff = Backoff(min_backoff, max_backoff)
+        self.stats = LinkStats()
+        self.state = LinkState.IDLE
+        self._responder = IqResponder(
+            component=self.component,
+            version=version,
+            extra_features=tuple(disco_features),
+            gateway_jid_for=gateway_jid_for,
+            gateway_desc=gateway_desc,
+            gateway_prompt=gateway_prompt,
+        )
+        self._stream: _Stream | None = None
+        self._attempt: asyncio.Future[bool] | None = None
+        self._handshake: asyncio.Future[bool] | None = None
+        self._closed: asyncio.Event | None = None
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._stream_error: str | None = None
+        # Our iq ids: a random prefix per process, so replies meant for an earlier instance of
+        # the gateway (same domain after a restart) are never taken for ours.
+        self._id_prefix = "sx" + secrets.token_hex(4) + "-"
+        self._ids = itertools.count(1)
+        self._pending: dict[str, tuple[str, asyncio.Future[ET.Element]]] = {}
+
+    # --- state ---------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """The handshake is done and the stream is open."""
+        return self.state is LinkState.UP
+
+    @property
+    def stopped(self) -> bool:
+        """:meth:`run` has returned after :meth:`stop`."""
+        return self.state is LinkState.STOPPED
+
+    async def run(self) -> None:
+        """Keep the link up until :meth:`stop`; after any loss, reconnect after a backoff."""
+        if self.state is not LinkState.IDLE:
+            raise LocalError("XmppLink.run() called twice")
+        while not self._stopping:
+            self._attempt = asyncio.ensure_future(self._connect_once())
+            try:
+                was_up = await self._attempt
+            except asyncio.CancelledError:
+                if not self._stopping:
+                    raise  # our owner cancelled run() itself
+                break
+            if self._stopping:
+                break
+            if was_up:
+                self.backoff.reset()
+            delay = self.backoff.next_delay()
+            self.stats.reconnects += 1
+            self.state = LinkState.BACKING_OFF
+            log.info("xmpp_reconnect_scheduled", delay=round(delay, 3), host=self.host)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+        self.state = LinkState.STOPPED
+
+    async def stop(self) -> None:
+        """Close the stream cleanly (``</stream:stream>``) and stop reconnecting."""
+        self._stopping = True
+        self._wake.set()
+        stream = self._stream
+        if self.state is LinkState.UP and stream is not None and stream.transport is not None:
+            # Waits (bounded) for the server to close its side of the stream too.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(stream.disconnect(wait=2.0, reason="stop"), 5.0)
+        elif self._attempt is not None and not self._attempt.done():
+            self._attempt.cancel()  # connecting or handshaking: nothing to close cleanly
+        if self._closed is not None and stream is not None and stream.transport is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), 5.0)
+
+    async def _connect_once(self) -> bool:
+        """One connection: returns True if the handshake succeeded (the link was up)."""
+        stream = _Stream(self, self._secret)
+        self._stream = stream
+        self._handshake = asyncio.get_running_loop().create_future()
+        self._closed = asyncio.Event()
+        self._stream_error = None
+        self.state = LinkState.CONNECTING
+        try:
+            return await self._connect_and_wait(stream, self._handshake, self._closed)
+        except asyncio.CancelledError:
+            if stream.transport is not None:
+                stream.abort()
+            raise
+
+    async def _connect_and_wait(
+        self, stream: _Stream, handshake: asyncio.Future[bool], closed: asyncio.Event
+    ) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: stream, self.host, self.port),
+                self._connect_timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            log.warning("xmpp_connect_failed", host=self.host, port=self.port, error=str(exc))
+            return False
+        if self.state is LinkState.CONNECTING:  # the handshake may already be done by now
+            self.state = LinkState.HANDSHAKING
+        try:
+            accepted = await asyncio.wait_for(asyncio.shield(handshake), self._handshake_timeout)
+        except TimeoutError:
+            accepted = False
+            stream.abort()
+        if not accepted:
+            # Wrong secret (not-authorized), a conflict, or silence: back off like any failure.
+            log.warning(
+                "xmpp_handshake_refused",
+                host=self.host,
+                port=self.port,
+                component=self.component,
+                condition=self._stream_error or "timeout or closed",
+            )
+        await closed.wait()
+        return accepted
+
+    def _on_session_start(self, _event: Any) -> None:
+        if self._handshake is not None and not self._handshake.done():
+            self._handshake.set_result(True)
+        self.state = LinkState.UP
+        self.stats.connects += 1
+        log.info("xmpp_link_up", host=self.host, port=self.port, component=self.component)
+        self._on_link(True)
+
+    def _on_stream_error(self, error: Any) -> None:
+        with contextlib.suppress(Exception):
+            self._stream_error = str(error["condition"])[:80]
+
+    def _on_disconnected(self, reason: Any) -> None:
+        if self._handshake is not None and not self._handshake.done():
+            self._handshake.set_result(False)
+        was_up = self.state is LinkState.UP
+        self.state = LinkState.STOPPED if self._stopping else LinkState.CONNECTING
+        for _jid, future in self._pending.values():
+            if not future.done():
+                future.set_exception(QueryFailed("remote-server-timeout", "XMPP link lost"))
+        self._pending.clear()
+        if self._closed is not None:
+            self._closed.set()
+        if was_up:
+            log.warning(
+                "xmpp_link_down",
+                host=self.host,
+                reason=str(reason)[:200] if reason else None,
+                stream_error=self._stream_error,
+            )
+            self._on_link(False)
+
+    # --- outbound ------------------------------------------------------------------------------
+
+    def _write(self, text: str) -> bool:
+        stream = self._stream
+        if self.state is not LinkState.UP or stream is None or stream.transport is None:
+            return False
+        stream.transport.write(text.encode())
+        self.stats.stanzas_out += 1
+        return True
+
+    def _checked(self, sender: str, recipient: str, kind: str) -> None:
+        try:
+            outbound_jids(sender, recipient, self.component)
+        except LocalError as exc:
+            self.stats.rejected_out += 1
+            log.error("xmpp_stanza_rejected", direction="out", kind=kind, reason=str(exc))
+            raise
+
+    def send_message(self, msg: ChatMessage) -> bool:
+        """Write a ``<message>``; True once written, False when the link is down.
+
+        Raises LocalError for a stanza that must never be sent (foreign ``from``, bad JID).
+        """
+        self._checked(msg.sender, msg.recipient, "message")
+        return self._write(format_message(msg))
+
+    def send_presence(self, p: Presence) -> bool:
+        """Write a ``<presence>``; True once written, False when the link is down."""
+        self._checked(p.sender, p.recipient, "presence")
+        return self._write(format_presence(p))
+
+    def send_error(self, err: StanzaError) -> bool:
+        """Write an error reply to a stanza we received; True once written."""
+        self._checked(err.sender, err.recipient, err.kind)
+        if self._write(format_error(err)):
+            self.stats.errors_out += 1
+            return True
+        return False
+
+    async def query_disco_info(self, jid: str, sender: str, timeout: float = 10.0) -> DiscoInfo:
+        """XEP-0030 disco#info of ``jid``; raises QueryFailed on an error, a timeout or no link."""
+        reply = await self._query(jid, sender, f'<query xmlns="{NS_DISCO_INFO}"/>', timeout)
+        return parse_disco_info(jid, reply)
+
+    async def ping(self, jid: str, sender: str, timeout: float) -> bool:
+        """XEP-0199 ping: True if ``jid`` answered (a result, or it does not implement ping)."""
+        try:
+            await self._query(jid, sender, f'<ping xmlns="{NS_PING}"/>', timeout)
+        except QueryFailed as exc:
+            # XEP-0199 4.2: an entity without ping support answers, so it is alive.
+            return exc.condition == "feature-not-implemented"
+        return True
+
+    async def _query(self, jid: str, sender: str, payload: str, timeout: float) -> ET.Element:
+        self._checked(sender, jid, "iq")
+        target = parse_jid(jid)
+        assert target is not None  # checked above
+        iq_id = f"{self._id_prefix}{next(self._ids)}"
+        future: asyncio.Future[ET.Element] = asyncio.get_running_loop().create_future()
+        self._pending[iq_id] = (target.full, future)
+        try:
+            if not self._write(format_iq("get", sender, jid, iq_id, payload)):
+                raise QueryFailed("remote-server-timeout", "XMPP link down")
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise QueryFailed("remote-server-timeout", f"no answer in {timeout}s") from None
+        finally:
+            self._pending.pop(iq_id, None)
+
+    # --- inbound -------------------------------------------------------------------------------
+
+    def _dispatch(self, kind: str, xml: ET.Element) -> None:
+        """Route one inbound stanza; called by the stream for each top-level element."""
+        self.stats.stanzas_in += 1
+        stype = xml.get("type")
+        sender = parse_jid(xml.get("from") or "")
+        recipient = parse_jid(xml.get("to") or "")
+        if sender is None or recipient is None or recipient.domain != self.component:
+            self._refuse_address(kind, xml, stype, sender, recipient)
+            return
+        src, dst = sender.full, recipient.full
+        try:
+            if stype == "error":
+                self._inbound_error(kind, xml, src, dst)
+            elif kind == "message":
+                self._on_message(parse_message(xml, src, dst))
+            elif kind == "presence":
+                self._on_presence(parse_presence(xml, src, dst))
+            else:
+                self._inbound_iq(xml, stype, src, recipient)
+        except Rejected as exc:
+            self._reject_in(kind, xml, exc.condition)
+            self._reply_error(kind, xml, dst, src, exc.condition, exc.type, exc.text)
+
+    def _refuse_address(self, kind: str, xml: ET.Element, stype: str | None, *jids: Any) -> None:
+        sender, recipient = jids
+        reason = "bad from" if sender is None else "bad to" if recipient is None else "foreign to"
+        self._reject_in(kind, xml, reason)
+        # RFC 6120 8.3.1: never answer an error with an error; without a valid from, nowhere to.
+        if sender is None or stype in ("error", "result"):
+            return
+        self._reply_error(kind, xml, self.component, sender.full, "jid-malformed", "modify", reason)
+
+    def _reject_in(self, kind: str, xml: ET.Element, reason: str) -> None:
+        self.stats.rejected_in += 1
+        log.info(
+            "xmpp_stanza_rejected",
+            direction="in",
+            kind=kind,
+            reason=reason,
+            id=_attr(xml, "id"),
+            sender=_attr(xml, "from"),
+            recipient=_attr(xml, "to"),
+        )
+
+    def _reply_error(
+        self, kind: str, xml: ET.Element, src: str, dst: str, cond: str, etype: str, text: str
+    ) -> None:
+        if xml.get("type") in ("error", "result"):  # RFC 6120 8.2.3, 8.3.1: never answered
+            return
+        err = StanzaError(src, dst, xml.get("id"), cond, etype, text, kind)
+        if self._write(format_error(err)):
+            self.stats.errors_out += 1
+
+    def _inbound_error(self, kind: str, xml: ET.Element, src: str, dst: str) -> None:
+        self.stats.errors_in += 1
+        err = parse_error(xml, kind, src, dst)
+        if kind == "iq" and self._settle(xml, src, err):
+            return
+        self._on_error(err)
+
+    def _settle(self, xml: ET.Element, src: str, err: StanzaError | None) -> bool:
+        """Complete a pending query of ours with this result or error; False if none matches.
+
+        RFC 6120 8.2.3: the answer comes from the JID we asked (a server bouncing an error for
+        it uses that JID too); anything else with our id is not the answer.
+        """
+        entry = self._pending.get(xml.get("id") or "")
+        if entry is None or entry[0] != src:
+            return False
+        future = entry[1]
+        if not future.done():
+            if err is None:
+                future.set_result(xml)
+            else:
+                future.set_exception(QueryFailed(err.condition, err.text))
+        return True
+
+    def _inbound_iq(self, xml: ET.Element, stype: str | None, src: str, to: Jid) -> None:
+        if stype == "result":
+            if not self._settle(xml, src, None):
+                log.debug("xmpp_iq_result_unmatched", id=_attr(xml, "id"), sender=src[:120])
+            return
+        if stype not in ("get", "set"):
+            raise Rejected("bad-request", "modify", "iq type must be get, set, result or error")
+        iq_id = xml.get("id")
+        if not iq_id:
+            raise Rejected("bad-request", "modify", "iq without id")
+        payload = self._responder.answer(xml, stype, to)
+        self._write(format_iq("result", to.full, src, iq_id, payload))

@@ -1,0 +1,643 @@
+"""Stanza text in and out of the XMPP adapter: pure functions, no stream, no clock.
+
+Outbound stanzas are formatted as text here, with our own escaping, instead of building slixmpp
+stanza objects: formatting a message costs a few microseconds this way against tens through
+slixmpp's ElementBase and ``tostring`` (the gateway's budget is 150 us per message per direction,
+DESIGN 8 and SERVERS.md). Whatever goes out is well-formed XML 1.0 with JIDs valid per RFC 7622,
+and its ``from`` is inside the component domain; anything else is our bug (:class:`LocalError`).
+
+Inbound stanzas arrive as ElementTree elements straight from slixmpp's parser. They are read
+without recursion and never turned into text (``str()`` of a stanza thousands of levels deep
+raises RecursionError, SERVERS.md): only direct children, plus a bounded walk over an XHTML-IM
+body. A stanza the gateway must refuse raises :class:`Rejected`, which says how to answer it.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from slixmpp.jid import JID, InvalidJID
+
+from component.events import ChatMessage, Presence, StanzaError
+from sipside.errors import LocalError, PeerError
+from sipside.xmlsafe import XmlLimits, attr_escape, parse_xml, text_escape, xml_safe_text
+
+NS_COMPONENT = "jabber:component:accept"
+NS_CLIENT = "jabber:client"
+NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+NS_XHTML_IM = "http://jabber.org/protocol/xhtml-im"
+NS_XHTML = "http://www.w3.org/1999/xhtml"
+NS_CHATSTATES = "http://jabber.org/protocol/chatstates"
+NS_RECEIPTS = "urn:xmpp:receipts"
+NS_DELAY = "urn:xmpp:delay"
+NS_MUC = "http://jabber.org/protocol/muc"
+NS_MUC_USER = "http://jabber.org/protocol/muc#user"
+_XHTML_PREFIX = "{" + NS_XHTML + "}"
+
+#: Bodies longer than this (characters) are refused with not-acceptable, both ways.
+MAX_BODY = 64 * 1024
+_MAX_JID_PART = 1023  # bytes, RFC 7622 3.1
+#: XHTML-IM bodies deeper or larger than this are dropped (the plain body still goes through).
+XHTML_LIMITS = XmlLimits(max_bytes=MAX_BODY, max_depth=32, max_elements=1024)
+
+MESSAGE_TYPES = frozenset({"chat", "normal", "groupchat", "headline"})
+CHAT_STATES = frozenset({"active", "composing", "paused", "inactive", "gone"})
+PRESENCE_TYPES = frozenset(
+    {"unavailable", "subscribe", "subscribed", "unsubscribe", "unsubscribed", "probe"}
+)
+SHOWS = frozenset({"chat", "away", "xa", "dnd"})
+ERROR_TYPES = frozenset({"auth", "cancel", "continue", "modify", "wait"})
+# RFC 6120 8.3.3: the defined conditions; anything else would be a schema violation.
+CONDITIONS = frozenset(
+    {
+        "bad-request",
+        "conflict",
+        "feature-not-implemented",
+        "forbidden",
+        "gone",
+        "internal-server-error",
+        "item-not-found",
+        "jid-malformed",
+        "not-acceptable",
+        "not-allowed",
+        "not-authorized",
+        "policy-violation",
+        "recipient-unavailable",
+        "redirect",
+        "registration-required",
+        "remote-server-not-found",
+        "remote-server-timeout",
+        "resource-constraint",
+        "service-unavailable",
+        "subscription-required",
+        "undefined-condition",
+        "unexpected-request",
+    }
+)
+
+
+class Rejected(Exception):
+    """An inbound stanza we refuse; the adapter answers it with this error where it can."""
+
+    def __init__(self, condition: str, type_: str, text: str) -> None:
+        super().__init__(f"{condition}: {text}")
+        self.condition = condition
+        self.type = type_
+        self.text = text
+
+
+# --- JIDs ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Jid:
+    """A JID valid per RFC 7622, in canonical (prepped) form."""
+
+    local: str
+    domain: str
+    resource: str
+
+    @property
+    def bare(self) -> str:
+        """``local@domain`` (or the domain alone)."""
+        return f"{self.local}@{self.domain}" if self.local else self.domain
+
+    @property
+    def full(self) -> str:
+        """The whole JID as text."""
+        return f"{self.bare}/{self.resource}" if self.resource else self.bare
+
+
+@lru_cache(maxsize=8192)
+def parse_jid(text: str) -> Jid | None:
+    """Validate and canonicalise a JID (RFC 7622); None when it is not one.
+
+    Cached: the same few thousand JIDs recur on every stanza, and stringprep is slow.
+    """
+    if not text or len(text) > 3 * _MAX_JID_PART + 2:
+        return None
+    try:
+        jid = JID(text)
+    except (InvalidJID, ValueError, UnicodeError):
+        return None
+    parts = (jid.user, jid.domain, jid.resource)
+    if not jid.domain or any(len(p.encode("utf-8")) > _MAX_JID_PART for p in parts):
+        return None
+    # RFC 7622 3.3: the prepped parts must still be free of controls XML cannot carry.
+    if any(xml_safe_text(p) != p for p in parts):
+        return None
+    return Jid(jid.user, jid.domain, jid.resource)
+
+
+def outbound_jids(sender: str, recipient: str, component: str) -> None:
+    """Refuse (LocalError) a sender outside ``component`` or any JID that is not valid."""
+    src = parse_jid(sender)
+    if src is None:
+        raise LocalError(f"refusing to send from an invalid JID {sender[:80]!r}")
+    if src.domain != component:
+        # Servers close the stream of a component that sends from elsewhere (DESIGN 3.1).
+        raise LocalError(f"refusing to send from {sender[:80]!r}: outside {component}")
+    if parse_jid(recipient) is None:
+        raise LocalError(f"refusing to send to an invalid JID {recipient[:80]!r}")
+
+
+# --- outbound ------------------------------------------------------------------------------------
+
+
+def _attr(name: str, value: str | None) -> str:
+    return f' {name}="{attr_escape(value)}"' if value is not None else ""
+
+
+def _elem(name: str, text: str | None) -> str:
+    return f"<{name}>{text_escape(text)}</{name}>" if text is not None else ""
+
+
+def format_message(msg: ChatMessage) -> str:
+    """The ``<message>`` text for ``msg`` (JIDs already checked with :func:`outbound_jids`)."""
+    if msg.type not in MESSAGE_TYPES:
+        raise LocalError(f"message type {msg.type!r} is not one of {sorted(MESSAGE_TYPES)}")
+    if msg.body is not None and len(msg.body) > MAX_BODY:
+        raise LocalError(f"message body over {MAX_BODY} characters")
+    parts = [
+        '<message from="',
+        attr_escape(msg.sender),
+        '" to="',
+        attr_escape(msg.recipient),
+        '" type="',
+        msg.type,
+        '"',
+        _attr("id", msg.id),
+        ">",
+        _elem("body", msg.body),
+        _elem("subject", msg.subject),
+        _elem("thread", msg.thread),
+    ]
+    if msg.html is not None:
+        inner = clean_xhtml(msg.html)
+        if inner is not None:  # an unusable html part is dropped; the body says it all
+            parts.append(
+                f'<html xmlns="{NS_XHTML_IM}"><body xmlns="{NS_XHTML}">{inner}</body></html>'
+            )
+    if msg.chat_state is not None:
+        if msg.chat_state not in CHAT_STATES:
+            raise LocalError(f"chat state {msg.chat_state!r} is not one of XEP-0085's")
+        parts.append(f'<{msg.chat_state} xmlns="{NS_CHATSTATES}"/>')
+    if msg.receipt_request:
+        parts.append(f'<request xmlns="{NS_RECEIPTS}"/>')
+    if msg.receipt_for is not None:
+        parts.append(f'<received xmlns="{NS_RECEIPTS}"{_attr("id", msg.receipt_for)}/>')
+    if msg.delay_stamp is not None:
+        parts.append(
+            f'<delay xmlns="{NS_DELAY}"{_attr("stamp", msg.delay_stamp)}'
+            f"{_attr('from', msg.delay_from)}/>"
+        )
+    parts.append("</message>")
+    return "".join(parts)
+
+
+def format_presence(p: Presence) -> str:
+    """The ``<presence>`` text for ``p``; errors go through :func:`format_error`."""
+    if p.type is not None and p.type not in PRESENCE_TYPES:
+        raise LocalError(f"presence type {p.type!r} is not one of {sorted(PRESENCE_TYPES)}")
+    if p.show is not None and p.show not in SHOWS:
+        raise LocalError(f"presence show {p.show!r} is not one of {sorted(SHOWS)}")
+    if not -128 <= p.priority <= 127:  # RFC 6121 4.7.2.3
+        raise LocalError(f"presence priority {p.priority} outside -128..127")
+    parts = [
+        '<presence from="',
+        attr_escape(p.sender),
+        '" to="',
+        attr_escape(p.recipient),
+        '"',
+        _attr("type", p.type),
+        _attr("id", p.id),
+        ">",
+        _elem("show", p.show),
+        _elem("status", p.status),
+    ]
+    if p.priority and p.type is None:
+        parts.append(f"<priority>{p.priority}</priority>")
+    if p.muc:
+        history = "" if p.muc_history is None else f'<history maxstanzas="{int(p.muc_history)}"/>'
+        parts.append(f'<x xmlns="{NS_MUC}">{history}{_elem("password", p.muc_password)}</x>')
+    parts.append("</presence>")
+    return "".join(parts)
+
+
+def format_error(err: StanzaError) -> str:
+    """An error stanza (RFC 6120 8.3) of kind message, presence or iq."""
+    if err.kind not in ("message", "presence", "iq"):
+        raise LocalError(f"error stanza kind {err.kind!r}")
+    if err.condition not in CONDITIONS:
+        raise LocalError(f"{err.condition!r} is not an RFC 6120 8.3.3 condition")
+    if err.type not in ERROR_TYPES:
+        raise LocalError(f"error type {err.type!r} is not one of {sorted(ERROR_TYPES)}")
+    text = "" if err.text is None else f'<text xmlns="{NS_STANZAS}">{text_escape(err.text)}</text>'
+    return (
+        f'<{err.kind} from="{attr_escape(err.sender)}" to="{attr_escape(err.recipient)}"'
+        f'{_attr("id", err.id)} type="error"><error type="{err.type}">'
+        f'<{err.condition} xmlns="{NS_STANZAS}"/>{text}</error></{err.kind}>'
+    )
+
+
+def format_iq(type_: str, sender: str, recipient: str, id_: str, payload: str = "") -> str:
+    """An ``<iq>`` of type get, set or result around an already formatted payload."""
+    return (
+        f'<iq type="{type_}" from="{attr_escape(sender)}" to="{attr_escape(recipient)}"'
+        f' id="{attr_escape(id_)}">{payload}</iq>'
+    )
+
+
+# --- XHTML-IM ------------------------------------------------------------------------------------
+
+
+def clean_xhtml(html: str) -> str | None:
+    """Re-serialise XHTML-IM inner XML from the core, or None if it is not well-formed.
+
+    Re-serialising (not just checking) matters: comments, processing instructions and entity
+    references parse fine but are forbidden in XMPP (RFC 6120 11.1) and would close the stream.
+    """
+    wrapped = f'<body xmlns="{NS_XHTML}">{xml_safe_text(html)}</body>'.encode()
+    try:
+        body = parse_xml(wrapped, XHTML_LIMITS)
+    except PeerError:
+        return None
+    return xhtml_inner(body)
+
+
+def xhtml_inner(body: ET.Element) -> str | None:
+    """The inner XML of an XHTML ``<body>``, without recursion; None when too deep or large.
+
+    Elements outside the XHTML namespace are dropped with their content (XEP-0071 allows only
+    XHTML there); their tails are kept, as is all text.
+    """
+    out: list[str] = [text_escape(body.text)] if body.text else []
+    # (tag name, remaining children, tail to write after the close tag)
+    stack: list[tuple[str, Iterator[ET.Element], str | None]] = [("", iter(body), None)]
+    count = 0
+    while stack:
+        name, children, tail = stack[-1]
+        child = next(children, None)
+        if child is None:
+            stack.pop()
+            if stack:
+                out.append(f"</{name}>")
+                if tail:
+                    out.append(text_escape(tail))
+            continue
+        count += 1
+        if count > XHTML_LIMITS.max_elements or len(stack) > XHTML_LIMITS.max_depth:
+            return None
+        tag = child.tag
+        if isinstance(tag, str) and tag.startswith(_XHTML_PREFIX):
+            local = tag[len(_XHTML_PREFIX) :]
+            attrs = "".join(
+                f' {k}="{attr_escape(v)}"' for k, v in child.attrib.items() if "}" not in k
+            )
+            out.append(f"<{local}{attrs}>")
+            if child.text:
+                out.append(text_escape(child.text))
+            stack.append((local, iter(child), child.tail))
+        elif child.tail:
+            out.append(text_escape(child.tail))
+    return "".join(out)
+
+
+# --- inbound -------------------------------------------------------------------------------------
+
+
+def _local_tags(local: str) -> frozenset[str]:
+    return frozenset({f"{{{NS_COMPONENT}}}{local}", f"{{{NS_CLIENT}}}{local}"})
+
+
+#: Child tag -> what it is, for one dict lookup per child on the hot path.
+_MESSAGE_CHILDREN: dict[str, str] = {
+    **dict.fromkeys(_local_tags("body"), "body"),
+    **dict.fromkeys(_local_tags("thread"), "thread"),
+    **dict.fromkeys(_local_tags("subject"), "subject"),
+    **dict.fromkeys(_local_tags("error"), "error"),
+    f"{{{NS_XHTML_IM}}}html": "html",
+    f"{{{NS_RECEIPTS}}}request": "request",
+    f"{{{NS_RECEIPTS}}}received": "received",
+    f"{{{NS_DELAY}}}delay": "delay",
+    **{f"{{{NS_CHATSTATES}}}{s}": "state" for s in CHAT_STATES},
+}
+_PRESENCE_CHILDREN: dict[str, str] = {
+    **dict.fromkeys(_local_tags("show"), "show"),
+    **dict.fromkeys(_local_tags("status"), "status"),
+    **dict.fromkeys(_local_tags("priority"), "priority"),
+    **dict.fromkeys(_local_tags("error"), "error"),
+    f"{{{NS_MUC}}}x": "muc",
+    f"{{{NS_MUC_USER}}}x": "muc_user",
+}
+_XHTML_BODY = f"{{{NS_XHTML}}}body"
+_STANZA_PREFIX = "{" + NS_STANZAS + "}"
+
+
+def parse_error(xml: ET.Element, kind: str, sender: str, recipient: str) -> StanzaError:
+    """The StanzaError of an inbound ``type="error"`` stanza (RFC 6120 8.3.2)."""
+    condition, etype, text = "undefined-condition", "cancel", None
+    for child in xml:
+        if child.tag in _MESSAGE_CHILDREN and _MESSAGE_CHILDREN[child.tag] == "error":
+            etype = child.get("type", "cancel")
+            for item in child:
+                tag = item.tag
+                if isinstance(tag, str) and tag.startswith(_STANZA_PREFIX):
+                    local = tag[len(_STANZA_PREFIX) :]
+                    if local == "text":
+                        text = item.text
+                    elif local in CONDITIONS:
+                        condition = local
+            break
+    if etype not in ERROR_TYPES:
+        etype = "cancel"
+    return StanzaError(sender, recipient, xml.get("id"), condition, etype, text, kind)
+
+
+def parse_message(xml: ET.Element, sender: str, recipient: str) -> ChatMessage:
+    """The ChatMessage of an inbound non-error ``<message>``; Rejected if the body is too long."""
+    body = thread = subject = html = state = receipt_for = stamp = delay_from = None
+    request = False
+    kinds = _MESSAGE_CHILDREN
+    for child in xml:
+        kind = kinds.get(child.tag)
+        if kind is None:
+            continue
+        if kind == "body":
+            if body is None:
+                body = child.text or ""
+        elif kind == "thread":
+            thread = child.text
+        elif kind == "subject":
+            subject = child.text or ""
+        elif kind == "state":
+            state = child.tag.rpartition("}")[2]
+        elif kind == "request":
+            request = True
+        elif kind == "received":
+            receipt_for = child.get("id")
+        elif kind == "delay":
+            stamp, delay_from = child.get("stamp"), child.get("from")
+        elif kind == "html":
+            for part in child:
+                if part.tag == _XHTML_BODY:
+                    html = xhtml_inner(part)
+                    break
+    if body is not None and len(body) > MAX_BODY:
+        raise Rejected("not-acceptable", "modify", f"message body over {MAX_BODY} characters")
+    mtype = xml.get("type", "normal")
+    if mtype not in MESSAGE_TYPES:
+        mtype = "normal"  # RFC 6121 5.2.2: an unknown type is treated as normal
+    return ChatMessage(
+        sender=sender,
+        recipient=recipient,
+        body=body,
+        id=xml.get("id"),
+        type=mtype,
+        thread=thread,
+        subject=subject,
+        html=html,
+        chat_state=state,
+        receipt_request=request,
+        receipt_for=receipt_for,
+        delay_stamp=stamp,
+        delay_from=delay_from,
+    )
+
+
+def _priority(text: str | None) -> int:
+    try:
+        value = int((text or "0").strip())
+    except ValueError:
+        return 0
+    return max(-128, min(127, value))  # RFC 6121 4.7.2.3
+
+
+def parse_presence(xml: ET.Element, sender: str, recipient: str) -> Presence:
+    """The Presence of an inbound non-error ``<presence>``; Rejected for an unknown type."""
+    ptype = xml.get("type")
+    if ptype is not None and ptype not in PRESENCE_TYPES:
+        raise Rejected("bad-request", "modify", f"unknown presence type {ptype[:40]!r}")
+    show = status = password = nick = None
+    priority = 0
+    muc = False
+    history: int | None = None
+    codes: list[int] = []
+    kinds = _PRESENCE_CHILDREN
+    for child in xml:
+        kind = kinds.get(child.tag)
+        if kind is None:
+            continue
+        if kind == "show":
+            show = child.text if child.text in SHOWS else None
+        elif kind == "status":
+            if status is None:
+                status = child.text or ""
+        elif kind == "priority":
+            priority = _priority(child.text)
+        elif kind == "muc":
+            muc = True
+            for item in child:
+                local = item.tag.rpartition("}")[2] if isinstance(item.tag, str) else ""
+                if local == "history":
+                    raw = item.get("maxstanzas")
+                    history = int(raw) if raw is not None and raw.isdigit() else history
+                elif local == "password":
+                    password = item.text or ""
+        elif kind == "muc_user":
+            for item in child:
+                local = item.tag.rpartition("}")[2] if isinstance(item.tag, str) else ""
+                code = item.get("code", "")
+                if local == "status" and code.isdigit() and len(code) == 3:
+                    codes.append(int(code))
+                elif local == "item" and nick is None:
+                    nick = item.get("nick")
+    return Presence(
+        sender=sender,
+        recipient=recipient,
+        type=ptype,
+        show=show,
+        status=status,
+        priority=priority,
+        id=xml.get("id"),
+        muc=muc,
+        muc_history=history,
+        muc_password=password,
+        muc_status_codes=tuple(codes),
+        muc_nick=nick,
+    )
+
+
+# --- iq: service discovery, ping, version, XEP-0100 ----------------------------------------------
+
+NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
+NS_DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
+NS_PING = "urn:xmpp:ping"
+NS_VERSION = "jabber:iq:version"
+NS_GATEWAY = "jabber:iq:gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoIdentity:
+    """One ``<identity>`` of a disco#info answer (XEP-0030 3.1)."""
+
+    category: str
+    type: str
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoInfo:
+    """What an entity says it is and does (XEP-0030 disco#info)."""
+
+    jid: str
+    identities: tuple[DiscoIdentity, ...]
+    features: frozenset[str]
+
+    def has_identity(self, category: str, type_: str | None = None) -> bool:
+        """Whether one identity has this category (and type, if given)."""
+        return any(
+            i.category == category and (type_ is None or i.type == type_) for i in self.identities
+        )
+
+
+class QueryFailed(Exception):
+    """An iq we sent got an error, no answer in time, or could not be sent (link down)."""
+
+    def __init__(self, condition: str, text: str | None = None) -> None:
+        super().__init__(condition + (f": {text}" if text else ""))
+        self.condition = condition
+        self.text = text
+
+
+def parse_disco_info(jid: str, iq: ET.Element) -> DiscoInfo:
+    """The DiscoInfo in a disco#info result iq (unknown children are ignored)."""
+    identities: list[DiscoIdentity] = []
+    features: set[str] = set()
+    query = iq.find(f"{{{NS_DISCO_INFO}}}query")
+    if query is not None:
+        for item in query:
+            if item.tag == f"{{{NS_DISCO_INFO}}}identity":
+                category, type_ = item.get("category"), item.get("type")
+                if category and type_:
+                    identities.append(DiscoIdentity(category, type_, item.get("name")))
+            elif item.tag == f"{{{NS_DISCO_INFO}}}feature" and item.get("var"):
+                features.add(item.get("var", ""))
+    return DiscoInfo(jid, tuple(identities), frozenset(features))
+
+
+def _query_text(ns: str, inner: str = "", node: str | None = None) -> str:
+    return f'<query xmlns="{ns}"{_attr("node", node)}>{inner}</query>'
+
+
+# The component domain is the gateway itself: XEP-0100 wants category gateway, and the SIP type
+# is in the XEP-0030 registry. A user JID under it stands for a SIP user: its bare JID is an
+# account (account/registered, as a server answers for its own users' bare JIDs), its full JID a
+# SIP user agent, and SIP user agents are phones or softphones (client/phone).
+_DOMAIN_IDENTITY = DiscoIdentity("gateway", "sip", "SIP gateway")
+_ACCOUNT_IDENTITY = DiscoIdentity("account", "registered")
+_UA_IDENTITY = DiscoIdentity("client", "phone")
+_COMMON_FEATURES = (
+    NS_DISCO_INFO,
+    NS_PING,
+    NS_VERSION,
+    NS_CHATSTATES,
+    NS_RECEIPTS,
+    NS_XHTML_IM,
+)
+
+
+def _disco_text(identity: DiscoIdentity, features: Iterable[str]) -> str:
+    ident = (
+        f'<identity category="{attr_escape(identity.category)}"'
+        f' type="{attr_escape(identity.type)}"{_attr("name", identity.name)}/>'
+    )
+    feats = "".join(f'<feature var="{attr_escape(f)}"/>' for f in sorted(set(features)))
+    return ident + feats
+
+
+@dataclass(slots=True)
+class IqResponder:
+    """Answers the iq requests the adapter handles itself; the core never sees them."""
+
+    component: str
+    version: str
+    extra_features: tuple[str, ...] = ()
+    gateway_jid_for: Callable[[str], str] | None = None
+    gateway_desc: str = "Enter the SIP address of the person you want to contact."
+    gateway_prompt: str = "SIP address"
+    _domain_disco: str = field(init=False, default="")
+    _user_disco: str = field(init=False, default="")
+    _ua_disco: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        domain = [*_COMMON_FEATURES, NS_DISCO_ITEMS, *self.extra_features]
+        if self.gateway_jid_for is not None:
+            domain.append(NS_GATEWAY)
+        self._domain_disco = _disco_text(_DOMAIN_IDENTITY, domain)
+        self._user_disco = _disco_text(_ACCOUNT_IDENTITY, _COMMON_FEATURES)
+        self._ua_disco = _disco_text(_UA_IDENTITY, _COMMON_FEATURES)
+
+    def answer(self, iq: ET.Element, type_: str, to: Jid) -> str:
+        """The payload of the result for a get/set ``iq`` addressed to ``to``; Rejected if none.
+
+        RFC 6120 8.2.3: every get or set gets a result or an error, never silence.
+        """
+        payload = next(iter(iq), None)
+        tag = payload.tag if payload is not None else ""
+        at_domain = not to.local and not to.resource
+        if type_ == "get" and tag == f"{{{NS_PING}}}ping":
+            return ""  # XEP-0199 4.2: an empty result
+        if type_ == "get" and tag == f"{{{NS_DISCO_INFO}}}query":
+            assert payload is not None
+            node = payload.get("node")
+            if node:  # XEP-0030 3.2: we publish no nodes
+                raise Rejected("item-not-found", "cancel", "no such node")
+            disco = (
+                self._domain_disco
+                if at_domain
+                else self._ua_disco
+                if to.resource
+                else self._user_disco
+            )
+            return _query_text(NS_DISCO_INFO, disco)
+        if type_ == "get" and tag == f"{{{NS_DISCO_ITEMS}}}query":
+            assert payload is not None
+            if payload.get("node"):
+                raise Rejected("item-not-found", "cancel", "no such node")
+            return _query_text(NS_DISCO_ITEMS)  # XEP-0030 4: no items to list
+        if type_ == "get" and tag == f"{{{NS_VERSION}}}query":
+            inner = f"<name>sipxmpp</name><version>{text_escape(self.version)}</version>"
+            return _query_text(NS_VERSION, inner)
+        if tag == f"{{{NS_GATEWAY}}}query" and at_domain and self.gateway_jid_for is not None:
+            assert payload is not None
+            return self._gateway(type_, payload)
+        # RFC 6120 8.4: a namespace we do not serve.
+        raise Rejected("service-unavailable", "cancel", "not served here")
+
+    def _gateway(self, type_: str, query: ET.Element) -> str:
+        """XEP-0100 6.3: get -> desc and prompt; set with a prompt -> the JID it maps to."""
+        if type_ == "get":
+            inner = _elem("desc", self.gateway_desc) + _elem("prompt", self.gateway_prompt)
+            return _query_text(NS_GATEWAY, inner)
+        prompt = query.find(f"{{{NS_GATEWAY}}}prompt")
+        if prompt is None:
+            prompt = query.find(f"{{{NS_COMPONENT}}}prompt")
+        text = (prompt.text or "").strip() if prompt is not None else ""
+        if not text or len(text) > 3 * _MAX_JID_PART:
+            raise Rejected("not-acceptable", "modify", "a SIP address is required")
+        assert self.gateway_jid_for is not None
+        try:
+            jid = self.gateway_jid_for(text)
+        except PeerError as exc:
+            # The address book's errors (AddressError) carry the XMPP condition to answer with.
+            condition = getattr(exc, "xmpp_condition", "not-acceptable")
+            raise Rejected(condition, "modify", exc.warning or exc.reason) from None
+        except ValueError as exc:
+            raise Rejected("jid-malformed", "modify", str(exc)[:200]) from None
+        if parse_jid(jid) is None:
+            raise Rejected("jid-malformed", "modify", "no JID for this address")
+        return _query_text(NS_GATEWAY, _elem("jid", jid))

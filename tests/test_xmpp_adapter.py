@@ -1,0 +1,920 @@
+"""The XMPP adapter (component/xmpp.py, component/xmpp_stanzas.py).
+
+Three layers: the pure stanza functions (formatting, escaping, parsing, iq answers, backoff);
+the link against a scripted XEP-0114 server on loopback (handshake, refusals, hostile stanzas,
+reconnects, in milliseconds); and the link against real Prosody and ejabberd with slixmpp users.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from slixmpp import JID
+from slixmpp.exceptions import IqError
+
+from component.events import ChatMessage, Presence, StanzaError
+from component.xmpp import Backoff, DiscoInfo, LinkState, QueryFailed, XmppLink
+from component.xmpp_stanzas import (
+    MAX_BODY,
+    NS_GATEWAY,
+    IqResponder,
+    Rejected,
+    clean_xhtml,
+    format_error,
+    format_message,
+    format_presence,
+    outbound_jids,
+    parse_error,
+    parse_jid,
+    parse_message,
+    parse_presence,
+    xhtml_inner,
+)
+from sipside.errors import LocalError
+
+DOMAIN = "sip.xmpp.test"
+SECRET = "secret"
+NS = "jabber:component:accept"
+
+
+def _element(text: str) -> ET.Element:
+    """Parse one stanza as it would arrive: in the component namespace."""
+    tag_end = text.index(" ") if " " in text.split(">", 1)[0] else text.index(">")
+    return ET.fromstring(text[:tag_end] + f' xmlns="{NS}"' + text[tag_end:])
+
+
+# --- JIDs ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical"),
+    [
+        ("alice@sip.xmpp.test", "alice@sip.xmpp.test"),
+        ("Alice@SIP.xmpp.test/sip", "alice@sip.xmpp.test/sip"),
+        ("sip.xmpp.test", "sip.xmpp.test"),
+        ("alice%other.org@sip.xmpp.test", "alice%other.org@sip.xmpp.test"),
+        ("bob@xmpp.test/Res With Space", "bob@xmpp.test/Res With Space"),
+        ("", None),
+        ("a@b@c", None),
+        ("user@", None),
+        ("@xmpp.test", None),
+        ("a<b@xmpp.test", None),
+        ("bob@xmpp.test/\x01", None),
+        ("x" * 1024 + "@xmpp.test", None),
+        ("bob@-bad-.test", None),
+    ],
+)
+def test_parse_jid(text: str, canonical: str | None) -> None:
+    jid = parse_jid(text)
+    assert (jid.full if jid else None) == canonical
+
+
+@pytest.mark.parametrize(
+    ("sender", "recipient", "refused"),
+    [
+        ("alice@sip.xmpp.test/sip", "bob@xmpp.test", False),
+        ("sip.xmpp.test", "bob@xmpp.test/r", False),
+        ("alice@xmpp.test", "bob@xmpp.test", True),  # foreign from: the server would close us
+        ("alice@sub.sip.xmpp.test", "bob@xmpp.test", True),
+        ("alice@sip.xmpp.test", "not a jid@", True),
+        ("bad@jid@sip.xmpp.test", "bob@xmpp.test", True),
+        ("alice@sip.xmpp.test", "", True),
+    ],
+)
+def test_outbound_jids(sender: str, recipient: str, refused: bool) -> None:
+    if refused:
+        with pytest.raises(LocalError):
+            outbound_jids(sender, recipient, DOMAIN)
+    else:
+        outbound_jids(sender, recipient, DOMAIN)
+
+
+# --- formatting and parsing ----------------------------------------------------------------------
+
+MESSAGES = [
+    ChatMessage("alice@sip.xmpp.test/sip", "bob@xmpp.test", "hello"),
+    ChatMessage("alice@sip.xmpp.test/sip", "bob@xmpp.test", "<&>'\" ünïcødé 💬", id='a"b<c>'),
+    ChatMessage(
+        "alice@sip.xmpp.test/sip",
+        "bob@xmpp.test/phone",
+        "all fields",
+        id="m1",
+        type="normal",
+        thread="t-1",
+        subject="subj & more",
+        html="<p>hi <b>there</b> &amp; you</p>",
+        chat_state="active",
+        receipt_request=True,
+        receipt_for="r-9",
+        delay_stamp="2026-01-02T03:04:05Z",
+        delay_from="sip.xmpp.test",
+    ),
+    ChatMessage("alice@sip.xmpp.test/sip", "room@conference.xmpp.test", None, chat_state="paused"),
+    ChatMessage("alice@sip.xmpp.test", "room@conference.xmpp.test", "line1\nline2\r\n\tx"),
+    ChatMessage("alice@sip.xmpp.test", "room@conference.xmpp.test", "", type="groupchat"),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES)
+def test_message_round_trip(msg: ChatMessage) -> None:
+    text = format_message(msg)
+    assert parse_message(_element(text), msg.sender, msg.recipient) == msg
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("a\x00b\x01c\x1fd", "abcd"),  # XML 1.0 forbids C0 controls except tab, LF, CR
+        ("\ufffe\uffffok", "ok"),
+        ("tab\tok", "tab\tok"),
+        ("]]>", "]]>"),
+    ],
+)
+def test_forbidden_characters_are_stripped(body: str, expected: str) -> None:
+    msg = ChatMessage("alice@sip.xmpp.test", "bob@xmpp.test", body, id="x\x02y")
+    parsed = parse_message(_element(format_message(msg)), msg.sender, msg.recipient)
+    assert parsed.body == expected
+    assert parsed.id == "xy"
+
+
+@pytest.mark.parametrize(
+    ("html", "expected"),
+    [
+        ("<p>x</p>", "<p>x</p>"),
+        ("<p>a<!-- comment --><?pi x?>b</p>", "<p>ab</p>"),  # forbidden in XMPP: re-serialised
+        ('<span style="color:red">r</span> tail', '<span style="color:red">r</span> tail'),
+        ("<p>unclosed", None),
+        ("&nbsp;", None),  # undefined entity: would be not-well-formed on the stream
+        ("<b>" * 40 + "deep" + "</b>" * 40, None),
+    ],
+)
+def test_clean_xhtml(html: str, expected: str | None) -> None:
+    assert clean_xhtml(html) == expected
+
+
+def test_bad_html_is_dropped_but_the_body_goes() -> None:
+    msg = ChatMessage("alice@sip.xmpp.test", "bob@xmpp.test", "plain", html="<p>broken")
+    parsed = parse_message(_element(format_message(msg)), msg.sender, msg.recipient)
+    assert (parsed.body, parsed.html) == ("plain", None)
+
+
+def test_deep_xhtml_is_not_recursed() -> None:
+    body = ET.Element("{http://www.w3.org/1999/xhtml}body")
+    node = body
+    for _ in range(5000):
+        node = ET.SubElement(node, "{http://www.w3.org/1999/xhtml}span")
+    assert xhtml_inner(body) is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"type": "bogus"},
+        {"chat_state": "typing"},
+        {"body": "x" * (MAX_BODY + 1)},
+    ],
+)
+def test_bad_outbound_message_is_our_bug(fields: dict[str, Any]) -> None:
+    msg = ChatMessage("alice@sip.xmpp.test", "bob@xmpp.test", fields.pop("body", "b"), **fields)
+    with pytest.raises(LocalError):
+        format_message(msg)
+
+
+def test_long_inbound_body_is_not_acceptable() -> None:
+    stanza = _element(f"<message type='chat'><body>{'x' * (MAX_BODY + 1)}</body></message>")
+    with pytest.raises(Rejected) as info:
+        parse_message(stanza, "bob@xmpp.test", "alice@sip.xmpp.test")
+    assert info.value.condition == "not-acceptable"
+
+
+PRESENCES = [
+    Presence("alice@sip.xmpp.test/sip", "bob@xmpp.test"),
+    Presence("alice@sip.xmpp.test/sip", "bob@xmpp.test", show="dnd", status="<busy & 'away'>"),
+    Presence("alice@sip.xmpp.test/sip", "bob@xmpp.test", priority=9, id="p1"),
+    Presence("alice@sip.xmpp.test/sip", "bob@xmpp.test", priority=-5),
+    Presence("alice@sip.xmpp.test", "bob@xmpp.test", type="subscribe"),
+    Presence("alice@sip.xmpp.test/sip", "bob@xmpp.test", type="unavailable", status="gone"),
+    Presence(
+        "alice@sip.xmpp.test/sip",
+        "room@conference.xmpp.test/alice",
+        muc=True,
+        muc_history=0,
+        muc_password="p&ss",
+    ),
+    Presence("alice@sip.xmpp.test/sip", "room@conference.xmpp.test/alice", muc=True),
+]
+
+
+@pytest.mark.parametrize("pres", PRESENCES)
+def test_presence_round_trip(pres: Presence) -> None:
+    text = format_presence(pres)
+    assert parse_presence(_element(text), pres.sender, pres.recipient) == pres
+
+
+@pytest.mark.parametrize(
+    "pres",
+    [
+        Presence("a@sip.xmpp.test", "b@xmpp.test", type="error"),
+        Presence("a@sip.xmpp.test", "b@xmpp.test", show="busy"),
+        Presence("a@sip.xmpp.test", "b@xmpp.test", priority=200),
+    ],
+)
+def test_bad_outbound_presence_is_our_bug(pres: Presence) -> None:
+    with pytest.raises(LocalError):
+        format_presence(pres)
+
+
+def test_muc_user_presence() -> None:
+    stanza = _element(
+        "<presence from='room@conference.xmpp.test/al'><priority>junk</priority>"
+        "<x xmlns='http://jabber.org/protocol/muc#user'>"
+        "<item affiliation='owner' role='moderator' nick='al'/>"
+        "<status code='110'/><status code='201'/><status code='9999'/></x></presence>"
+    )
+    pres = parse_presence(stanza, "room@conference.xmpp.test/al", "alice@sip.xmpp.test/sip")
+    assert (pres.muc_status_codes, pres.muc_nick, pres.priority) == ((110, 201), "al", 0)
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        StanzaError("alice@sip.xmpp.test", "bob@xmpp.test", "m1", "item-not-found"),
+        StanzaError(
+            "a@sip.xmpp.test", "b@xmpp.test", None, "not-acceptable", "modify", "too <big>"
+        ),
+        StanzaError("a@sip.xmpp.test", "b@xmpp.test", "p", "forbidden", "auth", kind="presence"),
+        StanzaError("sip.xmpp.test", "b@xmpp.test/r", "i", "service-unavailable", kind="iq"),
+    ],
+)
+def test_error_round_trip(err: StanzaError) -> None:
+    parsed = parse_error(_element(format_error(err)), err.kind, err.sender, err.recipient)
+    assert parsed == err
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        StanzaError("a@sip.xmpp.test", "b@xmpp.test", "1", "no-such-condition"),
+        StanzaError("a@sip.xmpp.test", "b@xmpp.test", "1", "forbidden", type="fatal"),
+        StanzaError("a@sip.xmpp.test", "b@xmpp.test", "1", "forbidden", kind="handshake"),
+    ],
+)
+def test_bad_error_is_our_bug(err: StanzaError) -> None:
+    with pytest.raises(LocalError):
+        format_error(err)
+
+
+# --- backoff -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rng", "expected"),
+    [
+        (0.0, [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]),
+        (1.0, [1.25, 2.5, 5.0, 10.0, 10.0, 10.0]),
+    ],
+)
+def test_backoff_is_capped_exponential_with_upward_jitter(
+    rng: float, expected: list[float]
+) -> None:
+    backoff = Backoff(1.0, 10.0, rng=lambda: rng)
+    assert [backoff.next_delay() for _ in expected] == expected
+    backoff.reset()
+    assert backoff.next_delay() == expected[0]
+
+
+# --- iq answers ----------------------------------------------------------------------------------
+
+
+def _gateway_jid_for(prompt: str) -> str:
+    if not prompt.startswith("sip:") or "@" not in prompt:
+        raise ValueError(f"not a SIP address: {prompt!r}")
+    user, host = prompt[4:].split("@", 1)
+    return f"{user}@{DOMAIN}" if host == "sip.test" else f"{user}%{host}@{DOMAIN}"
+
+
+RESPONDER = IqResponder(DOMAIN, "9.9", ("urn:example:extra",), _gateway_jid_for)
+
+
+def _answer(to: str, iq_type: str, payload: str) -> ET.Element:
+    jid = parse_jid(to)
+    assert jid is not None
+    text = RESPONDER.answer(_element(f"<iq type='{iq_type}' id='1'>{payload}</iq>"), iq_type, jid)
+    return _element(f"<iq type='result'>{text}</iq>")
+
+
+def _disco(to: str) -> tuple[list[tuple[str, str]], set[str]]:
+    result = _answer(to, "get", "<query xmlns='http://jabber.org/protocol/disco#info'/>")
+    query = result[0]
+    identities = [(i.get("category", ""), i.get("type", "")) for i in query if "identity" in i.tag]
+    features = {f.get("var", "") for f in query if "feature" in f.tag}
+    return identities, features
+
+
+@pytest.mark.parametrize(
+    ("to", "identity", "has_gateway"),
+    [
+        (DOMAIN, ("gateway", "sip"), True),
+        (f"alice@{DOMAIN}", ("account", "registered"), False),
+        (f"alice@{DOMAIN}/sip", ("client", "phone"), False),
+    ],
+)
+def test_disco_info(to: str, identity: tuple[str, str], has_gateway: bool) -> None:
+    identities, features = _disco(to)
+    assert identities == [identity]
+    for ns in ("http://jabber.org/protocol/disco#info", "urn:xmpp:ping", "jabber:iq:version"):
+        assert ns in features
+    assert "urn:xmpp:receipts" in features
+    assert "http://jabber.org/protocol/chatstates" in features
+    assert "http://jabber.org/protocol/muc" not in features
+    assert (NS_GATEWAY in features) == has_gateway
+    assert ("urn:example:extra" in features) == has_gateway
+
+
+def test_version_and_ping() -> None:
+    version = _answer(f"bob@{DOMAIN}", "get", "<query xmlns='jabber:iq:version'/>")[0]
+    assert [(c.tag.split("}")[1], c.text) for c in version] == [
+        ("name", "sipxmpp"),
+        ("version", "9.9"),
+    ]
+    assert len(_answer(DOMAIN, "get", "<ping xmlns='urn:xmpp:ping'/>")) == 0
+
+
+@pytest.mark.parametrize(
+    ("prompt", "jid", "condition"),
+    [
+        ("sip:alice@sip.test", f"alice@{DOMAIN}", None),
+        (" sip:bob@other.org ", f"bob%other.org@{DOMAIN}", None),
+        ("", None, "not-acceptable"),
+        ("alice", None, "jid-malformed"),
+    ],
+)
+def test_gateway_prompt(prompt: str, jid: str | None, condition: str | None) -> None:
+    payload = f"<query xmlns='{NS_GATEWAY}'><prompt>{prompt}</prompt></query>"
+    if condition is None:
+        result = _answer(DOMAIN, "set", payload)
+        assert result[0][0].text == jid
+    else:
+        with pytest.raises(Rejected) as info:
+            _answer(DOMAIN, "set", payload)
+        assert info.value.condition == condition
+
+
+def test_gateway_get_gives_desc_and_prompt() -> None:
+    query = _answer(DOMAIN, "get", f"<query xmlns='{NS_GATEWAY}'/>")[0]
+    assert [c.tag.split("}")[1] for c in query] == ["desc", "prompt"]
+    assert query[1].text == "SIP address"
+
+
+@pytest.mark.parametrize(
+    ("to", "iq_type", "payload", "condition"),
+    [
+        (DOMAIN, "get", "<query xmlns='jabber:iq:roster'/>", "service-unavailable"),
+        (DOMAIN, "set", "<ping xmlns='urn:xmpp:ping'/>", "service-unavailable"),
+        (f"alice@{DOMAIN}", "get", f"<query xmlns='{NS_GATEWAY}'/>", "service-unavailable"),
+        (DOMAIN, "get", "", "service-unavailable"),
+        (
+            DOMAIN,
+            "get",
+            "<query xmlns='http://jabber.org/protocol/disco#info' node='x'/>",
+            "item-not-found",
+        ),
+    ],
+)
+def test_unknown_iq_is_refused(to: str, iq_type: str, payload: str, condition: str) -> None:
+    with pytest.raises(Rejected) as info:
+        _answer(to, iq_type, payload)
+    assert info.value.condition == condition
+
+
+# --- the link against a scripted XEP-0114 server on loopback -------------------------------------
+
+_STREAM_HEADER = (
+    "<?xml version='1.0'?><stream:stream xmlns='jabber:component:accept'"
+    " xmlns:stream='http://etherx.jabber.org/streams' id='{sid}' from='" + DOMAIN + "'>"
+)
+
+
+class ScriptedServer:
+    """The server side of XEP-0114 on loopback: checks the handshake, records what arrives."""
+
+    def __init__(self, secret: str = SECRET) -> None:
+        self.secret = secret
+        self.attempts: list[float] = []  # monotonic time of each handshake attempt
+        self.stanzas: asyncio.Queue[ET.Element] = asyncio.Queue()
+        self.closed_cleanly = asyncio.Event()
+        self.writer: asyncio.StreamWriter | None = None
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self, port: int = 0) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    def push(self, text: str) -> None:
+        """Send raw XML to the component."""
+        assert self.writer is not None
+        self.writer.write(text.encode())
+
+    async def next_stanza(self, timeout: float = 5.0) -> ET.Element:
+        return await asyncio.wait_for(self.stanzas.get(), timeout)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sid = f"s{len(self.attempts)}"
+        await reader.readuntil(b">")
+        self.attempts.append(time.monotonic())
+        writer.write(_STREAM_HEADER.format(sid=sid).encode())
+        raw = await reader.readuntil(b"</handshake>")
+        digest = raw.decode().split(">", 1)[1].split("<", 1)[0]
+        if digest != hashlib.sha1((sid + self.secret).encode()).hexdigest():
+            writer.write(
+                b"<stream:error><not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+                b"</stream:error></stream:stream>"
+            )
+            writer.close()
+            return
+        writer.write(b"<handshake/>")
+        self.writer = writer
+        parser: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(["start", "end"])
+        parser.feed(f"<root xmlns='{NS}'>")
+        depth = 0
+        while data := await reader.read(65536):
+            if b"</stream:stream>" in data:
+                data = data.split(b"</stream:stream>")[0]
+                self.closed_cleanly.set()
+            parser.feed(data)
+            for event, elem in parser.read_events():  # type: ignore[misc]
+                depth += 1 if event == "start" else -1
+                if event == "end" and depth == 1 and isinstance(elem, ET.Element):
+                    self.stanzas.put_nowait(elem)
+            if self.closed_cleanly.is_set():
+                writer.write(b"</stream:stream>")
+                break
+        writer.close()
+
+
+class Recorder:
+    """Collects what the link hands to the core."""
+
+    def __init__(self) -> None:
+        self.messages: asyncio.Queue[ChatMessage] = asyncio.Queue()
+        self.errors: asyncio.Queue[StanzaError] = asyncio.Queue()
+        self.presences: asyncio.Queue[Presence] = asyncio.Queue()
+        self.link_events: list[bool] = []
+        self.link_changed = asyncio.Event()
+
+    def on_link(self, up: bool) -> None:
+        self.link_events.append(up)
+        self.link_changed.set()
+
+    async def wait_link(self, events: list[bool], timeout: float = 10.0) -> None:
+        async def until() -> None:
+            while self.link_events[: len(events)] != events:
+                self.link_changed.clear()
+                await self.link_changed.wait()
+
+        await asyncio.wait_for(until(), timeout)
+
+
+def _link(port: int, rec: Recorder, secret: str = SECRET, **kw: Any) -> XmppLink:
+    return XmppLink(
+        component=DOMAIN,
+        host="127.0.0.1",
+        port=port,
+        secret=secret,
+        on_message=rec.messages.put_nowait,
+        on_error=rec.errors.put_nowait,
+        on_presence=rec.presences.put_nowait,
+        on_link=rec.on_link,
+        gateway_jid_for=_gateway_jid_for,
+        **kw,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(link: XmppLink) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(link.run())
+    try:
+        yield task
+    finally:
+        await link.stop()
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[ScriptedServer]:
+    server = ScriptedServer()
+    await server.start()
+    yield server
+    await server.close()
+
+
+async def test_scripted_link_up_send_and_clean_stop(scripted: ScriptedServer) -> None:
+    rec = Recorder()
+    link = _link(scripted.port, rec)
+    assert not link.send_message(ChatMessage(f"a@{DOMAIN}", "b@xmpp.test", "early"))
+    async with running(link):
+        await rec.wait_link([True])
+        assert link.connected
+        assert link.send_message(ChatMessage(f"a@{DOMAIN}/sip", "b@xmpp.test", "hi", id="1"))
+        got = await scripted.next_stanza()
+        assert (got.get("from"), got.get("to"), got.findtext(f"{{{NS}}}body")) == (
+            f"a@{DOMAIN}/sip",
+            "b@xmpp.test",
+            "hi",
+        )
+    await asyncio.wait_for(scripted.closed_cleanly.wait(), 5)
+    assert link.state is LinkState.STOPPED and not link.connected
+    assert rec.link_events == [True, False]
+
+
+async def test_scripted_inbound_dispatch_and_refusals(
+    scripted: ScriptedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # At DEBUG, slixmpp's own receive path would str() the deep stanza and die of RecursionError.
+    caplog.set_level(logging.DEBUG, logger="slixmpp")
+    rec = Recorder()
+    link = _link(scripted.port, rec)
+    async with running(link):
+        await rec.wait_link([True])
+        deep = "<a>" * 5000 + "</a>" * 5000
+        scripted.push(
+            f"<message from='bob@xmpp.test/r' to='alice@{DOMAIN}' type='chat' id='d'>"
+            f"<body>deep</body>{deep}</message>"
+            # malformed to: jid-malformed from the component domain
+            "<message from='bob@xmpp.test/r' to='a@b@c' id='m1'><body>x</body></message>"
+            # foreign to
+            "<message from='bob@xmpp.test/r' to='alice@xmpp.test' id='m2'><body>x</body></message>"
+            # malformed from: nowhere to answer, dropped
+            f"<message from='@@' to='alice@{DOMAIN}' id='m3'><body>x</body></message>"
+            f"<message from='bob@xmpp.test/r' to='alice@{DOMAIN}' id='m4'>"
+            f"<body>{'y' * (MAX_BODY + 10)}</body></message>"
+            f"<message from='bob@xmpp.test/r' to='alice@{DOMAIN}/sip' type='error' id='m5'>"
+            "<error type='cancel'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"
+            "<text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>gone</text></error></message>"
+            f"<presence from='bob@xmpp.test/r' to='alice@{DOMAIN}'><show>away</show></presence>"
+            f"<iq from='bob@xmpp.test/r' to='alice@{DOMAIN}' type='get' id='q1'>"
+            "<query xmlns='jabber:iq:roster'/></iq>"
+            f"<iq from='bob@xmpp.test/r' to='{DOMAIN}' type='get' id='q2'>"
+            "<ping xmlns='urn:xmpp:ping'/></iq>"
+        )
+        msg = await asyncio.wait_for(rec.messages.get(), 5)
+        assert (msg.sender, msg.recipient, msg.body, msg.id) == (
+            "bob@xmpp.test/r",
+            f"alice@{DOMAIN}",
+            "deep",
+            "d",
+        )
+        replies = [await scripted.next_stanza() for _ in range(5)]
+        summary = [
+            (r.tag.split("}")[1], r.get("id"), r.get("type"), r.get("from"), _condition(r))
+            for r in replies
+        ]
+        assert summary == [
+            ("message", "m1", "error", DOMAIN, "jid-malformed"),
+            ("message", "m2", "error", DOMAIN, "jid-malformed"),
+            ("message", "m4", "error", f"alice@{DOMAIN}", "not-acceptable"),
+            ("iq", "q1", "error", f"alice@{DOMAIN}", "service-unavailable"),
+            ("iq", "q2", "result", DOMAIN, None),
+        ]
+        err = await asyncio.wait_for(rec.errors.get(), 5)
+        assert (err.id, err.condition, err.text, err.kind) == (
+            "m5",
+            "item-not-found",
+            "gone",
+            "message",
+        )
+        pres = await asyncio.wait_for(rec.presences.get(), 5)
+        assert (pres.sender, pres.show) == ("bob@xmpp.test/r", "away")
+        assert rec.messages.empty() and rec.link_events == [True]
+        assert link.stats.rejected_in == 5 and link.stats.errors_in == 1
+
+
+def _condition(stanza: ET.Element) -> str | None:
+    error = stanza.find(f"{{{NS}}}error")
+    if error is None:
+        return None
+    return next(c.tag.split("}")[1] for c in error if not c.tag.endswith("}text"))
+
+
+async def test_scripted_foreign_sender_is_refused_and_link_stays(scripted: ScriptedServer) -> None:
+    rec = Recorder()
+    link = _link(scripted.port, rec)
+    async with running(link):
+        await rec.wait_link([True])
+        with pytest.raises(LocalError):
+            link.send_message(ChatMessage("alice@xmpp.test", "bob@xmpp.test", "spoof"))
+        with pytest.raises(LocalError):
+            link.send_presence(Presence(f"alice@{DOMAIN}", "bob@@xmpp.test"))
+        assert link.send_presence(Presence(f"alice@{DOMAIN}/sip", "bob@xmpp.test", show="dnd"))
+        got = await scripted.next_stanza()
+        assert got.tag == f"{{{NS}}}presence" and link.connected
+        assert link.stats.rejected_out == 2 and link.stats.stanzas_out == 1
+
+
+async def test_scripted_queries(scripted: ScriptedServer) -> None:
+    rec = Recorder()
+    link = _link(scripted.port, rec)
+    async with running(link):
+        await rec.wait_link([True])
+        disco = asyncio.create_task(link.query_disco_info("conference.xmpp.test", DOMAIN))
+        iq = await scripted.next_stanza()
+        scripted.push(
+            f"<iq from='conference.xmpp.test' to='{DOMAIN}' type='result' id='{iq.get('id')}'>"
+            "<query xmlns='http://jabber.org/protocol/disco#info'>"
+            "<identity category='conference' type='text' name='Rooms'/>"
+            "<feature var='http://jabber.org/protocol/muc'/></query></iq>"
+        )
+        info = await disco
+        assert isinstance(info, DiscoInfo) and info.has_identity("conference", "text")
+        assert "http://jabber.org/protocol/muc" in info.features
+
+        ping = asyncio.create_task(link.ping("irc.xmpp.test", DOMAIN, timeout=5))
+        iq = await scripted.next_stanza()
+        scripted.push(
+            f"<iq from='irc.xmpp.test' to='{DOMAIN}' type='error' id='{iq.get('id')}'>"
+            "<error type='wait'><remote-server-timeout "
+            "xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"
+        )
+        assert await ping is False
+        # A result from another JID than the one asked is not the answer.
+        ping = asyncio.create_task(link.ping("irc.xmpp.test", DOMAIN, timeout=0.5))
+        iq = await scripted.next_stanza()
+        scripted.push(f"<iq from='evil.test' to='{DOMAIN}' type='result' id='{iq.get('id')}'/>")
+        scripted.push(f"<iq from='irc.xmpp.test' to='{DOMAIN}' type='result' id='{iq.get('id')}'/>")
+        assert await ping is True
+        with pytest.raises(QueryFailed) as info_exc:
+            await link.query_disco_info("slow.xmpp.test", DOMAIN, timeout=0.2)
+        assert info_exc.value.condition == "remote-server-timeout"
+        assert rec.errors.empty()  # iq errors for our queries do not reach the core
+
+
+async def test_scripted_wrong_secret_backs_off(scripted: ScriptedServer) -> None:
+    rec = Recorder()
+    link = _link(scripted.port, rec, secret="wrong", min_backoff=0.2, max_backoff=0.8)
+    async with running(link):
+        await asyncio.sleep(2.0)
+    # 0.2, 0.4, 0.8, 0.8 ... (+ up to 25% jitter): attempts near t=0, .2, .6, 1.4, 2.2
+    assert 3 <= len(scripted.attempts) <= 5, scripted.attempts
+    gaps = [b - a for a, b in zip(scripted.attempts, scripted.attempts[1:], strict=False)]
+    assert all(gap >= 0.19 for gap in gaps), gaps
+    assert gaps == sorted(gaps) or max(gaps) <= 0.8 * 1.25 + 0.1
+    assert rec.link_events == [] and link.stats.connects == 0
+
+
+async def test_scripted_server_restart_reconnects(scripted: ScriptedServer) -> None:
+    rec = Recorder()
+    link = _link(scripted.port, rec, min_backoff=0.1, max_backoff=0.5)
+    async with running(link):
+        await rec.wait_link([True])
+        port = scripted.port
+        await scripted.close()
+        await rec.wait_link([True, False])
+        assert not link.send_message(ChatMessage(f"a@{DOMAIN}", "b@xmpp.test", "into the void"))
+        await asyncio.sleep(0.3)  # a few refused connects while the server is away
+        again = ScriptedServer()
+        await again.start(port)
+        try:
+            await rec.wait_link([True, False, True])
+            assert link.send_message(ChatMessage(f"a@{DOMAIN}", "b@xmpp.test", "back"))
+            got = await again.next_stanza()
+            assert got.findtext(f"{{{NS}}}body") == "back"
+        finally:
+            await link.stop()
+            await again.close()
+    assert link.stats.connects == 2 and link.stats.reconnects >= 2
+
+
+# --- the link against real Prosody and ejabberd (each test runs on both) -------------------------
+
+ClientFactory = Callable[[str], Awaitable[Any]]
+
+
+@pytest.fixture
+async def gateway(xmpp_server: Any) -> AsyncIterator[tuple[XmppLink, Recorder]]:
+    """An XmppLink connected to the test server's component port, stopped after the test."""
+    rec = Recorder()
+    link = _link(xmpp_server.component_port, rec, min_backoff=0.2, max_backoff=2.0)
+    async with running(link):
+        await rec.wait_link([True], timeout=20)
+        yield link, rec
+
+
+@pytest.mark.slow
+async def test_real_message_from_client_has_all_fields(
+    gateway: tuple[XmppLink, Recorder], xmpp_client_factory: ClientFactory
+) -> None:
+    link, rec = gateway
+    bob = await xmpp_client_factory("bob")
+    msg = bob.make_message(mto=JID(f"alice@{DOMAIN}"), mbody="<hi> & 'ünï'", mtype="chat")
+    msg["id"] = "m-1"
+    msg["thread"] = "th-1"
+    msg["subject"] = "subj"
+    for extra in (
+        "<html xmlns='http://jabber.org/protocol/xhtml-im'>"
+        "<body xmlns='http://www.w3.org/1999/xhtml'><p>hi <b>bold</b></p></body></html>",
+        "<composing xmlns='http://jabber.org/protocol/chatstates'/>",
+        "<request xmlns='urn:xmpp:receipts'/>",
+        "<delay xmlns='urn:xmpp:delay' stamp='2026-01-01T00:00:00Z' from='xmpp.test'/>",
+    ):
+        msg.append(ET.fromstring(extra))
+    msg.send()
+    got = await asyncio.wait_for(rec.messages.get(), 10)
+    assert got == ChatMessage(
+        sender=bob.boundjid.full,
+        recipient=f"alice@{DOMAIN}",
+        body="<hi> & 'ünï'",
+        id="m-1",
+        type="chat",
+        thread="th-1",
+        subject="subj",
+        html="<p>hi <b>bold</b></p>",
+        chat_state="composing",
+        receipt_request=True,
+        delay_stamp="2026-01-01T00:00:00Z",
+        delay_from="xmpp.test",
+    )
+    assert link.stats.stanzas_in >= 1
+
+
+@pytest.mark.slow
+async def test_real_send_message_reaches_client(
+    gateway: tuple[XmppLink, Recorder], xmpp_client_factory: ClientFactory
+) -> None:
+    link, _rec = gateway
+    bob = await xmpp_client_factory("bob")
+    sent = ChatMessage(
+        f"alice@{DOMAIN}/sip",
+        bob.boundjid.full,
+        "to bob <&>",
+        id="out-1",
+        thread="th-9",
+        html="<p>x</p>",
+        chat_state="active",
+        receipt_request=True,
+    )
+    assert link.send_message(sent)
+    got = await bob.next_message(with_body=True)
+    assert (got["from"].full, got["body"], got["thread"], got["id"]) == (
+        f"alice@{DOMAIN}/sip",
+        "to bob <&>",
+        "th-9",
+        "out-1",
+    )
+    assert got.xml.find("{urn:xmpp:receipts}request") is not None
+    assert got.xml.find("{http://jabber.org/protocol/chatstates}active") is not None
+
+
+@pytest.mark.slow
+async def test_real_disco_ping_version(
+    gateway: tuple[XmppLink, Recorder], xmpp_client_factory: ClientFactory
+) -> None:
+    bob = await xmpp_client_factory("bob")
+    bob.register_plugin("xep_0092")
+    disco = bob.plugin["xep_0030"]
+    info = await disco.get_info(jid=JID(DOMAIN), timeout=10)
+    assert ("gateway", "sip", None, "SIP gateway") in info["disco_info"]["identities"]
+    assert "jabber:iq:gateway" in info["disco_info"]["features"]
+    user = await disco.get_info(jid=JID(f"alice@{DOMAIN}/sip"), timeout=10)
+    assert ("client", "phone", None, None) in user["disco_info"]["identities"]
+    assert "urn:xmpp:receipts" in user["disco_info"]["features"]
+    rtt = await bob.plugin["xep_0199"].ping(JID(f"alice@{DOMAIN}"), timeout=10)
+    assert rtt >= 0
+    version = await bob.plugin["xep_0092"].get_version(JID(DOMAIN), timeout=10)
+    assert (version["software_version"]["name"], version["software_version"]["version"]) == (
+        "sipxmpp",
+        "0.1.0",
+    )
+    with pytest.raises(IqError) as info_exc:
+        await bob.plugin["xep_0030"].get_items(jid=JID(DOMAIN), node="nope", timeout=10)
+    assert info_exc.value.condition in ("item-not-found", "service-unavailable")
+
+
+@pytest.mark.slow
+async def test_real_link_queries_the_server(gateway: tuple[XmppLink, Recorder]) -> None:
+    link, _rec = gateway
+    info = await link.query_disco_info("conference.xmpp.test", DOMAIN, timeout=10)
+    assert info.has_identity("conference")
+    assert await link.ping("xmpp.test", DOMAIN, timeout=10)
+
+
+@pytest.mark.slow
+async def test_real_foreign_sender_refused_link_stays(
+    gateway: tuple[XmppLink, Recorder], xmpp_client_factory: ClientFactory
+) -> None:
+    link, rec = gateway
+    bob = await xmpp_client_factory("bob")
+    with pytest.raises(LocalError):
+        link.send_message(ChatMessage("mallory@xmpp.test", bob.boundjid.full, "spoofed"))
+    assert link.send_message(ChatMessage(f"alice@{DOMAIN}", bob.boundjid.full, "still here"))
+    got = await bob.next_message(with_body=True)
+    assert got["body"] == "still here"
+    assert rec.link_events == [True]
+
+
+@pytest.mark.slow
+async def test_real_deep_stanza_does_not_take_the_link_down(
+    gateway: tuple[XmppLink, Recorder], xmpp_server: Any, xmpp_client_factory: ClientFactory
+) -> None:
+    link, rec = gateway
+    mallory = await xmpp_client_factory("mallory")
+    # Prosody forwards 5,000 levels to the component (SERVERS.md). ejabberd 23.01 itself dies
+    # of it (SIGSEGV in its XML parser, seen on this machine), which would take the shared
+    # server down for every later test: it gets a depth it survives.
+    depth = 5000 if xmpp_server.name == "prosody" else 200
+    mallory.send_raw(
+        f"<message to='alice@{DOMAIN}' type='chat' id='deep'><body>deep</body>"
+        + "<x xmlns='urn:example:deep'>" * depth
+        + "</x>" * depth
+        + "</message>"
+    )
+    # Whatever the server does with it (forward it or drop the sender), the link stays up.
+    bob = await xmpp_client_factory("bob")
+    bob.send_chat(f"alice@{DOMAIN}", "after the deep one")
+    while (got := await asyncio.wait_for(rec.messages.get(), 15)).body != "after the deep one":
+        assert got.body == "deep"
+    assert link.connected and rec.link_events == [True]
+    assert link.send_message(ChatMessage(f"alice@{DOMAIN}", bob.boundjid.full, "reply"))
+    assert (await bob.next_message(with_body=True))["body"] == "reply"
+
+
+@pytest.mark.slow
+async def test_real_wrong_secret_backs_off(xmpp_server: Any) -> None:
+    rec = Recorder()
+    link = _link(xmpp_server.component_port, rec, secret="wrong", min_backoff=1.0)
+    async with running(link):
+        await asyncio.sleep(5.0)
+    # Attempts near t = 0, 1-1.25, 3-3.75 (then 7+): at most 4 in 5 s, never a storm.
+    attempts = link.stats.reconnects
+    assert 2 <= attempts <= 4, attempts
+    assert link.stats.connects == 0 and rec.link_events == []
+
+
+@pytest.mark.slow
+async def test_real_server_restart_link_comes_back(
+    gateway: tuple[XmppLink, Recorder], xmpp_server: Any, xmpp_client_factory: ClientFactory
+) -> None:
+    link, rec = gateway
+    await asyncio.to_thread(xmpp_server.restart)
+    await rec.wait_link([True, False, True], timeout=30)
+    assert link.connected
+    bob = await xmpp_client_factory("bob")
+    bob.send_chat(f"alice@{DOMAIN}", "after restart")
+    got = await asyncio.wait_for(rec.messages.get(), 15)
+    assert got.body == "after restart"
+    assert link.send_message(ChatMessage(f"alice@{DOMAIN}", bob.boundjid.full, "back"))
+    assert (await bob.next_message(with_body=True))["body"] == "back"
+
+
+@pytest.mark.slow
+async def test_real_stop_closes_cleanly(xmpp_server: Any) -> None:
+    for _ in range(2):  # a second link with the same domain comes up at once: the first is gone
+        rec = Recorder()
+        link = _link(xmpp_server.component_port, rec)
+        task = asyncio.create_task(link.run())
+        await rec.wait_link([True], timeout=20)
+        began = time.monotonic()
+        await link.stop()
+        await asyncio.wait_for(task, 5)
+        assert time.monotonic() - began < 2.5  # the server answered our </stream:stream>
+        assert rec.link_events == [True, False] and link.state is LinkState.STOPPED
+
+
+@pytest.mark.parametrize("silent", [True, False])
+async def test_scripted_stop_while_connecting_or_backing_off(silent: bool) -> None:
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never answers the stream header
+        writer.close()
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    if not silent:  # nothing listens: refused connects, then backoff
+        server.close()
+        await server.wait_closed()
+    rec = Recorder()
+    link = _link(port, rec, min_backoff=30.0, handshake_timeout=30.0)
+    task = asyncio.create_task(link.run())
+    await asyncio.sleep(0.3)
+    assert link.state is (LinkState.HANDSHAKING if silent else LinkState.BACKING_OFF)
+    began = time.monotonic()
+    await link.stop()
+    await asyncio.wait_for(task, 2)
+    assert time.monotonic() - began < 1.0
+    assert link.stopped and rec.link_events == []
+    server.close()
