@@ -1,0 +1,172 @@
+"""The gateway process: builds the adapters and the core from settings, runs, drains on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Awaitable, Coroutine
+from typing import Any
+
+from component.addresses import AddressBook
+from component.events import ChatMessage, Presence, StanzaError
+from component.logs import get_logger
+from component.messaging import MessageRouter
+from component.settings import Settings
+from component.sipgate import SipGate
+from component.store import StoreNotAtHead
+from component.store.store import Store
+from component.xmpp import XmppLink
+from sipside.endpoint import Endpoint
+from sipside.timers import TimerConfig
+
+log = get_logger("component.app")
+
+VERSION = "0.1.0"
+
+
+class Gateway:
+    """One running gateway: SIP endpoint, XMPP link, store and the routing core."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.book = AddressBook.from_settings(settings)
+        sip = settings.sip
+        self.endpoint = Endpoint(
+            [str(spec) for spec in sip.listen],
+            lambda incoming: None,
+            timers=TimerConfig(t1=sip.t1, t2=sip.t2, t4=sip.t4),
+            trusted=[str(net) for net in sip.trusted],
+            outbound_proxy=sip.proxy or None,
+            tls_cert=sip.tls_cert or None,
+            tls_key=sip.tls_key or None,
+            user_agent=f"sipxmpp/{VERSION}",
+        )
+        self.sipgate = SipGate(self.endpoint)
+        xmpp = settings.xmpp
+        self.xmpp = XmppLink(
+            component=xmpp.component,
+            host=xmpp.host,
+            port=xmpp.port,
+            secret=xmpp.secret.get_secret_value(),
+            on_message=self._on_xmpp_message,
+            on_error=self._on_xmpp_error,
+            on_presence=self._on_xmpp_presence,
+            on_link=self._on_link,
+            version=VERSION,
+            gateway_jid_for=self._jid_for_prompt,
+        )
+        limits = settings.limits
+        self.router = MessageRouter(
+            self.book,
+            self.xmpp,
+            self.sipgate,
+            store,
+            clock=time.time,
+            delay_time=settings.timers.delay_time,
+            max_inflight=limits.workers * limits.max_jobs,
+        )
+        self.sipgate.core = self.router
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
+
+    def _jid_for_prompt(self, prompt: str) -> str:
+        """XEP-0100: the JID of a SIP address typed by a user (``alice@sip.test`` or a URI)."""
+        text = prompt.strip()
+        return self.book.jid_for_sip_uri(text if text.startswith("sip:") else f"sip:{text}")
+
+    # --- XMPP callbacks (synchronous; slow work becomes an owned task) --------------------------
+
+    def _on_xmpp_message(self, msg: ChatMessage) -> None:
+        self._own(self.router.on_xmpp_message(msg))
+
+    def _on_xmpp_error(self, err: StanzaError) -> None:
+        pending = self.router.on_xmpp_error(err)
+        if pending is not None:
+            self._own(pending)
+
+    def _on_xmpp_presence(self, presence: Presence) -> None:
+        log.debug("presence_ignored", jid=presence.sender, type=presence.type)
+
+    def _on_link(self, up: bool) -> None:
+        if up:
+            self._own(self.router.retry_due())
+
+    def _own(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("gateway_task_failed", error=repr(task.exception()))
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until ``stop()``; then drain and close."""
+        await self.endpoint.start()
+        link = asyncio.create_task(self.xmpp.run())
+        sweeper = asyncio.create_task(self._sweep())
+        log.info(
+            "gateway_started",
+            component=self.settings.xmpp.component,
+            sip=[str(p) for p in self.endpoint.local_peers.values()],
+        )
+        try:
+            await self._stopping.wait()
+        finally:
+            log.info("gateway_stopping")
+            # DESIGN 8 SIGTERM: stop accepting (503), drain what is in flight, persist the rest.
+            self.sipgate.accepting = False
+            await self.sipgate.drain(timeout=10.0)
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=10.0)
+            sweeper.cancel()
+            await self.xmpp.stop()
+            link.cancel()
+            await asyncio.gather(link, sweeper, return_exceptions=True)
+            await self.endpoint.close()
+            await self.store.release_claims(self.router.instance, time.time())
+            log.info("gateway_stopped")
+
+    def stop(self) -> None:
+        """Ask ``run`` to finish (signal handlers call this)."""
+        self._stopping.set()
+
+    async def _sweep(self) -> None:
+        """DESIGN 10 sleep_time: retry and expire the queue, release idle state."""
+        interval = self.settings.timers.sleep_time
+        await self.store.release_claims(self.router.instance, time.time())
+        while True:
+            try:
+                await self.router.retry_due()
+            except Exception:
+                log.exception("queue_sweep_failed")
+            await asyncio.sleep(interval)
+
+
+async def serve(settings: Settings) -> int:
+    """Open the store (refusing a schema not at head), run the gateway until a signal."""
+    try:
+        store = await Store.open(settings.database.url)
+    except StoreNotAtHead as exc:
+        log.error("database_not_at_head", error=str(exc))
+        return 2
+    gateway = Gateway(settings, store)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, gateway.stop)
+    try:
+        await gateway.run()
+    finally:
+        await store.close()
+    return 0
+
+
+def main(settings: Settings) -> int:
+    """``sipxmpp run``: the process entry point."""
+    coro: Coroutine[Any, Any, int] = serve(settings)
+    return asyncio.run(coro)
