@@ -12,6 +12,8 @@ from component.addresses import AddressBook
 from component.events import ChatMessage, Presence, StanzaError
 from component.logs import get_logger
 from component.messaging import MessageRouter
+from component.presence import PresenceCore
+from component.presence_runtime import PresenceRuntime
 from component.settings import Settings
 from component.sipgate import SipGate
 from component.store import StoreNotAtHead
@@ -68,6 +70,22 @@ class Gateway:
             max_inflight=limits.workers * limits.max_jobs,
         )
         self.sipgate.core = self.router
+        # DESIGN 5: presence both ways, driven by one runtime (timers, persistence, ordering).
+        self.presence_runtime = PresenceRuntime(
+            self.endpoint, clock=time.time, sweep_interval=settings.timers.sleep_time
+        )
+        self.presence = PresenceCore(
+            self.book,
+            sip=self.presence_runtime,
+            xmpp=self.xmpp,
+            store=store,
+            sip_server=settings.presence.sip_server,
+            priority=settings.xmpp.priority,
+        )
+        self.presence_runtime.attach(self.presence)
+        self.presence_runtime.on_user_online = self.router.flush_recipient
+        self.sipgate.others.update(self.presence_runtime.sip_handlers())
+        self.router.commands = self.presence_runtime.command
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
 
@@ -87,9 +105,10 @@ class Gateway:
             self._own(pending)
 
     def _on_xmpp_presence(self, presence: Presence) -> None:
-        log.debug("presence_ignored", jid=presence.sender, type=presence.type)
+        self.presence_runtime.on_presence(presence)
 
     def _on_link(self, up: bool) -> None:
+        self.presence_runtime.on_link(up)
         if up:
             self._own(self.router.retry_due())
 
@@ -108,6 +127,7 @@ class Gateway:
     async def run(self) -> None:
         """Serve until ``stop()``; then drain and close."""
         await self.endpoint.start()
+        await self.presence_runtime.start()
         link = asyncio.create_task(self.xmpp.run())
         sweeper = asyncio.create_task(self._sweep())
         log.info(
@@ -128,6 +148,7 @@ class Gateway:
             await self.xmpp.stop()
             link.cancel()
             await asyncio.gather(link, sweeper, return_exceptions=True)
+            await self.presence_runtime.stop(timeout=5.0)
             await self.endpoint.close()
             await self.store.release_claims(self.router.instance, time.time())
             log.info("gateway_stopped")

@@ -9,12 +9,11 @@ on a machine that lacks their optional dependencies.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TextIO, cast
+from typing import TextIO
 
 from component.settings import Settings, SettingsError, load_settings, masked_url
 
@@ -101,11 +100,9 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         "gateway_starting", config=str(path) if path else None, component=settings.xmpp.component
     )
     try:
-        # Imported by name: the application module is written apart from the CLI.
-        app = importlib.import_module("component.app")
+        from component.app import main as app_main
     except ImportError as exc:
         return _unavailable(args, exc, err)
-    app_main = cast(Callable[[Settings], int], app.main)
     return app_main(settings)
 
 

@@ -132,13 +132,15 @@ def _xmpp_server_alive(request: pytest.FixtureRequest) -> Iterator[None]:
 async def xmpp_client_factory(
     xmpp_server: XmppServer,
 ) -> AsyncIterator[Callable[[str], Awaitable[XmppClient]]]:
-    """Make a fresh user (name prefix + a number), register it, log it in; all closed after."""
+    """Make a fresh user (name prefix + a number), register it in-band, log it in.
+
+    The clients are disconnected after the test; the accounts stay.
+    """
     clients: list[XmppClient] = []
 
     async def make(prefix: str) -> XmppClient:
         user = f"{prefix}{next(_user_numbers)}"
-        xmpp_server.register(user, XMPP_PASSWORD)
-        client = XmppClient(xmpp_server.jid(user), XMPP_PASSWORD)
+        client = XmppClient(xmpp_server.jid(user), XMPP_PASSWORD, register=True)
         clients.append(client)
         await client.start(xmpp_server.c2s_port)
         return client

@@ -44,7 +44,9 @@ async def world(
     await running.stop()
 
 
-async def _sip_user(agent: PjsipAgent, kamailio: KamailioServer, transport: str = "udp") -> SipAccount:
+async def _sip_user(
+    agent: PjsipAgent, kamailio: KamailioServer, transport: str = "udp"
+) -> SipAccount:
     return await agent.add_account(f"alice{next(_sip_users)}", kamailio, transport=transport)
 
 

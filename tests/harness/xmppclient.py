@@ -82,7 +82,7 @@ async def _wait_session(stream: Any, host: str, port: int, timeout: float) -> No
 class XmppClient(ClientXMPP, _Queues):
     """A user of the test XMPP server, logged in over plaintext c2s on loopback."""
 
-    def __init__(self, jid: str, password: str) -> None:
+    def __init__(self, jid: str, password: str, register: bool = False) -> None:
         # SERVERS.md: PLAIN/SCRAM must be allowed without TLS (the plugin reads this config
         # when ClientXMPP registers it, so it goes in here); no direct TLS, no STARTTLS (the
         # test servers have no certificates).
@@ -98,7 +98,19 @@ class XmppClient(ClientXMPP, _Queues):
         self.enable_plaintext = True
         for plugin in ("xep_0030", "xep_0004", "xep_0045", "xep_0199"):
             self.register_plugin(plugin)
+        if register:
+            # In-band registration (XEP-0077) before logging in: one round trip, where
+            # `ejabberdctl register` boots an Erlang VM (about a second) per account.
+            self.register_plugin("xep_0077", {"create_account": True})
+            self.add_event_handler("register", self._register_account)
         self._init_queues(self)
+
+    async def _register_account(self, _form: Any) -> None:
+        iq = self.Iq()
+        iq["type"] = "set"
+        iq["register"]["username"] = self.boundjid.user
+        iq["register"]["password"] = self.password
+        await iq.send()  # type: ignore[no-untyped-call]
 
     async def start(self, port: int, host: str = LOOPBACK, timeout: float = 15.0) -> None:
         """Log in, fetch the roster, become available, and wait until the server saw that."""
