@@ -10,7 +10,7 @@ import pytest
 
 from sipside.digest import Authorized, Credentials, DigestClient, DigestVerifier, Rechallenge
 from sipside.endpoint import Endpoint, IncomingRequest, make_request, parse_listen, peer_for_uri
-from sipside.errors import TransactionTimeout
+from sipside.errors import LocalError, TransactionTimeout
 from sipside.message import SipResponse, new_call_id, parse_message
 from sipside.peer import Peer
 from sipside.timers import TimerConfig
@@ -287,3 +287,60 @@ def test_parse_listen_rejects(spec: str) -> None:
 )
 def test_peer_for_uri(uri: str, peer: Peer) -> None:
     assert peer_for_uri(uri) == peer
+
+
+@pytest.fixture(scope="module")
+def tls_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A throw-away self-signed certificate and key (PEM files) made with openssl."""
+    import subprocess
+
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]"])
+async def test_tls_message_round_trip_and_connection_reuse(
+    tls_pair: tuple[str, str], host: str
+) -> None:
+    cert, key = tls_pair
+    recorder = Recorder()
+    server = await _endpoint(recorder, (f"tls:{host}:0",), tls_cert=cert, tls_key=key)
+    client = await _endpoint(Recorder(), (f"tls:{host}:0",), tls_cert=cert, tls_key=key)
+    try:
+        dest = server.local_peers["tls"]
+        for body in (b"one", b"two"):
+            response = await client.request(_message(dest, body), dest)  # type: ignore[arg-type]
+            assert response.status == 200
+        assert [seen.request.body for seen in recorder.seen] == [b"one", b"two"]
+        assert recorder.seen[0].request.vias[0].transport == "TLS"
+        # the second request reused the first connection
+        assert recorder.seen[0].source == recorder.seen[1].source
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_tls_listener_without_certificate_is_refused() -> None:
+    with pytest.raises(LocalError):
+        await _endpoint(Recorder(), ("tls:127.0.0.1:0",))
