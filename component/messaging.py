@@ -119,7 +119,7 @@ class MessageRouter:
         if self.xmpp.send_message(stanza):
             self._track(stanza, msg.from_uri)
             self.counters["sip_to_xmpp"] += 1
-            log.debug(
+            log.info(
                 "message_relayed", call_id=msg.call_id, sip_uri=msg.from_uri, jid=stanza.recipient
             )
             return SipAnswer(202, "Accepted")
@@ -206,7 +206,7 @@ class MessageRouter:
             self.inflight -= 1
         if status < 300:
             self.counters["xmpp_to_sip"] += 1
-            log.debug("message_relayed", jid=msg.sender, sip_uri=to_uri, status=status)
+            log.info("message_relayed", jid=msg.sender, sip_uri=to_uri, status=status)
             return
         if await self._is_offline(status, to_uri):
             await self._store_for_sip(msg, from_uri, to_uri, status)
