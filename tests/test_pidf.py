@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -302,16 +301,14 @@ HOSTILE = [
 ]
 
 
+# An entity expansion or a quadratic path would hang: the timeout guards against that without
+# asserting on wall time.
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize(("name", "body", "status"), HOSTILE, ids=[h[0] for h in HOSTILE])
-def test_hostile_bodies_refused_quickly(name: str, body: bytes, status: int) -> None:
-    started = time.perf_counter()
+def test_hostile_bodies_refused(name: str, body: bytes, status: int) -> None:
     with pytest.raises(PeerError) as info:
         pidf.decode(body, CT)
-    elapsed = time.perf_counter() - started
     assert info.value.status == status, info.value
-    # Generous bound for a shared machine; an entity expansion or a quadratic path would take
-    # seconds.
-    assert elapsed < 0.5, f"{name} took {elapsed:.3f}s"
 
 
 def test_depth_limit_is_exact() -> None:
@@ -400,21 +397,6 @@ def test_encode_decode_round_trip(doc: PresenceDocument) -> None:
     tuples = tuple(t if t.contact is not None else replace(t, priority=None) for t in doc.tuples)
     doc = replace(doc, tuples=tuples)
     assert pidf.decode(pidf.encode(doc), CT) == doc
-
-
-def test_decode_small_pidf_is_fast() -> None:
-    body = pidf.encode(pidf.decode(PJSIP_AWAY, CT))
-    rounds = 200
-    best = min(_timed(body, rounds) for _ in range(5)) / rounds
-    # The target is well under 100 us; the bound leaves room for a busy shared machine.
-    assert best < 200e-6, f"{best * 1e6:.0f} us per decode"
-
-
-def _timed(body: bytes, rounds: int) -> float:
-    started = time.perf_counter()
-    for _ in range(rounds):
-        pidf.decode(body, CT)
-    return time.perf_counter() - started
 
 
 @pytest.mark.parametrize("ext", [Extension("urn:a", "bad name"), Extension("", "ok")])
