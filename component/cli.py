@@ -23,16 +23,17 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def resolve_config_path(given: str | None, cwd: Path, environ: Mapping[str, str]) -> Path | None:
-    """``-c`` if given, else ``gateway.toml`` in ``cwd`` if present, else ``$SIPXMPP_CONFIG``.
+    """``-c`` if given, else ``$SIPXMPP_CONFIG``, else ``gateway.toml`` in ``cwd`` if present
+    (the same order as the alembic environment uses).
 
     None means "no file": built-in defaults plus the environment.
     """
     if given:
         return Path(given)
-    if (cwd / DEFAULT_CONFIG).is_file():
-        return cwd / DEFAULT_CONFIG
     if environ.get(CONFIG_ENV):
         return Path(environ[CONFIG_ENV])
+    if (cwd / DEFAULT_CONFIG).is_file():
+        return cwd / DEFAULT_CONFIG
     return None
 
 

@@ -63,7 +63,8 @@ def run_module(
 RESOLVE = [
     # (-c value, gateway.toml in cwd, $SIPXMPP_CONFIG, expected relative to tmp)
     ("given.toml", True, "env.toml", "given.toml"),
-    (None, True, "env.toml", "gateway.toml"),
+    (None, True, "env.toml", "env.toml"),
+    (None, True, None, "gateway.toml"),
     (None, False, "env.toml", "env.toml"),
     (None, False, None, None),
     (None, False, "", None),
