@@ -164,6 +164,9 @@ def test_check_config_finds_files(
     assert cli.main(["check-config"]) == 0
     assert "gw.example.org" in capsys.readouterr().out
     (tmp_path / "gateway.toml").write_text(BAD)
+    assert cli.main(["check-config"]) == 0  # $SIPXMPP_CONFIG wins over ./gateway.toml
+    capsys.readouterr()
+    monkeypatch.delenv("SIPXMPP_CONFIG")
     assert cli.main(["check-config"]) == 2
     assert "xmpp.port" in capsys.readouterr().err
 
