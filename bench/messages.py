@@ -1,0 +1,606 @@
+"""Benchmark of chat messages through the gateway, against the direct paths as the limit.
+
+Run ``python -m bench.messages [--quick] [--count N] [--concurrency C] [--rate R]``. It starts
+Prosody, Kamailio (``-m 512``) and the gateway as its own process (``python -m component run``,
+SQLite store in a temp dir), then measures, in one run and on loopback:
+
+- ``xmpp -> xmpp``: raw XMPP clients carolN -> Prosody -> bobN (the XMPP limit);
+- ``sip -> sip``: a sipside Endpoint (daveN) -> Kamailio -> a registered Endpoint (aliceN);
+- ``sip -> gw -> xmpp``: daveN -> Kamailio -> gateway -> Prosody -> bobN;
+- ``xmpp -> gw -> sip``: carolN -> Prosody -> gateway -> Kamailio -> aliceN.
+
+Each path runs at a steady offered load (``--rate`` per second) and at the maximum rate, each
+row with a fixed message count, at most ``--concurrency`` messages in flight (sent, not yet
+arrived) and an overall timeout. Latency is send to arrival on this process's clock. CPU per
+message is read from /proc for the gateway, Prosody, Kamailio (all its processes) and this
+process; the gateway's RSS is read after each gateway row. ``--profile FILE`` runs the gateway
+under cProfile and prints its hot spots at the end (the timings of that run are distorted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from bench.load import (
+    CpuSnapshot,
+    RawXmppClient,
+    Received,
+    Tracker,
+    group_cpu_seconds,
+    log_summary,
+    machine_line,
+    message_tag,
+    parse_tag,
+    percentile,
+    proc_cpu_seconds,
+    proc_rss_bytes,
+    profile_summary,
+    register_user,
+    send_delay,
+    sip_message,
+)
+from component.store.migrate import upgrade
+from sipside.endpoint import Endpoint, IncomingRequest
+from sipside.errors import SipError
+from sipside.message import SipRequest
+from tests.harness import process
+from tests.harness.gateway import gateway_toml
+from tests.harness.kamailio import KamailioServer
+from tests.harness.ports import free_port, wait_for_port
+from tests.harness.prosody import ProsodyServer
+from tests.harness.values import COMPONENT_DOMAIN, JDOMAIN, LOOPBACK, SIP_DOMAIN, XMPP_DOMAIN
+
+ROOT = Path(__file__).resolve().parents[1]
+PASSWORD = "password"
+BODY_TEXT = "Hello Bob, are you there this time?"
+WARMUP_COUNT = 50
+KAMAILIO_SHM_MB = 512  # SERVERS.md: the default 128 MB runs out under load and tm drops requests
+
+# --- paths and results -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePath:
+    """One way a message can travel; ``gateway`` rows get the gateway's CPU and RSS columns."""
+
+    name: str
+    gateway: bool
+
+
+XMPP_DIRECT = MessagePath("xmpp -> xmpp", False)
+SIP_DIRECT = MessagePath("sip -> sip", False)
+SIP_TO_XMPP = MessagePath("sip -> gw -> xmpp", True)
+XMPP_TO_SIP = MessagePath("xmpp -> gw -> sip", True)
+PATHS = (XMPP_DIRECT, SIP_DIRECT, SIP_TO_XMPP, XMPP_TO_SIP)
+
+
+@dataclass(frozen=True, slots=True)
+class RowResult:
+    """One line of the table."""
+
+    path: MessagePath
+    mode: str
+    sent: int
+    delivered: int
+    failed: int
+    seconds: float
+    p50: float | None
+    p99: float | None
+    cpu: CpuSnapshot
+    gateway_rss: int
+    notes: str = ""
+
+    def cells(self) -> list[str]:
+        """The table cells of this row."""
+        per_msg = max(self.delivered, 1)
+
+        def us(seconds: float) -> str:
+            return f"{seconds / per_msg * 1e6:.0f}"
+
+        def ms(value: float | None) -> str:
+            return "-" if value is None else f"{value * 1e3:.1f}"
+
+        rate = self.delivered / self.seconds if self.seconds > 0 else 0.0
+        gateway = self.path.gateway
+        return [
+            self.path.name,
+            self.mode,
+            str(self.sent),
+            str(self.delivered),
+            str(self.failed),
+            f"{self.seconds:.2f}",
+            f"{rate:,.0f}",
+            ms(self.p50),
+            ms(self.p99),
+            us(self.cpu.gateway) if gateway else "-",
+            f"{self.gateway_rss / 2**20:.0f}" if gateway else "-",
+            us(self.cpu.prosody),
+            us(self.cpu.kamailio),
+            us(self.cpu.bench),
+            self.notes,
+        ]
+
+
+HEADER = [
+    "path",
+    "mode",
+    "sent",
+    "deliv",
+    "fail",
+    "secs",
+    "msg/s",
+    "p50 ms",
+    "p99 ms",
+    "gw us/msg",
+    "gw RSS MB",
+    "prosody us/msg",
+    "kamailio us/msg",
+    "bench us/msg",
+    "notes",
+]
+
+
+def format_table(rows: list[RowResult]) -> str:
+    """The rows as an aligned text table (first two columns left, numbers right)."""
+    lines = [HEADER, *(row.cells() for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
+    out: list[str] = []
+    for index, line in enumerate(lines):
+        cells = [
+            cell.ljust(width) if col < 2 or col == len(HEADER) - 1 else cell.rjust(width)
+            for col, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ]
+        out.append("  ".join(cells).rstrip())
+        if index == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+# --- one row in flight ---------------------------------------------------------------------------
+
+
+class ActiveRow:
+    """The row being measured: its tracker, its window of messages in flight, its end."""
+
+    def __init__(self, tag: str, count: int, window: int) -> None:
+        self.tag = tag
+        self.tracker = Tracker(count)
+        self.window = asyncio.Semaphore(window)
+        self.finished = asyncio.Event()
+        self.statuses: Counter[str] = Counter()
+
+    def arrived(self, text: str) -> None:
+        """A message with ``text`` (a body) reached its receiver."""
+        seq = parse_tag(text, self.tag)
+        if seq is not None and self.tracker.on_arrived(seq, time.perf_counter()):
+            self._settled()
+
+    def failed(self, seq: int, why: str) -> None:
+        """Message ``seq`` was refused on the way (``why`` is counted for the notes)."""
+        self.statuses[why] += 1
+        if self.tracker.on_failed(seq, time.perf_counter()):
+            self._settled()
+
+    def failed_id(self, stanza_id: str, why: str) -> None:
+        """An XMPP error came back for the stanza with ``stanza_id``."""
+        seq = parse_tag(stanza_id, self.tag)
+        if seq is not None:
+            self.failed(seq, why)
+
+    def _settled(self) -> None:
+        self.window.release()
+        if self.tracker.done:
+            self.finished.set()
+
+
+# --- the servers, the gateway and the clients ----------------------------------------------------
+
+
+@dataclass
+class World:
+    """Everything started for the run, and what the clients report arrivals to."""
+
+    users: int
+    workdir: Path
+    profile: Path | None = None
+    profile_clock: str = "cpu"
+    concurrency: int = 50
+    prosody: ProsodyServer | None = None
+    kamailio: KamailioServer | None = None
+    gateway: subprocess.Popen[bytes] | None = None
+    bobs: list[RawXmppClient] = field(default_factory=list)  # XMPP receivers
+    carols: list[RawXmppClient] = field(default_factory=list)  # XMPP senders
+    sip_sender: Endpoint | None = None  # daveN
+    sip_receiver: Endpoint | None = None  # aliceN, registered at Kamailio
+    current: ActiveRow | None = None
+    sending: set[asyncio.Task[None]] = field(default_factory=set)
+
+    # receivers
+
+    def on_xmpp(self, msg: Received) -> None:
+        """Every message stanza any XMPP client receives."""
+        row = self.current
+        if row is None:
+            return
+        if msg.type == "error":
+            row.failed_id(msg.id, msg.error or "xmpp error")
+        else:
+            row.arrived(msg.body)
+
+    def on_sip(self, incoming: IncomingRequest) -> None:
+        """Every request the receiving SIP endpoint gets: MESSAGEs are answered 200 and counted."""
+        incoming.respond(200)
+        row = self.current
+        if row is not None and incoming.request.method == "MESSAGE":
+            row.arrived(incoming.request.body.decode("utf-8", "replace"))
+
+    # start and stop
+
+    async def start(self) -> None:
+        """Start Prosody, Kamailio, the gateway, the SIP endpoints and the XMPP clients."""
+        prosody = self.prosody = ProsodyServer()
+        prosody.start()
+        for index in range(1, self.users + 1):
+            prosody.register(f"bob{index}", PASSWORD)
+            prosody.register(f"carol{index}", PASSWORD)
+        gateway_port = free_port()
+        kamailio = self.kamailio = KamailioServer(gateway_port, trace=False, shm_mb=KAMAILIO_SHM_MB)
+        kamailio.start()
+        self._start_gateway(prosody, kamailio)
+        wait_for_port(gateway_port, 30.0, self.gateway)
+
+        listen = [f"udp:{LOOPBACK}:0"]
+        self.sip_sender = Endpoint(listen, self.on_sip, outbound_proxy=kamailio.uri)
+        self.sip_receiver = Endpoint(listen, self.on_sip, outbound_proxy=kamailio.uri)
+        await self.sip_sender.start()
+        await self.sip_receiver.start()
+        for index in range(1, self.users + 1):
+            await register_user(self.sip_receiver, f"alice{index}", SIP_DOMAIN)
+        for name, group in (("bob", self.bobs), ("carol", self.carols)):
+            for index in range(1, self.users + 1):
+                client = RawXmppClient(f"{name}{index}", XMPP_DOMAIN, PASSWORD, self.on_xmpp)
+                group.append(client)
+                await client.login(LOOPBACK, prosody.c2s_port)
+        await self._wait_for_link()
+
+    def _start_gateway(self, prosody: ProsodyServer, kamailio: KamailioServer) -> None:
+        db_url = f"sqlite:///{self.workdir / 'gateway.db'}"
+        upgrade(db_url)
+        # The XMPP -> SIP path refuses work beyond workers * max_jobs (DESIGN 8); leave room for
+        # the benchmark's window so the rows measure speed, not the refusal.
+        max_jobs = max(10, self.concurrency)
+        extra = f"\n[limits]\nworkers = 2\nmax_jobs = {max_jobs}\n"
+        config = self.workdir / "gateway.toml"
+        config.write_text(gateway_toml(prosody, kamailio, db_url, extra))
+        prefix: list[str] = []
+        if self.profile is not None and self.profile_clock == "wall":
+            prefix = ["-m", "cProfile", "-o", str(self.profile)]
+        elif self.profile is not None:
+            prefix = ["-m", "bench.load", "profile-gateway", str(self.profile)]
+        # bench.load's profiler calls the CLI itself; python -m cProfile takes -m component.
+        component = [] if prefix[1:2] == ["bench.load"] else ["-m", "component"]
+        with (self.workdir / "gateway.log").open("wb") as log:
+            self.gateway = subprocess.Popen(
+                [sys.executable, *prefix, *component, "run", "-c", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                start_new_session=True,  # stop() signals its whole group
+            )
+
+    async def _wait_for_link(self, timeout: float = 30.0) -> None:
+        """Until the gateway's component answers a ping through Prosody."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                await asyncio.wait_for(
+                    self.carols[0].iq("get", COMPONENT_DOMAIN, "<ping xmlns='urn:xmpp:ping'/>"), 5
+                )
+                return
+            except (ConnectionError, TimeoutError):
+                if loop.time() > deadline:
+                    raise RuntimeError("the gateway's XMPP link did not come up") from None
+                if self.gateway is not None and self.gateway.poll() is not None:
+                    raise RuntimeError(f"gateway exited with {self.gateway.returncode}") from None
+                await asyncio.sleep(0.2)
+
+    async def close(self) -> None:
+        """Stop everything that was started, in reverse order; never raises."""
+        for task in self.sending:
+            task.cancel()
+        for client in [*self.bobs, *self.carols]:
+            with contextlib.suppress(Exception):
+                await client.close()
+        for endpoint in (self.sip_sender, self.sip_receiver):
+            if endpoint is not None:
+                with contextlib.suppress(Exception):
+                    await endpoint.close()
+        self.stop_gateway()
+        for server in (self.kamailio, self.prosody):
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    server.close()
+
+    def stop_gateway(self) -> None:
+        """SIGTERM the gateway's process group, give it time to drain (and write its profile)."""
+        proc = self.gateway
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(40)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        self.gateway = None
+
+    # measuring
+
+    def cpu(self) -> CpuSnapshot:
+        """CPU seconds so far of the gateway, Prosody, Kamailio (all workers) and this process."""
+
+        def pid(proc: subprocess.Popen[bytes] | None) -> int:
+            return proc.pid if proc is not None else -1
+
+        prosody = self.prosody.process.proc if self.prosody else None
+        kamailio = self.kamailio.process.proc if self.kamailio else None
+        return CpuSnapshot(
+            proc_cpu_seconds(pid(self.gateway)),
+            proc_cpu_seconds(pid(prosody)),
+            group_cpu_seconds(pid(kamailio)),
+            time.process_time(),
+        )
+
+    def sender_for(self, path: MessagePath, row: ActiveRow) -> Callable[[int], None]:
+        """A function that sends message ``seq`` of ``row`` along ``path`` without waiting."""
+        users = self.users
+
+        def body(seq: int) -> str:
+            return f"{message_tag(row.tag, seq)} {BODY_TEXT}"
+
+        if path in (XMPP_DIRECT, XMPP_TO_SIP):
+            domain = XMPP_DOMAIN if path is XMPP_DIRECT else COMPONENT_DOMAIN
+            target = "bob" if path is XMPP_DIRECT else "alice"
+
+            def send_xmpp(seq: int) -> None:
+                n = seq % users
+                to = f"{target}{n + 1}@{domain}"
+                self.carols[n].send_chat(to, message_tag(row.tag, seq), body(seq))
+
+            return send_xmpp
+
+        endpoint = self.sip_sender
+        assert endpoint is not None
+
+        def send_sip(seq: int) -> None:
+            n = seq % users + 1
+            if path is SIP_DIRECT:
+                to = f"sip:alice{n}@{SIP_DOMAIN}"
+            else:
+                to = f"sip:bob{n}*{XMPP_DOMAIN}@{JDOMAIN}"
+            request = sip_message(f"sip:dave{n}@{SIP_DOMAIN}", to, body(seq))
+            task = asyncio.ensure_future(self._sip_request(endpoint, request, row, seq))
+            self.sending.add(task)
+            task.add_done_callback(self.sending.discard)
+
+        return send_sip
+
+    @staticmethod
+    async def _sip_request(
+        endpoint: Endpoint, request: SipRequest, row: ActiveRow, seq: int
+    ) -> None:
+        try:
+            response = await endpoint.request(request)
+        except SipError as exc:
+            row.failed(seq, type(exc).__name__)
+            return
+        if response.status >= 300:
+            row.failed(seq, f"SIP {response.status}")
+
+
+# --- running the rows ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RowSpec:
+    """What one row does: path, message count, window, rate (None: as fast as possible)."""
+
+    path: MessagePath
+    count: int
+    window: int
+    rate: float | None
+    timeout: float
+
+    @property
+    def mode(self) -> str:
+        """The mode column: steady N/s or max with the window."""
+        return f"steady {self.rate:g}/s" if self.rate else f"max x{self.window}"
+
+
+async def run_row(world: World, spec: RowSpec, tag: str) -> RowResult:
+    """Send ``spec.count`` messages along the path and wait (bounded) for them to settle."""
+    row = ActiveRow(tag, spec.count, spec.window)
+    send = world.sender_for(spec.path, row)
+    tracker = row.tracker
+    world.current = row
+    cpu0 = world.cpu()
+    start = time.perf_counter()
+    deadline = start + spec.timeout
+    try:
+        for seq in range(spec.count):
+            try:
+                await asyncio.wait_for(row.window.acquire(), deadline - time.perf_counter())
+            except TimeoutError:
+                break
+            delay = send_delay(seq, start, spec.rate, time.perf_counter())
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tracker.on_sent(seq, time.perf_counter())
+            try:
+                send(seq)
+            except ConnectionError as exc:
+                row.failed(seq, str(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(row.finished.wait(), max(deadline - time.perf_counter(), 0))
+        now = time.perf_counter()
+        cpu = world.cpu().minus(cpu0)
+        # The SIP senders wait for their final responses; those are due by now.
+        if world.sending:
+            await asyncio.wait(set(world.sending), timeout=5.0)
+    finally:
+        world.current = None
+    rss = proc_rss_bytes(world.gateway.pid) if world.gateway is not None else 0
+    notes = ", ".join(f"{why} x{n}" for why, n in row.statuses.most_common(3))
+    if not tracker.done:
+        notes = ", ".join(filter(None, [f"timeout after {spec.timeout:.0f}s", notes]))
+    return RowResult(
+        spec.path,
+        spec.mode,
+        tracker.sent,
+        tracker.arrived,
+        tracker.failed,
+        tracker.duration(now),
+        percentile(tracker.latencies, 0.50),
+        percentile(tracker.latencies, 0.99),
+        cpu,
+        rss,
+        notes,
+    )
+
+
+def row_specs(
+    count: int, window: int, rate: float, paths: tuple[MessagePath, ...] = PATHS
+) -> list[RowSpec]:
+    """Per path: a steady row at ``rate`` and a max-rate row, each ``count`` messages."""
+    specs: list[RowSpec] = []
+    for path in paths:
+        specs.append(RowSpec(path, count, window, rate, timeout=count / rate + 30.0))
+        # Bounded even if the path crawls: at least 50 messages per second or the row ends.
+        specs.append(RowSpec(path, count, window, None, timeout=count / 50 + 30.0))
+    return specs
+
+
+async def run_all(world: World, specs: list[RowSpec]) -> list[RowResult]:
+    """Warm each path up (unmeasured), then run its rows; a path that fails to warm up is
+    skipped with a note."""
+    results: list[RowResult] = []
+    warmed: dict[MessagePath, RowResult] = {}
+    for number, spec in enumerate(specs, 1):
+        if spec.path not in warmed:
+            warm = RowSpec(spec.path, WARMUP_COUNT, 10, None, timeout=30.0)
+            warmed[spec.path] = await run_row(world, warm, f"w{number}")
+            print(f"warm-up {spec.path.name}: {warmed[spec.path].delivered}/{WARMUP_COUNT}")
+        if warmed[spec.path].delivered == 0:
+            continue
+        result = await run_row(world, spec, f"r{number}")
+        print(
+            f"  {result.path.name:<18} {result.mode:<14} {result.delivered}/{result.sent} "
+            f"in {result.seconds:.2f}s {result.notes}",
+            flush=True,
+        )
+        results.append(result)
+    return results
+
+
+async def idle_line(world: World, seconds: float = 2.0) -> str:
+    """What the idle gateway costs: CPU per second of wall time with no traffic, and its RSS."""
+    before = world.cpu()
+    await asyncio.sleep(seconds)
+    used = world.cpu().minus(before).gateway
+    rss = proc_rss_bytes(world.gateway.pid) if world.gateway is not None else 0
+    return f"gateway idle: {used / seconds * 1e3:.0f} ms CPU per s, RSS {rss / 2**20:.0f} MB"
+
+
+async def bench(args: argparse.Namespace, workdir: Path) -> list[RowResult]:
+    """Start the world, run every row, stop the world (also on failure or cancellation)."""
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
+    world = World(
+        users=args.users,
+        workdir=workdir,
+        profile=Path(args.profile).resolve() if args.profile else None,
+        profile_clock=args.profile_clock,
+        concurrency=args.concurrency,
+    )
+    # Last resort if this process dies without unwinding: the harness reaps its servers.
+    atexit.register(process.stop_all)
+    atexit.register(world.stop_gateway)
+    try:
+        began = time.perf_counter()
+        await world.start()
+        print(f"servers, gateway and clients up in {time.perf_counter() - began:.1f}s", flush=True)
+        print(await idle_line(world), flush=True)
+        paths = tuple(
+            p for p in PATHS if args.paths == "all" or p.gateway == (args.paths == "gateway")
+        )
+        return await run_all(world, row_specs(args.count, args.concurrency, args.rate, paths))
+    finally:
+        await world.close()
+        print(log_summary(workdir / "gateway.log"), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the options, run the benchmark and print the table."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="300 messages per row")
+    parser.add_argument("--count", type=int, help="messages per row (default 2000)")
+    parser.add_argument("--concurrency", type=int, default=50, help="messages in flight")
+    parser.add_argument("--rate", type=float, default=200.0, help="steady rows: messages/s")
+    parser.add_argument("--users", type=int, default=4, help="users on each side")
+    parser.add_argument(
+        "--paths", choices=["all", "gateway", "direct"], default="all", help="which rows to run"
+    )
+    parser.add_argument("--profile", metavar="FILE", help="run the gateway under cProfile")
+    parser.add_argument(
+        "--profile-clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu: main-thread CPU time (default); wall: plain python -m cProfile",
+    )
+    args = parser.parse_args(argv)
+    if args.count is None:
+        args.count = 300 if args.quick else 2000
+    if args.count < 1 or args.concurrency < 1 or args.users < 1 or args.rate <= 0:
+        parser.error("--count, --concurrency, --users and --rate must be positive")
+    # The endpoints log each start and close at info; keep the output to the table.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    print(machine_line(), flush=True)
+    with tempfile.TemporaryDirectory(prefix="sipxmpp-bench-") as tmp:
+        try:
+            rows = asyncio.run(bench(args, Path(tmp)))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            print("interrupted; every process was stopped", file=sys.stderr)
+            return 130
+    print()
+    print(format_table(rows))
+    print(machine_line())
+    if args.profile:
+        print(profile_summary(Path(args.profile)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
