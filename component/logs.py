@@ -8,6 +8,7 @@ password are redacted before rendering, wherever they come from.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Mapping
@@ -27,8 +28,14 @@ _LEVELS = {
 }
 
 
+@functools.lru_cache(maxsize=1024)
+def _is_secret_name(key: str) -> bool:
+    return key.lower().endswith(_SECRET_WORDS)
+
+
 def _is_secret_key(key: object) -> bool:
-    return isinstance(key, str) and key.lower().endswith(_SECRET_WORDS)
+    # Event keys come from a small fixed vocabulary, so the answer is cached per key name.
+    return isinstance(key, str) and _is_secret_name(key)
 
 
 def _redact(value: Any) -> Any:
@@ -39,8 +46,11 @@ def _redact(value: Any) -> Any:
 
 def redact_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     """Processor: replace the value of any key named ``*secret``/``*password`` (also nested)."""
-    for key, value in list(event_dict.items()):
-        event_dict[key] = REDACTED if _is_secret_key(key) else _redact(value)
+    for key, value in event_dict.items():
+        if _is_secret_key(key):
+            event_dict[key] = REDACTED
+        elif isinstance(value, dict):  # a plain type check: abc checks cost per key
+            event_dict[key] = _redact(value)
     return event_dict
 
 
