@@ -15,7 +15,7 @@ import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Self
+from typing import Self, TypeVar
 
 from sipside.errors import LocalError, PeerError
 
@@ -65,6 +65,9 @@ _KNOWN_NAMES = [
 _CANON: dict[str, str] = {name.lower(): name for name in _KNOWN_NAMES}
 _CANON.update(COMPACT_FORMS)
 _KNOWN = frozenset(_KNOWN_NAMES)
+# The parser's first try: names exactly as well-behaved peers write them (canonical, lower-case
+# or compact), which saves a lower() per header line; anything else goes through _CANON.
+_EXACT: dict[str, str] = {**_CANON, **{name: name for name in _KNOWN_NAMES}}
 
 # Headers whose values are comma-separated lists (RFC 3261 7.3.1); the others are never split
 # fmt: off
@@ -91,6 +94,25 @@ _VIA = re.compile(
 _CSEQ = re.compile(r"([0-9]{1,10})[ \t]+([A-Za-z0-9\-.!%*_+`'~]+)")
 
 Params = tuple[tuple[str, str | None], ...]
+# Lookup key of a header name -> positions of its values in ``headers``, in wire order
+HeaderIndex = dict[str, list[int]]
+
+_T = TypeVar("_T")
+
+# Bounded memo tables for the pure value parsers below (Via, name-addr, CSeq), keyed by the
+# header value. One message is looked at by several layers (transactions, validation, the
+# application) that each parse the same Via, From and To; a str caches its own hash, so a hit
+# costs one dict lookup. Long values are not kept and a full table is simply emptied, so the
+# memory stays bounded whatever peers send. Parse errors are never cached: they raise each time.
+_MEMO_SIZE = 4096
+_MEMO_MAX_VALUE = 512
+
+
+def _remember(table: dict[str, _T], key: str, value: _T) -> None:
+    if len(key) <= _MEMO_MAX_VALUE:
+        if len(table) >= _MEMO_SIZE:
+            table.clear()
+        table[key] = value
 
 
 def _bad(warning: str) -> PeerError:
@@ -152,7 +174,8 @@ def parse_params(text: str) -> Params:
     for part in parts:
         name, eq, value = part.partition("=")
         name = name.strip()
-        if not _TOKEN.fullmatch(name):
+        # isalnum() is the common case (branch, tag, rport...) and far cheaper than the regex
+        if not (name.isalnum() and name.isascii()) and not _TOKEN.fullmatch(name):
             raise _bad(f"bad parameter name {name!r}")
         if not eq:
             params.append((name, None))
@@ -208,6 +231,15 @@ class Via:
     @classmethod
     def parse(cls, value: str) -> Via:
         """Parse one Via value (not a comma list); PeerError 400 if malformed."""
+        via = _VIAS.get(value)
+        if via is None or cls is not Via:
+            via = cls._parse(value)
+            if cls is Via:
+                _remember(_VIAS, value, via)
+        return via
+
+    @classmethod
+    def _parse(cls, value: str) -> Via:
         match = _VIA.fullmatch(value.strip())
         if match is None:
             raise _bad(f"bad Via {value[:60]!r}")
@@ -216,6 +248,15 @@ class Via:
         if port_number is not None and port_number > 65535:
             raise _bad(f"bad Via port {port}")
         return cls(transport.upper(), host, port_number, parse_params(rest or ""))
+
+
+_VIAS: dict[str, Via] = {}
+
+
+def remember_via(value: str, via: Via) -> None:
+    """Record that ``Via.parse(value)`` is ``via``, for a value just formatted from a parsed Via
+    (``str(via)`` round-trips), so that the next parse of it is a lookup."""
+    _remember(_VIAS, value, via)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,11 +277,29 @@ class NameAddr:
         return _param(self.params, "tag")
 
 
+_ADDRESSES: dict[str, NameAddr] = {}
+
+
 def parse_name_addr(value: str) -> NameAddr:
     """Parse ``name-addr / addr-spec`` with parameters (RFC 3261 20.10); PeerError 400 if bad."""
+    address = _ADDRESSES.get(value)
+    if address is None:
+        address = _parse_name_addr(value)
+        _remember(_ADDRESSES, value, address)
+    return address
+
+
+def _parse_name_addr(value: str) -> NameAddr:
     text = value.strip()
     display: str | None = None
-    if text.startswith('"'):
+    close = text.find('"', 1) if text.startswith('"') else -1
+    if close > 0 and "\\" not in text[1:close]:
+        # the common quoted display name, without escapes: its end is the next quote
+        display = text[1:close]
+        text = text[close + 1 :].lstrip(" \t")
+        if not text.startswith("<"):
+            raise _bad("display name without <URI>")
+    elif text.startswith('"'):
         i, escaped, chars = 1, False, []
         while i < len(text):
             ch = text[i]
@@ -287,39 +346,63 @@ def parse_name_addr(value: str) -> NameAddr:
 
 
 class _Headers:
-    """Accessors shared by requests and responses (a mixin over ``headers`` and ``body``)."""
+    """Accessors shared by requests and responses (a mixin over ``headers`` and ``body``).
+
+    Lookups go through an index of header positions by name, built once per message (by the
+    parser, or on first use for a message made in code) and kept in the private ``_index`` slot
+    of the frozen dataclass; copies made with ``dataclasses.replace`` start without one.
+    """
 
     __slots__ = ()
     headers: tuple[tuple[str, str], ...]
     body: bytes
+    _index: HeaderIndex | None
+
+    def _header_index(self) -> HeaderIndex:
+        """Positions of each header's values; the key is the name for known (canonically
+        spelled) names and the lower-cased name for others, as ``_lookup_key`` computes it."""
+        index = self._index
+        if index is None:
+            index = {}
+            for position, (name, _value) in enumerate(self.headers):
+                key = name if name in _KNOWN else name.lower()
+                positions = index.get(key)
+                if positions is None:
+                    index[key] = [position]
+                else:
+                    positions.append(position)
+            object.__setattr__(self, "_index", index)
+        return index
 
     def header(self, name: str) -> str | None:
         """First value of a header; name case-insensitive, compact forms accepted."""
-        canon = canonical_name(name)
-        if canon == "Content-Length":
+        key = _lookup_key(name)
+        if key == "Content-Length":
             return str(len(self.body))
-        if canon in _KNOWN:
-            for key, value in self.headers:
-                if key == canon:
-                    return value
-            return None
-        lname = canon.lower()
-        for key, value in self.headers:
-            if key.lower() == lname:
-                return value
-        return None
+        positions = self._header_index().get(key)
+        return None if positions is None else self.headers[positions[0]][1]
 
     def header_values(self, name: str) -> list[str]:
         """All values of a header; list headers are split on commas (empty items dropped)."""
-        canon = canonical_name(name)
-        if canon == "Content-Length":
+        key = _lookup_key(name)
+        if key == "Content-Length":
             return [str(len(self.body))]
-        lname = canon.lower()
-        known = canon in _KNOWN
-        values = [v for k, v in self.headers if (k == canon if known else k.lower() == lname)]
-        if canon not in LIST_HEADERS:
+        positions = self._header_index().get(key)
+        if positions is None:
+            return []
+        headers = self.headers
+        values = [headers[position][1] for position in positions]
+        if key not in LIST_HEADERS:
             return values
         return [item for value in values for item in split_list(value) if item]
+
+    def header_count(self, name: str) -> int:
+        """How many times a header occurs (lines, not comma-separated items)."""
+        key = _lookup_key(name)
+        if key == "Content-Length":
+            return 1
+        positions = self._header_index().get(key)
+        return 0 if positions is None else len(positions)
 
     @property
     def call_id(self) -> str:
@@ -333,13 +416,20 @@ class _Headers:
     def cseq(self) -> tuple[int, str]:
         """``(number, method)`` from CSeq (RFC 3261 20.16); PeerError 400 if missing or bad."""
         value = self.header("CSeq")
+        if value is not None:
+            cached = _CSEQS.get(value)
+            if cached is not None:
+                return cached
         match = _CSEQ.fullmatch(value.strip()) if value else None
         if match is None:
             raise _bad(f"bad or missing CSeq {value!r}")
         number = int(match[1])
         if number >= 2**32:  # RFC 3261 8.1.1.5: a 32-bit unsigned integer (RFC 4475 scalar02)
             raise _bad(f"CSeq number out of range {match[1]}")
-        return number, match[2]
+        assert value is not None
+        result = number, match[2]
+        _remember(_CSEQS, value, result)
+        return result
 
     @property
     def from_tag(self) -> str | None:
@@ -356,12 +446,22 @@ class _Headers:
     @property
     def vias(self) -> list[Via]:
         """All Via values, top first; PeerError 400 if one is malformed."""
+        positions = self._header_index().get("Via")
+        if positions is None:
+            return []
+        headers = self.headers
         return [
-            Via.parse(item)
-            for value in self.headers
-            if value[0] == "Via"
-            for item in split_list(value[1])
+            Via.parse(item) for position in positions for item in split_list(headers[position][1])
         ]
+
+    @property
+    def top_via(self) -> Via | None:
+        """The first Via value, parsing no other; PeerError 400 if it is malformed."""
+        positions = self._header_index().get("Via")
+        if positions is None:
+            return None
+        value = self.headers[positions[0]][1]
+        return Via.parse(value if "," not in value else split_list(value)[0])
 
     def replace_headers(self, name: str, values: Iterable[str]) -> Self:
         """A copy where ``values`` replace every ``name`` header (appended at the end)."""
@@ -375,6 +475,39 @@ class _Headers:
         entry = ((_settable(name), value),)
         headers = entry + self.headers if first else self.headers + entry
         return replace(self, headers=headers)  # type: ignore[type-var]
+
+    def replace_first(self, name: str, value: str) -> Self:
+        """A copy whose first ``name`` header has ``value``, in place; LocalError if none."""
+        key = _lookup_key(_settable(name))
+        index = self._header_index()
+        positions = index.get(key)
+        if positions is None:
+            raise LocalError(f"no {name} header to replace")
+        headers = list(self.headers)
+        position = positions[0]
+        headers[position] = (headers[position][0], value)
+        copy = self._with_headers(tuple(headers))
+        # same names at the same positions: the index still holds
+        object.__setattr__(copy, "_index", index)
+        return copy
+
+    def _with_headers(self, headers: tuple[tuple[str, str], ...]) -> Self:
+        raise NotImplementedError  # pragma: no cover
+
+
+_CSEQS: dict[str, tuple[int, str]] = {}
+# query name -> index key; filled by the names the code asks for, a small fixed set
+_LOOKUP_KEYS: dict[str, str] = {}
+
+
+def _lookup_key(name: str) -> str:
+    """The index key of a header name: the canonical name if known, else the lower-case name."""
+    key = _LOOKUP_KEYS.get(name)
+    if key is None:
+        canon = canonical_name(name)
+        key = canon if canon in _KNOWN else canon.lower()
+        _remember(_LOOKUP_KEYS, name, key)
+    return key
 
 
 def _settable(name: str) -> str:
@@ -399,9 +532,13 @@ class SipRequest(_Headers):
     uri: str
     headers: tuple[tuple[str, str], ...]
     body: bytes = b""
+    _index: HeaderIndex | None = field(default=None, init=False, repr=False, compare=False)
 
     def __bytes__(self) -> bytes:
         return _serialize(f"{self.method} {self.uri} SIP/2.0", self.headers, self.body)
+
+    def _with_headers(self, headers: tuple[tuple[str, str], ...]) -> Self:
+        return type(self)(self.method, self.uri, headers, self.body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,9 +549,13 @@ class SipResponse(_Headers):
     reason: str
     headers: tuple[tuple[str, str], ...]
     body: bytes = b""
+    _index: HeaderIndex | None = field(default=None, init=False, repr=False, compare=False)
 
     def __bytes__(self) -> bytes:
         return _serialize(f"SIP/2.0 {self.status} {self.reason}", self.headers, self.body)
+
+    def _with_headers(self, headers: tuple[tuple[str, str], ...]) -> Self:
+        return type(self)(self.status, self.reason, headers, self.body)
 
 
 SipMessage = SipRequest | SipResponse
@@ -457,18 +598,26 @@ def _parse(data: bytes) -> SipMessage:
     if "\r\n " in block or "\r\n\t" in block:
         block = _FOLD.sub(" ", block)  # RFC 3261 7.3.1: folded LWS is one SP
     headers: list[tuple[str, str]] = []
+    index: HeaderIndex = {}  # built here, where each name is looked at anyway
     length: str | None = None
     if block:
         for line in block.split("\r\n"):
             name, colon, value = line.partition(":")
             if not colon:
                 raise _bad(f"header line without colon {line[:40]!r}")
-            name = name.rstrip(" \t")
-            canon = _CANON.get(name.lower())
+            canon = _EXACT.get(name)
             if canon is None:
-                if not _TOKEN.fullmatch(name):
-                    raise _bad(f"bad header name {name[:40]!r}")
-                canon = name
+                name = name.rstrip(" \t")
+                canon = _CANON.get(name.lower())
+                if canon is None:
+                    if not _TOKEN.fullmatch(name):
+                        raise _bad(f"bad header name {name[:40]!r}")
+                    canon = name
+                    key = name.lower()  # the index key of an unknown name, as _lookup_key
+                else:
+                    key = canon
+            else:
+                key = canon
             value = value.strip(" \t")
             if canon == "Content-Length":
                 # RFC 4475 mcl01: two different lengths leave the framing unknowable
@@ -476,6 +625,11 @@ def _parse(data: bytes) -> SipMessage:
                     raise _bad("conflicting Content-Length values")
                 length = value
                 continue
+            positions = index.get(key)
+            if positions is None:
+                index[key] = [len(headers)]
+            else:
+                positions.append(len(headers))
             headers.append((canon, value))
     if length is not None:
         if not length.isascii() or not length.isdigit():
@@ -487,7 +641,9 @@ def _parse(data: bytes) -> SipMessage:
         body = rest[:size]  # RFC 3261 18.3: bytes past Content-Length are dropped
     else:
         body = rest
-    return _start_line(first, tuple(headers), body)
+    message = _start_line(first, tuple(headers), body)
+    object.__setattr__(message, "_index", index)
+    return message
 
 
 def _start_line(first: str, headers: tuple[tuple[str, str], ...], body: bytes) -> SipMessage:

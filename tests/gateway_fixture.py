@@ -36,7 +36,7 @@ def gateway_settings(
     }
     for name, overrides in sections.items():
         values.setdefault(name, {}).update(overrides)
-    return Settings(**values)
+    return Settings.model_validate(values)
 
 
 @dataclass

@@ -11,9 +11,8 @@ Endpoint and feeds responses, timeouts and in-dialog requests back.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 
@@ -201,34 +200,6 @@ async def gateway_factory() -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]
 
-# The harness's presence route serves only Request-URIs in sip.test, but an in-dialog SUBSCRIBE
-# (refresh, unsubscribe) is sent to the presence server's Contact, an IP literal (RFC 3261
-# 12.2.1.1): Kamailio drops it silently and the subscriber times out. Until the harness takes
-# this fix, presence tests patch the generated config; the assert notices when it changed.
-_PRESENCE_GUARD = 'if (!is_method("PUBLISH|SUBSCRIBE") || $rd != "sip.test") {'
-_PRESENCE_FIXED = (
-    'if (!is_method("PUBLISH|SUBSCRIBE") || ($rd != "sip.test" && !(uri == myself))) {'
-)
-
-
-@pytest.fixture
-def presence_kamailio() -> Iterator[Callable[..., KamailioServer]]:
-    """Kamailio in presence mode whose presence route also takes in-dialog SUBSCRIBEs."""
-    servers: list[KamailioServer] = []
-
-    def make(gateway_port: int, **modes: Any) -> KamailioServer:
-        server = KamailioServer(gateway_port, presence=True, **modes)
-        servers.append(server)
-        config = server.config_path.read_text()
-        assert _PRESENCE_GUARD in config, "harness presence route changed: revisit this patch"
-        server.config_path.write_text(config.replace(_PRESENCE_GUARD, _PRESENCE_FIXED))
-        server.start()
-        return server
-
-    yield make
-    for server in servers:
-        server.close()
-
 
 async def _setup(
     kamailio_factory: KamailioFactory, gateway_factory: GatewayFactory, **modes: object
@@ -410,13 +381,13 @@ def _shows(state: StateChanged, activity: pidf.Activity, note: str) -> bool:
 
 @pytest.mark.parametrize("auth", [False, True], ids=["open", "digest"])
 async def test_our_subscriber_watches_a_pjsip_user_at_kamailios_presence_server(
-    presence_kamailio: KamailioFactory,
+    kamailio_factory: KamailioFactory,
     gateway_factory: GatewayFactory,
     pjsip_agent: PjsipAgent,
     auth: bool,
 ) -> None:
     port = free_port()
-    kamailio = presence_kamailio(port, auth_gateway=auth)
+    kamailio = kamailio_factory(port, presence=True, auth_gateway=auth)
     digest = DigestClient(Credentials(GATEWAY_AUTH_USER, GATEWAY_AUTH_PASSWORD, GATEWAY_AUTH_REALM))
     gateway = await gateway_factory(port, kamailio, digest=digest)
     alice = await pjsip_agent.add_account("alice", kamailio, publish=True)

@@ -74,6 +74,8 @@ loadmodule "presence_xml.so"
 modparam("usrloc", "db_mode", 0)
 modparam("usrloc", "use_domain", 1)
 modparam("registrar", "use_path", 0)
+# The stock minimum (60 s) would make every registration-expiry test wait a minute.
+modparam("registrar", "min_expires", 5)
 modparam("rr", "append_fromtag", 1)
 modparam("auth", "algorithm", "{algorithm}")
 #!ifdef WITH_PRESENCE
@@ -202,7 +204,9 @@ route[AUTH_GATEWAY] {{
 
 #!ifdef WITH_PRESENCE
 route[PRESENCE] {{
-	if (!is_method("PUBLISH|SUBSCRIBE") || $rd != "{domain}") {{
+	# In-dialog refreshes and unsubscribes are addressed to the presence server's Contact
+	# (server_address, an IP literal), initial requests to the user in {domain}.
+	if (!is_method("PUBLISH|SUBSCRIBE") || ($rd != "{domain}" && uri != myself)) {{
 		return;
 	}}
 	if (!t_newtran()) {{
