@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 from component.events import Presence, SipAnswer, SipText
 from component.logs import get_logger
-from component.presence import IncomingLike, PresenceCore, ReplyTo
+from component.presence import PresenceCore
+from component.presence_ports import IncomingLike, ReplyTo
 from sipside.errors import TransactionTimeout, TransportError
 from sipside.message import SipRequest, SipResponse
 from sipside.peer import Peer

@@ -1,0 +1,137 @@
+"""What the presence parts share (DESIGN 5): ports to the outside, reply routing, small helpers.
+
+The presence core is split by who watches whom: ``presence_sipwatch`` (DESIGN 5.2),
+``presence_xmppwatch`` (5.3) and ``presence_users`` (5.4), joined by ``presence.PresenceCore``.
+They reach SIP, XMPP and the store only through the ports defined here, and route the outcome
+of a request they sent back to its machine with a ``ReplyTo``.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from component.events import Presence
+from component.logs import get_logger
+from component.store import ApprovalDirection, ApprovalState, JsonObject, StorePort
+from sipside import pidf
+from sipside.dialog import DialogId, address_uri
+from sipside.endpoint import peer_for_uri
+from sipside.errors import LocalError
+from sipside.message import SipRequest, SipResponse
+from sipside.notifier import NotifierSnapshot
+from sipside.peer import Peer
+from sipside.subscription import SubscriberSnapshot
+
+log = get_logger("component.presence")
+
+__all__ = [
+    "PIDF",
+    "RESOURCE",
+    "IncomingLike",
+    "MachineKind",
+    "ReplyTo",
+    "SipPort",
+    "XmppPort",
+    "is_approved",
+    "peer_for",
+    "send_presence",
+    "snapshot_json",
+]
+
+PIDF = pidf.PIDF_CONTENT_TYPE  # sent bare: baresip refuses parameters (SERVERS.md)
+RESOURCE = "sip"  # DESIGN 3.1: the resource of SIP users on XMPP
+
+
+class MachineKind(enum.Enum):
+    """Which of the core's machines a SIP transaction belongs to."""
+
+    NOTIFIER = "notifier"
+    SUBSCRIBER = "subscriber"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyTo:
+    """Where the outcome of a request the core sent goes back: machine kind, key, Call-ID."""
+
+    kind: MachineKind
+    key: DialogId | tuple[str, str]
+    call_id: str
+
+
+class SipPort(Protocol):
+    """What the core needs of the SIP side."""
+
+    def send_request(self, request: SipRequest, peer: Peer | None, reply: ReplyTo) -> None:
+        """Send in a client transaction; report via ``on_sip_response`` / ``on_sip_timeout``."""
+        ...
+
+    def contact_for(self, transport: str) -> str:
+        """Our Contact URI for ``transport``."""
+        ...
+
+
+class XmppPort(Protocol):
+    """What the core needs of the XMPP link."""
+
+    @property
+    def connected(self) -> bool:
+        """True while the component stream is up."""
+        ...
+
+    def send_presence(self, presence: Presence) -> bool:
+        """Write a presence stanza; False when the link is down."""
+        ...
+
+
+class IncomingLike(Protocol):
+    """An incoming SIP request to answer (``sipside.endpoint.IncomingRequest``)."""
+
+    request: SipRequest
+    source: Peer
+
+    def send(self, response: SipResponse) -> None:
+        """Send a final response."""
+        ...
+
+
+def send_presence(xmpp: XmppPort, presence: Presence) -> None:
+    """Send ``presence`` on the XMPP link; a link that is down only costs a debug line."""
+    if not xmpp.send_presence(presence):
+        # Link down: the re-announce on link up (DESIGN 8) brings it across.
+        log.debug("presence_not_sent", jid=presence.recipient, type=presence.type)
+
+
+async def is_approved(
+    store: StorePort, sip_jid: str, xmpp_jid: str, direction: ApprovalDirection
+) -> bool:
+    """True when the stored approval between the two JIDs, one way, is granted."""
+    approval = await store.approval(sip_jid, xmpp_jid, direction)
+    return approval is not None and approval.state is ApprovalState.APPROVED
+
+
+def peer_for(request: SipRequest) -> Peer | None:
+    """Where an in-dialog request goes: its first Route, else its remote target.
+
+    A stock Kamailio does not relay an in-dialog request that carries no Route, so such
+    requests go straight to the peer; an unroutable host name falls back to the proxy.
+    """
+    routes = request.header_values("Route")
+    uri = address_uri(routes[0]) if routes else request.uri
+    try:
+        return peer_for_uri(uri)
+    except LocalError:
+        return None
+
+
+def snapshot_json(snap: NotifierSnapshot | SubscriberSnapshot) -> JsonObject:
+    """A machine's snapshot as the store keeps it: bytes as base64, tuples as lists (DESIGN 8)."""
+    data: dict[str, Any] = asdict(snap)
+    for name, value in data.items():
+        if isinstance(value, bytes):
+            data[name] = base64.b64encode(value).decode("ascii")
+        elif isinstance(value, tuple):
+            data[name] = list(value)
+    return data
