@@ -25,10 +25,12 @@ from sipside.message import (
     SipMessage,
     SipRequest,
     SipResponse,
+    Via,
     make_response,
     new_branch,
     parse_message,
     reason_phrase,
+    remember_via,
 )
 from sipside.peer import Peer
 from sipside.timers import TimerConfig
@@ -296,6 +298,7 @@ class Endpoint:
         self._pending: dict[ClientKey, _Pending] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._instant: float | None = None  # the time of the message being dispatched
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
@@ -422,12 +425,20 @@ class Endpoint:
         local = self._local.get(dest.transport)
         if local is None:
             raise LocalError(f"no {dest.transport} listener to send {request.method} to {dest}")
-        via = f"SIP/2.0/{dest.transport.upper()} {local.hostport()};branch={new_branch()};rport"
-        request = request.add_header("Via", via, first=True)
+        host = f"[{local.host}]" if ":" in local.host else local.host
+        via = Via(
+            dest.transport.upper(), host, local.port, (("branch", new_branch()), ("rport", None))
+        )
+        via_text = str(via)
+        remember_via(via_text, via)  # the transaction layer and the response look it up
+        # One copy with all our headers, as add_header would place them: Via first, then the
+        # request's own, then Max-Forwards and User-Agent unless it has them.
+        headers = (("Via", via_text), *request.headers)
         if request.header("Max-Forwards") is None:
-            request = request.add_header("Max-Forwards", "70")
+            headers += (("Max-Forwards", "70"),)
         if request.header("User-Agent") is None:
-            request = request.add_header("User-Agent", self.user_agent)
+            headers += (("User-Agent", self.user_agent),)
+        request = SipRequest(request.method, request.uri, headers, request.body)
         loop = self._loop
         assert loop is not None, "Endpoint.start() first"
         future: asyncio.Future[SipResponse] = loop.create_future()
@@ -440,7 +451,7 @@ class Endpoint:
     # --- incoming bytes ------------------------------------------------------------------------
 
     def _on_datagram(self, data: bytes, source: Peer) -> None:
-        if not data.strip(b"\r\n"):
+        if data[:1] in (b"\r", b"\n", b"") and not data.strip(b"\r\n"):
             return  # RFC 5626 keep-alive over UDP
         self._on_message(data, source)
 
@@ -455,13 +466,19 @@ class Endpoint:
             self.stats.responses_in += 1
         else:
             self.stats.requests_in += 1
+        now = self._now()
         try:
-            effects = self._layer.receive(message, source, self._now())
+            effects = self._layer.receive(message, source, now)
         except PeerError as exc:
             self.stats.parse_errors += 1
             self._answer_unparsable(data, source, exc)
             return
-        self._run(effects)
+        # A handler that answers at once answers at this same instant: one clock read for both.
+        self._instant = now
+        try:
+            self._run(effects)
+        finally:
+            self._instant = None
 
     def _answer_unparsable(self, data: bytes, source: Peer, exc: PeerError) -> None:
         """RFC 3261 8.2: answer a broken request if its Via can be read at all, copying whichever
@@ -649,12 +666,19 @@ class Endpoint:
     # --- timers --------------------------------------------------------------------------------
 
     def _now(self) -> float:
+        instant = self._instant
+        if instant is not None:
+            return instant
         loop = self._loop
         return loop.time() if loop is not None else 0.0
 
     def _arm_timer(self) -> None:
         deadline = self._layer.next_deadline()
-        if deadline == self._timer_at:
+        armed = self._timer_at
+        if armed is not None and (deadline is None or armed <= deadline):
+            # The armed timer fires no later than needed; when it fires early it finds nothing
+            # due and re-arms. Cheaper than re-arming each time the earliest deadline moves
+            # out, which it does with every answered transaction.
             return
         if self._timer is not None:
             self._timer.cancel()

@@ -11,10 +11,12 @@ any other exception type. Semantic checks live in ``sipside.validate``.
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import secrets
-from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Self, TypeVar
 
 from sipside.errors import LocalError, PeerError
@@ -65,6 +67,7 @@ _KNOWN_NAMES = [
 _CANON: dict[str, str] = {name.lower(): name for name in _KNOWN_NAMES}
 _CANON.update(COMPACT_FORMS)
 _KNOWN = frozenset(_KNOWN_NAMES)
+_LONGEST_NAME = max(map(len, _KNOWN_NAMES))
 # The parser's first try: names exactly as well-behaved peers write them (canonical, lower-case
 # or compact), which saves a lower() per header line; anything else goes through _CANON.
 _EXACT: dict[str, str] = {**_CANON, **{name: name for name in _KNOWN_NAMES}}
@@ -83,6 +86,10 @@ LIST_HEADERS = frozenset([
 
 _TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 _METHOD = _TOKEN
+# methods that need no regex to be known to be tokens
+_COMMON_METHODS = frozenset(
+    ["MESSAGE", "SUBSCRIBE", "NOTIFY", "PUBLISH", "REGISTER", "OPTIONS", "INVITE", "ACK", "BYE"]
+)
 _URI_START = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:[^\s<>\"]+")
 _VERSION = re.compile(r"SIP/\d+\.\d+", re.IGNORECASE)
 _FOLD = re.compile(r"\r\n[ \t]+")
@@ -92,27 +99,92 @@ _VIA = re.compile(
     re.IGNORECASE | re.DOTALL,
 )
 _CSEQ = re.compile(r"([0-9]{1,10})[ \t]+([A-Za-z0-9\-.!%*_+`'~]+)")
+# Parameters with nothing to strip or unquote (names and values are checked by _plain_params)
+_SIMPLE_PARAMS = r"((?:;[^\s\"]*)?)"
+# A subset of _VIA whose parse needs no stripping, upper-casing or quote handling
+_VIA_SIMPLE = re.compile(
+    r"SIP/2\.0/([A-Z]+) (\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-.]+)(?::([0-9]{1,5}))?" + _SIMPLE_PARAMS
+)
+# A subset of name-addr: optional quoted display name without escapes, <URI>, plain parameters
+_NAME_ADDR_SIMPLE = re.compile(
+    r'(?:"([^"\\]*)"[ \t]*)?<([A-Za-z][A-Za-z0-9+.\-]*:[^\s<>"]+)>' + _SIMPLE_PARAMS
+)
 
 Params = tuple[tuple[str, str | None], ...]
-# Lookup key of a header name -> positions of its values in ``headers``, in wire order
-HeaderIndex = dict[str, list[int]]
+# Lookup key of a header name (see _lookup_key) -> position of its first value in ``headers``
+HeaderIndex = dict[str, int]
+# Lookup key -> positions of all its values, in wire order, for the names that occur twice or more
+HeaderRepeats = dict[str, list[int]]
 
 _T = TypeVar("_T")
+_C = TypeVar("_C")
 
 # Bounded memo tables for the pure value parsers below (Via, name-addr, CSeq), keyed by the
 # header value. One message is looked at by several layers (transactions, validation, the
 # application) that each parse the same Via, From and To; a str caches its own hash, so a hit
 # costs one dict lookup. Long values are not kept and a full table is simply emptied, so the
 # memory stays bounded whatever peers send. Parse errors are never cached: they raise each time.
-_MEMO_SIZE = 4096
+# The tables are small on purpose: the hits that matter come while one message goes through the
+# layers, and a large table keeps thousands of parsed objects alive for the garbage collector
+# to walk (measured: 32 entries beat both 512 and 4096 by several microseconds a message).
+_MEMO_SIZE = 32
 _MEMO_MAX_VALUE = 512
 
 
-def _remember(table: dict[str, _T], key: str, value: _T) -> None:
+def _remember(table: dict[str, _T], key: str, value: _T, size: int = _MEMO_SIZE) -> None:
     if len(key) <= _MEMO_MAX_VALUE:
-        if len(table) >= _MEMO_SIZE:
+        if len(table) >= size:
             table.clear()
         table[key] = value
+
+
+def _slot_setter(cls: type, name: str) -> Callable[[object, object], None]:
+    """The slot's own setter: what object.__setattr__ ends up calling, without its checks."""
+    setter: Callable[[object, object], None] = cls.__dict__[name].__set__
+    return setter
+
+
+def fast_frozen_init(cls: type[_C]) -> type[_C]:
+    """Give a frozen, slotted dataclass an ``__init__`` that stores into the slots directly.
+
+    The generated ``__init__`` of a frozen dataclass goes through ``object.__setattr__`` for
+    every field, which costs several times a plain slot store; the SIP hot path builds a dozen
+    such objects per message. The replacement has the same signature and defaults and calls
+    ``__post_init__`` the same way; fields with a default_factory or kw_only (and InitVars) are
+    not supported. Slots of base classes that are not fields (private caches) start as None.
+    """
+    params: list[str] = []
+    lines: list[str] = []
+    namespace: dict[str, object] = {}
+    specs = fields(cls)  # type: ignore[arg-type]
+    names = {spec.name for spec in specs}
+    for base in cls.__mro__[1:]:
+        for name in base.__dict__.get("__slots__", ()):
+            if name not in names and not name.startswith("__"):
+                namespace[f"_set_{name}"] = _slot_setter(base, name)
+                lines.append(f"    _set_{name}(self, None)")
+    for spec in specs:
+        name = spec.name
+        if spec.default_factory is not MISSING or spec.kw_only is True:
+            raise LocalError(
+                f"{cls.__name__}.{name}: default_factory and kw_only are not supported"
+            )
+        namespace[f"_set_{name}"] = _slot_setter(cls, name)
+        if spec.default is not MISSING:
+            namespace[f"_default_{name}"] = spec.default
+        if spec.init:
+            params.append(name if spec.default is MISSING else f"{name}=_default_{name}")
+            lines.append(f"    _set_{name}(self, {name})")
+        elif spec.default is not MISSING:
+            lines.append(f"    _set_{name}(self, _default_{name})")
+    if hasattr(cls, "__post_init__"):
+        lines.append("    self.__post_init__()")
+    source = f"def __init__(self, {', '.join(params)}):\n" + "\n".join(lines or ["    pass"])
+    exec(source, namespace)
+    init = namespace["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"  # type: ignore[attr-defined]
+    setattr(cls, "__init__", init)  # noqa: B010 - mypy forbids assigning to a method
+    return cls
 
 
 def _bad(warning: str) -> PeerError:
@@ -187,6 +259,25 @@ def parse_params(text: str) -> Params:
     return tuple(params)
 
 
+def _plain_params(text: str) -> Params | None:
+    """parse_params of a text that _SIMPLE_PARAMS matched (no LWS, no quotes), or None if it
+    is not that simple after all and parse_params must have its say."""
+    if not text:
+        return ()
+    params: list[tuple[str, str | None]] = []
+    for part in text[1:].split(";"):
+        name, eq, value = part.partition("=")
+        if not (name.isalnum() and name.isascii()) and not _TOKEN.fullmatch(name):
+            return None
+        if eq:
+            if not value:
+                return None
+            params.append((name, value))
+        else:
+            params.append((name, None))
+    return tuple(params)
+
+
 def _param(params: Params, name: str) -> str | None:
     lname = name.lower()
     for key, value in params:
@@ -196,9 +287,10 @@ def _param(params: Params, name: str) -> str | None:
 
 
 def _format_params(params: Params) -> str:
-    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params)
+    return "".join([f";{k}" if v is None else f";{k}={v}" for k, v in params])
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class Via:
     """One Via value (RFC 3261 20.42): sent-protocol transport, sent-by, parameters."""
@@ -210,7 +302,7 @@ class Via:
     branch: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "branch", _param(self.params, "branch"))
+        _set_via_branch(self, _param(self.params, "branch"))
 
     def param(self, name: str) -> str | None:
         """Value of a parameter: None if absent, "" for a flag such as ``rport``."""
@@ -240,6 +332,19 @@ class Via:
 
     @classmethod
     def _parse(cls, value: str) -> Via:
+        simple = _VIA_SIMPLE.fullmatch(value) if cls is Via else None
+        if simple is not None:
+            # The usual shape (upper-case transport, no LWS, plain parameters): what the
+            # general path below would make of it, in fewer steps.
+            transport, host, port, rest = simple.groups()
+            port_number = int(port) if port else None
+            params = _plain_params(rest)
+            if params is not None and (port_number is None or port_number <= 65535):
+                return Via(transport, host, port_number, params)
+        return cls._parse_general(value)
+
+    @classmethod
+    def _parse_general(cls, value: str) -> Via:
         match = _VIA.fullmatch(value.strip())
         if match is None:
             raise _bad(f"bad Via {value[:60]!r}")
@@ -251,6 +356,7 @@ class Via:
 
 
 _VIAS: dict[str, Via] = {}
+_set_via_branch = _slot_setter(Via, "branch")
 
 
 def remember_via(value: str, via: Via) -> None:
@@ -259,6 +365,7 @@ def remember_via(value: str, via: Via) -> None:
     _remember(_VIAS, value, via)
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class NameAddr:
     """An address header value (To, From, Contact, Route...): display name, URI, parameters."""
@@ -291,6 +398,16 @@ def parse_name_addr(value: str) -> NameAddr:
 
 def _parse_name_addr(value: str) -> NameAddr:
     text = value.strip()
+    simple = _NAME_ADDR_SIMPLE.fullmatch(text)
+    if simple is not None:
+        # the usual shape: what the general path below would make of it, in fewer steps
+        plain = _plain_params(simple[3])
+        if plain is not None:
+            return NameAddr(simple[1], simple[2], plain)
+    return _parse_name_addr_general(text)
+
+
+def _parse_name_addr_general(text: str) -> NameAddr:
     display: str | None = None
     close = text.find('"', 1) if text.startswith('"') else -1
     if close > 0 and "\\" not in text[1:close]:
@@ -349,49 +466,75 @@ class _Headers:
     """Accessors shared by requests and responses (a mixin over ``headers`` and ``body``).
 
     Lookups go through an index of header positions by name, built once per message (by the
-    parser, or on first use for a message made in code) and kept in the private ``_index`` slot
-    of the frozen dataclass; copies made with ``dataclasses.replace`` start without one.
+    parser, or on first use for a message made in code) and kept in two private slots that are
+    not dataclass fields (not compared, hashed or copied); copies made with
+    ``dataclasses.replace`` start without them.
     """
 
-    __slots__ = ()
+    __slots__ = ("_index", "_repeats", "_wire_size")
     headers: tuple[tuple[str, str], ...]
     body: bytes
     _index: HeaderIndex | None
+    _repeats: HeaderRepeats | None
+    _wire_size: int | None  # bytes of the start line and header block as received
+
+    def header_bytes_at_most(self) -> int | None:
+        """An upper bound of the header block's size as ``validate`` counts it (names, ": ",
+        values in UTF-8, CRLF), known without encoding anything for a parsed message; None
+        for one made in code. Each stored line is at most its wire line plus the growth of a
+        compact or case-folded name to its canonical spelling and the ": " and CRLF."""
+        try:
+            size = self._wire_size
+        except AttributeError:
+            return None
+        return None if size is None else size + (_LONGEST_NAME + 4) * len(self.headers)
 
     def _header_index(self) -> HeaderIndex:
-        """Positions of each header's values; the key is the name for known (canonically
-        spelled) names and the lower-cased name for others, as ``_lookup_key`` computes it."""
-        index = self._index
-        if index is None:
-            index = {}
-            for position, (name, _value) in enumerate(self.headers):
-                key = name if name in _KNOWN else name.lower()
-                positions = index.get(key)
-                if positions is None:
-                    index[key] = [position]
-                else:
-                    positions.append(position)
-            object.__setattr__(self, "_index", index)
+        """Position of each header's first value (building the index if need be)."""
+        try:
+            known = self._index
+        except AttributeError:
+            known = None  # copy.copy() and pickle fill in the fields only
+        if known is not None:
+            return known
+        repeats: HeaderRepeats | None = None
+        index: HeaderIndex = {}
+        for position, (name, _value) in enumerate(self.headers):
+            key = name if name in _KNOWN else name.lower()
+            if key in index:
+                repeats = _add_repeat(repeats, index, key, position)
+            else:
+                index[key] = position
+        _set_index(self, index)
+        _set_repeats(self, repeats)
         return index
+
+    def _positions(self, key: str) -> list[int]:
+        """Positions of all values of the header with index key ``key``."""
+        index = self._header_index()
+        repeats = self._repeats
+        if repeats is not None:
+            found = repeats.get(key)
+            if found is not None:
+                return found
+        first = index.get(key)
+        return [] if first is None else [first]
 
     def header(self, name: str) -> str | None:
         """First value of a header; name case-insensitive, compact forms accepted."""
         key = _lookup_key(name)
         if key == "Content-Length":
             return str(len(self.body))
-        positions = self._header_index().get(key)
-        return None if positions is None else self.headers[positions[0]][1]
+        position = self._header_index().get(key)
+        return None if position is None else self.headers[position][1]
 
     def header_values(self, name: str) -> list[str]:
         """All values of a header; list headers are split on commas (empty items dropped)."""
         key = _lookup_key(name)
         if key == "Content-Length":
             return [str(len(self.body))]
-        positions = self._header_index().get(key)
-        if positions is None:
-            return []
         headers = self.headers
-        values = [headers[position][1] for position in positions]
+        values = [headers[position][1] for position in self._positions(key)]
         if key not in LIST_HEADERS:
             return values
         return [item for value in values for item in split_list(value) if item]
@@ -401,8 +544,7 @@ class _Headers:
         key = _lookup_key(name)
         if key == "Content-Length":
             return 1
-        positions = self._header_index().get(key)
-        return 0 if positions is None else len(positions)
+        return len(self._positions(key))
 
     @property
     def call_id(self) -> str:
@@ -446,21 +588,20 @@ class _Headers:
     @property
     def vias(self) -> list[Via]:
         """All Via values, top first; PeerError 400 if one is malformed."""
-        positions = self._header_index().get("Via")
-        if positions is None:
-            return []
         headers = self.headers
         return [
-            Via.parse(item) for position in positions for item in split_list(headers[position][1])
+            Via.parse(item)
+            for position in self._positions("Via")
+            for item in split_list(headers[position][1])
         ]
 
     @property
     def top_via(self) -> Via | None:
         """The first Via value, parsing no other; PeerError 400 if it is malformed."""
-        positions = self._header_index().get("Via")
-        if positions is None:
+        position = self._header_index().get("Via")
+        if position is None:
             return None
-        value = self.headers[positions[0]][1]
+        value = self.headers[position][1]
         return Via.parse(value if "," not in value else split_list(value)[0])
 
     def replace_headers(self, name: str, values: Iterable[str]) -> Self:
@@ -478,21 +619,56 @@ class _Headers:
 
     def replace_first(self, name: str, value: str) -> Self:
         """A copy whose first ``name`` header has ``value``, in place; LocalError if none."""
-        key = _lookup_key(_settable(name))
-        index = self._header_index()
-        positions = index.get(key)
-        if positions is None:
+        position = self._header_index().get(_lookup_key(_settable(name)))
+        if position is None:
             raise LocalError(f"no {name} header to replace")
+        return self._replace_at(position, value)
+
+    def with_top_via(self, value: str) -> Self:
+        """A copy whose first Via value (the first item of the first Via header) is ``value``,
+        everything else untouched (RFC 3261 18.2.1 stamping); LocalError if there is no Via."""
+        position = self._header_index().get("Via")
+        if position is None:
+            raise LocalError("no Via header to replace")
+        current = self.headers[position][1]
+        if "," in current:
+            items = split_list(current)
+            items[0] = value
+            value = ", ".join(items)
+        return self._replace_at(position, value)
+
+    def _replace_at(self, position: int, value: str) -> Self:
         headers = list(self.headers)
-        position = positions[0]
         headers[position] = (headers[position][0], value)
         copy = self._with_headers(tuple(headers))
         # same names at the same positions: the index still holds
-        object.__setattr__(copy, "_index", index)
+        _set_index(copy, self._header_index())
+        _set_repeats(copy, self._repeats)
+        try:
+            size = self._wire_size
+        except AttributeError:
+            size = None
+        if size is not None:
+            # still an upper bound (header_bytes_at_most) with the whole new value added
+            _set_wire_size(copy, size + len(value.encode()))
         return copy
 
     def _with_headers(self, headers: tuple[tuple[str, str], ...]) -> Self:
         raise NotImplementedError  # pragma: no cover
+
+
+def _add_repeat(
+    repeats: HeaderRepeats | None, index: HeaderIndex, key: str, position: int
+) -> HeaderRepeats:
+    """Record a second or later header of index key ``key`` at ``position``."""
+    if repeats is None:
+        repeats = {}
+    positions = repeats.get(key)
+    if positions is None:
+        repeats[key] = [index[key], position]
+    else:
+        positions.append(position)
+    return repeats
 
 
 _CSEQS: dict[str, tuple[int, str]] = {}
@@ -506,7 +682,7 @@ def _lookup_key(name: str) -> str:
     if key is None:
         canon = canonical_name(name)
         key = canon if canon in _KNOWN else canon.lower()
-        _remember(_LOOKUP_KEYS, name, key)
+        _remember(_LOOKUP_KEYS, name, key, 1024)
     return key
 
 
@@ -518,12 +694,13 @@ def _settable(name: str) -> str:
 
 
 def _serialize(start: str, headers: tuple[tuple[str, str], ...], body: bytes) -> bytes:
-    lines = [start]
-    lines.extend(f"{name}: {value}" for name, value in headers)
+    lines = [start, *[f"{name}: {value}" for name, value in headers]]
     lines.append(f"Content-Length: {len(body)}\r\n\r\n")
-    return "\r\n".join(lines).encode() + body
+    head = "\r\n".join(lines).encode()
+    return head + body if body else head
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class SipRequest(_Headers):
     """A SIP request; ``headers`` in wire order without Content-Length (derived from body)."""
@@ -532,7 +709,6 @@ class SipRequest(_Headers):
     uri: str
     headers: tuple[tuple[str, str], ...]
     body: bytes = b""
-    _index: HeaderIndex | None = field(default=None, init=False, repr=False, compare=False)
 
     def __bytes__(self) -> bytes:
         return _serialize(f"{self.method} {self.uri} SIP/2.0", self.headers, self.body)
@@ -541,6 +717,7 @@ class SipRequest(_Headers):
         return type(self)(self.method, self.uri, headers, self.body)
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class SipResponse(_Headers):
     """A SIP response; ``headers`` in wire order without Content-Length (derived from body)."""
@@ -549,7 +726,6 @@ class SipResponse(_Headers):
     reason: str
     headers: tuple[tuple[str, str], ...]
     body: bytes = b""
-    _index: HeaderIndex | None = field(default=None, init=False, repr=False, compare=False)
 
     def __bytes__(self) -> bytes:
         return _serialize(f"SIP/2.0 {self.status} {self.reason}", self.headers, self.body)
@@ -559,6 +735,10 @@ class SipResponse(_Headers):
 
 
 SipMessage = SipRequest | SipResponse
+
+_set_index = _slot_setter(_Headers, "_index")
+_set_repeats = _slot_setter(_Headers, "_repeats")
+_set_wire_size = _slot_setter(_Headers, "_wire_size")
 
 
 def parse_message(data: bytes) -> SipMessage:
@@ -589,48 +769,20 @@ def _parse(data: bytes) -> SipMessage:
         text = head.decode()
     except UnicodeDecodeError:
         raise _bad("header block is not UTF-8") from None
-    breaks = text.count("\r\n")
+    lines = text.split("\r\n")
+    breaks = len(lines) - 1  # CRLF pairs cannot overlap, so this is how many there are
     if text.count("\r") != breaks or text.count("\n") != breaks:
         raise _bad("bare CR or LF in header block")
-    first, _, block = text.partition("\r\n")
-    if block[:1] in (" ", "\t"):
+    if breaks and lines[1][:1] in (" ", "\t"):
         raise _bad("start line continued on the next line")
-    if "\r\n " in block or "\r\n\t" in block:
-        block = _FOLD.sub(" ", block)  # RFC 3261 7.3.1: folded LWS is one SP
-    headers: list[tuple[str, str]] = []
-    index: HeaderIndex = {}  # built here, where each name is looked at anyway
-    length: str | None = None
-    if block:
-        for line in block.split("\r\n"):
-            name, colon, value = line.partition(":")
-            if not colon:
-                raise _bad(f"header line without colon {line[:40]!r}")
-            canon = _EXACT.get(name)
-            if canon is None:
-                name = name.rstrip(" \t")
-                canon = _CANON.get(name.lower())
-                if canon is None:
-                    if not _TOKEN.fullmatch(name):
-                        raise _bad(f"bad header name {name[:40]!r}")
-                    canon = name
-                    key = name.lower()  # the index key of an unknown name, as _lookup_key
-                else:
-                    key = canon
-            else:
-                key = canon
-            value = value.strip(" \t")
-            if canon == "Content-Length":
-                # RFC 4475 mcl01: two different lengths leave the framing unknowable
-                if length is not None and value != length:
-                    raise _bad("conflicting Content-Length values")
-                length = value
-                continue
-            positions = index.get(key)
-            if positions is None:
-                index[key] = [len(headers)]
-            else:
-                positions.append(len(headers))
-            headers.append((canon, value))
+    try:
+        headers, index, repeats, length = _header_lines(lines)
+    except (PeerError, _Folded):
+        # RFC 3261 7.3.1: folded LWS is one SP. Looking for folds costs a scan of the whole
+        # block, so it is only done once a line looks odd (a continuation line always does).
+        if not _FOLD.search(text):
+            raise
+        headers, index, repeats, length = _header_lines(_FOLD.sub(" ", text).split("\r\n"))
     if length is not None:
         if not length.isascii() or not length.isdigit():
             raise _bad(f"bad Content-Length {length[:20]!r}")  # RFC 4475 ncl
@@ -641,12 +793,66 @@ def _parse(data: bytes) -> SipMessage:
         body = rest[:size]  # RFC 3261 18.3: bytes past Content-Length are dropped
     else:
         body = rest
-    message = _start_line(first, tuple(headers), body)
-    object.__setattr__(message, "_index", index)
-    return message
+    return _start_line(lines[0], headers, body, index, repeats, len(head))
 
 
-def _start_line(first: str, headers: tuple[tuple[str, str], ...], body: bytes) -> SipMessage:
+class _Folded(Exception):
+    """A header line starts with whitespace: the block has folded lines to join first."""
+
+
+def _header_lines(
+    lines: list[str],
+) -> tuple[tuple[tuple[str, str], ...], HeaderIndex, HeaderRepeats | None, str | None]:
+    """The headers of the block (``lines[1:]``, the start line being ``lines[0]``), their index,
+    and the Content-Length value; raises _Folded at a continuation line."""
+    headers: list[tuple[str, str]] = []
+    index: HeaderIndex = {}  # built here, where each name is looked at anyway
+    repeats: HeaderRepeats | None = None
+    length: str | None = None
+    if len(lines) == 2 and not lines[1]:
+        return (), index, repeats, length  # the start line and its CRLF only
+    for line in itertools.islice(lines, 1, None):
+        name, colon, value = line.partition(":")
+        canon = _EXACT.get(name)
+        if canon is None or not colon:
+            if line[:1] in (" ", "\t"):
+                raise _Folded
+            if not colon:
+                raise _bad(f"header line without colon {line[:40]!r}")
+            name = name.rstrip(" \t")
+            canon = _CANON.get(name.lower())
+            if canon is None:
+                if not _TOKEN.fullmatch(name):
+                    raise _bad(f"bad header name {name[:40]!r}")
+                canon = name
+                key = name.lower()  # the index key of an unknown name, as _lookup_key
+            else:
+                key = canon
+        else:
+            key = canon
+        value = value.strip(" \t")
+        if canon == "Content-Length":
+            # RFC 4475 mcl01: two different lengths leave the framing unknowable
+            if length is not None and value != length:
+                raise _bad("conflicting Content-Length values")
+            length = value
+            continue
+        if key in index:
+            repeats = _add_repeat(repeats, index, key, len(headers))
+        else:
+            index[key] = len(headers)
+        headers.append((canon, value))
+    return tuple(headers), index, repeats, length
+
+
+def _start_line(
+    first: str,
+    headers: tuple[tuple[str, str], ...],
+    body: bytes,
+    index: HeaderIndex,
+    repeats: HeaderRepeats | None,
+    wire_size: int,
+) -> SipMessage:
     if first[:4].upper() == "SIP/":
         parts = first.split(" ", 2)
         if parts[0].upper() != "SIP/2.0":
@@ -655,22 +861,31 @@ def _start_line(first: str, headers: tuple[tuple[str, str], ...], body: bytes) -
         # RFC 3261 25.1: Status-Code is 3DIGIT; RFC 4475 bigcode has more
         if len(code) != 3 or not code.isascii() or not code.isdigit() or code[0] not in "123456":
             raise _bad(f"bad status code {code[:20]!r}")
-        return SipResponse(int(code), parts[2] if len(parts) > 2 else "", headers, body)
+        reason = parts[2] if len(parts) > 2 else ""
+        response = SipResponse(int(code), reason, headers, body)
+        _set_index(response, index)
+        _set_repeats(response, repeats)
+        _set_wire_size(response, wire_size)
+        return response
     parts = first.split(" ")
     # RFC 3261 7.1: exactly one SP between the elements (RFC 4475 lwsstart, lwsruri, trws)
     if len(parts) != 3:
         raise _bad("request line is not Method SP Request-URI SP SIP-Version")
     method, uri, version = parts
-    if not _METHOD.fullmatch(method):
+    if method not in _COMMON_METHODS and not _METHOD.fullmatch(method):
         raise _bad(f"bad method {method[:40]!r}")
     if not _URI_START.fullmatch(uri):
         raise _bad(f"bad Request-URI {uri[:60]!r}")  # RFC 4475 ltgtruri
-    if version.upper() != "SIP/2.0":
+    if version != "SIP/2.0" and version.upper() != "SIP/2.0":
         if _VERSION.fullmatch(version):
             # RFC 3261 8.2.1 and 21.5.7 (RFC 4475 badvers)
             raise PeerError(505, "Version Not Supported", version)
         raise _bad(f"bad SIP version {version[:20]!r}")
-    return SipRequest(method, uri, headers, body)
+    request = SipRequest(method, uri, headers, body)
+    _set_index(request, index)
+    _set_repeats(request, repeats)
+    _set_wire_size(request, wire_size)
+    return request
 
 
 _REASONS: dict[int, str] = {
@@ -723,19 +938,23 @@ def make_response(
     if not 100 <= status <= 699:
         raise LocalError(f"status {status} out of range")
     copied: list[tuple[str, str]] = []
-    for name, value in request.headers:
-        if name == "To" and to_tag is not None:
-            if _lacks_tag(value):
-                value = f"{value};tag={to_tag}"
-        elif name == "Timestamp" and status == 100:
-            pass  # RFC 3261 8.2.6.1: a 100 copies the Timestamp
-        elif name not in ("Via", "From", "Call-ID", "CSeq", "To"):
-            continue
-        copied.append((name, value))
-    copied.extend((canonical_name(n), v) for n, v in headers)
-    return SipResponse(
-        status, reason_phrase(status) if reason is None else reason, tuple(copied), body
-    )
+    for header in request.headers:
+        name = header[0]
+        if name not in _COPIED:
+            if name == "Timestamp" and status == 100:
+                copied.append(header)  # RFC 3261 8.2.6.1: a 100 copies the Timestamp
+        elif name == "To" and to_tag is not None and _lacks_tag(header[1]):
+            copied.append((name, f"{header[1]};tag={to_tag}"))
+        else:
+            copied.append(header)
+    if headers:
+        copied.extend([(canonical_name(n), v) for n, v in headers])
+    if reason is None:
+        reason = _REASONS.get(status) or reason_phrase(status)
+    return SipResponse(status, reason, tuple(copied), body)
+
+
+_COPIED = frozenset(["Via", "From", "To", "Call-ID", "CSeq"])  # RFC 3261 8.2.6.2
 
 
 def _lacks_tag(to: str) -> bool:
@@ -745,16 +964,49 @@ def _lacks_tag(to: str) -> bool:
         return False  # a malformed To is echoed untouched in the error response
 
 
+class _RandomPool:
+    """Bytes from os.urandom (what secrets uses), read a block at a time: one system call per
+    few hundred identifiers instead of one each. Each byte is handed out once; a forked child
+    starts with an empty pool so that it never repeats its parent's identifiers."""
+
+    __slots__ = ("_data", "_offset")
+    BLOCK = 4096
+
+    def __init__(self) -> None:
+        self._data = b""
+        self._offset = 0
+
+    def reset(self) -> None:
+        """Forget the bytes read so far (after fork)."""
+        self._data = b""
+        self._offset = 0
+
+    def token_hex(self, nbytes: int) -> str:
+        """Like secrets.token_hex(nbytes)."""
+        start = self._offset
+        end = start + nbytes
+        if end > len(self._data):
+            self._data = secrets.token_bytes(max(self.BLOCK, nbytes))
+            start, end = 0, nbytes
+        self._offset = end
+        return self._data[start:end].hex()
+
+
+_random = _RandomPool()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_random.reset)
+
+
 def new_branch() -> str:
     """A fresh RFC 3261 branch: the magic cookie plus 80 random bits."""
-    return "z9hG4bK" + secrets.token_hex(10)
+    return "z9hG4bK" + _random.token_hex(10)
 
 
 def new_tag() -> str:
     """A fresh From/To tag (RFC 3261 19.3: at least 32 random bits)."""
-    return secrets.token_hex(8)
+    return _random.token_hex(8)
 
 
 def new_call_id() -> str:
     """A fresh, globally unique Call-ID (RFC 3261 8.1.1.4)."""
-    return secrets.token_hex(16)
+    return _random.token_hex(16)

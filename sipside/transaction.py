@@ -15,13 +15,14 @@ import enum
 from dataclasses import dataclass
 
 from sipside.errors import LocalError, TransactionTimeout, TransportError
-from sipside.message import SipMessage, SipRequest, SipResponse, make_response
+from sipside.message import SipMessage, SipRequest, SipResponse, fast_frozen_init, make_response
 from sipside.peer import Peer
 from sipside.timers import TimerConfig
 
 # --- transaction keys: our own small hashable values, never library objects (STYLE 5) ---------
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class ClientKey:
     """A client transaction: top Via branch plus CSeq method (RFC 3261 17.1.3)."""
@@ -30,6 +31,7 @@ class ClientKey:
     method: str
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class ServerKey:
     """A server transaction of an RFC 3261 peer: branch, top Via sent-by, method (17.2.3)."""
@@ -40,6 +42,7 @@ class ServerKey:
     method: str
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class LegacyServerKey:
     """A server transaction of an RFC 2543 peer (no magic cookie): the fallback of 17.2.3."""
@@ -59,6 +62,7 @@ AnyServerKey = ServerKey | LegacyServerKey
 # --- effects -----------------------------------------------------------------------------------
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class Transmit:
     """Send ``data`` to ``peer``; report a failure with ``transport_error(key, ...)``."""
@@ -68,6 +72,7 @@ class Transmit:
     key: TransactionKey
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class DeliverResponse:
     """A response for the application that started the client transaction ``key``."""
@@ -76,6 +81,7 @@ class DeliverResponse:
     response: SipResponse
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class DeliverRequest:
     """A new request for the application; answer it with ``send_response(key, ...)``."""
@@ -85,6 +91,7 @@ class DeliverRequest:
     source: Peer
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class Failed:
     """The transaction ended without success: TransactionTimeout or TransportError."""
@@ -93,6 +100,7 @@ class Failed:
     error: TransactionTimeout | TransportError
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class Terminated:
     """The transaction is over; its key is forgotten."""
@@ -100,6 +108,7 @@ class Terminated:
     key: TransactionKey
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class Discarded:
     """A response the application asked to send was not sent (too late, or too early)."""
@@ -109,6 +118,7 @@ class Discarded:
     reason: str
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class Stray:
     """An incoming message that matched no transaction and was dropped; for logging only."""

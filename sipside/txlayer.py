@@ -13,7 +13,6 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import itertools
-from dataclasses import replace
 
 from sipside.errors import LocalError, PeerError, TransportError
 from sipside.message import (
@@ -23,7 +22,7 @@ from sipside.message import (
     Via,
     make_response,
     new_tag,
-    split_list,
+    remember_via,
 )
 from sipside.peer import Peer
 from sipside.timers import TimerConfig
@@ -69,8 +68,6 @@ MAGIC_COOKIE = "z9hG4bK"
 # RFC 3261 8.2.2.2: From tag, Call-ID, CSeq number and method of a request without To tag.
 _MergeKey = tuple[str | None, str, int, str]
 _Transaction = ClientTransaction | ServerTransaction
-# Via parameters whose value only the receiving server may write (RFC 3261 18.2.1, RFC 3581).
-_STAMPED = frozenset({"received", "rport"})
 
 
 class TransactionLayer:
@@ -86,6 +83,10 @@ class TransactionLayer:
         # (deadline, tie-breaker, key); entries go stale when a deadline moves and are skipped.
         self._heap: list[tuple[float, int, TransactionKey]] = []
         self._seq = itertools.count()
+        # next_deadline() remembered while no transaction's deadline moved in a way that could
+        # change it; the endpoint asks after every batch of effects.
+        self._next: float | None = None
+        self._next_known = False
 
     @property
     def config(self) -> TimerConfig:
@@ -168,7 +169,7 @@ class TransactionLayer:
             # We never answer INVITE, so an ACK can only be stray (RFC 3261 17.2.3 would match
             # it to an INVITE server transaction); it gets no transaction and no response.
             return [Stray(request, source, "ACK without an INVITE transaction")]
-        top = _top_via(request)
+        top = request.top_via
         if top is None:
             # RFC 3261 8.1.1.7: Via is mandatory; without it no response can be routed.
             raise PeerError(400, "Bad Request", "missing Via header")
@@ -222,6 +223,7 @@ class TransactionLayer:
         """Fire every timer due at ``now``."""
         heap = self._heap
         effects: list[Effect] = []
+        self._next_known = False
         while heap and heap[0][0] <= now:
             deadline, _, key = heapq.heappop(heap)
             tx = self._lookup(key)
@@ -235,14 +237,19 @@ class TransactionLayer:
 
     def next_deadline(self) -> float | None:
         """The earliest time ``handle_timer`` must be called, or None when nothing is pending."""
+        if self._next_known:
+            return self._next
         heap = self._heap
+        found: float | None = None
         while heap:
             deadline, _, key = heap[0]
             tx = self._lookup(key)
             if tx is not None and tx.next_deadline() == deadline:
-                return deadline
+                found = deadline
+                break
             heapq.heappop(heap)
-        return None
+        self._next, self._next_known = found, True
+        return found
 
     def transport_error(
         self, key: TransactionKey, error: TransportError, now: float
@@ -264,8 +271,12 @@ class TransactionLayer:
         return self._servers.get(key)
 
     def _settle(self, tx: _Transaction, before: float | None) -> None:
-        """Forget a terminated transaction, or schedule its new deadline if it moved."""
+        """Forget a terminated transaction, or schedule its new deadline if it moved.
+
+        ``before`` is the transaction's deadline before the change (None for a new one).
+        """
         if tx.terminated:
+            self._next_known = False  # its deadline may have been the earliest
             if isinstance(tx, ClientTransaction):
                 del self._clients[tx.key]
             else:
@@ -275,16 +286,21 @@ class TransactionLayer:
                     del self._merge[merge_key]
             return
         deadline = tx.next_deadline()
-        if deadline is not None and deadline != before:
+        if deadline == before:
+            return
+        if deadline is not None:
             heapq.heappush(self._heap, (deadline, next(self._seq), tx.key))
+        if self._next_known:
+            known = self._next
+            if before is not None and (known is None or before <= known):
+                self._next_known = False  # the earliest deadline may just have moved away
+            elif deadline is not None and (known is None or deadline < known):
+                self._next = deadline
 
 
 def _top_via(message: SipMessage) -> Via | None:
     """The first Via value, parsing no other (the hot path needs only this one)."""
-    for name, value in message.headers:
-        if name == "Via":
-            return Via.parse(split_list(value)[0])
-    return None
+    return message.top_via
 
 
 def _server_key(request: SipRequest, top: Via) -> AnyServerKey:
@@ -318,16 +334,21 @@ def _stamp_via(request: SipRequest, top: Via, source: Peer) -> tuple[SipRequest,
     even if it equals sent-by. A received or rport value the peer wrote itself is overwritten,
     so responses can never be steered to a third party.
     """
-    names = {name.lower() for name, _ in top.params}
-    has_rport = "rport" in names
-    if has_rport or "received" in names or not _same_host(top.host, source.host):
-        params: list[tuple[str, str | None]] = [
-            (name, value) for name, value in top.params if name.lower() not in _STAMPED
-        ]
+    has_rport = has_received = False
+    params: list[tuple[str, str | None]] = []  # the others, kept in order
+    for param in top.params:
+        lname = param[0].lower()
+        if lname == "rport":
+            has_rport = True
+        elif lname == "received":
+            has_received = True
+        else:
+            params.append(param)
+    if has_rport or has_received or not _same_host(top.host, source.host):
         params.append(("received", source.host))
         if has_rport:
             params.append(("rport", str(source.port)))
-        top = replace(top, params=tuple(params))
+        top = Via(top.transport, top.host, top.port, tuple(params))
         request = _replace_top_via(request, top)
     if source.reliable:
         # RFC 3261 18.2.2: over a reliable transport the response goes back on the connection
@@ -336,16 +357,12 @@ def _stamp_via(request: SipRequest, top: Via, source: Peer) -> tuple[SipRequest,
     # RFC 3261 18.2.2 with RFC 3581 4: over UDP, to the received address (the source) and to
     # the source port if rport was asked for, else to the sent-by port (default 5060).
     port = source.port if has_rport else (top.port or 5060)
-    return request, Peer(source.transport, source.host, port)
+    return request, source if port == source.port else Peer(source.transport, source.host, port)
 
 
 def _replace_top_via(request: SipRequest, top: Via) -> SipRequest:
     """A copy with the first Via value rewritten in place; other headers and order untouched."""
-    headers = list(request.headers)
-    for index, (name, value) in enumerate(headers):
-        if name == "Via":
-            items = split_list(value)
-            items[0] = str(top)
-            headers[index] = (name, ", ".join(items))
-            break
-    return replace(request, headers=tuple(headers))
+    text = str(top)
+    # the Via was parsed and only gained received/rport: parsing the new text gives it back
+    remember_via(text, top)
+    return request.with_top_via(text)

@@ -56,8 +56,33 @@ def _bad(warning: str) -> PeerError:
     return PeerError(400, "Bad Request", warning)
 
 
+# Hosts and URIs that passed their check, so that the next check of the same text (the proxy's
+# address in every Via, the same From and To URIs again and again) is one set lookup. The checks
+# are pure functions of the text; failures are not kept (they raise each time), long texts are
+# not kept, and a full set is emptied, so memory stays bounded whatever peers send.
+_PASSED_SIZE = 4096
+_PASSED_MAX_TEXT = 512
+_good_hosts: set[str] = set()
+_good_uris: set[str] = set()
+_good_request_uris: set[str] = set()
+
+
+def _passed(good: set[str], text: str) -> None:
+    if len(text) <= _PASSED_MAX_TEXT:
+        if len(good) >= _PASSED_SIZE:
+            good.clear()
+        good.add(text)
+
+
 def check_host(host: str) -> None:
     """Check a URI or Via host: hostname, IPv4 or bracketed IPv6 (RFC 3261 25.1, RFC 5118)."""
+    if host in _good_hosts:
+        return
+    _check_host(host)
+    _passed(_good_hosts, host)
+
+
+def _check_host(host: str) -> None:
     if host.startswith("["):
         if not host.endswith("]"):
             raise _bad(f"bad IPv6 reference {host!r}")
@@ -78,6 +103,14 @@ def check_sip_uri(uri: str, *, request_uri: bool = False) -> None:
 
     ``request_uri``: headers are not allowed there (19.1.1 table; RFC 4475 escruri).
     """
+    good = _good_request_uris if request_uri else _good_uris
+    if uri in good:
+        return
+    _check_sip_uri(uri, request_uri)
+    _passed(good, uri)
+
+
+def _check_sip_uri(uri: str, request_uri: bool) -> None:
     scheme, _, rest = uri.partition(":")
     if scheme.lower() not in DEFAULT_SCHEMES:
         return
@@ -103,7 +136,7 @@ def check_sip_uri(uri: str, *, request_uri: bool = False) -> None:
         if colon and not port:
             raise _bad(f"empty port in {uri[:60]!r}")
     check_host(host)
-    if port and (not _DIGITS.fullmatch(port) or int(port) > 65535):
+    if port and (not _is_digits(port) or int(port) > 65535):
         raise _bad(f"bad port in {uri[:60]!r}")
 
 
@@ -119,6 +152,11 @@ def _check_via(via: Via) -> None:
         # RFC 4475 3.2.1 badbranch: the cookie alone identifies no transaction. The RFC allows
         # 400 or RFC 2543 matching; every such request from a host would collide, so refuse.
         raise _bad("branch is only the magic cookie")
+
+
+def _is_digits(text: str) -> bool:
+    """``[0-9]+`` without the regex: isdigit() alone also accepts other scripts' digits."""
+    return text.isascii() and text.isdigit()
 
 
 def _header_bytes(req: SipRequest) -> int:
@@ -147,21 +185,23 @@ def validate_request(
     # Limits (RFC 3261 21.4.11, 21.4.12, 21.5.14), before anything large is looked at
     if len(req.uri) > max_uri:
         raise PeerError(414, "Request-URI Too Long", f"{len(req.uri)} characters")
-    if _header_bytes(req) > max_header_bytes:
+    bound = req.header_bytes_at_most()
+    if (bound is None or bound > max_header_bytes) and _header_bytes(req) > max_header_bytes:
         raise PeerError(513, "Message Too Large", "header block too large")
     if len(req.body) > max_body:
         raise PeerError(413, "Request Entity Too Large", f"body of {len(req.body)} bytes")
 
-    # Syntax and mandatory headers: 400 (RFC 3261 8.1.1, 8.2; RFC 4475 3.1.2 and 3.3.1 insuf)
-    seen: dict[str, int] = {}
-    for name, _value in req.headers:
-        seen[name] = seen.get(name, 0) + 1
+    # Syntax and mandatory headers: 400 (RFC 3261 8.1.1, 8.2; RFC 4475 3.1.2 and 3.3.1 insuf).
+    # The message's header index knows each canonically named header and which ones repeat.
+    seen = req._header_index()
     missing = [name for name in MANDATORY_HEADERS if name not in seen]
     if missing:
         raise _bad("missing " + ", ".join(missing))
-    repeated = [name for name in SINGLE_HEADERS if seen.get(name, 0) > 1]
-    if repeated:
-        raise _bad("more than one " + ", ".join(repeated))  # RFC 4475 multi01
+    repeats = req._repeats
+    if repeats:
+        repeated = [name for name in SINGLE_HEADERS if name in repeats]
+        if repeated:
+            raise _bad("more than one " + ", ".join(repeated))  # RFC 4475 multi01
     number, method = req.cseq
     if number >= 2**31:
         # RFC 3261 8.1.1.5: "MUST be less than 2**31" (RFC 4475 scalar02)
@@ -173,19 +213,22 @@ def validate_request(
         raise _bad("bad Call-ID")
     for via in req.vias:
         _check_via(via)  # RFC 4475 badinv01, transports
-    to = _check_address(req.header("To") or "")  # RFC 4475 quotbal, badaspec, baddn
-    _check_address(req.header("From") or "")
+    headers = req.headers  # below, values by their index position: the names are known
+    to = _check_address(headers[seen["To"]][1])  # RFC 4475 quotbal, badaspec, baddn
+    _check_address(headers[seen["From"]][1])
     if "Contact" in seen:
         for value in req.header_values("Contact"):
             if value != "*":
                 _check_address(value)  # RFC 4475 regbadct
-    max_forwards = req.header("Max-Forwards")
-    if max_forwards is not None and not _DIGITS.fullmatch(max_forwards):
+    position = seen.get("Max-Forwards")
+    max_forwards = None if position is None else headers[position][1]
+    if max_forwards is not None and not _is_digits(max_forwards):
         raise _bad(f"bad Max-Forwards {max_forwards[:20]!r}")
-    date = req.header("Date") if "Date" in seen else None
+    position = seen.get("Date")
+    date = None if position is None else headers[position][1]
     if date is not None and not _DATE.fullmatch(date):
         raise _bad(f"bad Date {date[:40]!r}")  # RFC 4475 baddate (RFC 3261 20.17: GMT only)
-    if req.body and req.header("Content-Type") is None:
+    if req.body and "Content-Type" not in seen:
         raise _bad("body without Content-Type")  # RFC 3261 20.15
     if req.method == "REGISTER" and to.uri.partition(":")[0].lower() not in DEFAULT_SCHEMES:
         # RFC 3261 10.2: the address-of-record is a SIP or SIPS URI (RFC 4475 unksm2)
