@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sipside.message import fast_frozen_init
 
+
+@fast_frozen_init  # built per datagram: the plain frozen __init__ is slow
 @dataclass(frozen=True, slots=True)
 class Peer:
     """A transport-level address: ``transport`` is "udp", "tcp" or "tls"; ``host`` an IP literal
