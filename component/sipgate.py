@@ -13,6 +13,7 @@ from typing import Protocol
 from component.bodies import ACCEPT, UnsupportedMediaType, decode_body
 from component.events import SipAnswer, SipText
 from component.logs import get_logger
+from component.store import StoreUnavailable
 from sipside.endpoint import Endpoint, IncomingRequest, make_request
 from sipside.errors import PeerError, TransactionTimeout, TransportError
 from sipside.message import new_call_id, new_tag, parse_name_addr
@@ -53,6 +54,10 @@ class SipGate:
             # DESIGN 8: stopping (SIGTERM) or not ready: refuse, the sender retries later.
             incoming.respond(503, headers=[("Retry-After", "30")])
             return
+        if len(self._tasks) >= self.max_pending:
+            # DESIGN 8 overload: refuse before starting work we could not finish.
+            incoming.respond(503, headers=[("Retry-After", "5")])
+            return
         request = incoming.request
         answer: SipAnswer | Awaitable[SipAnswer] | None
         try:
@@ -75,9 +80,6 @@ class SipGate:
             return  # the handler answered by itself
         if isinstance(answer, SipAnswer):
             self._answer(incoming, answer)
-            return
-        if len(self._tasks) >= self.max_pending:
-            incoming.respond(503, headers=[("Retry-After", "5")])
             return
         self._own(self._finish(incoming, answer))
 
@@ -104,6 +106,9 @@ class SipGate:
             result = await answer
         except PeerError as exc:
             result = SipAnswer(exc.status, exc.reason)
+        except StoreUnavailable as exc:
+            log.warning("sip_request_refused", call_id=incoming.request.call_id, reason=str(exc))
+            result = SipAnswer(503, "Service Unavailable", (("Retry-After", "30"),))
         except Exception:
             log.exception("sip_request_failed", call_id=incoming.request.call_id)
             result = SipAnswer(500, "Internal Server Error")
