@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from sipside.errors import PeerError
-from sipside.message import SipRequest, SipResponse, parse_name_addr
+from sipside.headers import parse_name_addr
+from sipside.message import SipRequest, SipResponse
 
 __all__ = ["Dialog", "DialogId", "address_uri", "strip_tag"]
 

@@ -9,28 +9,25 @@ response, answering Digest challenges on the way.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import structlog
 
 from sipside.digest import AuthenticationError, DigestClient
 from sipside.errors import LocalError, PeerError, TransactionTimeout, TransportError
-from sipside.framing import PONG, FramingError, KeepAlive, StreamFramer
+from sipside.headers import Via, quote_warning, remember_via
 from sipside.message import (
     SipMessage,
     SipRequest,
     SipResponse,
-    Via,
+    make_request,
     make_response,
     new_branch,
     parse_message,
-    reason_phrase,
-    remember_via,
 )
 from sipside.peer import Peer
 from sipside.timers import TimerConfig
@@ -46,6 +43,17 @@ from sipside.transaction import (
     Terminated,
     Transmit,
 )
+from sipside.transport import (
+    DatagramSocket,
+    StreamConnection,
+    StreamHooks,
+    TrustedSources,
+    client_tls_context,
+    parse_listen,
+    peer_for_uri,
+    server_tls_context,
+    unparsable_answer,
+)
 from sipside.txlayer import TransactionLayer
 from sipside.validate import UnsupportedExtension, validate_request
 
@@ -60,63 +68,6 @@ ALLOW = ", ".join(ANSWERED_METHODS)
 KNOWN_METHODS = frozenset(
     {"INVITE", "ACK", "BYE", "CANCEL", "PRACK", "UPDATE", "INFO", "REFER", *ANSWERED_METHODS}
 )
-_MANDATORY = ("Via", "From", "To", "Call-ID", "CSeq")
-_COMPACT = {"v": "Via", "f": "From", "t": "To", "i": "Call-ID"}
-
-
-def parse_listen(spec: str) -> Peer:
-    """Parse ``udp:127.0.0.1:5070``, ``tls:[::1]:5071`` into a Peer; ValueError names the fault."""
-    transport, sep, rest = spec.partition(":")
-    transport = transport.lower()
-    if not sep or transport not in ("udp", "tcp", "tls"):
-        raise ValueError(f"{spec!r}: expected udp:, tcp: or tls: followed by HOST:PORT")
-    if rest.startswith("["):
-        host, bracket, port_text = rest[1:].partition("]")
-        if not bracket or not port_text.startswith(":"):
-            raise ValueError(f"{spec!r}: IPv6 address must be written [ADDR]:PORT")
-        port_text = port_text[1:]
-    else:
-        host, sep, port_text = rest.rpartition(":")
-        if not sep:
-            raise ValueError(f"{spec!r}: missing :PORT")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{spec!r}: host must be an IP address, not {host!r}") from None
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"{spec!r}: port must be 0-65535")
-    return Peer(transport, host, int(port_text))
-
-
-def peer_for_uri(uri: str) -> Peer:
-    """Where to send a request for a ``sip:``/``sips:`` URI with an IP host (no DNS, RFC 3263
-    lookups are the proxy's job): transport from ``;transport=``, default port 5060/5061."""
-    scheme, _, rest = uri.partition(":")
-    scheme = scheme.lower()
-    if scheme not in ("sip", "sips"):
-        raise LocalError(f"cannot route to {uri!r}: not a sip: URI")
-    rest = rest.split("?", 1)[0]
-    hostpart, *params = rest.split(";")
-    hostpart = hostpart.rsplit("@", 1)[-1]
-    transport = "tls" if scheme == "sips" else "udp"
-    for param in params:
-        name, _, value = param.partition("=")
-        if name.lower() == "transport" and value.lower() in ("udp", "tcp", "tls"):
-            transport = value.lower()
-    if hostpart.startswith("["):
-        host, _, tail = hostpart[1:].partition("]")
-        port_text = tail[1:] if tail.startswith(":") else ""
-    elif hostpart.count(":") == 1:
-        host, port_text = hostpart.split(":")
-    else:
-        host, port_text = hostpart, ""
-    default = 5061 if transport == "tls" else 5060
-    try:
-        ipaddress.ip_address(host)
-        port = int(port_text) if port_text else default
-    except ValueError:
-        raise LocalError(f"cannot route to {uri!r}: host must be an IP address") from None
-    return Peer(transport, host, port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,71 +145,6 @@ class Stats:
     by_status: dict[int, int] = field(default_factory=dict)
 
 
-class _Datagram(asyncio.DatagramProtocol):
-    def __init__(self, endpoint: Endpoint, local: Peer) -> None:
-        self.endpoint = endpoint
-        self.local = local
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self.endpoint._on_datagram(data, Peer("udp", addr[0], addr[1]))
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable and the like: the transaction's timers handle the loss.
-        log.debug("udp_error_received", error=str(exc))
-
-
-class _Stream(asyncio.Protocol):
-    """One TCP or TLS connection, either direction, framed by Content-Length."""
-
-    def __init__(self, endpoint: Endpoint, transport_name: str) -> None:
-        self.endpoint = endpoint
-        self.transport_name = transport_name
-        self.transport: asyncio.Transport | None = None
-        self.peer: Peer | None = None
-        self.framer = StreamFramer(endpoint.limits.max_stream_buffer)
-        self.last_used = 0.0
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        addr = transport.get_extra_info("peername")
-        self.peer = Peer(self.transport_name, addr[0], addr[1])
-        self.last_used = self.endpoint._now()
-        self.endpoint._streams[self.peer] = self
-        if not self.ready.done():
-            self.ready.set_result(None)
-
-    def data_received(self, data: bytes) -> None:
-        assert self.peer is not None and self.transport is not None
-        self.last_used = self.endpoint._now()
-        for event in self.framer.feed(data):
-            if isinstance(event, KeepAlive):
-                self.transport.write(PONG)  # RFC 5626 3.5.1
-            elif isinstance(event, FramingError):
-                # RFC 3261 18.3: framing is lost; the only safe thing is to close the connection.
-                log.warning("stream_framing_failed", peer=str(self.peer), error=str(event.error))
-                self.endpoint.stats.parse_errors += 1
-                self.transport.close()
-                return
-            else:
-                self.endpoint._on_message(event, self.peer)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.peer is not None and self.endpoint._streams.get(self.peer) is self:
-            del self.endpoint._streams[self.peer]
-        if not self.ready.done():
-            self.ready.set_exception(TransportError(f"connection lost: {exc}"))
-
-    def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.last_used = self.endpoint._now()
-        self.transport.write(data)
-
-
 class Endpoint:
     """A SIP endpoint: listeners, transactions, and the application's handler."""
 
@@ -281,8 +167,7 @@ class Endpoint:
         self.listen = [parse_listen(s) for s in listen]
         self.handler = handler
         self.limits = limits or EndpointLimits()
-        self.trusted = [ipaddress.ip_network(n, strict=False) for n in trusted]
-        self._trusted_cache: dict[str, bool] = {}
+        self.trusted = TrustedSources(trusted)
         self.proxy = peer_for_uri(outbound_proxy) if outbound_proxy else None
         self.digest = digest
         self.user_agent = user_agent
@@ -290,11 +175,11 @@ class Endpoint:
         self.stats = Stats()
         self._layer = TransactionLayer(timers)
         self._tls_cert, self._tls_key, self._tls_verify = tls_cert, tls_key, tls_verify
-        self._udp: dict[int, _Datagram] = {}  # address family -> socket of that family
+        self._udp: dict[int, DatagramSocket] = {}  # address family -> socket of that family
         self._local: dict[str, Peer] = {}  # transport -> our bound address for Via/Contact
         self._servers: list[asyncio.Server] = []
-        self._streams: dict[Peer, _Stream] = {}
-        self._connecting: dict[Peer, asyncio.Task[_Stream]] = {}
+        self._streams: dict[Peer, StreamConnection] = {}
+        self._connecting: dict[Peer, asyncio.Task[StreamConnection]] = {}
         self._pending: dict[ClientKey, _Pending] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -302,6 +187,14 @@ class Endpoint:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
+        self._hooks = StreamHooks(
+            self.limits.max_stream_buffer,
+            self._now,
+            self._on_message,
+            self._stream_opened,
+            self._stream_closed,
+            self._stream_framing_failed,
+        )
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -312,17 +205,21 @@ class Endpoint:
             family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
             if spec.transport == "udp":
                 transport, protocol = await loop.create_datagram_endpoint(
-                    lambda spec=spec: _Datagram(self, spec),  # type: ignore[misc]
+                    lambda spec=spec: DatagramSocket(spec, self._on_datagram),  # type: ignore[misc]
                     local_addr=(spec.host, spec.port),
                     family=family,
                 )
                 port = transport.get_extra_info("sockname")[1]
                 self._udp.setdefault(family, protocol)
             else:
-                ctx = self._server_tls() if spec.transport == "tls" else None
+                ctx = (
+                    server_tls_context(self._tls_cert, self._tls_key)
+                    if spec.transport == "tls"
+                    else None
+                )
                 name = spec.transport
                 server = await loop.create_server(
-                    lambda name=name: _Stream(self, name),
+                    lambda name=name: StreamConnection(name, self._hooks),
                     host=spec.host,
                     port=spec.port,
                     family=family,
@@ -481,20 +378,22 @@ class Endpoint:
             self._instant = None
 
     def _answer_unparsable(self, data: bytes, source: Peer, exc: PeerError) -> None:
-        """RFC 3261 8.2: answer a broken request if its Via can be read at all, copying whichever
-        of From, To, Call-ID and CSeq it has (RFC 4475 3.3.1 asks for a 400 even without them);
-        otherwise (or for a response) it is dropped, as 16.3 and 18.1.2 allow."""
         log.info("sip_message_rejected", peer=str(source), status=exc.status, error=str(exc))
-        headers = _salvage_headers(data)
-        if headers is None:
-            return
-        status = exc.status if exc.status >= 400 else 400
-        lines = [f"SIP/2.0 {status} {reason_phrase(status)}"]
-        lines += [f"{name}: {value}" for name, value in headers]
-        if exc.warning:
-            lines.append(f'Warning: 399 sipxmpp "{_quote_warning(exc.warning)}"')
-        lines += ["Content-Length: 0", "", ""]
-        self._transmit("\r\n".join(lines).encode(), source, None)  # RFC 3261 18.2.2
+        answer = unparsable_answer(data, exc)
+        if answer is not None:
+            self._transmit(answer, source, None)  # RFC 3261 18.2.2
+
+    def _stream_opened(self, stream: StreamConnection) -> None:
+        assert stream.peer is not None
+        self._streams[stream.peer] = stream
+
+    def _stream_closed(self, stream: StreamConnection) -> None:
+        if stream.peer is not None and self._streams.get(stream.peer) is stream:
+            del self._streams[stream.peer]
+
+    def _stream_framing_failed(self, stream: StreamConnection, error: PeerError) -> None:
+        log.warning("stream_framing_failed", peer=str(stream.peer), error=str(error))
+        self.stats.parse_errors += 1
 
     # --- effects -------------------------------------------------------------------------------
 
@@ -546,7 +445,7 @@ class Endpoint:
             self.stats.rejected += 1
             extra = [("Allow", ALLOW)] if exc.status == 405 else []
             if exc.warning:
-                extra.append(("Warning", f'399 sipxmpp "{_quote_warning(exc.warning)}"'))
+                extra.append(("Warning", f'399 sipxmpp "{quote_warning(exc.warning)}"'))
             incoming.respond(exc.status, exc.reason, headers=extra)
             return
         if method == "OPTIONS" and request.uri.partition("@")[2] == "":
@@ -565,7 +464,7 @@ class Endpoint:
 
     def _screen(self, request: SipRequest, source: Peer) -> None:
         """The checks every request passes before the application sees it."""
-        if not self._is_trusted(source.host):
+        if not self.trusted.allows(source.host):
             raise PeerError(403, "Forbidden", "source address not trusted")
         validate_request(
             request,
@@ -581,23 +480,6 @@ class Endpoint:
             if method in KNOWN_METHODS:
                 raise PeerError(405, "Method Not Allowed")
             raise PeerError(501, "Not Implemented")
-
-    def _is_trusted(self, host: str) -> bool:
-        known = self._trusted_cache.get(host)
-        if known is None:
-            known = self._trusted_cache[host] = self._check_trusted(host)
-            if len(self._trusted_cache) > 4096:
-                self._trusted_cache.clear()
-        return known
-
-    def _check_trusted(self, host: str) -> bool:
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.trusted)
 
     def _send_response(self, key: AnyServerKey, response: SipResponse) -> None:
         self.stats.responses_out += 1
@@ -625,14 +507,17 @@ class Endpoint:
             self._connecting[peer] = task
         task.add_done_callback(lambda t: self._after_connect(t, data, peer, key))
 
-    async def _connect(self, peer: Peer) -> _Stream:
+    async def _connect(self, peer: Peer) -> StreamConnection:
         loop = self._loop
         assert loop is not None
         try:
-            ctx = self._client_tls() if peer.transport == "tls" else None
+            ctx = client_tls_context(self._tls_verify) if peer.transport == "tls" else None
             _, stream = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: _Stream(self, peer.transport), peer.host, peer.port, ssl=ctx
+                    lambda: StreamConnection(peer.transport, self._hooks),
+                    peer.host,
+                    peer.port,
+                    ssl=ctx,
                 ),
                 timeout=self._layer.config.t1 * 64,
             )
@@ -646,7 +531,7 @@ class Endpoint:
             self._connecting.pop(peer, None)
 
     def _after_connect(
-        self, task: asyncio.Task[_Stream], data: bytes, peer: Peer, key: Any
+        self, task: asyncio.Task[StreamConnection], data: bytes, peer: Peer, key: Any
     ) -> None:
         if task.cancelled():
             return
@@ -703,82 +588,12 @@ class Endpoint:
                     log.debug("sip_stream_idle_closed", peer=str(stream.peer))
                     stream.transport.close()
 
-    # --- TLS -----------------------------------------------------------------------------------
-
-    def _server_tls(self) -> ssl.SSLContext:
-        if not self._tls_cert or not self._tls_key:
-            raise LocalError("tls: listener needs tls_cert and tls_key")
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(self._tls_cert, self._tls_key)
-        return ctx
-
-    def _client_tls(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context()
-        if not self._tls_verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-
 
 def _call_id(message: SipMessage) -> str | None:
     try:
         return message.call_id
     except PeerError:
         return None
-
-
-def _quote_warning(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\r", " ").replace("\n", " ")
-
-
-def _salvage_headers(data: bytes) -> list[tuple[str, str]] | None:
-    """The headers a response must copy (RFC 3261 8.2.6.2), read leniently from a request that
-    did not parse; None when it is not a request or has no Via to answer along."""
-    head = data.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
-    lines = head.split("\r\n")
-    if not lines or lines[0].startswith("SIP/"):
-        return None
-    found: dict[str, list[str]] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon:
-            continue
-        key = name.strip()
-        canonical = _COMPACT.get(key.lower()) or next(
-            (m for m in _MANDATORY if m.lower() == key.lower()), None
-        )
-        if canonical is not None:
-            found.setdefault(canonical, []).append(value.strip())
-    if "Via" not in found:
-        return None
-    salvaged = [("Via", v) for v in found["Via"]]
-    # RFC 4475 3.3.1: a request missing From, To or Call-ID still gets its 400; the fields it
-    # lacks cannot be copied, and the client matches the response by Via branch and CSeq.
-    salvaged += [(name, found[name][0]) for name in _MANDATORY[1:] if name in found]
-    if any("\x00" in v or "\ufffd" in v for _, v in salvaged):
-        return None
-    return salvaged
-
-
-def make_request(
-    method: str,
-    uri: str,
-    *,
-    from_: str,
-    to: str,
-    call_id: str,
-    cseq: int = 1,
-    headers: Iterable[tuple[str, str]] = (),
-    body: bytes = b"",
-) -> SipRequest:
-    """A new out-of-dialog request without Via (the endpoint adds it)."""
-    base = (
-        ("From", from_),
-        ("To", to),
-        ("Call-ID", call_id),
-        ("CSeq", f"{cseq} {method}"),
-    )
-    return SipRequest(method, uri, base + tuple(headers), body)
 
 
 __all__ = [

@@ -4,7 +4,7 @@ A ``Notifier`` is created from an accepted initial SUBSCRIBE; it answers refresh
 unsubscribes in its dialog, sends a NOTIFY for every state change (one at a time, later changes
 coalesced into the next), ends the subscription on expiry, on ``terminate`` or when a NOTIFY
 fails, and can be saved as a snapshot of primitives. Effects and header helpers are shared with
-the subscriber in ``sipside.subscription``.
+the subscriber and the publication in ``sipside.events``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from dataclasses import dataclass, replace
 
 from sipside.dialog import Dialog
 from sipside.errors import PeerError
-from sipside.message import SipRequest, SipResponse, make_response, new_tag
-from sipside.subscription import (
+from sipside.events import (
     EventHeader,
     SendRequest,
     SendResponse,
@@ -30,6 +29,7 @@ from sipside.subscription import (
     respond,
     retry_after_value,
 )
+from sipside.message import SipRequest, SipResponse, make_response, new_tag
 
 __all__ = ["Notifier", "NotifierPolicy", "NotifierSnapshot", "NotifierState"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sipside.message import fast_frozen_init
+from sipside.fastpath import fast_frozen_init
 
 
 @fast_frozen_init  # built per datagram: the plain frozen __init__ is slow

@@ -18,8 +18,7 @@ from dataclasses import dataclass, replace
 from sipside.dialog import Dialog, address_uri
 from sipside.digest import AuthenticationError, DigestClient
 from sipside.errors import PeerError
-from sipside.message import SipRequest, SipResponse, new_call_id, new_tag
-from sipside.subscription import (
+from sipside.events import (
     SendRequest,
     SendResponse,
     adopt_auth_retry,
@@ -29,6 +28,7 @@ from sipside.subscription import (
     respond,
     retry_after_value,
 )
+from sipside.message import SipRequest, SipResponse, new_call_id, new_tag
 
 __all__ = [
     "Publication",

@@ -1,24 +1,42 @@
-"""SIP-specific event notification (RFC 6665): the subscriber, plus what the notifier shares.
+"""The subscriber of SIP-specific event notification (RFC 6665 4.1): one subscription we hold.
 
-Both machines take messages and ``now`` and return effects: ``SendRequest`` (the caller runs a
-client transaction and reports its outcome with ``handle_response`` / ``handle_timeout``),
-``SendResponse`` (answer the request just handled), ``StateChanged`` (subscriber: the
-subscription state the notifier reported, or its local end) and ``SubscriptionEnded``
-(notifier: forget this subscription). Both expose ``next_deadline`` / ``handle_timer`` and can
-be saved as a snapshot of primitives and restored after a restart (DESIGN 8). The notifier
-machine is in ``sipside.notifier``.
+The machine takes messages and ``now`` and returns the effects of ``sipside.events``:
+``SendRequest`` (the caller runs a client transaction and reports its outcome with
+``handle_response`` / ``handle_timeout``), ``SendResponse`` (answer the NOTIFY just handled) and
+``StateChanged`` (the subscription state the notifier reported, or its local end). It exposes
+``next_deadline`` / ``handle_timer`` and can be saved as a snapshot of primitives and restored
+after a restart (DESIGN 8). The notifier machine is in ``sipside.notifier``; the header helpers
+both share are in ``sipside.events`` and stay importable from here.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from sipside.dialog import Dialog, address_uri
 from sipside.digest import AuthenticationError, DigestClient
 from sipside.errors import LocalError, PeerError
-from sipside.message import SipRequest, SipResponse, make_response, new_call_id, new_tag
+from sipside.events import (
+    EventHeader,
+    SendRequest,
+    SendResponse,
+    StateChanged,
+    SubscriptionEffect,
+    SubscriptionEnded,
+    SubscriptionState,
+    SubscriptionStateHeader,
+    adopt_auth_retry,
+    expires_value,
+    parse_event,
+    parse_subscription_state,
+    refresh_delay,
+    respond,
+    resubscribe_delay,
+    retry_after_value,
+)
+from sipside.message import SipRequest, SipResponse, new_call_id, new_tag
 
 __all__ = [
     "NOTIFY_TIMEOUT_FACTOR",
@@ -49,172 +67,6 @@ NOTIFY_TIMEOUT_FACTOR = 64
 # Failure codes that end a subscription when they answer a refresh or a NOTIFY: RFC 6665
 # 4.1.2.2 (481) and RFC 5057 5.1 (responses that destroy the usage, 408 = timeout).
 _USAGE_ENDING = frozenset({404, 405, 408, 410, 416, 480, 481, 482, 483, 484, 485, 489, 501, 604})
-
-
-class SubscriptionState(enum.Enum):
-    """Subscription-State values (RFC 6665 4.1.3)."""
-
-    PENDING = "pending"
-    ACTIVE = "active"
-    TERMINATED = "terminated"
-
-
-@dataclass(frozen=True, slots=True)
-class SubscriptionStateHeader:
-    """A parsed ``Subscription-State`` header; unknown states are kept as ``state=None``."""
-
-    state: SubscriptionState | None
-    expires: int | None = None
-    reason: str | None = None
-    retry_after: int | None = None
-
-    def __str__(self) -> str:
-        text = self.state.value if self.state else "pending"
-        if self.reason:
-            text += f";reason={self.reason}"
-        if self.expires is not None:
-            text += f";expires={self.expires}"
-        if self.retry_after is not None:
-            text += f";retry-after={self.retry_after}"
-        return text
-
-
-def _params(value: str) -> tuple[str, dict[str, str]]:
-    head, *rest = value.split(";")
-    params: dict[str, str] = {}
-    for item in rest:
-        name, _, val = item.partition("=")
-        params[name.strip().lower()] = val.strip().strip('"')
-    return head.strip(), params
-
-
-def _int_param(params: dict[str, str], name: str) -> int | None:
-    if name not in params:
-        return None
-    try:
-        number = int(params[name])
-    except ValueError:
-        raise PeerError(400, "Bad Request", f"bad {name} parameter {params[name]!r}") from None
-    if number < 0:
-        raise PeerError(400, "Bad Request", f"negative {name} parameter")
-    return number
-
-
-def parse_subscription_state(value: str) -> SubscriptionStateHeader:
-    """Parse ``active;expires=60`` or ``terminated;reason=probation;retry-after=30``."""
-    head, params = _params(value)
-    if not head:
-        raise PeerError(400, "Bad Request", "empty Subscription-State")
-    try:
-        state: SubscriptionState | None = SubscriptionState(head.lower())
-    except ValueError:
-        # RFC 6665 4.1.3: unknown substate values are extensions; the caller keeps its state.
-        state = None
-    return SubscriptionStateHeader(
-        state=state,
-        expires=_int_param(params, "expires"),
-        reason=params.get("reason") or None,
-        retry_after=_int_param(params, "retry-after"),
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class EventHeader:
-    """An ``Event`` header: the package and its optional ``id`` (RFC 6665 8.2.1)."""
-
-    package: str
-    id: str | None = None
-
-    def __str__(self) -> str:
-        return self.package + (f";id={self.id}" if self.id else "")
-
-    def matches(self, other: EventHeader) -> bool:
-        """Same package (compared without case, lenient with old clients) and same id."""
-        return self.package.lower() == other.package.lower() and self.id == other.id
-
-
-def parse_event(value: str | None) -> EventHeader:
-    """Parse an ``Event`` header; a missing or empty one is a 489 (RFC 6665 8.3.2)."""
-    if value is None or not value.split(";")[0].strip():
-        raise PeerError(489, "Bad Event", "missing Event header")
-    head, params = _params(value)
-    return EventHeader(head, params.get("id") or None)
-
-
-def refresh_delay(expires: float, offset: float = 0.0) -> float:
-    """Seconds after a grant of ``expires`` seconds at which to refresh it.
-
-    RFC 6665 4.1.2.2 leaves the time open; we take max(expires - 32, expires / 2), moved
-    earlier by ``offset`` (caller-chosen jitter that spreads many refreshes), never earlier
-    than a quarter of the interval so a large offset cannot cause a refresh storm.
-    """
-    base = max(expires - 32.0, expires / 2.0)
-    return max(expires / 4.0, min(base, base - offset))
-
-
-def resubscribe_delay(reason: str | None, retry_after: int | None) -> float | None:
-    """When the subscriber may subscribe again after ``terminated`` (RFC 6665 4.1.3).
-
-    ``None`` means "do not retry" (rejected, noresource, invariant).
-    """
-    # deactivated and timeout invite an immediate retry, probation and giveup a later one;
-    # unknown reasons are treated like a missing one. Retry-After is honoured for all.
-    if reason in ("rejected", "noresource", "invariant"):
-        return None
-    return float(retry_after or 0)
-
-
-@dataclass(frozen=True, slots=True)
-class SendRequest:
-    """Send this request in a new client transaction; report its outcome back."""
-
-    request: SipRequest
-
-
-@dataclass(frozen=True, slots=True)
-class SendResponse:
-    """Answer the request just handled with this response."""
-
-    response: SipResponse
-
-
-@dataclass(frozen=True, slots=True)
-class StateChanged:
-    """The subscription's state as the subscriber now sees it.
-
-    ``status`` is the SIP status when the subscription ended on a failed request.
-    """
-
-    state: SubscriptionState
-    reason: str | None = None
-    body: bytes = b""
-    content_type: str | None = None
-    retry_after: int | None = None
-    status: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SubscriptionEnded:
-    """Notifier side: the subscription is over; the application forgets it."""
-
-    reason: str
-
-
-SubscriptionEffect = SendRequest | SendResponse | StateChanged | SubscriptionEnded
-
-
-def expires_value(message: SipRequest | SipResponse, default: int) -> int:
-    """The Expires header as seconds (``default`` when absent); malformed -> PeerError 400."""
-    value = message.header("Expires")
-    if value is None:
-        return default
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise PeerError(400, "Bad Request", f"bad Expires {value!r}") from None
-    if number < 0:
-        raise PeerError(400, "Bad Request", "negative Expires")
-    return number
 
 
 class SubscriberState(enum.Enum):
@@ -698,31 +550,3 @@ class Subscriber:
                 floor = sub._refresh_at + NOTIFY_TIMEOUT_FACTOR * t1
                 sub._expires_at = max(snap.expires_at or floor, floor)
         return sub
-
-
-def adopt_auth_retry(number: int, pending: Collection[int], local_cseq: int) -> bool:
-    """Is a response with CSeq ``number`` the answer to a retry someone else sent for us?
-
-    An endpoint that answers a 401/407 itself resends with CSeq + 1 (RFC 3261 22.2) and hands
-    back that final response. The core then adopts the new number, so its next request in
-    the dialog stays above it (RFC 3261 12.2.1.1).
-    """
-    return number not in pending and number - 1 in pending and number > local_cseq
-
-
-def retry_after_value(response: SipResponse) -> int | None:
-    """The seconds of a Retry-After header (comment and parameters ignored), else None."""
-    value = response.header("Retry-After")
-    if value is None:
-        return None
-    try:
-        return int(value.split(";")[0].split("(")[0].strip())
-    except ValueError:
-        return None
-
-
-def respond(
-    request: SipRequest, status: int, headers: Iterable[tuple[str, str]] = ()
-) -> SendResponse:
-    """The ``SendResponse`` effect answering ``request`` with ``status``."""
-    return SendResponse(make_response(request, status, headers=headers))

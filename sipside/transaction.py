@@ -15,7 +15,8 @@ import enum
 from dataclasses import dataclass
 
 from sipside.errors import LocalError, TransactionTimeout, TransportError
-from sipside.message import SipMessage, SipRequest, SipResponse, fast_frozen_init, make_response
+from sipside.fastpath import fast_frozen_init
+from sipside.message import SipMessage, SipRequest, SipResponse, make_response
 from sipside.peer import Peer
 from sipside.timers import TimerConfig
 

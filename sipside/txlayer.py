@@ -15,15 +15,8 @@ import ipaddress
 import itertools
 
 from sipside.errors import LocalError, PeerError, TransportError
-from sipside.message import (
-    SipMessage,
-    SipRequest,
-    SipResponse,
-    Via,
-    make_response,
-    new_tag,
-    remember_via,
-)
+from sipside.headers import Via, remember_via
+from sipside.message import SipMessage, SipRequest, SipResponse, make_response, new_tag
 from sipside.peer import Peer
 from sipside.timers import TimerConfig
 from sipside.transaction import (

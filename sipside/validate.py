@@ -14,13 +14,8 @@ import ipaddress
 import re
 
 from sipside.errors import PeerError
-from sipside.message import (
-    NameAddr,
-    SipRequest,
-    SipResponse,
-    Via,
-    parse_name_addr,
-)
+from sipside.headers import NameAddr, Via, parse_name_addr
+from sipside.message import SipRequest, SipResponse
 
 # RFC 3261 20.14/20.16/20.10/20.39/20.20: at most one of each in a message (RFC 4475 multi01)
 SINGLE_HEADERS = ("To", "From", "Call-ID", "CSeq", "Max-Forwards", "Content-Type")

@@ -17,9 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sipside import headers as h
 from sipside import message as m
 from sipside.errors import LocalError, PeerError
-from sipside.message import SipRequest, Via, fast_frozen_init, parse_message
+from sipside.fastpath import fast_frozen_init
+from sipside.headers import Via
+from sipside.message import SipRequest, parse_message
 from sipside.peer import Peer
 from sipside.transaction import DeliverRequest
 from sipside.txlayer import TransactionLayer
@@ -54,8 +57,8 @@ def test_via_fast_path_parses_as_the_general_path(text: str) -> None:
 @given(texts)
 def test_name_addr_fast_path_parses_as_the_general_path(text: str) -> None:
     stripped = text.strip()
-    fast = outcome(lambda: m._parse_name_addr(text))
-    assert fast == outcome(lambda: m._parse_name_addr_general(stripped))
+    fast = outcome(lambda: h._parse_name_addr(text))
+    assert fast == outcome(lambda: h._parse_name_addr_general(stripped))
 
 
 @pytest.mark.parametrize(
@@ -67,7 +70,7 @@ def test_name_addr_fast_path_parses_as_the_general_path(text: str) -> None:
     ],
 )
 def test_typical_vias_take_the_fast_path_and_round_trip(value: str) -> None:
-    assert m._VIA_SIMPLE.fullmatch(value) is not None
+    assert h._VIA_SIMPLE.fullmatch(value) is not None
     via = Via.parse(value)
     assert str(via) == value
     assert Via._parse_general(value) == via
@@ -83,10 +86,10 @@ NAMES = [
 
 def scan_header(req: SipRequest, name: str) -> str | None:
     """RFC 3261 7.3.5 lookup as a scan: the old implementation of ``header``."""
-    canon = m.canonical_name(name)
+    canon = h.canonical_name(name)
     if canon == "Content-Length":
         return str(len(req.body))
-    known = canon in m._KNOWN
+    known = canon in h.KNOWN_HEADERS
     for key, value in req.headers:
         if (key == canon) if known else (key.lower() == canon.lower()):
             return value
@@ -94,14 +97,14 @@ def scan_header(req: SipRequest, name: str) -> str | None:
 
 
 def scan_values(req: SipRequest, name: str) -> list[str]:
-    canon = m.canonical_name(name)
+    canon = h.canonical_name(name)
     if canon == "Content-Length":
         return [str(len(req.body))]
-    known = canon in m._KNOWN
+    known = canon in h.KNOWN_HEADERS
     values = [v for k, v in req.headers if ((k == canon) if known else k.lower() == canon.lower())]
-    if canon not in m.LIST_HEADERS:
+    if canon not in h.LIST_HEADERS:
         return values
-    return [item for value in values for item in m.split_list(value) if item]
+    return [item for value in values for item in h.split_list(value) if item]
 
 
 headers_lists = st.lists(
