@@ -142,6 +142,10 @@ class Gateway:
             log.info("gateway_stopping")
             # DESIGN 8 SIGTERM: stop accepting (503), drain what is in flight, persist the rest.
             self.sipgate.accepting = False
+            # Presence first, while the endpoint, the link and the store are all still up: it
+            # takes no new work and lets its transactions finish. Stopped after the endpoint
+            # closed, it would read "endpoint closed" as a peer's timeout and end subscriptions.
+            await self.presence_runtime.stop(timeout=5.0)
             await self.sipgate.drain(timeout=10.0)
             if self._tasks:
                 await asyncio.wait(set(self._tasks), timeout=10.0)
@@ -149,7 +153,6 @@ class Gateway:
             await self.xmpp.stop()
             link.cancel()
             await asyncio.gather(link, sweeper, return_exceptions=True)
-            await self.presence_runtime.stop(timeout=5.0)
             await self.endpoint.close()
             await self.store.release_claims(self.router.instance, time.time())
             log.info("gateway_stopped")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from component.addresses import AddressBook, AddressError
 from component.events import Presence, SipText
@@ -27,23 +28,38 @@ from component.presence_ports import (
 from component.presence_sipwatch import SipWatch, SipWatchers
 from component.presence_users import HELP_TEXT, SipUsers, UserState
 from component.presence_xmppwatch import HeldSubscription, XmppWatchers
-from component.store import StorePort
+from component.store import StorePort, XmppWatcherSubscription
 from sipside.dialog import DialogId
 from sipside.errors import PeerError
 from sipside.message import SipResponse, make_response
 
 log = get_logger("component.presence")
 
+# Machines fired per ``handle_timer`` call: the runtime calls again at once while more are due,
+# and other work (answers, stanzas) gets the lock in between.
+TIMER_BATCH = 200
+
 __all__ = [
     "HELP_TEXT",
+    "TIMER_BATCH",
     "IncomingLike",
     "MachineKind",
     "PresenceCore",
     "ReplyTo",
+    "ResumeState",
     "SipPort",
     "UserState",
     "XmppPort",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeState:
+    """What ``PresenceCore.resume_stored`` found: counts, and the subscriptions to rebuild."""
+
+    sip_watchers: int
+    publications: int
+    subscriptions: tuple[XmppWatcherSubscription, ...]
 
 
 def _bare(jid: str) -> str:
@@ -195,7 +211,7 @@ class PresenceCore:
                 await self.xmpp_watchers.on_timeout(pair, reply.call_id, cseq, now)
 
     def next_deadline(self) -> float | None:
-        """The earliest time ``handle_timer`` has work."""
+        """The earliest time ``handle_timer`` has work (cheap: each part keeps a heap)."""
         times = (
             self.sip_watchers.next_deadline(),
             self.xmpp_watchers.next_deadline(),
@@ -203,10 +219,11 @@ class PresenceCore:
         )
         return min((t for t in times if t is not None), default=None)
 
-    async def handle_timer(self, now: float) -> None:
-        """Fire what is due: notifier expiry, subscriber refresh/expiry, resubscribe, PUBLISH."""
-        await self.sip_watchers.handle_timer(now)
-        await self.xmpp_watchers.handle_timer(now)
+    async def handle_timer(self, now: float, limit: int = TIMER_BATCH) -> None:
+        """Fire up to ``limit`` due machines: notifier expiry, subscriber refresh/expiry,
+        resubscribe; then expired publications. ``next_deadline`` stays due if more are left."""
+        ran = await self.sip_watchers.handle_timer(now, limit)
+        await self.xmpp_watchers.handle_timer(now, max(0, limit - ran))
         await self.users.handle_timer(now)
 
     # --- restart and reconnect (DESIGN 8) -------------------------------------------------
@@ -216,21 +233,41 @@ class PresenceCore:
 
         Returns the counts (SIP watchers, XMPP watchers, publications).
         """
+        return await self.resume_subscribers(await self.resume_stored(), now)
+
+    async def resume_stored(self) -> ResumeState:
+        """``resume``, first part (the slow one): notifiers, publications, stored subscribers."""
         sip_watchers = await self.sip_watchers.restore()
-        xmpp_watchers = await self.xmpp_watchers.restore(now)
-        publications = await self.users.restore(self.xmpp_watchers.watched_aors())
+        subscriptions = await self.xmpp_watchers.load()
+        publications = await self.users.restore({sub.sip_aor for sub in subscriptions})
+        return ResumeState(sip_watchers, publications, tuple(subscriptions))
+
+    async def resume_subscribers(self, state: ResumeState, now: float) -> tuple[int, int, int]:
+        """``resume``, second part: the subscribers, their overdue refreshes spread from ``now``
+        (a fresh ``now``, so a long first part does not make them all overdue at once)."""
+        xmpp_watchers = await self.xmpp_watchers.rebuild(state.subscriptions, now)
         log.info(
             "presence_resumed",
-            sip_watchers=sip_watchers,
+            sip_watchers=state.sip_watchers,
             xmpp_watchers=xmpp_watchers,
-            publications=publications,
+            publications=state.publications,
         )
-        return sip_watchers, xmpp_watchers, publications
+        return state.sip_watchers, xmpp_watchers, state.publications
 
     async def on_link_up(self, now: float) -> None:
         """The XMPP link is (back) up: re-announce SIP users, probe watched XMPP users."""
-        await self.users.on_link_up(now)
+        await self.link_up_begin(now)
+        while await self.link_up_step(now, None):
+            pass
+
+    async def link_up_begin(self, now: float) -> None:
+        """``on_link_up`` in steps, first: probe watched XMPP users, plan the re-announce."""
         self.sip_watchers.on_link_up()
+        await self.users.plan_reannounce()
+
+    async def link_up_step(self, now: float, limit: int | None) -> bool:
+        """Re-announce up to ``limit`` SIP users; True while some are left."""
+        return await self.users.reannounce(now, limit)
 
     def counts(self) -> dict[str, int]:
         """Live machines: SIP watchers, XMPP watchers, publications."""

@@ -3,14 +3,20 @@
 ``SipWatchers`` accepts a SUBSCRIBE to an XMPP entity's SIP address, keeps one ``Notifier``
 per dialog, asks the XMPP user for approval with ``<presence type="subscribe">`` and turns the
 XMPP entity's presence into PIDF NOTIFYs (one tuple per resource, DESIGN 5.1). Every notifier
-is written to the store as it changes, and ``restore`` rebuilds them after a restart (DESIGN 8).
+is written to the store when a field that matters after a restart changes, and ``restore``
+rebuilds them after a restart (DESIGN 8).
+
+It scales to many watchers: watches are indexed by (watcher, target) and by target, deadlines
+sit in one heap, the PIDF of a target is encoded once per change, and a NOTIFY costs a store
+write only once per ``CSEQ_RESERVE`` requests (the stored CSeq runs ahead of the one in use).
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from component.addresses import AddressBook, AddressError, XmppTarget
 from component.events import Presence
@@ -19,6 +25,7 @@ from component.presence_map import SHOW_VALUES, XmppPresence, XmppPresenceSet, p
 from component.presence_ports import (
     PIDF,
     RESOURCE,
+    DeadlineHeap,
     IncomingLike,
     MachineKind,
     ReplyTo,
@@ -46,17 +53,31 @@ from sipside.subscription import SendRequest, SendResponse, SubscriptionEffect, 
 
 log = get_logger("component.presence")
 
-__all__ = ["SipWatch", "SipWatchers"]
+__all__ = ["CSEQ_RESERVE", "SipWatch", "SipWatchers"]
+
+# The stored CSeq of a dialog runs this far ahead of the one in use, so a NOTIFY costs a store
+# write only once per CSEQ_RESERVE requests; after a crash the dialog continues above every CSeq
+# it used. RFC 3261 12.2.2: a UAS must accept a CSeq more than one higher than the last.
+CSEQ_RESERVE = 64
+
+# (watcher's bare JID, target's bare JID)
+_Pair = tuple[str, str]
 
 
 @dataclass(slots=True)
 class SipWatch:
-    """A SIP user watching an XMPP entity: the notifier and who is who."""
+    """A SIP user watching an XMPP entity: the notifier, who is who, and what the store has."""
 
     notifier: Notifier
     watcher_jid: str
     watcher_aor: str
     target_jid: str
+    saved: NotifierSnapshot | None = None
+
+    @property
+    def pair(self) -> _Pair:
+        """(watcher JID, target JID): the index the XMPP side looks watches up by."""
+        return (self.watcher_jid, self.target_jid)
 
 
 def _dialog_key(key: DialogId) -> str:
@@ -66,6 +87,28 @@ def _dialog_key(key: DialogId) -> str:
 def _resource(jid: str) -> str | None:
     _, slash, resource = jid.partition("/")
     return resource if slash else None
+
+
+_N = TypeVar("_N", bound=Hashable)
+
+
+def _unindex(index: dict[_N, dict[DialogId, SipWatch]], name: _N, key: DialogId) -> None:
+    dialogs = index.get(name)
+    if dialogs is not None:
+        dialogs.pop(key, None)
+        if not dialogs:
+            del index[name]
+
+
+def _needs_saving(saved: NotifierSnapshot | None, snap: NotifierSnapshot) -> bool:
+    """True when ``snap`` differs from the stored one in a field a restart needs.
+
+    The body is not one: ``restore`` rebuilds it from the stored presence of the target. The
+    local CSeq only counts once it passes the reserve written with the last save.
+    """
+    if saved is None or snap.local_cseq > saved.local_cseq:
+        return True
+    return replace(snap, local_cseq=saved.local_cseq, body=saved.body) != saved
 
 
 def _notifier_snapshot(data: JsonObject) -> NotifierSnapshot:
@@ -88,7 +131,12 @@ class SipWatchers:
         # RFC 6665 8.3.1 deprecates 202, DESIGN 5.2 asks for it.
         self.policy = NotifierPolicy(accept_status=202)
         self.watches: dict[DialogId, SipWatch] = {}
+        # The indexes an XMPP stanza looks watches up by: (watcher, target) and target.
+        self._by_pair: dict[_Pair, dict[DialogId, SipWatch]] = {}
+        self._by_target: dict[str, dict[DialogId, SipWatch]] = {}
+        self._deadlines: DeadlineHeap[DialogId] = DeadlineHeap()
         self._xmpp_presence: dict[str, XmppPresenceSet] = {}
+        self._bodies: dict[str, bytes] = {}  # the PIDF of each target's current presence set
 
     # --- SUBSCRIBE in ---------------------------------------------------------------------
 
@@ -127,7 +175,7 @@ class SipWatchers:
             await self._run(None, effects, now, incoming)
             return
         watch = SipWatch(notifier, watcher_jid, watcher_aor, target.jid)
-        self.watches[notifier.dialog.id] = watch
+        self._add(watch)
         log.info("sip_watcher_subscribed", sip_uri=watcher_aor, jid=target.jid, approved=approved)
         await self._run(watch, effects, now, incoming)
         if notifier.state is NotifierState.TERMINATED:
@@ -166,11 +214,30 @@ class SipWatchers:
 
     def _between(self, watcher_jid: str, target_jid: str) -> list[SipWatch]:
         """The dialogs in which ``watcher_jid`` watches ``target_jid`` (a copy, safe to run)."""
-        return [
-            w
-            for w in self.watches.values()
-            if w.target_jid == target_jid and w.watcher_jid == watcher_jid
-        ]
+        return list(self._by_pair.get((watcher_jid, target_jid), {}).values())
+
+    def watching(self, target_jid: str) -> list[SipWatch]:
+        """Every dialog in which a SIP user watches ``target_jid``."""
+        return list(self._by_target.get(target_jid, {}).values())
+
+    def _add(self, watch: SipWatch) -> None:
+        key = watch.notifier.dialog.id
+        self.watches[key] = watch
+        self._by_pair.setdefault(watch.pair, {})[key] = watch
+        self._by_target.setdefault(watch.target_jid, {})[key] = watch
+        self._deadlines.set(key, watch.notifier.next_deadline())
+
+    def _remove(self, key: DialogId) -> None:
+        watch = self.watches.pop(key, None)
+        self._deadlines.set(key, None)
+        if watch is None:
+            return
+        _unindex(self._by_pair, watch.pair, key)
+        _unindex(self._by_target, watch.target_jid, key)
+        if watch.target_jid not in self._by_target:
+            # Nobody watches the target any more: its cached presence would only take memory.
+            self._xmpp_presence.pop(watch.target_jid, None)
+            self._bodies.pop(watch.target_jid, None)
 
     # --- the XMPP entity's side -----------------------------------------------------------
 
@@ -182,8 +249,10 @@ class SipWatchers:
         show = presence.show if presence.show in SHOW_VALUES else None
         priority = max(-128, min(127, presence.priority))
         update = XmppPresence(resource, available, show, presence.status, priority)
-        self._xmpp_presence[bob] = current.updated(update)
-        if available:
+        known = next((p for p in current if p.resource == resource), None)
+        # The server sends a change once per watcher JID: only the first one writes.
+        changed = known != update if available else known is not None
+        if available and changed:
             await self.store.set_presence(
                 bob,
                 resource or "",
@@ -193,8 +262,11 @@ class SipWatchers:
                 status=presence.status,
                 priority=priority,
             )
-        else:
+        elif changed:
             await self.store.clear_presence(bob, resource or "")
+        if changed:
+            self._xmpp_presence[bob] = current.updated(update)
+            self._bodies.pop(bob, None)
         body = await self._pidf_of(bob)
         for watch in self._between(watcher, bob):
             await self._run(watch, watch.notifier.notify(now, body, PIDF), now)
@@ -224,6 +296,8 @@ class SipWatchers:
                 await self._run(watch, watch.notifier.terminate(now, "noresource"), now)
 
     async def _presence_set(self, jid: str) -> XmppPresenceSet:
+        # The cache mirrors the store's rows for ``jid`` (we are their only writer), which is
+        # what lets ``on_xmpp_state`` skip writes that change nothing.
         cached = self._xmpp_presence.get(jid)
         if cached is not None:
             return cached
@@ -240,8 +314,13 @@ class SipWatchers:
         return found
 
     async def _pidf_of(self, jid: str) -> bytes:
-        presences = await self._presence_set(jid)
-        return pidf.encode(pidf_for_xmpp(self.book.sip_uri_for_jid(jid), presences))
+        body = self._bodies.get(jid)
+        if body is None:
+            presences = await self._presence_set(jid)
+            body = pidf.encode(pidf_for_xmpp(self.book.sip_uri_for_jid(jid), presences))
+            if jid in self._by_target:
+                self._bodies[jid] = body  # kept only while someone watches
+        return body
 
     # --- the notifiers' effects, outcomes and timers --------------------------------------
 
@@ -282,16 +361,23 @@ class SipWatchers:
             return
         key = watch.notifier.dialog.id
         if ended or watch.notifier.state is NotifierState.TERMINATED:
-            self.watches.pop(key, None)
+            self._remove(key)
             await self.store.delete_sip_watcher_subscription(_dialog_key(key))
             return
+        if self.watches.get(key) is watch:
+            self._deadlines.set(key, watch.notifier.next_deadline())
+        snap = watch.notifier.snapshot()
+        if not _needs_saving(watch.saved, snap):
+            return  # e.g. the 2xx to a NOTIFY, or a NOTIFY within the CSeq reserve
+        saved = replace(snap, local_cseq=snap.local_cseq + CSEQ_RESERVE)
+        watch.saved = saved
         await self.store.save_sip_watcher_subscription(
             SipWatcherSubscription(
                 dialog_id=_dialog_key(key),
                 watcher_aor=watch.watcher_aor,
                 target_jid=watch.target_jid,
                 state=SubscriptionState(watch.notifier.state.value),
-                dialog=snapshot_json(watch.notifier.snapshot()),
+                dialog=snapshot_json(saved),
                 expires_at=watch.notifier.expires_at,
             )
         )
@@ -310,15 +396,19 @@ class SipWatchers:
 
     def next_deadline(self) -> float | None:
         """The earliest notifier deadline (expiry, a NOTIFY owed)."""
-        times = [w.notifier.next_deadline() for w in self.watches.values()]
-        return min((t for t in times if t is not None), default=None)
+        return self._deadlines.earliest()
 
-    async def handle_timer(self, now: float) -> None:
-        """Fire the notifiers that are due; an expired dialog may unsubscribe on XMPP."""
-        for watch in list(self.watches.values()):
-            due = watch.notifier.next_deadline()
-            if due is not None and due <= now:
+    async def handle_timer(self, now: float, limit: int | None = None) -> int:
+        """Fire up to ``limit`` notifiers that are due; returns how many ran.
+
+        An expired dialog may unsubscribe on XMPP.
+        """
+        due = self._deadlines.pop_due(now, limit)
+        for key in due:
+            watch = self.watches.get(key)
+            if watch is not None:
                 await self._step(watch, watch.notifier.handle_timer(now), now)
+        return len(due)
 
     # --- restart and reconnect (DESIGN 8) -------------------------------------------------
 
@@ -326,21 +416,27 @@ class SipWatchers:
         """Rebuild the notifiers from the store; unreadable rows are dropped. Returns the count."""
         for stored in await self.store.sip_watcher_subscriptions():
             try:
-                notifier = Notifier.restore(_notifier_snapshot(stored.dialog), policy=self.policy)
+                snap = _notifier_snapshot(stored.dialog)
                 watcher_jid = self.book.jid_for_sip_uri(stored.watcher_aor)
+                if snap.state == NotifierState.ACTIVE.value:
+                    # The stored body may predate the last NOTIFY (see _needs_saving): the
+                    # target's stored presence is the current one.
+                    snap = replace(
+                        snap, body=await self._pidf_of(stored.target_jid), content_type=PIDF
+                    )
+                notifier = Notifier.restore(snap, policy=self.policy)
             except (KeyError, TypeError, ValueError, AddressError) as exc:
                 log.warning("subscription_unrestorable", dialog=stored.dialog_id, error=str(exc))
                 await self.store.delete_sip_watcher_subscription(stored.dialog_id)
                 continue
-            watch = SipWatch(notifier, watcher_jid, stored.watcher_aor, stored.target_jid)
-            self.watches[notifier.dialog.id] = watch
+            watch = SipWatch(
+                notifier, watcher_jid, stored.watcher_aor, stored.target_jid, saved=snap
+            )
+            self._add(watch)
         return len(self.watches)
 
     def on_link_up(self) -> None:
         """Probe every XMPP entity an active SIP watcher watches, once per pair."""
-        probed: set[tuple[str, str]] = set()
-        for watch in self.watches.values():
-            pair = (watch.watcher_jid, watch.target_jid)
-            if watch.notifier.state is NotifierState.ACTIVE and pair not in probed:
-                probed.add(pair)
-                self._probe(watch.watcher_jid, watch.target_jid)
+        for (watcher_jid, target_jid), dialogs in self._by_pair.items():
+            if any(w.notifier.state is NotifierState.ACTIVE for w in dialogs.values()):
+                self._probe(watcher_jid, target_jid)

@@ -10,7 +10,9 @@ as the user's last known presence and sent to each approved XMPP watcher; ``stat
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from component.addresses import AddressBook, AddressError, HomeUser
 from component.events import Presence, SipText
@@ -86,6 +88,10 @@ class SipUsers:
         self.priority = priority
         self.user_online = user_online
         self.publications = PublicationStore(events=("presence",), content_types=(PIDF,))
+        # The last state written per SIP user's JID: a presence server repeats the same state
+        # in every NOTIFY to every watcher, and a write that changes nothing is skipped.
+        self._remembered: dict[str, XmppPresence] = {}
+        self._reannounce: deque[tuple[str, tuple[str, bool]]] = deque()
 
     # --- SIP requests in ------------------------------------------------------------------
 
@@ -213,14 +219,18 @@ class SipUsers:
     async def state_of(self, jid: str, aor: str) -> XmppPresence:
         """A SIP user's last known state: stored presence, else its registration."""
         for record in await self.store.presence_of(jid):
-            return XmppPresence(
-                RESOURCE, record.available, record.show, record.status, self.priority
+            state = XmppPresence(
+                RESOURCE, record.available, record.show, record.status, record.priority
             )
+            self._remembered.setdefault(jid, state)  # what the store holds: no need to rewrite
+            return replace(state, priority=self.priority)
         seen = await self.store.seen_user(aor)
         return self.plain_state(seen is not None and seen.online)
 
     async def remember(self, sip_jid: str, state: XmppPresence, now: float) -> None:
         """Store ``state`` as the SIP user's last known presence (answers probes, DESIGN 8)."""
+        if self._remembered.get(sip_jid) == state:
+            return
         await self.store.set_presence(
             sip_jid,
             "",
@@ -230,6 +240,7 @@ class SipUsers:
             status=state.status,
             priority=state.priority,
         )
+        self._remembered[sip_jid] = state  # only once written: a failed write is retried
 
     async def announce(self, sip_jid: str, state: XmppPresence, now: float) -> None:
         """Remember ``state`` and send it to every approved XMPP watcher of ``sip_jid``."""
@@ -254,21 +265,32 @@ class SipUsers:
 
     async def on_link_up(self, now: float) -> None:
         """Re-announce every online SIP user, and those XMPP users watch (DESIGN 8)."""
-        announced: set[str] = set()
+        await self.plan_reannounce()
+        await self.reannounce(now)
+
+    async def plan_reannounce(self) -> None:
+        """List the SIP users to re-announce after the link came up; ``reannounce`` sends."""
+        todo: dict[str, tuple[str, bool]] = {}  # JID -> (AOR, registered online)
         for user in await self.store.online_users():
-            jid = self.book.jid_for_sip_uri(user.aor)
-            if jid not in announced:
-                announced.add(jid)
-                state = await self.state_of(jid, user.aor)
-                await self.announce(jid, state, now)
+            todo.setdefault(self.book.jid_for_sip_uri(user.aor), (user.aor, True))
         for approval in await self.store.approvals():
             jid = approval.sip_jid
-            if jid in announced or approval.direction is not ApprovalDirection.XMPP_WATCHES_SIP:
+            if jid in todo or approval.direction is not ApprovalDirection.XMPP_WATCHES_SIP:
                 continue
-            announced.add(jid)
-            state = await self.state_of(jid, self.book.sip_uri_for_component_jid(jid))
-            if state.available:
+            todo[jid] = (self.book.sip_uri_for_component_jid(jid), False)
+        self._reannounce = deque(todo.items())
+
+    async def reannounce(self, now: float, limit: int | None = None) -> bool:
+        """Announce up to ``limit`` planned users (online ones, and watched ones available);
+        True while some are left, so a caller can let other work in between."""
+        done = 0
+        while self._reannounce and (limit is None or done < limit):
+            jid, (aor, online) = self._reannounce.popleft()
+            done += 1
+            state = await self.state_of(jid, aor)
+            if online or state.available:
                 await self.announce(jid, state, now)
+        return bool(self._reannounce)
 
     # --- publications (RFC 3903) ----------------------------------------------------------
 
@@ -296,6 +318,7 @@ class SipUsers:
             )
             return
         # No published state any more: what the registration says (RFC 3903 6: gone).
+        self._remembered.pop(jid, None)
         await self.store.clear_presence(jid)
         seen = await self.store.seen_user(pub.entity)
         await self.announce(jid, self.plain_state(seen is not None and seen.online), now)

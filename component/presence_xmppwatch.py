@@ -4,21 +4,23 @@
 SUBSCRIBE to the SIP user through the proxy, keeps one ``Subscriber`` per (XMPP watcher, SIP
 user), and turns the NOTIFYs into ``subscribed`` / ``unsubscribed`` and presence. Terminations
 that invite another try (timeout, deactivated, a transient failure) subscribe again later.
-Without a SIP presence server the state of DESIGN 5.4 answers instead. Every subscriber is
-written to the store, and ``restore`` resumes them after a restart (DESIGN 8).
+Without a SIP presence server the state of DESIGN 5.4 answers instead. A subscriber is written
+to the store when a field a restart needs changes, and ``restore`` resumes them after a restart
+(DESIGN 8), with the refreshes that fell due while we were down spread at a bounded rate.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 
 from component.addresses import AddressBook, AddressError
 from component.events import Presence
 from component.logs import get_logger
 from component.presence_ports import (
     PIDF,
+    DeadlineHeap,
     IncomingLike,
     MachineKind,
     ReplyTo,
@@ -53,11 +55,19 @@ from sipside.subscription import SubscriptionState as SipSubState
 
 log = get_logger("component.presence")
 
-__all__ = ["TRANSIENT_RETRY", "HeldSubscription", "XmppWatchers"]
+__all__ = ["RESTORE_RATE", "TRANSIENT_RETRY", "HeldSubscription", "XmppWatchers"]
 
 _NO_RETRY = frozenset({"rejected", "noresource", "invariant"})
 _TRANSIENT = frozenset({408, 480, 500, 503, 504})  # RFC 3261 21: worth another try later
 TRANSIENT_RETRY = 30.0
+# Overdue refreshes after a restart leave at most this many per second (on average): the
+# spread window grows with their number beyond ``restore_spread``.
+RESTORE_RATE = 100.0
+# The stored CSeq runs this far ahead (see presence_sipwatch.CSEQ_RESERVE, RFC 3261 12.2.2).
+_CSEQ_RESERVE = 64
+# A NOTIFY's "expires" counts down in whole seconds, so each one moves the refresh time a
+# little; moves this small are not worth a store write (the refresh leaves well before expiry).
+_TIME_SLACK = 5.0
 
 # (XMPP watcher's bare JID, SIP user's AOR): one subscription per pair.
 _Pair = tuple[str, str]
@@ -73,6 +83,7 @@ class HeldSubscription:
     sip_aor: str
     unsubscribing: bool = False
     retry_at: float | None = None
+    saved: SubscriberSnapshot | None = None
 
     @property
     def pair(self) -> _Pair:
@@ -85,6 +96,36 @@ def _subscriber_snapshot(data: JsonObject) -> SubscriberSnapshot:
     values["route_set"] = tuple(values["route_set"])
     values["accept"] = tuple(values["accept"])
     return SubscriberSnapshot(**values)
+
+
+def _moved(saved: float | None, now: float | None) -> bool:
+    if saved is None or now is None:
+        return saved is not now
+    return abs(saved - now) > _TIME_SLACK
+
+
+def _needs_saving(saved: SubscriberSnapshot | None, snap: SubscriberSnapshot) -> bool:
+    """True when ``snap`` differs from the stored one in a field a restart needs.
+
+    The remote CSeq is not one (a restarted subscriber accepts the next NOTIFY either way);
+    the local CSeq counts once it passes the stored reserve, times once they move noticeably.
+    """
+    if saved is None or snap.local_cseq > saved.local_cseq:
+        return True
+    if _moved(saved.expires_at, snap.expires_at) or _moved(saved.refresh_at, snap.refresh_at):
+        return True
+    same = replace(
+        snap,
+        local_cseq=saved.local_cseq,
+        remote_cseq=saved.remote_cseq,
+        expires_at=saved.expires_at,
+        refresh_at=saved.refresh_at,
+    )
+    return same != saved
+
+
+def _deadline(held: HeldSubscription) -> float | None:
+    return held.retry_at if held.retry_at is not None else held.subscriber.next_deadline()
 
 
 def _stored_state(state: SubscriberState) -> SubscriptionState:
@@ -125,6 +166,7 @@ class XmppWatchers:
         self.held: dict[_Pair, HeldSubscription] = {}
         # (Call-ID, our tag) of each subscriber's dialog, to find it from a NOTIFY.
         self._by_dialog: dict[tuple[str, str], _Pair] = {}
+        self._deadlines: DeadlineHeap[_Pair] = DeadlineHeap()
 
     # --- what Bob asks on XMPP ------------------------------------------------------------
 
@@ -276,12 +318,18 @@ class XmppWatchers:
             await self._drop(held)
             return
         self._index(held)
+        self._deadlines.set(held.pair, _deadline(held))
+        snap = sub.snapshot()
+        if not _needs_saving(held.saved, snap):
+            return  # e.g. a NOTIFY that only repeats the state, or a 2xx to a refresh
+        saved = replace(snap, local_cseq=snap.local_cseq + _CSEQ_RESERVE)
+        held.saved = saved
         await self.store.save_xmpp_watcher_subscription(
             XmppWatcherSubscription(
                 watcher_jid=held.watcher_jid,
                 sip_aor=held.sip_aor,
                 state=_stored_state(sub.state),
-                dialog=snapshot_json(sub.snapshot()),
+                dialog=snapshot_json(saved),
                 expires_at=sub.expires_at,
             )
         )
@@ -296,6 +344,7 @@ class XmppWatchers:
 
     async def _drop(self, held: HeldSubscription) -> None:
         self.held.pop(held.pair, None)
+        self._deadlines.set(held.pair, None)
         self._forget_dialog(held)
         await self.store.delete_xmpp_watcher_subscription(held.watcher_jid, held.sip_aor)
 
@@ -320,39 +369,53 @@ class XmppWatchers:
 
     def next_deadline(self) -> float | None:
         """The earliest refresh, expiry or owed resubscribe."""
-        times = [
-            h.retry_at if h.retry_at is not None else h.subscriber.next_deadline()
-            for h in self.held.values()
-        ]
-        return min((t for t in times if t is not None), default=None)
+        return self._deadlines.earliest()
 
-    async def handle_timer(self, now: float) -> None:
-        """Refresh or expire due subscribers; subscribe again where a retry fell due."""
-        for held in list(self.held.values()):
-            if held.retry_at is not None:
-                if held.retry_at <= now:
-                    await self._start(held.watcher_jid, held.sip_jid, held.sip_aor, now)
+    async def handle_timer(self, now: float, limit: int | None = None) -> int:
+        """Refresh or expire up to ``limit`` due subscribers, or subscribe again where a retry
+        fell due; returns how many ran."""
+        due = self._deadlines.pop_due(now, limit)
+        for pair in due:
+            held = self.held.get(pair)
+            if held is None:
                 continue
-            due = held.subscriber.next_deadline()
-            if due is not None and due <= now:
+            if held.retry_at is not None:
+                await self._start(held.watcher_jid, held.sip_jid, held.sip_aor, now)
+            else:
                 await self._run(held, held.subscriber.handle_timer(now), now)
+        return len(due)
 
     # --- restart (DESIGN 8) ---------------------------------------------------------------
 
     async def restore(self, now: float) -> int:
-        """Rebuild the subscribers from the store; returns the count.
+        """Rebuild the subscribers from the store; returns the count (``load`` + ``rebuild``)."""
+        return await self.rebuild(await self.load(), now)
 
-        Refreshes that fell due while we were down are spread over ``restore_spread`` seconds,
-        so thousands of them do not leave in one burst.
+    async def load(self) -> list[XmppWatcherSubscription]:
+        """The stored subscriptions ``rebuild`` resumes.
+
+        Rows without a dialog never got an answer; the next subscribe re-creates them.
         """
-        for sub in await self.store.xmpp_watcher_subscriptions():
-            if sub.dialog is None:
-                continue  # the SUBSCRIBE never got an answer; re-created on the next subscribe
+        return [sub for sub in await self.store.xmpp_watcher_subscriptions() if sub.dialog]
+
+    async def rebuild(self, stored: Sequence[XmppWatcherSubscription], now: float) -> int:
+        """Resume ``stored`` subscriptions as of ``now``; returns the count held.
+
+        Work that fell due while we were down is spread evenly over ``restore_spread`` seconds,
+        or over a longer window if that would exceed ``RESTORE_RATE`` requests per second, so
+        thousands of refreshes do not leave in one burst.
+        """
+        rows = [(sub, sub.dialog) for sub in stored if sub.dialog is not None]
+        window = max(self.restore_spread, len(rows) / RESTORE_RATE)
+        slots = list(range(len(rows)))
+        self.rng.shuffle(slots)  # an even rate, in no particular order of watchers
+        for slot, (sub, dialog) in zip(slots, rows, strict=True):
             try:
+                snap = _subscriber_snapshot(dialog)
                 subscriber = Subscriber.restore(
-                    _subscriber_snapshot(sub.dialog),
+                    snap,
                     now,
-                    spread=self.rng.uniform(0.0, self.restore_spread),
+                    spread=(slot + self.rng.random()) * window / len(rows),
                     refresh_offset=self.rng.uniform(0.0, 10.0),
                 )
                 sip_jid = self.book.jid_for_sip_uri(sub.sip_aor)
@@ -360,11 +423,8 @@ class XmppWatchers:
                 log.warning("subscription_unrestorable", jid=sub.watcher_jid, error=str(exc))
                 await self.store.delete_xmpp_watcher_subscription(sub.watcher_jid, sub.sip_aor)
                 continue
-            held = HeldSubscription(subscriber, sub.watcher_jid, sip_jid, sub.sip_aor)
+            held = HeldSubscription(subscriber, sub.watcher_jid, sip_jid, sub.sip_aor, saved=snap)
             self.held[held.pair] = held
             self._index(held)
+            self._deadlines.set(held.pair, _deadline(held))
         return len(self.held)
-
-    def watched_aors(self) -> set[str]:
-        """The SIP users some XMPP user subscribes to."""
-        return {h.sip_aor for h in self.held.values()}

@@ -3,21 +3,30 @@ clock: both directions of watching, online state, PUBLISH, commands, restart and
 
 from __future__ import annotations
 
+import asyncio
 import random
 import shutil
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from component.addresses import AddressBook
 from component.events import Presence, SipAnswer, SipText
-from component.presence import HELP_TEXT, MachineKind, PresenceCore, ReplyTo
+from component.presence import HELP_TEXT, TIMER_BATCH, MachineKind, PresenceCore, ReplyTo
 from component.presence_map import xmpp_for_pidf
+from component.presence_ports import DeadlineHeap
 from component.presence_runtime import PresenceRuntime
+from component.presence_sipwatch import CSEQ_RESERVE
+from component.presence_xmppwatch import RESTORE_RATE
 from component.store import ApprovalDirection, ApprovalState, Store, migrate
 from sipside import pidf
+from sipside.errors import TransportError
 from sipside.message import SipRequest, SipResponse, make_response, parse_message
 from sipside.peer import Peer
 
@@ -868,3 +877,517 @@ async def test_runtime_drives_transactions_and_commands(store: Store) -> None:
         assert stored.dialog is not None and stored.expires_at == T0 + 600
     finally:
         await runtime.stop()
+
+
+# --- scale: deadline heap, indexes, write skipping, bounded queues, shutdown ----------------------
+
+
+def watcher_subscribe(i: int, expires: int = 600, target: str = BOB_SIP) -> SipRequest:
+    """A SUBSCRIBE from SIP user ``w<i>`` to ``target``."""
+    return sip(
+        "SUBSCRIBE",
+        target,
+        [
+            ("Contact", f"<sip:w{i}@127.0.0.1:5062>"),
+            ("Event", "presence"),
+            ("Expires", str(expires)),
+        ],
+        call_id=f"w{i}-{target}",
+        from_=f"<sip:w{i}@sip.test>;tag=ft{i}",
+    )
+
+
+def watcher_jid(i: int) -> str:
+    return f"w{i}@sip.xmpp.test"
+
+
+async def approved_watchers(w: World, count: int, expires: list[int] | None = None) -> None:
+    """``count`` SIP users watch Bob, approved and with every NOTIFY answered."""
+    for i in range(count):
+        await w.store.set_approval(
+            watcher_jid(i), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+        )
+        incoming = FakeIncoming(watcher_subscribe(i, expires[i] if expires else 600))
+        await w.core.on_sip_request(incoming, T0)
+        assert incoming.status == 202
+    await answer_all(w, T0)
+    w.xmpp.take()
+
+
+async def answer_all(w: World, now: float, status: int = 200) -> list[SipRequest]:
+    """Answer every request the core sent, until it sends no more; returns them."""
+    answered: list[SipRequest] = []
+    while sent := w.sip.take():
+        for request, _, reply in sent:
+            answered.append(request)
+            await w.core.on_sip_response(reply, answer(request, status), now)
+    return answered
+
+
+def brute_deadline(core: PresenceCore) -> float | None:
+    """The earliest deadline by looking at every machine (what the heap must agree with)."""
+    times = [w.notifier.next_deadline() for w in core._watches.values()]
+    times += [
+        h.retry_at if h.retry_at is not None else h.subscriber.next_deadline()
+        for h in core._held.values()
+    ]
+    times.append(core.users.next_deadline())
+    return min((t for t in times if t is not None), default=None)
+
+
+@pytest.mark.parametrize(
+    ("ops", "due_at", "expected_earliest"),
+    [
+        # set, move later, remove: the stale entries must not surface.
+        ([("a", 5.0), ("a", 9.0), ("b", 7.0)], 8.0, 7.0),
+        ([("a", 5.0), ("a", None), ("b", 7.0)], 6.0, 7.0),
+        ([("a", 5.0), ("b", 5.0), ("a", 1.0)], 0.5, 1.0),
+        ([("a", None)], 100.0, None),
+    ],
+)
+def test_deadline_heap_table(
+    ops: list[tuple[str, float | None]], due_at: float, expected_earliest: float | None
+) -> None:
+    heap: DeadlineHeap[str] = DeadlineHeap()
+    model: dict[str, float] = {}
+    for key, when in ops:
+        heap.set(key, when)
+        if when is None:
+            model.pop(key, None)
+        else:
+            model[key] = when
+    assert heap.earliest() == expected_earliest
+    assert sorted(heap.pop_due(due_at)) == sorted(k for k, t in model.items() if t <= due_at)
+    assert len(heap) == sum(1 for t in model.values() if t > due_at)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["set", "pop"]),
+            st.integers(0, 40),
+            st.one_of(st.none(), st.integers(0, 100).map(float)),
+            st.integers(1, 5),
+        ),
+        max_size=300,
+    )
+)
+def test_deadline_heap_agrees_with_a_dict(ops: list[tuple[str, int, float | None, int]]) -> None:
+    heap: DeadlineHeap[int] = DeadlineHeap()
+    model: dict[int, float] = {}
+    for op, key, when, limit in ops:
+        if op == "set":
+            heap.set(key, when)
+            if when is None:
+                model.pop(key, None)
+            else:
+                model[key] = when
+        else:
+            now = when if when is not None else 50.0
+            due = heap.pop_due(now, limit)
+            was_due = {k: t for k, t in model.items() if t <= now}
+            assert len(due) == min(limit, len(was_due)) and len(set(due)) == len(due)
+            assert all(k in was_due for k in due)
+            # The earliest come first: nothing left behind is due before what was taken.
+            left = [t for k, t in was_due.items() if k not in due]
+            assert not due or not left or min(left) >= max(was_due[k] for k in due)
+            for k in due:
+                del model[k]
+        assert heap.earliest() == min(model.values(), default=None)
+        assert heap.entries <= 2 * len(model) + 65  # stale entries are compacted away
+
+
+async def test_deadline_heap_follows_many_subscriptions(w: World) -> None:
+    rng = random.Random(7)
+    expires = [rng.randint(60, 3600) for _ in range(150)]
+    await approved_watchers(w, len(expires), expires)
+    for i in range(40):
+        await w.core.on_presence(
+            Presence(sender=f"xmpp{i}@xmpp.test", recipient=ALICE_JID, type="subscribe"), T0
+        )
+    for request, _, reply in w.sip.take():
+        response = answer(request, 200, [("Expires", str(rng.randint(120, 3600)))])
+        await w.core.on_sip_response(reply, response, T0)
+    assert w.core.next_deadline() == brute_deadline(w.core)
+    # Fire in steps; at each step exactly the expired notifiers end, and the heap agrees.
+    for now in (T0 + 600, T0 + 1800, T0 + 3601):
+        while (due := w.core.next_deadline()) is not None and due <= now:
+            await w.core.handle_timer(now)
+            await answer_all(w, now)
+        alive = len(w.core._watches)
+        assert alive == sum(1 for e in expires if T0 + e > now)
+        assert w.core.next_deadline() == brute_deadline(w.core)
+        assert w.core.next_deadline() is None or w.core.next_deadline() > now  # type: ignore[operator]
+    assert len(await w.store.sip_watcher_subscriptions()) == 0
+
+
+async def test_handle_timer_fires_a_bounded_batch(w: World) -> None:
+    count = TIMER_BATCH + 50
+    await approved_watchers(w, count, [60] * count)
+    now = T0 + 61
+    await w.core.handle_timer(now)
+    ended = [
+        r for r, _, _ in w.sip.take() if "terminated" in (r.header("Subscription-State") or "")
+    ]
+    assert len(ended) == TIMER_BATCH
+    assert w.core.next_deadline() == T0 + 60  # the rest is still due: the runtime calls again
+    await w.core.handle_timer(now)
+    assert len(w.sip.take()) == 50 and w.core.next_deadline() is None
+
+
+@pytest.mark.parametrize("recipient", [0, 1, 2])
+async def test_presence_reaches_only_the_addressed_watchers_dialogs(
+    w: World, recipient: int
+) -> None:
+    await approved_watchers(w, 3)
+    # A second target, watched by the same users: it must not be notified for Bob.
+    carol = "sip:carol*xmpp.test@jabber.sip.test"
+    for i in range(3):
+        await w.store.set_approval(
+            watcher_jid(i),
+            "carol@xmpp.test",
+            ApprovalDirection.SIP_WATCHES_XMPP,
+            ApprovalState.APPROVED,
+            T0,
+        )
+        await w.core.on_sip_request(FakeIncoming(watcher_subscribe(i, target=carol)), T0)
+    await answer_all(w, T0)
+    await w.core.on_presence(
+        Presence(sender=f"{BOB}/pc", recipient=watcher_jid(recipient), show="away"), T0 + 1
+    )
+    [(notify, _, _)] = w.sip.take()
+    assert notify.call_id == f"w{recipient}-{BOB_SIP}"
+    assert state_of(notify)[1] is not None and state_of(notify)[1].show == "away"  # type: ignore[union-attr]
+    # A dialog that ended leaves the index: Bob's next change reaches nobody there.
+    ended = FakeIncoming(
+        sip(
+            "SUBSCRIBE",
+            BOB_SIP,
+            [("Event", "presence"), ("Expires", "0")],
+            call_id=f"w{recipient}-{BOB_SIP}",
+            from_=f"<sip:w{recipient}@sip.test>;tag=ft{recipient}",
+            to=f"<{BOB_SIP}>;tag={notify.from_tag}",
+            cseq=2,
+        )
+    )
+    await w.core.on_sip_request(ended, T0 + 2)
+    assert ended.status == 200
+    w.sip.take()
+    await w.core.on_presence(
+        Presence(sender=f"{BOB}/pc", recipient=watcher_jid(recipient), show="dnd"), T0 + 3
+    )
+    assert w.sip.take() == []
+    assert w.core.counts()["sip_watchers"] == 5
+
+
+def count_calls(
+    monkeypatch: pytest.MonkeyPatch, store: Store, names: Sequence[str]
+) -> Counter[str]:
+    """Count calls of the store's ``names`` (they still run)."""
+    counts: Counter[str] = Counter()
+    for name in names:
+        method = getattr(store, name)
+
+        def counting(*args: Any, _name: str = name, _method: Any = method, **kw: Any) -> Any:
+            counts[_name] += 1
+            return _method(*args, **kw)
+
+        monkeypatch.setattr(store, name, counting)
+    return counts
+
+
+async def test_fanout_skips_writes_that_change_nothing(
+    w: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await approved_watchers(w, 5)
+    writes = count_calls(
+        monkeypatch, w.store, ["set_presence", "clear_presence", "save_sip_watcher_subscription"]
+    )
+    # The XMPP server sends Bob's change once per watcher JID: one presence write in all.
+    for i in range(5):
+        await w.core.on_presence(
+            Presence(sender=f"{BOB}/pc", recipient=watcher_jid(i), show="away"), T0 + 1
+        )
+    notifies = await answer_all(w, T0 + 1)
+    assert len(notifies) == 5
+    assert writes["set_presence"] == 1
+    # Neither the NOTIFYs (within the CSeq reserve) nor their 2xx rewrote the dialogs.
+    assert writes["save_sip_watcher_subscription"] == 0
+    for i in range(5):
+        await w.core.on_presence(
+            Presence(sender=f"{BOB}/pc", recipient=watcher_jid(i), type="unavailable"), T0 + 2
+        )
+    await answer_all(w, T0 + 2)
+    assert (writes["set_presence"], writes["clear_presence"]) == (1, 1)
+
+
+async def test_stored_cseq_stays_ahead_across_many_notifies(store_url: str) -> None:
+    first = await Store.open(store_url)
+    w = build(first)
+    await approved_watchers(w, 1)
+    used = 0
+    for n in range(CSEQ_RESERVE * 2 + 5):  # past the reserve twice: it must be renewed
+        show = ("away", "dnd")[n % 2]
+        await w.core.on_presence(
+            Presence(sender=f"{BOB}/pc", recipient=watcher_jid(0), show=show), T0 + n
+        )
+        for request in await answer_all(w, T0 + n):
+            used = max(used, request.cseq[0])
+    await first.close()
+    second = await Store.open(store_url)
+    try:
+        n2 = build(second, seed=5)
+        assert await n2.core.resume(T0 + 500) == (1, 0, 0)
+        # The watcher refreshes: the NOTIFY continues the dialog above every CSeq used, and
+        # carries Bob's last presence (from the store, not an older body kept with the dialog).
+        [key] = n2.core._watches
+        refresh = FakeIncoming(
+            sip(
+                "SUBSCRIBE",
+                BOB_SIP,
+                [("Event", "presence"), ("Expires", "600")],
+                call_id=key.call_id,
+                from_="<sip:w0@sip.test>;tag=ft0",
+                to=f"<{BOB_SIP}>;tag={key.local_tag}",
+                cseq=2,
+            )
+        )
+        await n2.core.on_sip_request(refresh, T0 + 501)
+        assert refresh.status == 200
+        [(notify, _, _)] = n2.sip.take()
+        assert notify.cseq[0] > used
+        seen = state_of(notify)[1]
+        assert seen is not None and seen.show == "away"  # the last of the changes above
+    finally:
+        await second.close()
+
+
+async def test_xmpp_watcher_repeated_notify_writes_nothing(
+    w: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    subscribe = await xmpp_watches(w)
+    await _accepted(w, subscribe, 200)
+    assert await deliver(w, notify_for(subscribe, "active;expires=600", pidf_body()), T0) == 200
+    writes = count_calls(monkeypatch, w.store, ["set_presence", "save_xmpp_watcher_subscription"])
+    for cseq in range(2, 6):  # the presence server repeats the state; expires counts down
+        request = notify_for(subscribe, f"active;expires={600 - cseq}", pidf_body(), cseq)
+        assert await deliver(w, request, T0 + cseq) == 200
+    assert writes == Counter()
+    changed = notify_for(subscribe, "active;expires=590", pidf_body("closed"), 9)
+    assert await deliver(w, changed, T0 + 10) == 200
+    assert writes["set_presence"] == 1
+
+
+async def test_restore_rate_is_bounded_for_many_overdue(store_url: str) -> None:
+    first = await Store.open(store_url)
+    w = build(first)
+    count = 300
+    for n in range(count):
+        await w.core.on_presence(
+            Presence(sender=f"x{n}@xmpp.test", recipient=ALICE_JID, type="subscribe"), T0
+        )
+        [(subscribe, _, reply)] = w.sip.take()
+        await w.core.on_sip_response(reply, answer(subscribe, 200, [("Expires", "600")]), T0)
+    await first.close()
+    second = await Store.open(store_url)
+    try:
+        fake_sip = FakeSip()
+        core = PresenceCore(
+            BOOK,
+            sip=fake_sip,
+            xmpp=FakeXmpp(),
+            store=second,
+            restore_spread=1.0,
+            rng=random.Random(9),
+        )
+        later = T0 + 10_000
+        await core.resume(later)
+        dues = sorted(h.subscriber.next_deadline() or 0.0 for h in core._held.values())
+        window = count / RESTORE_RATE
+        assert later <= dues[0] and dues[-1] <= later + window
+        per_second = Counter(int(d - later) for d in dues)
+        assert max(per_second.values()) <= RESTORE_RATE + 1
+        assert dues[-1] - dues[0] > window * 0.9  # the whole window is used
+    finally:
+        await second.close()
+
+
+class GatedEndpoint(FakeEndpoint):
+    """Holds NOTIFYs until ``release``; ``close`` fails what is held, as Endpoint.close does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[asyncio.Future[None]] = []
+
+    async def request(self, request: SipRequest, peer: Peer | None = None) -> SipResponse:
+        if request.method == "NOTIFY":
+            gate = asyncio.get_running_loop().create_future()
+            self.held.append(gate)
+            await gate
+        return await super().request(request, peer)
+
+    def close(self) -> None:
+        for gate in self.held:
+            if not gate.done():
+                gate.set_exception(TransportError("endpoint closed"))
+
+
+def runtime_world(
+    store: Store, endpoint: FakeEndpoint, **limits: int
+) -> tuple[PresenceRuntime, PresenceCore, list[float]]:
+    now = [T0]
+    runtime = PresenceRuntime(endpoint, clock=lambda: now[0], sweep_interval=3600, **limits)
+    core = PresenceCore(BOOK, sip=runtime, xmpp=FakeXmpp(), store=store, rng=random.Random(4))
+    runtime.attach(core)
+    return runtime, core, now
+
+
+@pytest.mark.parametrize("endpoint_closes_first", [False, True])
+async def test_shutdown_with_notifies_in_flight_keeps_subscriptions(
+    store: Store, endpoint_closes_first: bool
+) -> None:
+    endpoint = GatedEndpoint()
+    runtime, core, _ = runtime_world(store, endpoint)
+    await runtime.start()
+    for i in range(3):
+        await store.set_approval(
+            watcher_jid(i), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+        )
+        incoming = FakeIncoming(watcher_subscribe(i))
+        await runtime.handle_request(incoming)
+        assert incoming.status == 202
+    await asyncio.sleep(0)
+    assert len(endpoint.held) == 3  # every first NOTIFY is in flight
+    stopping = asyncio.create_task(runtime.stop(timeout=0.5))
+    await asyncio.sleep(0)
+    if endpoint_closes_first:
+        endpoint.close()  # the transactions fail with "endpoint closed" while stop waits
+    await stopping
+    endpoint.close()
+    await asyncio.sleep(0)
+    assert len(await store.sip_watcher_subscriptions()) == 3
+    assert core.counts()["sip_watchers"] == 3
+    # Stopped: new work is refused and the core (and the store) are left alone.
+    late = FakeIncoming(watcher_subscribe(7))
+    refused = await runtime.handle_request(late)
+    assert refused.status == 503 and ("Retry-After", "5") in refused.headers
+    runtime.on_presence(Presence(sender=f"{BOB}/pc", recipient=watcher_jid(0)))
+    await runtime.settle()
+    assert core.counts()["sip_watchers"] == 3 and late.responses == []
+
+
+async def test_stop_waits_for_transactions_started_meanwhile(store: Store) -> None:
+    endpoint = GatedEndpoint()
+    runtime, core, _ = runtime_world(store, endpoint)
+    await runtime.start()
+    await store.set_approval(
+        watcher_jid(0), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+    )
+    await runtime.handle_request(FakeIncoming(watcher_subscribe(0)))
+    runtime.on_presence(Presence(sender=f"{BOB}/pc", recipient=watcher_jid(0), show="away"))
+    while runtime.queued_presence or runtime.waiting:
+        await asyncio.sleep(0)
+    stopping = asyncio.create_task(runtime.stop(timeout=5.0))
+    # The first NOTIFY's 2xx comes during stop; the change queued behind it goes out then.
+    endpoint.held[0].set_result(None)
+    while len(endpoint.held) < 2:
+        await asyncio.sleep(0)
+    endpoint.held[1].set_result(None)
+    await stopping
+    assert [r.method for r, _ in endpoint.requests] == ["NOTIFY", "NOTIFY"]
+    assert core.counts()["sip_watchers"] == 1
+    assert len(await store.sip_watcher_subscriptions()) == 1
+
+
+async def test_overload_refuses_new_subscriptions_with_503(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    endpoint = FakeEndpoint()
+    runtime, _, _ = runtime_world(store, endpoint, max_waiting=2, max_queued_presence=2)
+    await runtime.start()
+    gate = asyncio.Event()
+    seen = store.mark_user_seen
+
+    async def slow_mark(*args: Any, **kw: Any) -> Any:
+        await gate.wait()
+        return await seen(*args, **kw)
+
+    monkeypatch.setattr(store, "mark_user_seen", slow_mark)
+    try:
+        msg = SipText(from_uri=ALICE_AOR, to_uri="sip:jabber_gateway@sip.test", body="online")
+        blocker = asyncio.create_task(runtime.command(msg))  # holds the lock
+        queued = [FakeIncoming(watcher_subscribe(i)) for i in range(2)]
+        tasks = [asyncio.create_task(runtime.handle_request(q)) for q in queued]
+        for n in range(5):  # two fit the queue, three are dropped
+            runtime.on_presence(
+                Presence(sender=f"x{n}@xmpp.test", recipient=ALICE_JID, type="subscribe")
+            )
+        await asyncio.sleep(0.01)
+        # The worker took one and waits for the lock with the command and two SUBSCRIBEs.
+        assert runtime.waiting == 4 and runtime.queued_presence == 1
+        assert runtime.requests_waiting == 2
+        table = [
+            (watcher_subscribe(5), 503),  # a new subscription: refused
+            (publish(pidf_body(), [("Event", "presence"), ("Expires", "60")]), 503),
+        ]
+        for request, status in table:
+            refused = await runtime.handle_request(FakeIncoming(request))
+            assert refused.status == status and ("Retry-After", "5") in refused.headers
+        # A request about existing state (here an unknown dialog) still queues and is answered.
+        stray = FakeIncoming(
+            sip(
+                "SUBSCRIBE", BOB_SIP, [("Event", "presence")], call_id="zz", to=f"<{BOB_SIP}>;tag=x"
+            )
+        )
+        stray_task = asyncio.create_task(runtime.handle_request(stray))
+        await asyncio.sleep(0.01)
+        assert not stray.answered
+        gate.set()
+        await asyncio.gather(blocker, stray_task, *tasks)
+        await runtime.settle()
+        assert stray.status == 481 and [q.status for q in queued] == [202, 202]
+        subscribes = [r for r, _ in endpoint.requests if r.method == "SUBSCRIBE"]
+        assert len(subscribes) == 2  # the three dropped stanzas made no subscription
+        assert runtime.waiting == 0 and runtime.queued_presence == 0
+        # Below the bound again: accepted.
+        later = FakeIncoming(watcher_subscribe(6))
+        await runtime.handle_request(later)
+        assert later.status == 202
+    finally:
+        gate.set()
+        await runtime.stop()
+
+
+async def test_runtime_spreads_refreshes_from_after_a_slow_resume(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = await Store.open(store_url)
+    w = build(first)
+    for n in range(10):
+        await w.core.on_presence(
+            Presence(sender=f"x{n}@xmpp.test", recipient=ALICE_JID, type="subscribe"), T0
+        )
+        [(subscribe, _, reply)] = w.sip.take()
+        await w.core.on_sip_response(reply, answer(subscribe, 200, [("Expires", "600")]), T0)
+    await first.close()
+    second = await Store.open(store_url)
+    try:
+        now = [T0 + 10_000]  # every refresh is overdue
+        runtime = PresenceRuntime(FakeEndpoint(), clock=lambda: now[0], sweep_interval=3600)
+        core = PresenceCore(BOOK, sip=runtime, xmpp=FakeXmpp(), store=second, restore_spread=5)
+        runtime.attach(core)
+        reading = second.publications_of
+
+        async def slow_read(entity: str) -> Any:
+            now[0] += 100.0  # the first part of the resume takes long
+            return await reading(entity)
+
+        monkeypatch.setattr(second, "publications_of", slow_read)
+        await runtime.start()
+        await runtime.stop()
+        dues = [h.subscriber.next_deadline() or 0.0 for h in core._held.values()]
+        assert len(dues) == 10 and min(dues) >= now[0]  # spread from after the slow part
+        assert max(dues) <= now[0] + 5
+    finally:
+        await second.close()
