@@ -50,7 +50,11 @@ class SipGate:
 
     def handle(self, incoming: IncomingRequest) -> None:
         """The endpoint's single request handler."""
-        if not self.accepting or self.core is None:
+        request = incoming.request
+        # In-dialog requests (a NOTIFY for a subscription we hold) still reach their handler
+        # while stopping: it decides, and answering them keeps the subscription alive.
+        in_dialog = request.to_tag is not None and request.method in self.others
+        if self.core is None or not (self.accepting or in_dialog):
             # DESIGN 8: stopping (SIGTERM) or not ready: refuse, the sender retries later.
             incoming.respond(503, headers=[("Retry-After", "30")])
             return
@@ -58,7 +62,6 @@ class SipGate:
             # DESIGN 8 overload: refuse before starting work we could not finish.
             incoming.respond(503, headers=[("Retry-After", "5")])
             return
-        request = incoming.request
         answer: SipAnswer | Awaitable[SipAnswer] | None
         try:
             if request.method == "MESSAGE":
