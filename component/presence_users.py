@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
-from component.addresses import AddressBook, AddressError, HomeUser
+from component.addresses import AddressBook, HomeUser
 from component.events import Presence, SipText
 from component.logs import get_logger
 from component.presence_map import XmppPresence, xmpp_for_pidf
@@ -333,33 +333,24 @@ class SipUsers:
             if isinstance(effect, PublicationRemoved):
                 await self._publication_gone(effect.publication, now)
 
-    async def restore(self, watched_aors: Iterable[str]) -> int:
+    async def restore(self, watched_aors: Iterable[str] = ()) -> int:
         """Reload publications after a restart (DESIGN 8); returns how many were kept.
 
-        ``watched_aors`` are the SIP users XMPP users subscribe to; they may have published
-        without being registered with us.
+        Every stored publication comes back, in one store query, whether or not its SIP user
+        is registered or watched right now (``watched_aors`` is accepted for the caller's
+        convenience and no longer needed).
         """
-        # The store lists publications per entity only: ask for every SIP user we know of.
-        entities = {u.aor for u in await self.store.online_users()}
-        entities |= set(watched_aors)
-        for approval in await self.store.approvals():
-            try:
-                entities.add(self.book.sip_uri_for_component_jid(approval.sip_jid))
-            except AddressError:
-                continue
-        kept: list[Publication] = []
-        for entity in sorted(entities):
-            for stored in await self.store.publications_of(entity):
-                kept.append(
-                    Publication(
-                        entity=stored.entity,
-                        event=stored.event,
-                        etag=stored.etag,
-                        body=stored.body.encode("utf-8"),
-                        content_type=stored.content_type,
-                        expires_at=stored.expires_at,
-                    )
-                )
+        kept = [
+            Publication(
+                entity=stored.entity,
+                event=stored.event,
+                etag=stored.etag,
+                body=stored.body.encode("utf-8"),
+                content_type=stored.content_type,
+                expires_at=stored.expires_at,
+            )
+            for stored in await self.store.all_publications()
+        ]
         self.publications.restore(kept)
         return len(kept)
 

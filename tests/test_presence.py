@@ -1377,13 +1377,13 @@ async def test_runtime_spreads_refreshes_from_after_a_slow_resume(
         runtime = PresenceRuntime(FakeEndpoint(), clock=lambda: now[0], sweep_interval=3600)
         core = PresenceCore(BOOK, sip=runtime, xmpp=FakeXmpp(), store=second, restore_spread=5)
         runtime.attach(core)
-        reading = second.publications_of
+        reading = second.all_publications
 
-        async def slow_read(entity: str) -> Any:
+        async def slow_read() -> Any:
             now[0] += 100.0  # the first part of the resume takes long
-            return await reading(entity)
+            return await reading()
 
-        monkeypatch.setattr(second, "publications_of", slow_read)
+        monkeypatch.setattr(second, "all_publications", slow_read)
         await runtime.start()
         await runtime.stop()
         dues = [h.subscriber.next_deadline() or 0.0 for h in core._held.values()]

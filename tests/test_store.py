@@ -376,6 +376,12 @@ async def test_publications(store: Store) -> None:
     await store.save_publication(short)
     assert await store.publication("etag-1") == pub
     assert await store.publications_of(ALICE) == [pub, short]
+    other = Publication("etag-0", BOB, pidf, "application/pidf+xml", T0 + 60)
+    await store.save_publication(other)
+    assert await store.all_publications() == sorted(
+        [pub, short, other], key=lambda p: (p.entity, p.etag)
+    )
+    assert await store.delete_publication("etag-0")
     assert await store.expire_publications(T0 + 10) == [short]
     assert await store.publications_of(ALICE) == [pub]
     assert await store.delete_publication("etag-1")

@@ -271,6 +271,13 @@ def publications_of(session: Session, entity: str) -> list[Publication]:
     return [_publication(r) for r in session.scalars(stmt)]
 
 
+def all_publications(session: Session) -> list[Publication]:
+    """Every stored publication, by entity then entity-tag (restart resume, DESIGN 8)."""
+    t = PublicationRow
+    stmt = select(t).order_by(col(t.entity), col(t.etag))
+    return [_publication(r) for r in session.scalars(stmt)]
+
+
 def expire_publications(session: Session, now: float) -> list[Publication]:
     """Delete and return publications whose expiry passed (RFC 3903 section 4.1)."""
     t = PublicationRow

@@ -166,6 +166,10 @@ class StorePort(Protocol):
         """Every stored publication for ``entity``."""
         ...
 
+    async def all_publications(self) -> list[Publication]:
+        """Every stored publication, in one query (restart resume)."""
+        ...
+
     async def delete_publication(self, etag: str) -> bool:
         """Forget a publication (Expires: 0); False if there was none."""
         ...

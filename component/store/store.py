@@ -310,6 +310,10 @@ class Store:
         """Every stored publication for ``entity``."""
         return await self._run(ops.publications_of, entity)
 
+    async def all_publications(self) -> list[Publication]:
+        """Every stored publication, in one query (restart resume)."""
+        return await self._run(ops.all_publications)
+
     async def delete_publication(self, etag: str) -> bool:
         """Forget a publication (Expires: 0); False if there was none."""
         return await self._run(ops.delete_by_key, PublicationRow, etag=etag)
