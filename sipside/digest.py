@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from sipside.errors import SipError
+from sipside.message import SipRequest, SipResponse
 
 __all__ = [
     "ALGORITHMS",
@@ -449,3 +450,20 @@ class DigestVerifier:
             return Rechallenge(self.challenge(now, stale=True), stale=True)
         used.add(nc)
         return Authorized(p["username"])
+
+
+def retry_with_credentials(
+    client: DigestClient, request: SipRequest, challenge: SipResponse, cseq: int
+) -> SipRequest:
+    """``request`` again with CSeq ``cseq`` and credentials answering the 401/407 ``challenge``
+    (RFC 3261 22.2). Raises AuthenticationError when no challenge can be answered."""
+    challenges = [
+        (name, value)
+        for name, value in challenge.headers
+        if name.lower() in ("www-authenticate", "proxy-authenticate")
+    ]
+    auth = client.answer(challenges, request.method, request.uri, request.body)
+    retry = request.replace_headers("CSeq", [f"{cseq} {request.method}"])
+    for name, value in auth:
+        retry = retry.replace_headers(name, [value])
+    return retry

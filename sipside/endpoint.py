@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from sipside.digest import AuthenticationError, DigestClient
+from sipside.digest import AuthenticationError, DigestClient, retry_with_credentials
 from sipside.errors import LocalError, PeerError, TransactionTimeout, TransportError
 from sipside.headers import Via, quote_warning, remember_via
 from sipside.message import (
@@ -288,20 +288,11 @@ class Endpoint:
         dest = peer or self._route_peer(request) or self.proxy or peer_for_uri(request.uri)
         response = await self._request_once(request, dest)
         if response.status in (401, 407) and self.digest is not None:
-            challenges = [
-                (name, value)
-                for name, value in response.headers
-                if name in ("WWW-Authenticate", "Proxy-Authenticate")
-            ]
             try:
-                auth = self.digest.answer(challenges, request.method, request.uri, request.body)
+                retry = retry_with_credentials(self.digest, request, response, request.cseq[0] + 1)
             except AuthenticationError as exc:
                 log.warning("sip_auth_unanswerable", uri=request.uri, error=str(exc))
                 return response
-            number, method = request.cseq
-            retry = request.replace_headers("CSeq", [f"{number + 1} {method}"])
-            for name, value in auth:
-                retry = retry.replace_headers(name, [value])
             response = await self._request_once(retry, dest)
         return response
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, replace
 
 from sipside.dialog import Dialog, address_uri
-from sipside.digest import AuthenticationError, DigestClient
+from sipside.digest import AuthenticationError, DigestClient, retry_with_credentials
 from sipside.errors import PeerError
 from sipside.events import (
     SendRequest,
@@ -255,20 +255,12 @@ class Publisher:
         # RFC 3261 22.2: answer the challenge once; a second one means wrong credentials.
         if self._digest is None or request.cseq[0] in self._auth_retried:
             return []
-        challenges = [
-            (n, v)
-            for n, v in response.headers
-            if n.lower() in ("www-authenticate", "proxy-authenticate")
-        ]
+        number = self._dialog.local_cseq + 1
         try:
-            auth = self._digest.answer(challenges, "PUBLISH", request.uri, request.body)
+            retry = retry_with_credentials(self._digest, request, response, number)
         except AuthenticationError:
             return []
-        number = self._dialog.local_cseq + 1
         self._dialog = replace(self._dialog, local_cseq=number)
-        retry = request.replace_headers("CSeq", [f"{number} PUBLISH"])
-        for name, value in auth:
-            retry = retry.replace_headers(name, [value])
         self._pending = (number, op, retry)
         self._auth_retried.add(number)
         return [SendRequest(retry)]

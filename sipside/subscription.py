@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from sipside.dialog import Dialog, address_uri
-from sipside.digest import AuthenticationError, DigestClient
+from sipside.digest import AuthenticationError, DigestClient, retry_with_credentials
 from sipside.errors import LocalError, PeerError
 from sipside.events import (
     EventHeader,
@@ -294,20 +294,12 @@ class Subscriber:
         # RFC 3261 22.2: resend once with credentials; a second challenge means they are wrong.
         if self._digest is None or request.cseq[0] in self._auth_retried:
             return []
-        challenges = [
-            (name, value)
-            for name, value in response.headers
-            if name.lower() in ("www-authenticate", "proxy-authenticate")
-        ]
+        number = self._dialog.local_cseq + 1
         try:
-            auth = self._digest.answer(challenges, "SUBSCRIBE", request.uri, request.body)
+            retry = retry_with_credentials(self._digest, request, response, number)
         except AuthenticationError:
             return []
-        number = self._dialog.local_cseq + 1
         self._dialog = replace(self._dialog, local_cseq=number)
-        retry = request.replace_headers("CSeq", [f"{number} SUBSCRIBE"])
-        for name, value in auth:
-            retry = retry.replace_headers(name, [value])
         self._pending[number] = (kind, retry)
         self._auth_retried.add(number)
         return [SendRequest(retry)]
