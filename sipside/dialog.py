@@ -10,7 +10,8 @@ A dialog whose ``remote_tag`` is empty is not yet confirmed; it builds out-of-di
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from sipside.errors import PeerError
 from sipside.headers import parse_name_addr
@@ -233,3 +234,13 @@ class Dialog:
         lines += headers
         request = SipRequest(method, self.remote_target, tuple(lines), body)
         return replace(self, local_cseq=number), request
+
+
+def dialog_fields(dialog: Dialog) -> dict[str, Any]:
+    """The dialog's state as keyword arguments, for the flat snapshots that the store keeps."""
+    return {f.name: getattr(dialog, f.name) for f in fields(Dialog)}
+
+
+def dialog_from(snapshot: object) -> Dialog:
+    """Rebuild a dialog from any snapshot that carries the fields of :class:`Dialog`."""
+    return Dialog(**{f.name: getattr(snapshot, f.name) for f in fields(Dialog)})

@@ -13,7 +13,7 @@ import enum
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 
-from sipside.dialog import Dialog
+from sipside.dialog import Dialog, dialog_fields, dialog_from
 from sipside.errors import PeerError
 from sipside.events import (
     EventHeader,
@@ -343,16 +343,7 @@ class Notifier:
         d = self._dialog
         return NotifierSnapshot(
             state=self.state.value,
-            call_id=d.call_id,
-            local_tag=d.local_tag,
-            remote_tag=d.remote_tag,
-            local_uri=d.local_uri,
-            remote_uri=d.remote_uri,
-            local_cseq=d.local_cseq,
-            remote_cseq=d.remote_cseq,
-            remote_target=d.remote_target,
-            route_set=d.route_set,
-            secure=d.secure,
+            **dialog_fields(d),
             contact=self._contact,
             event=str(self._event),
             expires_at=self._expires_at,
@@ -363,18 +354,7 @@ class Notifier:
     @classmethod
     def restore(cls, snap: NotifierSnapshot, *, policy: NotifierPolicy | None = None) -> Notifier:
         """Rebuild a notifier after a restart; an expired one ends at the next ``handle_timer``."""
-        dialog = Dialog(
-            call_id=snap.call_id,
-            local_tag=snap.local_tag,
-            remote_tag=snap.remote_tag,
-            local_uri=snap.local_uri,
-            remote_uri=snap.remote_uri,
-            local_cseq=snap.local_cseq,
-            remote_cseq=snap.remote_cseq,
-            remote_target=snap.remote_target,
-            route_set=snap.route_set,
-            secure=snap.secure,
-        )
+        dialog = dialog_from(snap)
         return cls(
             dialog,
             parse_event(snap.event),

@@ -15,7 +15,7 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from sipside.dialog import Dialog, address_uri
+from sipside.dialog import Dialog, address_uri, dialog_fields, dialog_from
 from sipside.digest import AuthenticationError, DigestClient, retry_with_credentials
 from sipside.errors import LocalError, PeerError
 from sipside.events import (
@@ -455,16 +455,7 @@ class Subscriber:
         d = self._dialog
         return SubscriberSnapshot(
             state=self.state.value,
-            call_id=d.call_id,
-            local_tag=d.local_tag,
-            remote_tag=d.remote_tag,
-            local_uri=d.local_uri,
-            remote_uri=d.remote_uri,
-            local_cseq=d.local_cseq,
-            remote_cseq=d.remote_cseq,
-            remote_target=d.remote_target,
-            route_set=d.route_set,
-            secure=d.secure,
+            **dialog_fields(d),
             request_uri=self._request_uri,
             contact=self._contact,
             event=str(self._event),
@@ -504,18 +495,7 @@ class Subscriber:
             t1=t1,
             digest=digest,
         )
-        sub._dialog = Dialog(
-            call_id=snap.call_id,
-            local_tag=snap.local_tag,
-            remote_tag=snap.remote_tag,
-            local_uri=snap.local_uri,
-            remote_uri=snap.remote_uri,
-            local_cseq=snap.local_cseq,
-            remote_cseq=snap.remote_cseq,
-            remote_target=snap.remote_target,
-            route_set=snap.route_set,
-            secure=snap.secure,
-        )
+        sub._dialog = dialog_from(snap)
         sub.state = SubscriberState(snap.state)
         due = now + spread
         match sub.state:
