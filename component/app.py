@@ -6,7 +6,7 @@ import asyncio
 import gc
 import signal
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 from component.addresses import AddressBook
@@ -19,6 +19,7 @@ from component.settings import Settings
 from component.sipgate import SipGate
 from component.store import StoreNotAtHead
 from component.store.store import Store
+from component.tasks import TaskOwner
 from component.xmpp import XmppLink
 from sipside.endpoint import Endpoint
 from sipside.timers import TimerConfig
@@ -87,7 +88,8 @@ class Gateway:
         self.presence_runtime.on_user_online = self.router.flush_recipient
         self.sipgate.others.update(self.presence_runtime.sip_handlers())
         self.router.commands = self.presence_runtime.command
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskOwner("gateway_task_failed")
+        self._own = self._tasks.own
         self._stopping = asyncio.Event()
 
     def _jid_for_prompt(self, prompt: str) -> str:
@@ -113,16 +115,6 @@ class Gateway:
         if up:
             self._own(self.router.retry_due())
 
-    def _own(self, work: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("gateway_task_failed", error=repr(task.exception()))
-
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -147,8 +139,7 @@ class Gateway:
             # closed, it would read "endpoint closed" as a peer's timeout and end subscriptions.
             await self.presence_runtime.stop(timeout=5.0)
             await self.sipgate.drain(timeout=10.0)
-            if self._tasks:
-                await asyncio.wait(set(self._tasks), timeout=10.0)
+            await self._tasks.wait(timeout=10.0)
             sweeper.cancel()
             await self.xmpp.stop()
             link.cancel()

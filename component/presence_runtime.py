@@ -28,6 +28,7 @@ from component.events import Presence, SipAnswer, SipText
 from component.logs import get_logger
 from component.presence import PresenceCore, ResumeState
 from component.presence_ports import IncomingLike, ReplyTo
+from component.tasks import TaskOwner
 from sipside.errors import TransactionTimeout, TransportError
 from sipside.message import SipRequest, SipResponse
 from sipside.peer import Peer
@@ -89,7 +90,8 @@ class PresenceRuntime:
         self.on_user_online: Callable[[str], Awaitable[None]] | None = None
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskOwner("presence_task_failed")
+        self._own = self._tasks.own
         self._loops: list[asyncio.Task[None]] = []
         self._waiting = 0  # calls into the core queued on or holding the lock
         self._requests = 0  # of which SIP requests being answered
@@ -289,9 +291,8 @@ class PresenceRuntime:
             log.info("presence_stanzas_unhandled", count=len(self._stanzas))
             self._stanzas.clear()
         # Transactions started meanwhile (a NOTIFY owed after a 2xx) are waited for too.
-        while self._tasks and (left := deadline - loop.time()) > 0:
-            await asyncio.wait(set(self._tasks), timeout=left)
-        pending = set(self._tasks)
+        await self._tasks.wait(max(0.0, deadline - loop.time()))
+        pending = self._tasks.pending()
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -306,8 +307,7 @@ class PresenceRuntime:
 
     async def settle(self) -> None:
         """Wait until no owned task is left (transactions, callbacks and what they started)."""
-        while self._tasks:
-            await asyncio.wait(set(self._tasks))
+        await self._tasks.wait()
 
     async def _timer_loop(self) -> None:
         while not self._closing:
@@ -357,14 +357,3 @@ class PresenceRuntime:
     def _user_online(self, aor: str) -> None:
         if self.on_user_online is not None:
             self._own(self.on_user_online(aor))
-
-    def _own(self, work: Awaitable[Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-        return task
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("presence_task_failed", error=repr(task.exception()))

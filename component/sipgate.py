@@ -6,7 +6,6 @@ body decoding (PeerError with a status) are translated to responses once, in ``h
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -14,6 +13,7 @@ from component.bodies import ACCEPT, UnsupportedMediaType, decode_body
 from component.events import SipAnswer, SipText
 from component.logs import get_logger
 from component.store import StoreUnavailable
+from component.tasks import TaskOwner
 from sipside.endpoint import Endpoint, IncomingRequest, make_request
 from sipside.errors import PeerError, TransactionTimeout, TransportError
 from sipside.message import new_call_id, new_tag, parse_name_addr
@@ -43,7 +43,7 @@ class SipGate:
         self.others: dict[str, OtherHandler] = {}
         self.accepting = True
         self.max_pending = max_pending
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner("sip_request_task_failed")
         endpoint.handler = self.handle
 
     # --- incoming ------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ class SipGate:
         if isinstance(answer, SipAnswer):
             self._answer(incoming, answer)
             return
-        self._own(self._finish(incoming, answer))
+        self._tasks.own(self._finish(incoming, answer))
 
     def _sip_text(self, incoming: IncomingRequest) -> SipText:
         request = incoming.request
@@ -122,15 +122,9 @@ class SipGate:
         if not incoming.answered:
             incoming.respond(answer.status, answer.reason, headers=answer.headers)
 
-    def _own(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def drain(self, timeout: float) -> None:
         """Wait for requests being answered (SIGTERM path)."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout)
+        await self._tasks.wait(timeout)
 
     # --- outgoing: the core's SipSender port ---------------------------------------------------
 
