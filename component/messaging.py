@@ -14,7 +14,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from component.addresses import AddressBook, AddressError, HomeUser, Registrar, XmppTarget
+from component.addresses import (
+    AddressBook,
+    AddressError,
+    HomeUser,
+    Registrar,
+    XmppTarget,
+    sip_user_and_host,
+)
 from component.bodies import RETRYABLE, xmpp_error_for_status
 from component.events import ChatMessage, SipAnswer, SipText, StanzaError
 from component.logs import get_logger
@@ -229,7 +236,10 @@ class MessageRouter:
         return False
 
     def _is_home(self, aor: str) -> bool:
-        return aor.rsplit("@", 1)[-1].split(";")[0] == self.book.sip_domain
+        try:
+            return sip_user_and_host(aor)[1] == self.book.sip_domain
+        except AddressError:
+            return False
 
     async def _store_for_sip(
         self, msg: ChatMessage, from_uri: str, to_uri: str, status: int
