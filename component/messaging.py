@@ -7,6 +7,7 @@ synchronous: a message written to a live XMPP stream is answered 202 in the same
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import os
 from collections import OrderedDict
@@ -382,8 +383,7 @@ def _bare(jid: str) -> str:
 
 
 def _stamp(when: float) -> str:
-    import datetime
-
+    """XEP-0082 date-time, as XEP-0203 delay stamps want it."""
     return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
