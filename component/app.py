@@ -10,17 +10,17 @@ from collections.abc import Coroutine
 from typing import Any
 
 from component.addresses import AddressBook
-from component.events import ChatMessage, Presence, StanzaError
 from component.logs import get_logger
-from component.messaging import MessageRouter
-from component.presence import PresenceCore
-from component.presence_runtime import PresenceRuntime
+from component.messaging.router import MessageRouter
+from component.presence.core import PresenceCore
+from component.runtime.presence_driver import PresenceRuntime
+from component.runtime.tasks import TaskOwner
 from component.settings import Settings
-from component.sipgate import SipGate
+from component.sip.gate import SipGate
 from component.store import StoreNotAtHead
 from component.store.store import Store
-from component.tasks import TaskOwner
-from component.xmpp import XmppLink
+from component.values import ChatMessage, Presence, StanzaError
+from component.xmpp.link import XmppLink
 from sipside.endpoint import Endpoint
 from sipside.timers import TimerConfig
 

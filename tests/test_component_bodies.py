@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from component.bodies import UnsupportedMediaType, decode_body, xmpp_error_for_status
+from component.sip.bodies import UnsupportedMediaType, decode_body, xmpp_error_for_status
 from sipside.errors import PeerError
 
 CPIM = (

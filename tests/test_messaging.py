@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from component.addresses import AddressBook
-from component.events import ChatMessage, SipAnswer, SipText, StanzaError
-from component.messaging import MessageRouter
+from component.messaging.router import MessageRouter
 from component.store import MessageDirection, upgrade
 from component.store.store import Store
+from component.values import ChatMessage, SipAnswer, SipText, StanzaError
 
 BOOK = AddressBook(
     component="sip.xmpp.test",

@@ -17,14 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from component.addresses import AddressBook
-from component.events import Presence, SipAnswer, SipText
-from component.presence import HELP_TEXT, TIMER_BATCH, MachineKind, PresenceCore, ReplyTo
-from component.presence_map import xmpp_for_pidf
-from component.presence_ports import DeadlineHeap
-from component.presence_runtime import PresenceRuntime
-from component.presence_sipwatch import CSEQ_RESERVE
-from component.presence_xmppwatch import RESTORE_RATE
+from component.presence.core import HELP_TEXT, TIMER_BATCH, MachineKind, PresenceCore, ReplyTo
+from component.presence.shared import DeadlineHeap
+from component.presence.sip_watches_xmpp import CSEQ_RESERVE
+from component.presence.translate import xmpp_for_pidf
+from component.presence.xmpp_watches_sip import RESTORE_RATE
+from component.runtime.presence_driver import PresenceRuntime
 from component.store import ApprovalDirection, ApprovalState, Store, migrate
+from component.values import Presence, SipAnswer, SipText
 from sipside import pidf
 from sipside.errors import TransportError
 from sipside.message import SipRequest, SipResponse, make_response, parse_message

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from component.presence_map import (
+from component.presence.translate import (
     SIPXMPP_NS,
     XmppPresence,
     XmppPresenceSet,

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from component.events import SipAnswer, SipText
-from component.sipgate import SipGate
+from component.sip.gate import SipGate
+from component.values import SipAnswer, SipText
 from sipside.message import SipRequest
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from component.tasks import TaskOwner
+from component.runtime.tasks import TaskOwner
 
 
 async def test_wait_covers_tasks_started_while_waiting() -> None:

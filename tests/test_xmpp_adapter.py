@@ -20,9 +20,9 @@ import pytest
 from slixmpp import JID
 from slixmpp.exceptions import IqError
 
-from component.events import ChatMessage, Presence, StanzaError
-from component.xmpp import Backoff, DiscoInfo, LinkState, QueryFailed, XmppLink
-from component.xmpp_stanzas import (
+from component.values import ChatMessage, Presence, StanzaError
+from component.xmpp.link import Backoff, DiscoInfo, LinkState, QueryFailed, XmppLink
+from component.xmpp.stanzas import (
     MAX_BODY,
     NS_GATEWAY,
     IqResponder,

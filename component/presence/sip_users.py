@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from component.addresses import AddressBook, HomeUser
-from component.events import Presence, SipText
 from component.logs import get_logger
-from component.presence_map import XmppPresence, xmpp_for_pidf
-from component.presence_ports import PIDF, RESOURCE, IncomingLike, XmppPort, send_presence
+from component.presence.shared import PIDF, RESOURCE, IncomingLike, XmppPort, send_presence
+from component.presence.translate import XmppPresence, xmpp_for_pidf
 from component.store import ApprovalDirection, ApprovalState, StorePort
 from component.store import Publication as StoredPublication
+from component.values import Presence, SipText
 from sipside import pidf
 from sipside.dialog import address_uri
 from sipside.errors import PeerError

@@ -16,9 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from component.addresses import AddressBook, AddressError
-from component.events import Presence
 from component.logs import get_logger
-from component.presence_ports import (
+from component.presence.shared import (
     PIDF,
     DeadlineHeap,
     IncomingLike,
@@ -31,7 +30,7 @@ from component.presence_ports import (
     send_presence,
     snapshot_json,
 )
-from component.presence_users import SipUsers
+from component.presence.sip_users import SipUsers
 from component.store import (
     ApprovalDirection,
     ApprovalState,
@@ -40,6 +39,7 @@ from component.store import (
     SubscriptionState,
     XmppWatcherSubscription,
 )
+from component.values import Presence
 from sipside.message import SipResponse, make_response
 from sipside.subscription import (
     SendRequest,

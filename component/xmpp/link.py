@@ -9,7 +9,7 @@ slixmpp's stanza objects and plugins cost (SERVERS.md: ~156 us for a bare echo c
   handlers. That also keeps hostile stanzas (thousands of levels deep) away from slixmpp code
   that would ``str()`` them. Nothing raised here reaches slixmpp: a bad stanza is answered with
   an error or dropped with a log line, and the link stays up.
-- Outbound stanzas are text formatted in :mod:`component.xmpp_stanzas` and written with
+- Outbound stanzas are text formatted in :mod:`component.xmpp.stanzas` and written with
   ``send_raw``: no stanza objects, no send queue.
 - The adapter answers disco#info, ping, version and XEP-0100 itself, for the component domain
   and every JID under it; the core sees only ChatMessage, Presence and StanzaError.
@@ -33,9 +33,9 @@ from typing import Any
 
 from slixmpp import ComponentXMPP
 
-from component.events import ChatMessage, Presence, StanzaError
 from component.logs import get_logger
-from component.xmpp_stanzas import (
+from component.values import ChatMessage, Presence, StanzaError
+from component.xmpp.stanzas import (
     NS_CLIENT,
     NS_COMPONENT,
     NS_DISCO_INFO,

@@ -9,16 +9,16 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from component.bodies import ACCEPT, UnsupportedMediaType, decode_body
-from component.events import SipAnswer, SipText
 from component.logs import get_logger
+from component.runtime.tasks import TaskOwner
+from component.sip.bodies import ACCEPT, UnsupportedMediaType, decode_body
 from component.store import StoreUnavailable
-from component.tasks import TaskOwner
+from component.values import SipAnswer, SipText
 from sipside.endpoint import Endpoint, IncomingRequest, make_request
 from sipside.errors import PeerError, TransactionTimeout, TransportError
 from sipside.message import new_call_id, new_tag, parse_name_addr
 
-log = get_logger("component.sipgate")
+log = get_logger("component.sip.gate")
 
 
 class MessageCore(Protocol):

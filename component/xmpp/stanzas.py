@@ -21,7 +21,7 @@ from functools import lru_cache
 
 from slixmpp.jid import JID, InvalidJID
 
-from component.events import ChatMessage, Presence, StanzaError
+from component.values import ChatMessage, Presence, StanzaError
 from sipside.errors import LocalError, PeerError
 from sipside.xmlsafe import XmlLimits, attr_escape, parse_xml, text_escape, xml_safe_text
 

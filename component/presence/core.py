@@ -4,9 +4,9 @@
 outcomes of the requests it sent to the part that owns them: ``SipWatchers`` (SIP users watching
 XMPP entities, 5.2), ``XmppWatchers`` (XMPP users watching SIP users, 5.3) and ``SipUsers``
 (the SIP users' own state, 5.4). It talks to the outside only through the ports of
-``component.presence_ports``. Every call takes ``now``; the asyncio driving (one timer, owned
-tasks, serialised calls) is in ``component.presence_runtime``. Every state change is written to
-the store, and ``resume`` rebuilds the machines from it after a restart (DESIGN 8).
+``component.presence.shared``. Every call takes ``now``; the asyncio driving (one timer,
+owned tasks, serialised calls) is in ``component.runtime.presence_driver``. Every state change
+is written to the store, and ``resume`` rebuilds the machines from it after a restart (DESIGN 8).
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from component.addresses import AddressBook, AddressError
-from component.events import Presence, SipText
 from component.logs import get_logger
-from component.presence_ports import (
+from component.presence.shared import (
     IncomingLike,
     MachineKind,
     ReplyTo,
     SipPort,
     XmppPort,
 )
-from component.presence_sipwatch import SipWatch, SipWatchers
-from component.presence_users import HELP_TEXT, SipUsers, UserState
-from component.presence_xmppwatch import HeldSubscription, XmppWatchers
+from component.presence.sip_users import HELP_TEXT, SipUsers, UserState
+from component.presence.sip_watches_xmpp import SipWatch, SipWatchers
+from component.presence.xmpp_watches_sip import HeldSubscription, XmppWatchers
 from component.store import StorePort, XmppWatcherSubscription
+from component.values import Presence, SipText
 from sipside.dialog import DialogId
 from sipside.errors import PeerError
 from sipside.message import SipResponse, make_response

@@ -16,9 +16,9 @@ from collections.abc import Hashable
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from component.events import Presence
 from component.logs import get_logger
 from component.store import ApprovalDirection, ApprovalState, JsonObject, StorePort
+from component.values import Presence
 from sipside import pidf
 from sipside.dialog import DialogId, address_uri
 from sipside.endpoint import peer_for_uri

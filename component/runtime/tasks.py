@@ -8,7 +8,7 @@ from typing import Any
 
 from component.logs import get_logger
 
-log = get_logger("component.tasks")
+log = get_logger("component.runtime.tasks")
 
 
 class TaskOwner:

@@ -24,16 +24,16 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
-from component.events import Presence, SipAnswer, SipText
 from component.logs import get_logger
-from component.presence import PresenceCore, ResumeState
-from component.presence_ports import IncomingLike, ReplyTo
-from component.tasks import TaskOwner
+from component.presence.core import PresenceCore, ResumeState
+from component.presence.shared import IncomingLike, ReplyTo
+from component.runtime.tasks import TaskOwner
+from component.values import Presence, SipAnswer, SipText
 from sipside.errors import TransactionTimeout, TransportError
 from sipside.message import SipRequest, SipResponse
 from sipside.peer import Peer
 
-log = get_logger("component.presence_runtime")
+log = get_logger("component.runtime.presence_driver")
 
 __all__ = ["PRESENCE_METHODS", "PresenceRuntime", "RequestSender"]
 

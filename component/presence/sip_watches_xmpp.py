@@ -19,10 +19,8 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from component.addresses import AddressBook, AddressError, XmppTarget
-from component.events import Presence
 from component.logs import get_logger
-from component.presence_map import SHOW_VALUES, XmppPresence, XmppPresenceSet, pidf_for_xmpp
-from component.presence_ports import (
+from component.presence.shared import (
     PIDF,
     RESOURCE,
     DeadlineHeap,
@@ -36,6 +34,7 @@ from component.presence_ports import (
     send_presence,
     snapshot_json,
 )
+from component.presence.translate import SHOW_VALUES, XmppPresence, XmppPresenceSet, pidf_for_xmpp
 from component.store import (
     ApprovalDirection,
     ApprovalState,
@@ -44,6 +43,7 @@ from component.store import (
     StorePort,
     SubscriptionState,
 )
+from component.values import Presence
 from sipside import pidf
 from sipside.dialog import DialogId, address_uri
 from sipside.errors import PeerError

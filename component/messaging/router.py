@@ -23,10 +23,10 @@ from component.addresses import (
     XmppTarget,
     sip_user_and_host,
 )
-from component.bodies import RETRYABLE, xmpp_error_for_status
-from component.events import ChatMessage, SipAnswer, SipText, StanzaError
 from component.logs import get_logger
+from component.sip.bodies import RETRYABLE, xmpp_error_for_status
 from component.store import MessageDirection, QueuedMessage, StorePort, StoreUnavailable
+from component.values import ChatMessage, SipAnswer, SipText, StanzaError
 
 log = get_logger("component.messaging")
 

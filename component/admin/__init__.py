@@ -1,0 +1,1 @@
+"""Ad-hoc commands and statistics for operators (DESIGN 9): not built yet."""

@@ -1,0 +1,1 @@
+"""Metrics and health endpoints (DESIGN 9): not built yet."""

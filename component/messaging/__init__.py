@@ -1,0 +1,1 @@
+"""Chat messages both ways, the retry queue, notices and registrar commands (DESIGN 4)."""

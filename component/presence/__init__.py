@@ -1,0 +1,1 @@
+"""Presence both ways and its persistence (DESIGN 5)."""

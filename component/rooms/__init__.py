@@ -1,0 +1,1 @@
+"""Chat rooms for SIP users (DESIGN 6): not built yet."""

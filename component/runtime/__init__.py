@@ -1,0 +1,1 @@
+"""The asyncio drivers: owned tasks, the serialised core driver, sweeps."""

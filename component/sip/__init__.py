@@ -1,0 +1,1 @@
+"""The SIP adapter: requests in as values, answers and requests out (DESIGN 2, 7)."""
