@@ -13,7 +13,6 @@ import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from component.addresses import (
     AddressBook,
@@ -24,6 +23,7 @@ from component.addresses import (
     sip_user_and_host,
 )
 from component.logs import get_logger
+from component.ports import SipPort, XmppPort
 from component.sip.bodies import RETRYABLE, xmpp_error_for_status
 from component.store import MessageDirection, QueuedMessage, StorePort, StoreUnavailable
 from component.values import ChatMessage, SipAnswer, SipText, StanzaError
@@ -32,33 +32,6 @@ log = get_logger("component.messaging")
 
 RETRY_AFTER = "30"
 _MAX_TRACKED = 20000  # stanza ids remembered to map XMPP errors back to SIP senders
-
-
-class XmppSender(Protocol):
-    """What the router needs of the XMPP link."""
-
-    @property
-    def connected(self) -> bool:
-        """True while the component stream is up."""
-        ...
-
-    def send_message(self, msg: ChatMessage) -> bool:
-        """Write a message to the stream; False when the link is down."""
-        ...
-
-    def send_error(self, err: StanzaError) -> bool:
-        """Write an error reply; False when the link is down."""
-        ...
-
-
-class SipSender(Protocol):
-    """What the router needs of the SIP side."""
-
-    async def send_text(
-        self, *, from_uri: str, to_uri: str, body: str, from_display: str | None = None
-    ) -> int:
-        """Send a MESSAGE; the final status (408 for a timeout, 503 for a transport failure)."""
-        ...
 
 
 Command = Callable[[SipText], Awaitable[str | None]]
@@ -78,8 +51,8 @@ class MessageRouter:
     def __init__(
         self,
         book: AddressBook,
-        xmpp: XmppSender,
-        sip: SipSender,
+        xmpp: XmppPort,
+        sip: SipPort,
         store: StorePort,
         *,
         clock: Callable[[], float],

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 from component.addresses import AddressBook, AddressError
 from component.logs import get_logger
+from component.ports import XmppPort
 from component.presence.shared import (
     IncomingLike,
     MachineKind,
     ReplyTo,
     SipPort,
-    XmppPort,
 )
 from component.presence.sip_users import HELP_TEXT, SipUsers, UserState
 from component.presence.sip_watches_xmpp import SipWatch, SipWatchers
@@ -47,9 +47,7 @@ __all__ = [
     "PresenceCore",
     "ReplyTo",
     "ResumeState",
-    "SipPort",
     "UserState",
-    "XmppPort",
 ]
 
 

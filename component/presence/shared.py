@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from component.logs import get_logger
+from component.ports import XmppPort
 from component.store import ApprovalDirection, ApprovalState, JsonObject, StorePort
 from component.values import Presence
 from sipside import pidf
@@ -37,8 +38,6 @@ __all__ = [
     "IncomingLike",
     "MachineKind",
     "ReplyTo",
-    "SipPort",
-    "XmppPort",
     "is_approved",
     "peer_for",
     "send_presence",
@@ -66,7 +65,7 @@ class ReplyTo:
 
 
 class SipPort(Protocol):
-    """What the core needs of the SIP side."""
+    """What the presence core needs of the SIP side (to be folded into ``component.ports``)."""
 
     def send_request(self, request: SipRequest, peer: Peer | None, reply: ReplyTo) -> None:
         """Send in a client transaction; report via ``on_sip_response`` / ``on_sip_timeout``."""
@@ -74,19 +73,6 @@ class SipPort(Protocol):
 
     def contact_for(self, transport: str) -> str:
         """Our Contact URI for ``transport``."""
-        ...
-
-
-class XmppPort(Protocol):
-    """What the core needs of the XMPP link."""
-
-    @property
-    def connected(self) -> bool:
-        """True while the component stream is up."""
-        ...
-
-    def send_presence(self, presence: Presence) -> bool:
-        """Write a presence stanza; False when the link is down."""
         ...
 
 

@@ -16,7 +16,8 @@ from dataclasses import replace
 
 from component.addresses import AddressBook, HomeUser
 from component.logs import get_logger
-from component.presence.shared import PIDF, RESOURCE, IncomingLike, XmppPort, send_presence
+from component.ports import XmppPort
+from component.presence.shared import PIDF, RESOURCE, IncomingLike, send_presence
 from component.presence.translate import XmppPresence, xmpp_for_pidf
 from component.store import ApprovalDirection, ApprovalState, StorePort
 from component.store import Publication as StoredPublication

@@ -20,6 +20,7 @@ from typing import TypeVar
 
 from component.addresses import AddressBook, AddressError, XmppTarget
 from component.logs import get_logger
+from component.ports import XmppPort
 from component.presence.shared import (
     PIDF,
     RESOURCE,
@@ -28,7 +29,6 @@ from component.presence.shared import (
     MachineKind,
     ReplyTo,
     SipPort,
-    XmppPort,
     is_approved,
     peer_for,
     send_presence,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from component.addresses import AddressBook, AddressError
 from component.logs import get_logger
+from component.ports import XmppPort
 from component.presence.shared import (
     PIDF,
     DeadlineHeap,
@@ -24,7 +25,6 @@ from component.presence.shared import (
     MachineKind,
     ReplyTo,
     SipPort,
-    XmppPort,
     is_approved,
     peer_for,
     send_presence,
