@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from component.values import ChatMessage, Presence, StanzaError
+from component.values import ChatMessage, Presence, SipText, StanzaError
 
 #: Seconds since the epoch; the features take it as a constructor argument, tests pass a fake.
 Clock = Callable[[], float]
@@ -44,4 +44,20 @@ class SipPort(Protocol):
         self, *, from_uri: str, to_uri: str, body: str, from_display: str | None = None
     ) -> int:
         """Send a MESSAGE; the final status (408 for a timeout, 503 for a transport failure)."""
+        ...
+
+
+class UserOnline(Protocol):
+    """Told when a SIP user comes online (DESIGN 5.4), so what waits for them goes at once."""
+
+    def user_online(self, aor: str) -> None:
+        """``aor`` is online now; the listener starts its own (owned) work."""
+        ...
+
+
+class RegistrarCommands(Protocol):
+    """Commands SIP users send as MESSAGE to ``sip.registrar`` (DESIGN 5.4: online, away...)."""
+
+    async def command(self, msg: SipText) -> str | None:
+        """The notice text to answer with, or None when ``msg`` is no command."""
         ...
