@@ -1,9 +1,10 @@
 """Schema migrations: alembic driven from code, and the URL rules shared with ``alembic``.
 
-``alembic.ini`` and ``migrations/`` live at the repository root, next to the ``component``
-package (the package is installed in editable mode), so they are found from any working
-directory. ``migrations/env.py`` resolves its URL with ``resolve_url`` below, so that plain
-``alembic upgrade head`` and ``sipxmpp db upgrade`` agree on which database they touch.
+The alembic environment and its revisions are package data (``migrations/`` next to this
+module), so an installed gateway finds them from any working directory, without the source
+tree. The repository's ``alembic.ini`` points at the same folder for plain ``alembic upgrade
+head``. ``migrations/env.py`` resolves its URL with ``resolve_url`` below, so that both
+commands agree on which database they touch.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 
 from alembic import command
@@ -21,9 +23,8 @@ from sqlalchemy import URL, Connection, Engine, create_engine, make_url, pool
 
 from .records import StoreNotAtHead
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-ALEMBIC_INI = REPO_ROOT / "alembic.ini"
-MIGRATIONS_DIR = REPO_ROOT / "migrations"
+# A wheel installs packages as plain directories, and alembic reads its scripts from files.
+MIGRATIONS_DIR = Path(str(resources.files("component.store") / "migrations"))
 
 DEFAULT_URL = "sqlite:///sipxmpp.db"
 URL_ENV = "SIPXMPP_DATABASE__URL"
@@ -71,16 +72,16 @@ def engine_url(url: str) -> URL:
 
 
 def alembic_config(url: str | None = None) -> Config:
-    """An alembic ``Config`` for this repository, usable from any working directory.
+    """An alembic ``Config`` for the shipped revisions, usable from any working directory.
 
-    With ``url``, env.py migrates that database and leaves the caller's logging alone.
+    With ``url``, env.py migrates that database. There is no ini file, so env.py leaves the
+    caller's logging alone.
     """
-    config = Config(str(ALEMBIC_INI)) if ALEMBIC_INI.is_file() else Config()
+    config = Config()
     # ConfigParser interpolates '%', so a path containing one must be escaped.
     config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
     if url is not None:
         config.attributes["url"] = url
-        config.attributes["configure_logger"] = False
     return config
 
 

@@ -20,7 +20,8 @@ from component.store.models import metadata
 
 config = context.config
 
-if config.config_file_name is not None and config.attributes.get("configure_logger", True):
+# Only the `alembic` command reads alembic.ini; `sipxmpp db upgrade` keeps its own logging.
+if config.config_file_name is not None:
     fileConfig(config.config_file_name)
 
 
