@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from sipmessage.grammar import C_USER_SAFE
 from slixmpp.jid import JID, InvalidJID, unescape_node
 
 from sipside.errors import PeerError
@@ -44,6 +43,9 @@ if TYPE_CHECKING:
 #: Allowed as ``sip.delimiter``: legal unescaped in a SIP user part (RFC 3261 25.1
 #: unreserved/user-unreserved) and never part of a DNS name.
 SIP_DELIMITERS = "*!~'()&=+$,;?/"
+#: Left unescaped in the user parts we write, RFC 3261 25.1: user = 1*( unreserved / escaped /
+#: user-unreserved ); unreserved = alphanum / mark (``-_.!~*'()``); user-unreserved = ``&=+$,;?/``.
+_USER_SAFE = string.ascii_letters + string.digits + "-_.!~*'()" + "&=+$,;?/"
 #: Allowed as an alias delimiter: printable, legal in a JID localpart (RFC 7622 3.3.1), never part
 #: of a DNS name, and not the XEP-0106 escape character.
 ALIAS_DELIMITERS = "".join(c for c in string.punctuation if c not in "-._\"&'/:<>@\\")
@@ -95,8 +97,8 @@ def is_dns_name(name: str) -> bool:
     if not name or len(name) > 253:
         return False
     labels = name.split(".")
-    # RFC 3261 25.1 toplabel starts with a letter; sipmessage's grammar is stricter still
-    # (letters, then digits only after a hyphen), and every URI we make must pass it.
+    # RFC 3261 25.1 toplabel starts with a letter; we are stricter still (letters, then digits
+    # only after a hyphen), the reading strict SIP parsers take, so every URI we make passes.
     return bool(_TOPLABEL.fullmatch(labels[-1])) and all(_LABEL.fullmatch(x) for x in labels)
 
 
@@ -208,8 +210,7 @@ def _decode(raw: str, uri: str) -> str:
 
 
 def _encode(text: str) -> str:
-    # Same safe set as sipmessage's URI.__str__, so our URIs survive its parse/print unchanged.
-    return urllib.parse.quote(text, safe=C_USER_SAFE)
+    return urllib.parse.quote(text, safe=_USER_SAFE)
 
 
 def _check_length(part: str, what: str) -> None:
