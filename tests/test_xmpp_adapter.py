@@ -20,6 +20,8 @@ import pytest
 from slixmpp import JID
 from slixmpp.exceptions import IqError
 
+from component.addresses import AddressError, Jid
+from component.errors import Refusal
 from component.values import ChatMessage, Presence, StanzaError
 from component.xmpp.link import Backoff, DiscoInfo, LinkState, QueryFailed, XmppLink
 from component.xmpp.stanzas import (
@@ -31,9 +33,9 @@ from component.xmpp.stanzas import (
     format_error,
     format_message,
     format_presence,
+    jid_or_none,
     outbound_jids,
     parse_error,
-    parse_jid,
     parse_message,
     parse_presence,
     xhtml_inner,
@@ -72,8 +74,8 @@ def _element(text: str) -> ET.Element:
         ("bob@-bad-.test", None),
     ],
 )
-def test_parse_jid(text: str, canonical: str | None) -> None:
-    jid = parse_jid(text)
+def test_jid_or_none(text: str, canonical: str | None) -> None:
+    jid = jid_or_none(text)
     assert (jid.full if jid else None) == canonical
 
 
@@ -192,7 +194,7 @@ def test_long_inbound_body_is_not_acceptable() -> None:
     stanza = _element(f"<message type='chat'><body>{'x' * (MAX_BODY + 1)}</body></message>")
     with pytest.raises(Rejected) as info:
         parse_message(stanza, "bob@xmpp.test", "alice@sip.xmpp.test")
-    assert info.value.condition == "not-acceptable"
+    assert info.value.xmpp_condition == "not-acceptable"
 
 
 PRESENCES = [
@@ -305,7 +307,7 @@ RESPONDER = IqResponder(DOMAIN, "9.9", ("urn:example:extra",), _gateway_jid_for)
 
 
 def _answer(to: str, iq_type: str, payload: str) -> ET.Element:
-    jid = parse_jid(to)
+    jid = jid_or_none(to)
     assert jid is not None
     text = RESPONDER.answer(_element(f"<iq type='{iq_type}' id='1'>{payload}</iq>"), iq_type, jid)
     return _element(f"<iq type='result'>{text}</iq>")
@@ -365,7 +367,19 @@ def test_gateway_prompt(prompt: str, jid: str | None, condition: str | None) -> 
     else:
         with pytest.raises(Rejected) as info:
             _answer(DOMAIN, "set", payload)
-        assert info.value.condition == condition
+        assert info.value.xmpp_condition == condition
+
+
+def test_gateway_prompt_refused_by_the_address_book_keeps_its_condition() -> None:
+    def refuse(prompt: str) -> str:
+        raise AddressError(403, "Forbidden", "forbidden", "no relaying")
+
+    responder = IqResponder(DOMAIN, "9.9", (), refuse)
+    payload = f"<query xmlns='{NS_GATEWAY}'><prompt>sip:x@elsewhere.example</prompt></query>"
+    iq = _element(f"<iq type='set' id='1'>{payload}</iq>")
+    with pytest.raises(Refusal) as info:
+        responder.answer(iq, "set", Jid("", DOMAIN, ""))
+    assert (info.value.xmpp_condition, info.value.xmpp_type) == ("forbidden", "modify")
 
 
 def test_gateway_get_gives_desc_and_prompt() -> None:
@@ -392,7 +406,7 @@ def test_gateway_get_gives_desc_and_prompt() -> None:
 def test_unknown_iq_is_refused(to: str, iq_type: str, payload: str, condition: str) -> None:
     with pytest.raises(Rejected) as info:
         _answer(to, iq_type, payload)
-    assert info.value.condition == condition
+    assert info.value.xmpp_condition == condition
 
 
 # --- the link against a scripted XEP-0114 server on loopback -------------------------------------

@@ -9,7 +9,8 @@ and its ``from`` is inside the component domain; anything else is our bug (:clas
 Inbound stanzas arrive as ElementTree elements straight from slixmpp's parser. They are read
 without recursion and never turned into text (``str()`` of a stanza thousands of levels deep
 raises RecursionError, SERVERS.md): only direct children, plus a bounded walk over an XHTML-IM
-body. A stanza the gateway must refuse raises :class:`Rejected`, which says how to answer it.
+body. A stanza the gateway must refuse raises a :class:`Refusal` (here :class:`Rejected`, or the
+address book's ``AddressError``), and :func:`error_for` is the one place one becomes an error.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 
-from slixmpp.jid import JID, InvalidJID
-
+from component.addresses import AddressError, Jid, parse_jid
+from component.errors import Refusal
 from component.values import ChatMessage, Presence, StanzaError
 from sipside.errors import LocalError, PeerError
 from sipside.xmlsafe import XmlLimits, attr_escape, parse_xml, text_escape, xml_safe_text
@@ -39,7 +39,8 @@ _XHTML_PREFIX = "{" + NS_XHTML + "}"
 
 #: Bodies longer than this (characters) are refused with not-acceptable, both ways.
 MAX_BODY = 64 * 1024
-_MAX_JID_PART = 1023  # bytes, RFC 7622 3.1
+#: A longer XEP-0100 prompt can name no JID (three parts of 1023 bytes at most, RFC 7622 3.1).
+_MAX_PROMPT = 3 * 1023
 #: XHTML-IM bodies deeper or larger than this are dropped (the plain body still goes through).
 XHTML_LIMITS = XmlLimits(max_bytes=MAX_BODY, max_depth=32, max_elements=1024)
 
@@ -79,68 +80,36 @@ CONDITIONS = frozenset(
 )
 
 
-class Rejected(Exception):
-    """An inbound stanza we refuse; the adapter answers it with this error where it can."""
+class Rejected(Refusal):
+    """An inbound stanza we refuse; only its XMPP side (condition, type, text) is used."""
 
     def __init__(self, condition: str, type_: str, text: str) -> None:
-        super().__init__(f"{condition}: {text}")
-        self.condition = condition
-        self.type = type_
-        self.text = text
+        super().__init__(400, "Bad Request", condition, text, xmpp_type=type_)
 
 
 # --- JIDs ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Jid:
-    """A JID valid per RFC 7622, in canonical (prepped) form."""
+def jid_or_none(text: str) -> Jid | None:
+    """The JID ``text`` stands for, by the one validator (:func:`parse_jid`); None if it is none.
 
-    local: str
-    domain: str
-    resource: str
-
-    @property
-    def bare(self) -> str:
-        """``local@domain`` (or the domain alone)."""
-        return f"{self.local}@{self.domain}" if self.local else self.domain
-
-    @property
-    def full(self) -> str:
-        """The whole JID as text."""
-        return f"{self.bare}/{self.resource}" if self.resource else self.bare
-
-
-@lru_cache(maxsize=8192)
-def parse_jid(text: str) -> Jid | None:
-    """Validate and canonicalise a JID (RFC 7622); None when it is not one.
-
-    Cached: the same few thousand JIDs recur on every stanza, and stringprep is slow.
+    Stanzas carry JIDs from anywhere: an invalid one is an answer (or a drop), not an exception.
     """
-    if not text or len(text) > 3 * _MAX_JID_PART + 2:
-        return None
     try:
-        jid = JID(text)
-    except (InvalidJID, ValueError, UnicodeError):
+        return parse_jid(text)
+    except AddressError:
         return None
-    parts = (jid.user, jid.domain, jid.resource)
-    if not jid.domain or any(len(p.encode("utf-8")) > _MAX_JID_PART for p in parts):
-        return None
-    # RFC 7622 3.3: the prepped parts must still be free of controls XML cannot carry.
-    if any(xml_safe_text(p) != p for p in parts):
-        return None
-    return Jid(jid.user, jid.domain, jid.resource)
 
 
 def outbound_jids(sender: str, recipient: str, component: str) -> None:
     """Refuse (LocalError) a sender outside ``component`` or any JID that is not valid."""
-    src = parse_jid(sender)
+    src = jid_or_none(sender)
     if src is None:
         raise LocalError(f"refusing to send from an invalid JID {sender[:80]!r}")
     if src.domain != component:
         # Servers close the stream of a component that sends from elsewhere (DESIGN 3.1).
         raise LocalError(f"refusing to send from {sender[:80]!r}: outside {component}")
-    if parse_jid(recipient) is None:
+    if jid_or_none(recipient) is None:
         raise LocalError(f"refusing to send to an invalid JID {recipient[:80]!r}")
 
 
@@ -240,6 +209,17 @@ def format_error(err: StanzaError) -> str:
         f'<{err.kind} from="{attr_escape(err.sender)}" to="{attr_escape(err.recipient)}"'
         f'{_attr("id", err.id)} type="error"><error type="{err.type}">'
         f'<{err.condition} xmlns="{NS_STANZAS}"/>{text}</error></{err.kind}>'
+    )
+
+
+def error_for(
+    refusal: Refusal, kind: str, *, sender: str, recipient: str, id_: str | None
+) -> StanzaError:
+    """The error (RFC 6120 8.3) answering a stanza with ``refusal``: its XMPP condition, type and
+    text; ``sender`` is who the refused stanza was addressed to."""
+    text = refusal.text or None
+    return StanzaError(
+        sender, recipient, id_, refusal.xmpp_condition, refusal.xmpp_type, text, kind
     )
 
 
@@ -627,17 +607,14 @@ class IqResponder:
         if prompt is None:
             prompt = query.find(f"{{{NS_COMPONENT}}}prompt")
         text = (prompt.text or "").strip() if prompt is not None else ""
-        if not text or len(text) > 3 * _MAX_JID_PART:
+        if not text or len(text) > _MAX_PROMPT:
             raise Rejected("not-acceptable", "modify", "a SIP address is required")
         assert self.gateway_jid_for is not None
         try:
+            # The address book refuses with AddressError, which is a Refusal: answered as is.
             jid = self.gateway_jid_for(text)
-        except PeerError as exc:
-            # The address book's errors (AddressError) carry the XMPP condition to answer with.
-            condition = getattr(exc, "xmpp_condition", "not-acceptable")
-            raise Rejected(condition, "modify", exc.warning or exc.reason) from None
         except ValueError as exc:
             raise Rejected("jid-malformed", "modify", str(exc)[:200]) from None
-        if parse_jid(jid) is None:
+        if jid_or_none(jid) is None:
             raise Rejected("jid-malformed", "modify", "no JID for this address")
         return _query_text(NS_GATEWAY, _elem("jid", jid))
