@@ -1,4 +1,4 @@
-"""The XMPP adapter (component/xmpp.py, component/xmpp_stanzas.py).
+"""The XMPP adapter (component/xmpp/link.py, stanzas.py, iq.py).
 
 Three layers: the pure stanza functions (formatting, escaping, parsing, iq answers, backoff);
 the link against a scripted XEP-0114 server on loopback (handshake, refusals, hostile stanzas,
@@ -23,11 +23,10 @@ from slixmpp.exceptions import IqError
 from component.addresses import AddressError, Jid
 from component.errors import Refusal
 from component.values import ChatMessage, Presence, StanzaError
+from component.xmpp.iq import NS_GATEWAY, IqResponder
 from component.xmpp.link import Backoff, DiscoInfo, LinkState, QueryFailed, XmppLink
 from component.xmpp.stanzas import (
     MAX_BODY,
-    NS_GATEWAY,
-    IqResponder,
     Rejected,
     clean_xhtml,
     format_error,

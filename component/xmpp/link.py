@@ -37,15 +37,18 @@ from component.addresses import Jid
 from component.errors import Refusal
 from component.logs import get_logger
 from component.values import ChatMessage, Presence, StanzaError
-from component.xmpp.stanzas import (
-    NS_CLIENT,
-    NS_COMPONENT,
+from component.xmpp.iq import (
     NS_DISCO_INFO,
     NS_PING,
     DiscoIdentity,
     DiscoInfo,
     IqResponder,
     QueryFailed,
+    parse_disco_info,
+)
+from component.xmpp.stanzas import (
+    NS_CLIENT,
+    NS_COMPONENT,
     Rejected,
     error_for,
     format_error,
@@ -54,7 +57,6 @@ from component.xmpp.stanzas import (
     format_presence,
     jid_or_none,
     outbound_jids,
-    parse_disco_info,
     parse_error,
     parse_message,
     parse_presence,
