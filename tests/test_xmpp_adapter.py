@@ -21,7 +21,7 @@ from slixmpp import JID
 from slixmpp.exceptions import IqError
 
 from component.addresses import AddressError, Jid
-from component.errors import Refusal
+from component.errors import Refusal, busy, not_found, refusal_for_sip_status
 from component.values import ChatMessage, Presence, StanzaError
 from component.xmpp.iq import NS_GATEWAY, IqResponder
 from component.xmpp.link import Backoff, DiscoInfo, LinkState, QueryFailed, XmppLink
@@ -29,6 +29,7 @@ from component.xmpp.stanzas import (
     MAX_BODY,
     Rejected,
     clean_xhtml,
+    error_for,
     format_error,
     format_message,
     format_presence,
@@ -271,6 +272,23 @@ def test_error_round_trip(err: StanzaError) -> None:
 def test_bad_error_is_our_bug(err: StanzaError) -> None:
     with pytest.raises(LocalError):
         format_error(err)
+
+
+@pytest.mark.parametrize(
+    ("refusal", "condition", "type_", "text"),
+    [
+        (not_found("no such user"), "item-not-found", "cancel", "no such user"),
+        (busy("gateway busy", 30), "resource-constraint", "wait", "gateway busy"),
+        (refusal_for_sip_status(603), "forbidden", "auth", "SIP 603"),
+        (Refusal(400, "Bad Request", "bad-request"), "bad-request", "cancel", None),
+    ],
+)
+def test_error_for_a_refusal(
+    refusal: Refusal, condition: str, type_: str, text: str | None
+) -> None:
+    err = error_for(refusal, "message", sender="a@sip.xmpp.test", recipient="b@xmpp.test", id_="7")
+    assert err == StanzaError("a@sip.xmpp.test", "b@xmpp.test", "7", condition, type_, text)
+    assert parse_error(_element(format_error(err)), "message", err.sender, err.recipient) == err
 
 
 # --- backoff -------------------------------------------------------------------------------------
