@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING
 
 from slixmpp.jid import JID, InvalidJID, unescape_node
 
-from sipside.errors import PeerError
+from component.errors import Refusal
+from sipside.xmlsafe import xml_safe_text
 
 if TYPE_CHECKING:
     from component.settings import Settings
@@ -53,29 +54,21 @@ ALIAS_DELIMITERS = "".join(c for c in string.punctuation if c not in "-._\"&'/:<
 _LOCALPART_FORBIDDEN = frozenset("\"&'/:<>@ ")
 _MAX_PART = 1023  # bytes, RFC 7622 3.1
 _CACHE = 4096
+_JID_CACHE = 8192  # the same few thousand JIDs recur on every stanza; stringprep is slow
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 _TOPLABEL = re.compile(r"[a-z]+(?:-+[a-z0-9]+)*")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 
 
-class AddressError(PeerError):
-    """An address that cannot be mapped; says how to refuse it on each side (DESIGN 3.4)."""
+class AddressError(Refusal):
+    """An address that cannot be mapped: the refusal to answer it with on each side (DESIGN 3.4).
+
+    The XMPP type is always ``modify``: the sender can correct the address and try again.
+    """
 
     def __init__(self, sip_status: int, sip_reason: str, xmpp_condition: str, text: str) -> None:
-        super().__init__(sip_status, sip_reason, text)
-        self.xmpp_condition = xmpp_condition
-        self.text = text
-
-    @property
-    def sip_status(self) -> int:
-        """The SIP status code to answer with."""
-        return self.status
-
-    @property
-    def sip_reason(self) -> str:
-        """The SIP reason phrase to answer with."""
-        return self.reason
+        super().__init__(sip_status, sip_reason, xmpp_condition, text, xmpp_type="modify")
 
 
 def _malformed(text: str) -> AddressError:
@@ -220,7 +213,56 @@ def _check_length(part: str, what: str) -> None:
         raise _malformed(f"{what} longer than {_MAX_PART} bytes")
 
 
-def _make_jid(local: str | None, domain: str, resource: str | None = None) -> JID:
+@dataclass(frozen=True, slots=True)
+class Jid:
+    """A JID valid per RFC 7622, in canonical (prepped) form."""
+
+    local: str
+    domain: str
+    resource: str
+
+    @property
+    def bare(self) -> str:
+        """``local@domain`` (or the domain alone)."""
+        return f"{self.local}@{self.domain}" if self.local else self.domain
+
+    @property
+    def full(self) -> str:
+        """The whole JID as text."""
+        return f"{self.bare}/{self.resource}" if self.resource else self.bare
+
+
+def bare_jid(jid: str) -> str:
+    """``jid`` without its resource (no validation: for JIDs already checked)."""
+    return jid.partition("/")[0]
+
+
+@lru_cache(maxsize=_JID_CACHE)
+def parse_jid(text: str) -> Jid:
+    """Validate and canonicalise a JID (RFC 7622); AddressError (jid-malformed) if it is none.
+
+    The one JID validator: the XMPP adapter checks every inbound and outbound JID with it.
+    """
+    if not text:  # slixmpp turns "" into an empty JID instead of refusing it
+        raise _malformed("empty JID")
+    if len(text.encode("utf-8")) > 3 * _MAX_PART + 2:
+        raise _malformed("JID too long")
+    try:
+        jid = JID(text)
+    except (InvalidJID, ValueError, UnicodeError) as exc:
+        raise _malformed(f"{text!r} is not a valid JID: {exc}") from None
+    if not jid.domain:
+        raise _malformed("empty JID")
+    for part, what in ((jid.user, "localpart"), (jid.domain, "domain"), (jid.resource, "nick")):
+        if len(part.encode("utf-8")) > _MAX_PART:
+            raise _malformed(f"{what} longer than {_MAX_PART} bytes")
+        # RFC 7622 3.3: the prepped parts must still be free of controls XML cannot carry.
+        if xml_safe_text(part) != part:
+            raise _malformed(f"{what} of {text!r} has characters XML cannot carry")
+    return Jid(jid.user, jid.domain, jid.resource)
+
+
+def _make_jid(local: str | None, domain: str, resource: str | None = None) -> Jid:
     """Validate and canonicalise the parts of a JID (RFC 7622), or raise AddressError."""
     if local is not None:
         _check_length(local, "localpart")
@@ -234,13 +276,7 @@ def _make_jid(local: str | None, domain: str, resource: str | None = None) -> JI
         _check_length(resource, "nick" if local else "resource")
     text = (f"{local}@" if local is not None else "") + domain
     text += f"/{resource}" if resource is not None else ""
-    try:
-        jid = JID(text)
-    except InvalidJID as exc:
-        raise _malformed(f"{text!r} is not a valid JID: {exc}") from None
-    for part, what in ((jid.user, "localpart"), (jid.domain, "domain"), (jid.resource, "nick")):
-        if len(part.encode("utf-8")) > _MAX_PART:
-            raise _malformed(f"{what} longer than {_MAX_PART} bytes")
+    jid = parse_jid(text)
     _check_jid_domain(jid.domain)
     return jid
 
@@ -259,15 +295,9 @@ def _check_jid_domain(domain: str) -> None:
 
 
 @lru_cache(maxsize=_CACHE)
-def _parse_jid(jid: str) -> JID:
-    if len(jid.encode("utf-8")) > 3 * _MAX_PART + 2:
-        raise _malformed("JID too long")
-    try:
-        parsed = JID(jid)
-    except InvalidJID as exc:
-        raise _malformed(f"{jid!r} is not a valid JID: {exc}") from None
-    if not parsed.domain:  # slixmpp turns "" into an empty JID instead of refusing it
-        raise _malformed("empty JID")
+def _parse_jid(jid: str) -> Jid:
+    """A JID the address book maps: valid, with a domain servers can federate with."""
+    parsed = parse_jid(jid)
     _check_jid_domain(parsed.domain)
     return parsed
 
@@ -354,7 +384,7 @@ def _jid_for_sip_uri(book: AddressBook, uri: str) -> str:
         # The last "%" splits user and domain on the way back, so a home user whose name
         # contains "%" keeps its domain explicit.
         local = f"{local}%{parts.host}"
-    jid = str(_make_jid(local, book.component).bare)
+    jid = _make_jid(local, book.component).bare
     # nodeprep may map characters to nothing (RFC 3454 B.1); the JID must still map back.
     _sip_uri_for_component_jid(book, jid)
     return jid
@@ -365,15 +395,15 @@ def _sip_uri_for_component_jid(book: AddressBook, jid: str) -> str:
     parsed = _parse_jid(jid)
     if parsed.domain != book.component:
         raise _not_found(f"{jid!r} is not in {book.component}")
-    if not parsed.user:
+    if not parsed.local:
         raise _not_found(f"{jid!r} is the gateway itself, not a SIP user")
-    if "\\40" in parsed.user:
+    if "\\40" in parsed.local:
         # XEP-0106 form: alice\40other.org is alice%other.org (DESIGN 3.1).
-        user, at, host = unescape_node(parsed.user).rpartition("@")
+        user, at, host = unescape_node(parsed.local).rpartition("@")
     else:
-        user, at, host = parsed.user.rpartition("%")
+        user, at, host = parsed.local.rpartition("%")
     if not at:
-        user, host = parsed.user, book.sip_domain
+        user, host = parsed.local, book.sip_domain
     if not user:
         raise _malformed(f"{jid!r}: empty SIP user name")
     if not (is_dns_name(host) or _IPV4.fullmatch(host)):
@@ -392,7 +422,7 @@ def _sip_uri_for_jid(book: AddressBook, jid: str, occupant: bool) -> str:
         return _sip_uri_for_component_jid(book, jid)
     uri = _sip_form(book, parsed, jid, occupant)
     # DESIGN 3.4: hand out only addresses that reach the original when replied to.
-    expected = str(parsed.full) if occupant else str(parsed.bare)
+    expected = parsed.full if occupant else parsed.bare
     try:
         back = _xmpp_target_for_sip_uri(book, uri).full_jid
     except AddressError:
@@ -402,26 +432,26 @@ def _sip_uri_for_jid(book: AddressBook, jid: str, occupant: bool) -> str:
     return uri
 
 
-def _sip_form(book: AddressBook, parsed: JID, jid: str, occupant: bool) -> str:
+def _sip_form(book: AddressBook, parsed: Jid, jid: str, occupant: bool) -> str:
     delim = book.delimiter
     if occupant:
         # DESIGN 3.2: nickname<delim>room<delim>conference_server@jdomain.
-        if not parsed.user or not parsed.resource:
+        if not parsed.local or not parsed.resource:
             raise _malformed(f"{jid!r} is not an occupant JID room@service/nick")
-        _refuse_delimiter(parsed.user, delim, jid)
-        parts = [parsed.resource, parsed.user, parsed.domain]
+        _refuse_delimiter(parsed.local, delim, jid)
+        parts = [parsed.resource, parsed.local, parsed.domain]
         return f"sip:{delim.join(_encode(p) for p in parts)}@{book.jdomain}"
     alias_delim = book._alias_map.get(parsed.domain)
-    if alias_delim is not None and parsed.user and delim not in parsed.user:
+    if alias_delim is not None and parsed.local and delim not in parsed.local:
         # DESIGN 3.3: the transport's delimiter becomes ours on the SIP side. A localpart with
         # empty pieces has no alias form; the jdomain form below still reaches it.
-        pieces = parsed.user.split(alias_delim)
+        pieces = parsed.local.split(alias_delim)
         if all(pieces):
             return f"sip:{delim.join(_encode(p) for p in pieces)}@{parsed.domain}"
-    if not parsed.user:
+    if not parsed.local:
         return f"sip:{_encode(parsed.domain)}@{book.jdomain}"
-    _refuse_delimiter(parsed.user, delim, jid)
-    return f"sip:{_encode(parsed.user)}{delim}{_encode(parsed.domain)}@{book.jdomain}"
+    _refuse_delimiter(parsed.local, delim, jid)
+    return f"sip:{_encode(parsed.local)}{delim}{_encode(parsed.domain)}@{book.jdomain}"
 
 
 def _refuse_delimiter(local: str, delim: str, jid: str) -> None:
@@ -443,7 +473,7 @@ def _xmpp_target_for_sip_uri(book: AddressBook, uri: str) -> XmppTarget:
             # Either would give a JID whose replies cannot come back to this URI.
             raise _malformed(f"{uri!r}: empty part or {alias_delim!r} between delimiters")
         local = alias_delim.join(pieces)
-        return XmppTarget(jid=str(_make_jid(local, parts.host).bare), transport=parts.host)
+        return XmppTarget(jid=_make_jid(local, parts.host).bare, transport=parts.host)
     nick: str | None = None
     match pieces:
         case [domain]:
@@ -462,7 +492,7 @@ def _xmpp_target_for_sip_uri(book: AddressBook, uri: str) -> XmppTarget:
             raise _malformed(f"{uri!r}: empty user part")
     if entity.domain == book.component:
         raise _forbidden(f"{uri!r} is a SIP user of this gateway; address it directly")
-    return XmppTarget(jid=str(entity.bare), nick=nick)
+    return XmppTarget(jid=entity.bare, nick=nick)
 
 
 @lru_cache(maxsize=_CACHE)

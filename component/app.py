@@ -1,4 +1,5 @@
-"""The gateway process: builds the adapters and the core from settings, runs, drains on SIGTERM."""
+"""The composition root: builds the adapters and the features from settings, runs, drains on
+SIGTERM."""
 
 from __future__ import annotations
 
@@ -6,31 +7,39 @@ import asyncio
 import gc
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from component import __version__
 from component.addresses import AddressBook
 from component.logs import get_logger
 from component.messaging.router import MessageRouter
 from component.presence.core import PresenceCore
 from component.runtime.presence_driver import PresenceRuntime
+from component.runtime.signal import UserOnlineSignal
+from component.runtime.sweeps import sweep_queue
 from component.runtime.tasks import TaskOwner
 from component.settings import Settings
+from component.sip.answers import send_answer
 from component.sip.gate import SipGate
+from component.sip.sender import SipSender
 from component.store import StoreNotAtHead
 from component.store.store import Store
 from component.values import ChatMessage, Presence, StanzaError
 from component.xmpp.link import XmppLink
-from sipside.endpoint import Endpoint
+from sipside.endpoint import Endpoint, IncomingRequest
 from sipside.timers import TimerConfig
 
 log = get_logger("component.app")
 
-VERSION = "0.1.0"
-
 
 class Gateway:
-    """One running gateway: SIP endpoint, XMPP link, store and the routing core."""
+    """One running gateway: SIP endpoint, XMPP link, store and the features between them.
+
+    Built in dependency order, each piece with its collaborators: the SIP endpoint and what
+    sends through it, the XMPP link, presence, messaging, and last the SIP gate that routes
+    requests to both; :meth:`run` starts the endpoint with the gate as its request handler.
+    """
 
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
@@ -39,15 +48,14 @@ class Gateway:
         sip = settings.sip
         self.endpoint = Endpoint(
             [str(spec) for spec in sip.listen],
-            lambda incoming: None,
             timers=TimerConfig(t1=sip.t1, t2=sip.t2, t4=sip.t4),
             trusted=[str(net) for net in sip.trusted],
             outbound_proxy=sip.proxy or None,
             tls_cert=sip.tls_cert or None,
             tls_key=sip.tls_key or None,
-            user_agent=f"sipxmpp/{VERSION}",
+            user_agent=f"sipxmpp/{__version__}",
         )
-        self.sipgate = SipGate(self.endpoint)
+        sip_out = SipSender(self.endpoint)
         xmpp = settings.xmpp
         self.xmpp = XmppLink(
             component=xmpp.component,
@@ -58,20 +66,11 @@ class Gateway:
             on_error=self._on_xmpp_error,
             on_presence=self._on_xmpp_presence,
             on_link=self._on_link,
-            version=VERSION,
+            version=__version__,
             gateway_jid_for=self._jid_for_prompt,
         )
-        limits = settings.limits
-        self.router = MessageRouter(
-            self.book,
-            self.xmpp,
-            self.sipgate,
-            store,
-            clock=time.time,
-            delay_time=settings.timers.delay_time,
-            max_inflight=limits.workers * limits.max_jobs,
-        )
-        self.sipgate.core = self.router
+        # DESIGN 5.4: presence tells whoever listens that a SIP user came online.
+        user_online = UserOnlineSignal()
         # DESIGN 5: presence both ways, driven by one runtime (timers, persistence, ordering).
         self.presence_runtime = PresenceRuntime(
             self.endpoint, clock=time.time, sweep_interval=settings.timers.sleep_time
@@ -85,9 +84,20 @@ class Gateway:
             priority=settings.xmpp.priority,
         )
         self.presence_runtime.attach(self.presence)
-        self.presence_runtime.on_user_online = self.router.flush_recipient
-        self.sipgate.others.update(self.presence_runtime.sip_handlers())
-        self.router.commands = self.presence_runtime.command
+        self.presence_runtime.on_user_online = _as_task_work(user_online.user_online)
+        limits = settings.limits
+        self.router = MessageRouter(
+            self.book,
+            self.xmpp,
+            sip_out,
+            store,
+            self.presence_runtime,  # registrar commands (DESIGN 5.4)
+            clock=time.time,
+            delay_time=settings.timers.delay_time,
+            max_inflight=limits.workers * limits.max_jobs,
+        )
+        user_online.connect(self.router.user_online)
+        self.sipgate = SipGate(self.router, _PresenceRequests(self.presence_runtime))
         self._tasks = TaskOwner("gateway_task_failed")
         self._own = self._tasks.own
         self._stopping = asyncio.Event()
@@ -119,10 +129,17 @@ class Gateway:
 
     async def run(self) -> None:
         """Serve until ``stop()``; then drain and close."""
-        await self.endpoint.start()
+        await self.endpoint.start(self.sipgate.handle)
         await self.presence_runtime.start()
         link = asyncio.create_task(self.xmpp.run())
-        sweeper = asyncio.create_task(self._sweep())
+        sweeper = asyncio.create_task(
+            sweep_queue(
+                self.router,
+                self.store,
+                interval=self.settings.timers.sleep_time,
+                clock=time.time,
+            )
+        )
         log.info(
             "gateway_started",
             component=self.settings.xmpp.component,
@@ -139,6 +156,7 @@ class Gateway:
             # closed, it would read "endpoint closed" as a peer's timeout and end subscriptions.
             await self.presence_runtime.stop(timeout=5.0)
             await self.sipgate.drain(timeout=10.0)
+            await self.router.drain(timeout=10.0)
             await self._tasks.wait(timeout=10.0)
             sweeper.cancel()
             await self.xmpp.stop()
@@ -152,16 +170,28 @@ class Gateway:
         """Ask ``run`` to finish (signal handlers call this)."""
         self._stopping.set()
 
-    async def _sweep(self) -> None:
-        """DESIGN 10 sleep_time: retry and expire the queue, release idle state."""
-        interval = self.settings.timers.sleep_time
-        await self.store.release_claims(self.router.instance, time.time())
-        while True:
-            try:
-                await self.router.retry_due()
-            except Exception:
-                log.exception("queue_sweep_failed")
-            await asyncio.sleep(interval)
+
+class _PresenceRequests:
+    """The SIP gate's presence handler over ``PresenceRuntime``, whose ``handle_request`` hands
+    back the answer it did not send itself (503 while stopping, a 500 fallback)."""
+
+    def __init__(self, runtime: PresenceRuntime) -> None:
+        self.runtime = runtime
+
+    async def handle_request(self, incoming: IncomingRequest) -> None:
+        """Let presence answer ``incoming``; send the answer it handed back if it did not."""
+        answer = await self.runtime.handle_request(incoming)
+        if not incoming.answered:
+            send_answer(incoming, answer)
+
+
+def _as_task_work(listener: Callable[[str], None]) -> Callable[[str], Awaitable[None]]:
+    """``listener`` in the shape ``PresenceRuntime.on_user_online`` takes (it owns the call)."""
+
+    async def call(aor: str) -> None:
+        listener(aor)
+
+    return call
 
 
 async def serve(settings: Settings) -> int:

@@ -9,6 +9,7 @@ on a machine that lacks their optional dependencies.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -76,27 +77,43 @@ def _failed(args: argparse.Namespace, exc: Exception, err: TextIO) -> int:
     return EXIT_FAILED
 
 
-def cmd_check_config(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+Command = Callable[[argparse.Namespace, TextIO, TextIO], int]
+ConfiguredCommand = Callable[[argparse.Namespace, Settings, "Path | None", TextIO, TextIO], int]
+
+
+def _configured(command: ConfiguredCommand) -> Command:
+    """``command`` run with the loaded configuration; a bad one exits with EXIT_CONFIG."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+        loaded = _load(args, err)
+        if loaded is None:
+            return EXIT_CONFIG
+        settings, path = loaded
+        return command(args, settings, path, out, err)
+
+    return run
+
+
+@_configured
+def cmd_check_config(
+    args: argparse.Namespace, settings: Settings, path: Path | None, out: TextIO, err: TextIO
+) -> int:
     """Validate the configuration and print a summary, or every bad key."""
-    loaded = _load(args, err)
-    if loaded is None:
-        return EXIT_CONFIG
-    settings, path = loaded
     print("config OK", file=out)
     for line in summary(settings, path):
         print(f"  {line}", file=out)
     return EXIT_OK
 
 
-def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+@_configured
+def cmd_run(
+    args: argparse.Namespace, settings: Settings, path: Path | None, out: TextIO, err: TextIO
+) -> int:
     """Run the gateway until it is told to stop."""
-    loaded = _load(args, err)
-    if loaded is None:
-        return EXIT_CONFIG
     from component.logs import configure_logging, get_logger
 
     configure_logging(args.log_level, json=args.log_json)
-    settings, path = loaded
     get_logger(__name__).info(
         "gateway_starting", config=str(path) if path else None, component=settings.xmpp.component
     )
@@ -107,16 +124,16 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return app_main(settings)
 
 
-def cmd_db_upgrade(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+@_configured
+def cmd_db_upgrade(
+    args: argparse.Namespace, settings: Settings, path: Path | None, out: TextIO, err: TextIO
+) -> int:
     """Bring the database schema to the newest alembic revision."""
-    loaded = _load(args, err)
-    if loaded is None:
-        return EXIT_CONFIG
     try:
         from component.store.migrate import upgrade
     except ImportError as exc:
         return _unavailable(args, exc, err)
-    url = loaded[0].database.url
+    url = settings.database.url
     try:
         upgrade(url)
     except Exception as exc:  # the CLI edge: one line for the operator, not a traceback
@@ -125,26 +142,23 @@ def cmd_db_upgrade(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
-def cmd_db_current(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+@_configured
+def cmd_db_current(
+    args: argparse.Namespace, settings: Settings, path: Path | None, out: TextIO, err: TextIO
+) -> int:
     """Print the database's current schema revision and the newest one."""
-    loaded = _load(args, err)
-    if loaded is None:
-        return EXIT_CONFIG
     try:
         from component.store.migrate import current_revision, head_revision
     except ImportError as exc:
         return _unavailable(args, exc, err)
     try:
-        current = current_revision(loaded[0].database.url)
+        current = current_revision(settings.database.url)
         head = head_revision()
     except Exception as exc:  # the CLI edge: one line for the operator, not a traceback
         return _failed(args, exc, err)
     print(f"current: {current or '(empty database)'}", file=out)
     print(f"head: {head}", file=out)
     return EXIT_OK
-
-
-Command = Callable[[argparse.Namespace, TextIO, TextIO], int]
 
 
 def build_parser() -> argparse.ArgumentParser:

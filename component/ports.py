@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from component.values import ChatMessage, Presence, SipText, StanzaError
+from component.errors import Refusal
+from component.values import ChatMessage, Presence, SipText
 
 #: Seconds since the epoch; the features take it as a constructor argument, tests pass a fake.
 Clock = Callable[[], float]
@@ -32,8 +33,9 @@ class XmppPort(Protocol):
         """Write a presence stanza; False when the link is down."""
         ...
 
-    def send_error(self, err: StanzaError) -> bool:
-        """Write an error reply; False when the link is down."""
+    def refuse(self, stanza: ChatMessage | Presence, refusal: Refusal) -> bool:
+        """Answer ``stanza`` (one we received) with the error ``refusal`` stands for; False when
+        the link is down."""
         ...
 
 

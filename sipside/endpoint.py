@@ -151,7 +151,7 @@ class Endpoint:
     def __init__(
         self,
         listen: Iterable[str],
-        handler: RequestHandler,
+        handler: RequestHandler | None = None,
         *,
         timers: TimerConfig | None = None,
         trusted: Iterable[str] = ("127.0.0.0/8", "::1/128"),
@@ -165,7 +165,8 @@ class Endpoint:
         supported: frozenset[str] = frozenset(),
     ) -> None:
         self.listen = [parse_listen(s) for s in listen]
-        self.handler = handler
+        if handler is not None:
+            self.handler = handler
         self.limits = limits or EndpointLimits()
         self.trusted = TrustedSources(trusted)
         self.proxy = peer_for_uri(outbound_proxy) if outbound_proxy else None
@@ -198,8 +199,10 @@ class Endpoint:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Bind every listener; the actual ports (for port 0) are in ``local_peers``."""
+    async def start(self, handler: RequestHandler | None = None) -> None:
+        """Bind every listener, requests to ``handler``; bound ports are in ``local_peers``."""
+        if handler is not None:
+            self.handler = handler
         loop = self._loop = asyncio.get_running_loop()
         for spec in self.listen:
             family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
@@ -212,11 +215,8 @@ class Endpoint:
                 port = transport.get_extra_info("sockname")[1]
                 self._udp.setdefault(family, protocol)
             else:
-                ctx = (
-                    server_tls_context(self._tls_cert, self._tls_key)
-                    if spec.transport == "tls"
-                    else None
-                )
+                tls = spec.transport == "tls"
+                ctx = server_tls_context(self._tls_cert, self._tls_key) if tls else None
                 name = spec.transport
                 server = await loop.create_server(
                     lambda name=name: StreamConnection(name, self._hooks),

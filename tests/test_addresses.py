@@ -19,8 +19,12 @@ from component.addresses import (
     Registrar,
     Target,
     XmppTarget,
+    bare_jid,
+    parse_jid,
 )
+from component.errors import Refusal
 from component.settings import Settings
+from component.sip.answers import refusal_headers
 from sipside.errors import PeerError
 from sipside.validate import check_sip_uri
 
@@ -255,8 +259,11 @@ def test_refusals(call: str, value: str, status: int, condition: str) -> None:
     error = caught.value
     assert (error.sip_status, error.xmpp_condition) == (status, condition)
     assert error.sip_reason and error.text
-    # The SIP edge answers every PeerError with its status: no special case needed.
-    assert isinstance(error, PeerError) and error.status == status
+    # Both edges answer any Refusal: no special case for addresses.
+    assert isinstance(error, Refusal) and not isinstance(error, PeerError)
+    assert error.xmpp_type == "modify"
+    sip_status, _, headers = refusal_headers(error)
+    assert sip_status == status and headers[0][0] == "Warning"
 
 
 # --- round trips (DESIGN 3.4) -------------------------------------------------------------------
@@ -432,3 +439,29 @@ def test_mapping_is_cached() -> None:
     hits = addresses._jid_for_sip_uri.cache_info().hits
     BOOK.jid_for_sip_uri("sip:carol@sip.test")
     assert addresses._jid_for_sip_uri.cache_info().hits == hits + 1
+
+
+# --- the one JID validator and bare-JID helper ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "full", "bare"),
+    [
+        ("Alice@SIP.xmpp.test/sip", "alice@sip.xmpp.test/sip", "alice@sip.xmpp.test"),
+        ("sip.xmpp.test", "sip.xmpp.test", "sip.xmpp.test"),
+        ("room@conf.xmpp.test/a/b", "room@conf.xmpp.test/a/b", "room@conf.xmpp.test"),
+    ],
+)
+def test_parse_jid_canonicalises(text: str, full: str, bare: str) -> None:
+    jid = parse_jid(text)
+    assert (jid.full, jid.bare) == (full, bare)
+    assert bare_jid(jid.full) == bare
+
+
+@pytest.mark.parametrize(
+    "text", ["", "a@b@c", "user@", "bob@xmpp.test/\x01", "x" * 1024 + "@x.test"]
+)
+def test_parse_jid_refuses_with_jid_malformed(text: str) -> None:
+    with pytest.raises(AddressError) as caught:
+        parse_jid(text)
+    assert (caught.value.sip_status, caught.value.xmpp_condition) == (400, "jid-malformed")

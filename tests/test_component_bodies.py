@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from component.sip.bodies import UnsupportedMediaType, decode_body, xmpp_error_for_status
+from component.sip.bodies import UnsupportedMediaType, decode_body
 from sipside.errors import PeerError
 
 CPIM = (
@@ -52,21 +52,3 @@ def test_nested_cpim_is_refused_not_followed() -> None:
     body = layer * 1500 + b"Content-Type: text/plain\r\n\r\nx"
     with pytest.raises(UnsupportedMediaType):
         decode_body("message/cpim", body[:60000])
-
-
-@pytest.mark.parametrize(
-    ("status", "condition"),
-    [
-        (404, "item-not-found"),
-        (604, "item-not-found"),
-        (403, "forbidden"),
-        (603, "forbidden"),
-        (413, "not-acceptable"),
-        (480, "recipient-unavailable"),
-        (302, "redirect"),
-        (499, "bad-request"),
-        (599, "internal-server-error"),
-    ],
-)
-def test_status_to_condition(status: int, condition: str) -> None:
-    assert xmpp_error_for_status(status)[0] == condition

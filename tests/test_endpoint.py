@@ -33,8 +33,8 @@ class Recorder:
 async def _endpoint(
     handler: Handler, listen: tuple[str, ...] = ("udp:127.0.0.1:0", "tcp:127.0.0.1:0"), **kw: object
 ) -> Endpoint:
-    ep = Endpoint(listen, handler, **kw)  # type: ignore[arg-type]
-    await ep.start()
+    ep = Endpoint(listen, **kw)  # type: ignore[arg-type]
+    await ep.start(handler)
     return ep
 
 
@@ -46,6 +46,19 @@ async def pair() -> AsyncIterator[tuple[Endpoint, Endpoint, Recorder]]:
     yield client, server, recorder
     await client.close()
     await server.close()
+
+
+async def test_handler_given_to_the_constructor_still_serves() -> None:
+    recorder = Recorder(202)
+    server = Endpoint(["udp:127.0.0.1:0"], recorder)
+    await server.start()
+    client = await _endpoint(Recorder())
+    try:
+        response = await client.request(_message(server.local_peers["udp"]))  # type: ignore[arg-type]
+        assert response.status == 202 and len(recorder.seen) == 1
+    finally:
+        await client.close()
+        await server.close()
 
 
 def _message(to_peer: Peer, body: bytes = b"hello", method: str = "MESSAGE") -> object:

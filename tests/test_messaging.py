@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from component.addresses import AddressBook
+from component.errors import Refusal
 from component.messaging.router import MessageRouter
 from component.store import MessageDirection, upgrade
 from component.store.store import Store
-from component.values import ChatMessage, SipAnswer, SipText, StanzaError
+from component.values import ChatMessage, Presence, SipAnswer, SipText, StanzaError
+from component.xmpp.stanzas import error_for
 
 BOOK = AddressBook(
     component="sip.xmpp.test",
@@ -35,9 +37,29 @@ class FakeXmpp:
         self.sent.append(msg)
         return True
 
-    def send_error(self, err: StanzaError) -> bool:
-        self.errors.append(err)
+    def send_presence(self, presence: Presence) -> bool:
         return self.connected
+
+    def refuse(self, stanza: ChatMessage | Presence, refusal: Refusal) -> bool:
+        # What the real link writes: the adapter's one Refusal -> error stanza mapping.
+        kind = "message" if isinstance(stanza, ChatMessage) else "presence"
+        self.errors.append(
+            error_for(
+                refusal, kind, sender=stanza.recipient, recipient=stanza.sender, id_=stanza.id
+            )
+        )
+        return self.connected
+
+
+class FakeCommands:
+    """Registrar commands: answers "ok" to "online", None (no command) to anything else."""
+
+    def __init__(self) -> None:
+        self.seen: list[SipText] = []
+
+    async def command(self, msg: SipText) -> str | None:
+        self.seen.append(msg)
+        return "ok" if msg.body == "online" else None
 
 
 class FakeSip:
@@ -72,24 +94,23 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 
 def _router(store: Store, sip: FakeSip, xmpp: FakeXmpp, clock: Clock) -> MessageRouter:
-    return MessageRouter(BOOK, xmpp, sip, store, clock=clock, delay_time=90.0)
+    return MessageRouter(BOOK, xmpp, sip, store, FakeCommands(), clock=clock, delay_time=90.0)
 
 
-async def _answer(result: SipAnswer | object) -> SipAnswer:
-    if isinstance(result, SipAnswer):
-        return result
-    answer = await result  # type: ignore[misc]
-    assert isinstance(answer, SipAnswer)
-    return answer
+async def _answer(router: MessageRouter, msg: SipText) -> SipAnswer:
+    """What the SIP gate does: the hot path, else the path that waits."""
+    now = router.answer_now(msg)
+    return now if now is not None else await router.answer_later(msg)
 
 
 async def test_sip_to_xmpp_written_gets_202(store: Store) -> None:
     xmpp, sip, clock = FakeXmpp(), FakeSip(), Clock()
     router = _router(store, sip, xmpp, clock)
-    answer = router.on_sip_message(
+    # The hot path answers in the same call, without awaiting anything.
+    answer = router.answer_now(
         SipText("sip:alice@sip.test", "sip:bob*xmpp.test@jabber.sip.test", "héllo <&>")
     )
-    assert isinstance(answer, SipAnswer) and answer.status == 202
+    assert answer is not None and answer.status == 202
     [sent] = xmpp.sent
     assert (sent.sender, sent.recipient, sent.body) == (
         "alice@sip.test".replace("sip.test", "sip.xmpp.test") + "/sip",
@@ -109,8 +130,13 @@ async def test_sip_to_xmpp_written_gets_202(store: Store) -> None:
 async def test_sip_to_xmpp_refusals(store: Store, to_uri: str, status: int) -> None:
     xmpp = FakeXmpp()
     router = _router(store, FakeSip(), xmpp, Clock())
-    answer = await _answer(router.on_sip_message(SipText("sip:alice@sip.test", to_uri, "x")))
-    assert answer.status == status
+    msg = SipText("sip:alice@sip.test", to_uri, "x")
+    with pytest.raises(Refusal) as now:
+        router.answer_now(msg)
+    with pytest.raises(Refusal) as later:
+        await router.answer_later(msg)
+    assert now.value.sip_status == later.value.sip_status == status
+    assert now.value.text  # the Warning text the SIP edge sends
     assert xmpp.sent == []
 
 
@@ -118,11 +144,9 @@ async def test_link_down_stores_then_delivers_with_delay_stamp(store: Store) -> 
     xmpp, clock = FakeXmpp(), Clock()
     xmpp.connected = False
     router = _router(store, FakeSip(), xmpp, clock)
-    answer = await _answer(
-        router.on_sip_message(
-            SipText("sip:alice@sip.test", "sip:bob*xmpp.test@jabber.sip.test", "later")
-        )
-    )
+    msg = SipText("sip:alice@sip.test", "sip:bob*xmpp.test@jabber.sip.test", "later")
+    assert router.answer_now(msg) is None  # storing must be awaited
+    answer = await _answer(router, msg)
     assert answer.status == 202
     assert (await store.counts()).queued == 1
     xmpp.connected = True
@@ -198,8 +222,9 @@ async def test_404_for_user_seen_before_means_offline(store: Store) -> None:
         ChatMessage("bob@xmpp.test/phone", "alice@sip.xmpp.test", "hello", id="q2")
     )
     assert xmpp.errors == []
-    # the user comes online: delivered at once
-    await router.flush_recipient("sip:alice@sip.test")
+    # the user comes online (the UserOnline port): delivered at once, as the router's own work
+    router.user_online("sip:alice@sip.test")
+    await router.drain(5.0)
     assert [s[2] for s in sip.sent] == ["hello", "hello"]
     waiting = await store.messages_for_recipient("sip:alice@sip.test")
     assert waiting == []
@@ -208,7 +233,7 @@ async def test_404_for_user_seen_before_means_offline(store: Store) -> None:
 async def test_xmpp_error_becomes_notice_to_sip_sender(store: Store) -> None:
     xmpp, sip = FakeXmpp(), FakeSip()
     router = _router(store, sip, xmpp, Clock())
-    router.on_sip_message(
+    router.answer_now(
         SipText("sip:alice@sip.test", "sip:nobody*xmpp.test@jabber.sip.test", "hello?")
     )
     [sent] = xmpp.sent
@@ -227,7 +252,7 @@ async def test_busy_gateway_answers_resource_constraint(store: Store) -> None:
     router = _router(store, FakeSip(), xmpp, Clock())
     router.inflight = router.max_inflight
     await router.on_xmpp_message(ChatMessage("bob@xmpp.test/x", "alice@sip.xmpp.test", "x"))
-    assert [e.condition for e in xmpp.errors] == ["resource-constraint"]
+    assert [(e.condition, e.type) for e in xmpp.errors] == [("resource-constraint", "wait")]
 
 
 async def test_queue_direction_recorded(store: Store) -> None:
@@ -236,3 +261,41 @@ async def test_queue_direction_recorded(store: Store) -> None:
     await router.on_xmpp_message(ChatMessage("bob@xmpp.test/x", "alice@sip.xmpp.test", "x"))
     [queued] = await store.messages_for_recipient("sip:alice@sip.test")
     assert queued.direction is MessageDirection.XMPP_TO_SIP
+
+
+@pytest.mark.parametrize(("body", "notice"), [("online", "ok"), ("dance", "Unknown command")])
+async def test_registrar_commands_wait_and_answer_with_a_notice(
+    store: Store, body: str, notice: str
+) -> None:
+    xmpp, sip = FakeXmpp(), FakeSip()
+    router = _router(store, sip, xmpp, Clock())
+    msg = SipText("sip:alice@sip.test", "sip:jabber_gateway@sip.test", body)
+    assert router.answer_now(msg) is None
+    answer = await router.answer_later(msg)
+    assert answer.status == 200
+    assert router.commands.seen == [msg]  # type: ignore[attr-defined]
+    [(from_uri, to_uri, text, _)] = sip.sent
+    assert (from_uri, to_uri) == ("sip:jabber_gateway@sip.test", "sip:alice@sip.test")
+    assert text.startswith(notice)
+
+
+async def test_sip_failure_answered_with_its_rfc_7247_error(store: Store) -> None:
+    xmpp = FakeXmpp()
+    router = _router(store, FakeSip(403), xmpp, Clock())
+    await router.on_xmpp_message(ChatMessage("bob@xmpp.test/x", "alice@sip.xmpp.test", "x", id="f"))
+    [err] = xmpp.errors
+    assert (err.condition, err.type, err.text, err.kind) == (
+        "forbidden",
+        "auth",
+        "SIP 403",
+        "message",
+    )
+
+
+async def test_unmappable_xmpp_recipient_is_refused_as_an_address(store: Store) -> None:
+    xmpp, sip = FakeXmpp(), FakeSip()
+    router = _router(store, sip, xmpp, Clock())
+    await router.on_xmpp_message(ChatMessage("bob@xmpp.test/x", "sip.xmpp.test", "x", id="a"))
+    [err] = xmpp.errors
+    assert (err.condition, err.type, err.id) == ("item-not-found", "modify", "a")
+    assert sip.sent == []

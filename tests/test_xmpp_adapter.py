@@ -1,4 +1,4 @@
-"""The XMPP adapter (component/xmpp.py, component/xmpp_stanzas.py).
+"""The XMPP adapter (component/xmpp/link.py, stanzas.py, iq.py).
 
 Three layers: the pure stanza functions (formatting, escaping, parsing, iq answers, backoff);
 the link against a scripted XEP-0114 server on loopback (handshake, refusals, hostile stanzas,
@@ -20,20 +20,22 @@ import pytest
 from slixmpp import JID
 from slixmpp.exceptions import IqError
 
+from component.addresses import AddressError, Jid
+from component.errors import Refusal, busy, not_found, refusal_for_sip_status
 from component.values import ChatMessage, Presence, StanzaError
+from component.xmpp.iq import NS_GATEWAY, IqResponder
 from component.xmpp.link import Backoff, DiscoInfo, LinkState, QueryFailed, XmppLink
 from component.xmpp.stanzas import (
     MAX_BODY,
-    NS_GATEWAY,
-    IqResponder,
     Rejected,
     clean_xhtml,
+    error_for,
     format_error,
     format_message,
     format_presence,
+    jid_or_none,
     outbound_jids,
     parse_error,
-    parse_jid,
     parse_message,
     parse_presence,
     xhtml_inner,
@@ -72,8 +74,8 @@ def _element(text: str) -> ET.Element:
         ("bob@-bad-.test", None),
     ],
 )
-def test_parse_jid(text: str, canonical: str | None) -> None:
-    jid = parse_jid(text)
+def test_jid_or_none(text: str, canonical: str | None) -> None:
+    jid = jid_or_none(text)
     assert (jid.full if jid else None) == canonical
 
 
@@ -192,7 +194,7 @@ def test_long_inbound_body_is_not_acceptable() -> None:
     stanza = _element(f"<message type='chat'><body>{'x' * (MAX_BODY + 1)}</body></message>")
     with pytest.raises(Rejected) as info:
         parse_message(stanza, "bob@xmpp.test", "alice@sip.xmpp.test")
-    assert info.value.condition == "not-acceptable"
+    assert info.value.xmpp_condition == "not-acceptable"
 
 
 PRESENCES = [
@@ -272,6 +274,23 @@ def test_bad_error_is_our_bug(err: StanzaError) -> None:
         format_error(err)
 
 
+@pytest.mark.parametrize(
+    ("refusal", "condition", "type_", "text"),
+    [
+        (not_found("no such user"), "item-not-found", "cancel", "no such user"),
+        (busy("gateway busy", 30), "resource-constraint", "wait", "gateway busy"),
+        (refusal_for_sip_status(603), "forbidden", "auth", "SIP 603"),
+        (Refusal(400, "Bad Request", "bad-request"), "bad-request", "cancel", None),
+    ],
+)
+def test_error_for_a_refusal(
+    refusal: Refusal, condition: str, type_: str, text: str | None
+) -> None:
+    err = error_for(refusal, "message", sender="a@sip.xmpp.test", recipient="b@xmpp.test", id_="7")
+    assert err == StanzaError("a@sip.xmpp.test", "b@xmpp.test", "7", condition, type_, text)
+    assert parse_error(_element(format_error(err)), "message", err.sender, err.recipient) == err
+
+
 # --- backoff -------------------------------------------------------------------------------------
 
 
@@ -305,7 +324,7 @@ RESPONDER = IqResponder(DOMAIN, "9.9", ("urn:example:extra",), _gateway_jid_for)
 
 
 def _answer(to: str, iq_type: str, payload: str) -> ET.Element:
-    jid = parse_jid(to)
+    jid = jid_or_none(to)
     assert jid is not None
     text = RESPONDER.answer(_element(f"<iq type='{iq_type}' id='1'>{payload}</iq>"), iq_type, jid)
     return _element(f"<iq type='result'>{text}</iq>")
@@ -365,7 +384,19 @@ def test_gateway_prompt(prompt: str, jid: str | None, condition: str | None) -> 
     else:
         with pytest.raises(Rejected) as info:
             _answer(DOMAIN, "set", payload)
-        assert info.value.condition == condition
+        assert info.value.xmpp_condition == condition
+
+
+def test_gateway_prompt_refused_by_the_address_book_keeps_its_condition() -> None:
+    def refuse(prompt: str) -> str:
+        raise AddressError(403, "Forbidden", "forbidden", "no relaying")
+
+    responder = IqResponder(DOMAIN, "9.9", (), refuse)
+    payload = f"<query xmlns='{NS_GATEWAY}'><prompt>sip:x@elsewhere.example</prompt></query>"
+    iq = _element(f"<iq type='set' id='1'>{payload}</iq>")
+    with pytest.raises(Refusal) as info:
+        responder.answer(iq, "set", Jid("", DOMAIN, ""))
+    assert (info.value.xmpp_condition, info.value.xmpp_type) == ("forbidden", "modify")
 
 
 def test_gateway_get_gives_desc_and_prompt() -> None:
@@ -392,7 +423,7 @@ def test_gateway_get_gives_desc_and_prompt() -> None:
 def test_unknown_iq_is_refused(to: str, iq_type: str, payload: str, condition: str) -> None:
     with pytest.raises(Rejected) as info:
         _answer(to, iq_type, payload)
-    assert info.value.condition == condition
+    assert info.value.xmpp_condition == condition
 
 
 # --- the link against a scripted XEP-0114 server on loopback -------------------------------------

@@ -1,8 +1,11 @@
 """Chat messages across the gateway (DESIGN 4): routing, error mapping, the retry queue.
 
 The router sees only our own values (``SipText``, ``ChatMessage``...) and talks to the world
-through three ports: an XMPP sender, a SIP sender and the store. The SIP -> XMPP hot path is
-synchronous: a message written to a live XMPP stream is answered 202 in the same call.
+through ports: XMPP, SIP, the store and the registrar commands. What it refuses it raises or
+hands on as a :class:`~component.errors.Refusal`; the adapters turn that into a SIP response or
+an error stanza. The SIP -> XMPP hot path is synchronous: :meth:`MessageRouter.answer_now`
+answers 202 in the same call once the message is written to a live XMPP stream; only what must
+wait (a registrar command, storing while the link is down) goes to ``answer_later``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import datetime
 import itertools
 import os
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from component.addresses import (
@@ -20,21 +23,21 @@ from component.addresses import (
     HomeUser,
     Registrar,
     XmppTarget,
+    bare_jid,
     sip_user_and_host,
 )
+from component.errors import RETRYABLE, Refusal, busy, not_found, refusal_for_sip_status
 from component.logs import get_logger
-from component.ports import SipPort, XmppPort
-from component.sip.bodies import RETRYABLE, xmpp_error_for_status
+from component.ports import Clock, RegistrarCommands, SipPort, XmppPort
+from component.runtime.tasks import TaskOwner
 from component.store import MessageDirection, QueuedMessage, StorePort, StoreUnavailable
 from component.values import ChatMessage, SipAnswer, SipText, StanzaError
 
 log = get_logger("component.messaging")
 
-RETRY_AFTER = "30"
+RETRY_AFTER = 30  # seconds, when a message can be neither written nor stored, or we are busy
 _MAX_TRACKED = 20000  # stanza ids remembered to map XMPP errors back to SIP senders
-
-
-Command = Callable[[SipText], Awaitable[str | None]]
+ACCEPTED = SipAnswer(202, "Accepted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +49,10 @@ class _Sent:
 
 
 class MessageRouter:
-    """Routes chat messages both ways and keeps the promise that nothing accepted is lost."""
+    """Routes chat messages both ways and keeps the promise that nothing accepted is lost.
+
+    Implements the ``UserOnline`` port: a SIP user coming online gets what waits for them.
+    """
 
     def __init__(
         self,
@@ -54,8 +60,9 @@ class MessageRouter:
         xmpp: XmppPort,
         sip: SipPort,
         store: StorePort,
+        commands: RegistrarCommands,
         *,
-        clock: Callable[[], float],
+        clock: Clock,
         delay_time: float,
         instance: str = "",
         max_inflight: int = 20,
@@ -69,7 +76,8 @@ class MessageRouter:
         self.instance = instance or f"gw-{os.getpid()}"
         self.max_inflight = max_inflight
         self.inflight = 0
-        self.commands: Command | None = None  # set by the presence side (DESIGN 5.4)
+        self.commands = commands
+        self._tasks = TaskOwner("message_task_failed")
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4).hex()
         self._sent: OrderedDict[str, _Sent] = OrderedDict()
@@ -77,34 +85,52 @@ class MessageRouter:
 
     # --- SIP -> XMPP (DESIGN 4.1) ---------------------------------------------------------------
 
-    def on_sip_message(self, msg: SipText) -> SipAnswer | Awaitable[SipAnswer]:
-        """Answer a SIP MESSAGE now (202 once written), or return the slow path to await."""
-        try:
-            target = self.book.classify_request_uri(msg.to_uri)
-            if isinstance(target, Registrar):
-                return self._command(msg)
-            if isinstance(target, HomeUser):
-                # Home users are the proxy's to reach; relaying would make us an open relay.
-                return SipAnswer(404, "Not Found", _warning("not an address of the XMPP side"))
-            sender = self.book.jid_for_sip_uri(msg.from_uri)
-        except AddressError as exc:
-            return SipAnswer(exc.sip_status, exc.sip_reason, _warning(exc.warning or str(exc)))
-        assert isinstance(target, XmppTarget)
-        stanza = ChatMessage(
+    def answer_now(self, msg: SipText) -> SipAnswer | None:
+        """The hot path: 202 once ``msg`` is written to a live XMPP stream, or a raised Refusal;
+        None when the answer must wait (:meth:`answer_later`)."""
+        route = self._route(msg)
+        if route is None:
+            return None
+        stanza = self._stanza(msg, *route)
+        return ACCEPTED if self._relay(msg, stanza) else None
+
+    async def answer_later(self, msg: SipText) -> SipAnswer:
+        """The answer to ``msg`` that may wait: a registrar command, or storing the message
+        while the XMPP link is down (202 once stored, DESIGN 4.1); raises Refusal."""
+        route = self._route(msg)
+        if route is None:
+            return await self._command(msg)
+        stanza = self._stanza(msg, *route)
+        if self._relay(msg, stanza):
+            return ACCEPTED
+        return await self._store_for_xmpp(msg, stanza)
+
+    def _route(self, msg: SipText) -> tuple[XmppTarget, str] | None:
+        """(recipient, sender JID) of a MESSAGE to relay; None for a registrar command."""
+        target = self.book.classify_request_uri(msg.to_uri)
+        if isinstance(target, Registrar):
+            return None
+        if isinstance(target, HomeUser):
+            # Home users are the proxy's to reach; relaying would make us an open relay.
+            raise not_found("not an address of the XMPP side")
+        return target, self.book.jid_for_sip_uri(msg.from_uri)
+
+    def _stanza(self, msg: SipText, target: XmppTarget, sender: str) -> ChatMessage:
+        return ChatMessage(
             sender=f"{sender}/sip",
             recipient=target.full_jid,
             body=msg.body,
             id=self._new_id(),
             html=msg.html,
         )
-        if self.xmpp.send_message(stanza):
-            self._track(stanza, msg.from_uri)
-            self.counters["sip_to_xmpp"] += 1
-            log.info(
-                "message_relayed", call_id=msg.call_id, sip_uri=msg.from_uri, jid=stanza.recipient
-            )
-            return SipAnswer(202, "Accepted")
-        return self._store_for_xmpp(msg, stanza)
+
+    def _relay(self, msg: SipText, stanza: ChatMessage) -> bool:
+        if not self.xmpp.send_message(stanza):
+            return False
+        self._track(stanza, msg.from_uri)
+        self.counters["sip_to_xmpp"] += 1
+        log.info("message_relayed", call_id=msg.call_id, sip_uri=msg.from_uri, jid=stanza.recipient)
+        return True
 
     async def _store_for_xmpp(self, msg: SipText, stanza: ChatMessage) -> SipAnswer:
         """The link is down: 202 only once the message is stored durably (DESIGN 4.1)."""
@@ -121,7 +147,7 @@ class MessageRouter:
             )
         except StoreUnavailable as exc:
             log.warning("message_refused", call_id=msg.call_id, reason=str(exc))
-            return SipAnswer(503, "Service Unavailable", (("Retry-After", RETRY_AFTER),))
+            raise busy("", RETRY_AFTER) from None
         self.counters["queued"] += 1
         log.info(
             "message_queued",
@@ -130,10 +156,10 @@ class MessageRouter:
             jid=stanza.recipient,
             reason="xmpp link down",
         )
-        return SipAnswer(202, "Accepted")
+        return ACCEPTED
 
     async def _command(self, msg: SipText) -> SipAnswer:
-        reply = await self.commands(msg) if self.commands is not None else None
+        reply = await self.commands.command(msg)
         if reply is None:
             reply = "Unknown command. Send 'help' for the list."
         await self.notice(msg.from_uri, reply)
@@ -156,7 +182,7 @@ class MessageRouter:
         self.counters["failed"] += 1
         detail = f" ({err.text})" if err.text else ""
         text = (
-            f"Your message to {_bare(sent.recipient)} was not delivered: "
+            f"Your message to {bare_jid(sent.recipient)} was not delivered: "
             f"{err.condition.replace('-', ' ')}{detail}."
         )
         log.info(
@@ -171,14 +197,14 @@ class MessageRouter:
         if msg.body is None or msg.type in ("error", "groupchat"):
             return
         try:
-            to_uri = self.book.sip_uri_for_component_jid(_bare(msg.recipient))
+            to_uri = self.book.sip_uri_for_component_jid(bare_jid(msg.recipient))
             from_uri = self.book.sip_uri_for_jid(msg.sender)
         except AddressError as exc:
-            self._reply_error(msg, exc.xmpp_condition, "modify", str(exc))
+            self.xmpp.refuse(msg, exc)
             return
         if self.inflight >= self.max_inflight:
             # DESIGN 8: bounded work; the sender is told to slow down.
-            self._reply_error(msg, "resource-constraint", "wait", "gateway busy, try again")
+            self.xmpp.refuse(msg, busy("gateway busy, try again", RETRY_AFTER))
             return
         self.inflight += 1
         try:
@@ -192,11 +218,15 @@ class MessageRouter:
         if await self._is_offline(status, to_uri):
             await self._store_for_sip(msg, from_uri, to_uri, status)
             return
-        condition, kind = xmpp_error_for_status(status)
+        refusal = refusal_for_sip_status(status)
         log.info(
-            "message_rejected", jid=msg.sender, sip_uri=to_uri, status=status, condition=condition
+            "message_rejected",
+            jid=msg.sender,
+            sip_uri=to_uri,
+            status=status,
+            condition=refusal.xmpp_condition,
         )
-        self._reply_error(msg, condition, kind, f"SIP {status}")
+        self.xmpp.refuse(msg, refusal)
 
     async def _is_offline(self, status: int, aor: str) -> bool:
         """480/408/503 and a 404 for a home user seen before mean "not now" (DESIGN 4.2)."""
@@ -232,22 +262,10 @@ class MessageRouter:
                 next_attempt_at=now + _backoff(0, self.delay_time),
             )
         except StoreUnavailable:
-            self._reply_error(msg, "recipient-unavailable", "wait", f"SIP {status}")
+            self.xmpp.refuse(msg, _unavailable(f"SIP {status}"))
             return
         self.counters["queued"] += 1
         log.info("message_queued", jid=msg.sender, sip_uri=to_uri, status=status)
-
-    def _reply_error(self, msg: ChatMessage, condition: str, kind: str, text: str) -> None:
-        self.xmpp.send_error(
-            StanzaError(
-                sender=msg.recipient,
-                recipient=msg.sender,
-                id=msg.id,
-                condition=condition,
-                type=kind,
-                text=text,
-            )
-        )
 
     # --- notices (DESIGN 4.4) -------------------------------------------------------------------
 
@@ -270,6 +288,14 @@ class MessageRouter:
         for queued in claimed:
             await self._attempt(queued)
         return len(claimed)
+
+    def user_online(self, aor: str) -> None:
+        """The ``UserOnline`` port: retry what waits for ``aor`` now, as owned work."""
+        self._tasks.own(self.flush_recipient(aor))
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for the work :meth:`user_online` started (SIGTERM path)."""
+        await self._tasks.wait(timeout)
 
     async def flush_recipient(self, recipient: str) -> None:
         """A SIP user came online: retry what waits for them at once (DESIGN 8)."""
@@ -306,8 +332,7 @@ class MessageRouter:
             await self.store.reschedule(queued.id, min(next_at, queued.deliver_by), f"SIP {status}")
         else:
             await self.store.mark_failed(queued.id, f"SIP {status}", now)
-            condition, kind = xmpp_error_for_status(status)
-            self._error_for_queued(queued, condition, kind, f"SIP {status}")
+            self.xmpp.refuse(_queued_stanza(queued), refusal_for_sip_status(status))
 
     async def _give_up(self, queued: QueuedMessage) -> None:
         log.info(
@@ -317,30 +342,14 @@ class MessageRouter:
             reason=queued.last_error,
         )
         if queued.direction is MessageDirection.XMPP_TO_SIP:
-            self._error_for_queued(
-                queued, "recipient-unavailable", "wait", "not delivered within the delay time"
-            )
+            refusal = _unavailable("not delivered within the delay time")
+            self.xmpp.refuse(_queued_stanza(queued), refusal)
         else:
             await self.notice(
                 queued.sender,
-                f"Your message to {_bare(queued.recipient)} was not delivered: "
+                f"Your message to {bare_jid(queued.recipient)} was not delivered: "
                 "the XMPP service was unreachable.",
             )
-
-    def _error_for_queued(
-        self, queued: QueuedMessage, condition: str, kind: str, text: str
-    ) -> None:
-        extra = queued.extra
-        self.xmpp.send_error(
-            StanzaError(
-                sender=str(extra.get("to_jid")),
-                recipient=queued.sender,
-                id=extra.get("id"),
-                condition=condition,
-                type=kind,
-                text=text,
-            )
-        )
 
     def _new_id(self) -> str:
         return f"sx{self._prefix}{next(self._ids)}"
@@ -351,15 +360,19 @@ def _backoff(attempt: int, delay_time: float) -> float:
     return float(min(5 * 2**attempt, max(delay_time / 3, 5)))
 
 
-def _bare(jid: str) -> str:
-    return jid.split("/", 1)[0]
+def _unavailable(text: str) -> Refusal:
+    """The XMPP sender's answer when a SIP user stayed out of reach (DESIGN 4.2)."""
+    return Refusal(480, "Temporarily Unavailable", "recipient-unavailable", text, xmpp_type="wait")
+
+
+def _queued_stanza(queued: QueuedMessage) -> ChatMessage:
+    """The XMPP message a stored XMPP -> SIP message came as, to answer it with an error."""
+    extra = queued.extra
+    return ChatMessage(
+        sender=queued.sender, recipient=str(extra.get("to_jid")), body=None, id=extra.get("id")
+    )
 
 
 def _stamp(when: float) -> str:
     """XEP-0082 date-time, as XEP-0203 delay stamps want it."""
     return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _warning(text: str) -> tuple[tuple[str, str], ...]:
-    safe = text.replace("\\", "\\\\").replace('"', '\\"')
-    return (("Warning", f'399 sipxmpp "{safe}"'),)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from component.addresses import AddressBook, AddressError
+from component.errors import Refusal
 from component.logs import get_logger
 from component.ports import XmppPort
 from component.presence.shared import (
@@ -27,6 +28,7 @@ from component.presence.shared import (
 from component.presence.sip_users import HELP_TEXT, SipUsers, UserState
 from component.presence.sip_watches_xmpp import SipWatch, SipWatchers
 from component.presence.xmpp_watches_sip import HeldSubscription, XmppWatchers
+from component.sip.answers import refusal_headers
 from component.store import StorePort, XmppWatcherSubscription
 from component.values import Presence, SipText
 from sipside.dialog import DialogId
@@ -131,9 +133,9 @@ class PresenceCore:
                     await self.users.on_register(incoming, now)
                 case _:
                     incoming.send(make_response(request, 405, headers=[("Allow", "SUBSCRIBE")]))
-        except PeerError as exc:
-            headers = [("Warning", f'399 sipxmpp "{exc.warning}"')] if exc.warning else []
-            incoming.send(make_response(request, exc.status, exc.reason, headers=headers))
+        except (PeerError, Refusal) as exc:
+            status, reason, headers = refusal_headers(exc)
+            incoming.send(make_response(request, status, reason, headers=headers))
 
     # --- XMPP presence in -----------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from component.addresses import AddressBook, HomeUser
+from component.errors import Refusal
 from component.logs import get_logger
 from component.ports import XmppPort
 from component.presence.shared import PIDF, RESOURCE, IncomingLike, send_presence
@@ -179,7 +180,7 @@ class SipUsers:
         try:
             state = UserState(word.lower())
             user = self.home_user(msg.from_uri)
-        except (ValueError, PeerError):
+        except (ValueError, PeerError, Refusal):
             return None
         status = rest.strip() or None
         show = {UserState.AWAY: "away", UserState.DND: "dnd"}.get(state)

@@ -1,4 +1,4 @@
-"""SIP MESSAGE bodies to text and back (DESIGN 4.1), and SIP status -> XMPP error (RFC 7247 8)."""
+"""SIP MESSAGE bodies to text and back (DESIGN 4.1)."""
 
 from __future__ import annotations
 
@@ -98,64 +98,3 @@ def xhtml_im_body(markup: str) -> str:
     subset of XHTML; we pass no markup through rather than sanitise hostile HTML)."""
     lines = html_to_text(markup).split("\n")
     return "<br/>".join(html.escape(line, quote=False) for line in lines)
-
-
-# RFC 7247 section 8 (SIP response -> XMPP error condition), with DESIGN 4.2's choices where
-# the issue text settles them (413 -> not-acceptable, 603 -> forbidden).
-_CONDITIONS: dict[int, tuple[str, str]] = {
-    400: ("bad-request", "modify"),
-    401: ("not-authorized", "auth"),
-    402: ("payment-required", "auth"),
-    403: ("forbidden", "auth"),
-    404: ("item-not-found", "cancel"),
-    405: ("not-allowed", "cancel"),
-    406: ("not-acceptable", "modify"),
-    407: ("registration-required", "auth"),
-    408: ("remote-server-timeout", "wait"),
-    410: ("gone", "cancel"),
-    413: ("not-acceptable", "modify"),
-    414: ("jid-malformed", "modify"),
-    415: ("not-acceptable", "modify"),
-    416: ("jid-malformed", "modify"),
-    420: ("feature-not-implemented", "cancel"),
-    421: ("not-acceptable", "modify"),
-    423: ("resource-constraint", "wait"),
-    480: ("recipient-unavailable", "wait"),
-    481: ("item-not-found", "cancel"),
-    482: ("not-acceptable", "cancel"),
-    483: ("not-acceptable", "cancel"),
-    484: ("item-not-found", "cancel"),
-    485: ("item-not-found", "cancel"),
-    486: ("recipient-unavailable", "wait"),
-    488: ("not-acceptable", "modify"),
-    493: ("bad-request", "modify"),
-    500: ("internal-server-error", "wait"),
-    501: ("feature-not-implemented", "cancel"),
-    502: ("remote-server-not-found", "cancel"),
-    503: ("service-unavailable", "wait"),
-    504: ("remote-server-timeout", "wait"),
-    505: ("not-acceptable", "cancel"),
-    513: ("policy-violation", "modify"),
-    600: ("service-unavailable", "cancel"),
-    603: ("forbidden", "auth"),
-    604: ("item-not-found", "cancel"),
-    606: ("not-acceptable", "cancel"),
-}
-
-
-def xmpp_error_for_status(status: int) -> tuple[str, str]:
-    """(condition, type) for a SIP failure response, by code then by class."""
-    found = _CONDITIONS.get(status)
-    if found is not None:
-        return found
-    if 300 <= status < 400:
-        return ("redirect", "modify")
-    if 400 <= status < 500:
-        return ("bad-request", "modify")
-    if 500 <= status < 600:
-        return ("internal-server-error", "wait")
-    return ("service-unavailable", "cancel")
-
-
-# SIP answers that mean "try again later" rather than "never" (DESIGN 4.2).
-RETRYABLE = frozenset({408, 480, 503})

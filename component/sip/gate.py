@@ -1,90 +1,112 @@
-"""The gateway's SIP adapter: requests from the endpoint to the core, MESSAGEs from the core out.
+"""SIP requests in: from the endpoint to the message core and the presence side.
 
-SIP messages stop here: the core gets ``SipText`` and answers ``SipAnswer``; errors raised by
-body decoding (PeerError with a status) are translated to responses once, in ``handle``.
+The endpoint hands every request to :meth:`SipGate.handle`. A MESSAGE becomes a ``SipText`` for
+the message core, which answers at once on the hot path (202 once written to the XMPP stream)
+or later; SUBSCRIBE, NOTIFY, PUBLISH and REGISTER go to the presence side, which answers them
+itself. Whatever either raises (a core ``Refusal``, a peer's ``PeerError``) becomes a response
+here, through :mod:`component.sip.answers`; anything unexpected becomes 500 with a log line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Protocol
 
+from component.errors import Refusal, busy
 from component.logs import get_logger
 from component.runtime.tasks import TaskOwner
+from component.sip.answers import refuse, send_answer, warning
 from component.sip.bodies import ACCEPT, UnsupportedMediaType, decode_body
 from component.store import StoreUnavailable
 from component.values import SipAnswer, SipText
-from sipside.endpoint import Endpoint, IncomingRequest, make_request
-from sipside.errors import PeerError, TransactionTimeout, TransportError
-from sipside.message import new_call_id, new_tag, parse_name_addr
+from sipside.endpoint import IncomingRequest
+from sipside.errors import PeerError
+from sipside.message import parse_name_addr
 
 log = get_logger("component.sip.gate")
 
+#: The methods of SIP presence (RFC 6665, 3903) and registration copies (DESIGN 5.4).
+PRESENCE_METHODS = frozenset({"SUBSCRIBE", "NOTIFY", "PUBLISH", "REGISTER"})
+RETRY_LATER = 30  # seconds: stopping (SIGTERM) or the store is down; a restarted gateway serves
+RETRY_SOON = 5  # seconds: too many requests being answered right now
+
 
 class MessageCore(Protocol):
-    """The part of the core that takes SIP MESSAGEs."""
+    """The part of the core that takes SIP MESSAGEs (``MessageRouter``)."""
 
-    def on_sip_message(self, msg: SipText) -> SipAnswer | Awaitable[SipAnswer]:
-        """Answer now, or return an awaitable answer."""
+    def answer_now(self, msg: SipText) -> SipAnswer | None:
+        """The answer when it needs no waiting, None when it does; may raise Refusal."""
+        ...
+
+    async def answer_later(self, msg: SipText) -> SipAnswer:
+        """The answer after what must be awaited; may raise Refusal."""
         ...
 
 
-# Other methods (SUBSCRIBE, NOTIFY, PUBLISH, REGISTER) go to a handler the presence side sets;
-# it returns None when it answered the request itself.
-OtherHandler = Callable[[IncomingRequest], Awaitable[SipAnswer] | SipAnswer | None]
+class PresenceRequests(Protocol):
+    """The presence side's entry for SUBSCRIBE, NOTIFY, PUBLISH and REGISTER."""
+
+    async def handle_request(self, incoming: IncomingRequest) -> None:
+        """Answer ``incoming``; may raise Refusal or PeerError before answering."""
+        ...
 
 
 class SipGate:
-    """Owns the endpoint's request handler and implements the core's ``SipSender`` port."""
+    """The endpoint's one request handler: routes each request and owns the work it starts.
 
-    def __init__(self, endpoint: Endpoint, *, max_pending: int = 1000) -> None:
-        self.endpoint = endpoint
-        self.core: MessageCore | None = None
-        self.others: dict[str, OtherHandler] = {}
+    Without ``presence`` the gateway serves no presence: SUBSCRIBE and PUBLISH get 489 (RFC 6665
+    8.3.1, RFC 3903 11.1), NOTIFY and REGISTER 405.
+    """
+
+    def __init__(
+        self,
+        messages: MessageCore,
+        presence: PresenceRequests | None = None,
+        *,
+        max_pending: int = 1000,
+    ) -> None:
+        self.messages = messages
+        self.presence = presence
         self.accepting = True
         self.max_pending = max_pending
         self._tasks = TaskOwner("sip_request_task_failed")
-        endpoint.handler = self.handle
-
-    # --- incoming ------------------------------------------------------------------------------
 
     def handle(self, incoming: IncomingRequest) -> None:
-        """The endpoint's single request handler."""
+        """Answer ``incoming`` now, or start the owned work that will."""
         request = incoming.request
-        # In-dialog requests (a NOTIFY for a subscription we hold) still reach their handler
-        # while stopping: it decides, and answering them keeps the subscription alive.
-        in_dialog = request.to_tag is not None and request.method in self.others
-        if self.core is None or not (self.accepting or in_dialog):
-            # DESIGN 8: stopping (SIGTERM) or not ready: refuse, the sender retries later.
-            incoming.respond(503, headers=[("Retry-After", "30")])
+        method = request.method
+        presence = self.presence if method in PRESENCE_METHODS else None
+        # In-dialog requests (a NOTIFY for a subscription we hold) still reach presence while
+        # stopping: it decides, and answering them keeps the subscription alive.
+        if not (self.accepting or (presence is not None and request.to_tag is not None)):
+            # DESIGN 8: stopping (SIGTERM): refuse, the sender retries later.
+            refuse(incoming, busy("", RETRY_LATER))
             return
         if len(self._tasks) >= self.max_pending:
             # DESIGN 8 overload: refuse before starting work we could not finish.
-            incoming.respond(503, headers=[("Retry-After", "5")])
+            refuse(incoming, busy("", RETRY_SOON))
             return
-        answer: SipAnswer | Awaitable[SipAnswer] | None
+        work: Awaitable[SipAnswer | None]
         try:
-            if request.method == "MESSAGE":
-                answer = self.core.on_sip_message(self._sip_text(incoming))
-            else:
-                other = self.others.get(request.method)
-                if other is None:
-                    status = 489 if request.method in ("SUBSCRIBE", "PUBLISH") else 405
-                    incoming.respond(status)
+            if method == "MESSAGE":
+                text = self._sip_text(incoming)
+                answer = self.messages.answer_now(text)
+                if answer is not None:
+                    send_answer(incoming, answer)
                     return
-                answer = other(incoming)
+                work = self.messages.answer_later(text)
+            elif presence is not None:
+                work = presence.handle_request(incoming)
+            else:
+                incoming.respond(489 if method in ("SUBSCRIBE", "PUBLISH") else 405)
+                return
         except UnsupportedMediaType as exc:
-            incoming.respond(415, headers=[("Accept", ACCEPT), *_warning(exc)])
+            incoming.respond(415, headers=[("Accept", ACCEPT), *warning(exc.warning)])
             return
-        except PeerError as exc:
-            incoming.respond(exc.status, exc.reason, headers=_warning(exc))
+        except (Refusal, PeerError) as exc:
+            refuse(incoming, exc)
             return
-        if answer is None:
-            return  # the handler answered by itself
-        if isinstance(answer, SipAnswer):
-            self._answer(incoming, answer)
-            return
-        self._tasks.own(self._finish(incoming, answer))
+        self._tasks.own(self._finish(incoming, work))
 
     def _sip_text(self, incoming: IncomingRequest) -> SipText:
         request = incoming.request
@@ -104,62 +126,33 @@ class SipGate:
             html=decoded.html,
         )
 
-    async def _finish(self, incoming: IncomingRequest, answer: Awaitable[SipAnswer]) -> None:
+    async def _finish(self, incoming: IncomingRequest, work: Awaitable[SipAnswer | None]) -> None:
+        """Await the slow path; a handler that answered itself returns None."""
+        call_id = incoming.request.call_id
         try:
-            result = await answer
-        except PeerError as exc:
-            result = SipAnswer(exc.status, exc.reason)
+            answer = await work
+        except (Refusal, PeerError) as exc:
+            if not incoming.answered:
+                refuse(incoming, exc)
+            return
         except StoreUnavailable as exc:
-            log.warning("sip_request_refused", call_id=incoming.request.call_id, reason=str(exc))
-            result = SipAnswer(503, "Service Unavailable", (("Retry-After", "30"),))
+            log.warning("sip_request_refused", call_id=call_id, reason=str(exc))
+            if not incoming.answered:
+                refuse(incoming, busy("", RETRY_LATER))
+            return
         except Exception:
-            log.exception("sip_request_failed", call_id=incoming.request.call_id)
-            result = SipAnswer(500, "Internal Server Error")
-        self._answer(incoming, result)
-
-    @staticmethod
-    def _answer(incoming: IncomingRequest, answer: SipAnswer) -> None:
-        if not incoming.answered:
-            incoming.respond(answer.status, answer.reason, headers=answer.headers)
+            log.exception("sip_request_failed", call_id=call_id)
+            answer = SipAnswer(500, "Internal Server Error")
+        if incoming.answered:
+            return
+        if answer is None:
+            log.error("sip_request_unanswered", call_id=call_id, method=incoming.request.method)
+            answer = SipAnswer(500, "Internal Server Error")
+        send_answer(incoming, answer)
 
     async def drain(self, timeout: float) -> None:
         """Wait for requests being answered (SIGTERM path)."""
         await self._tasks.wait(timeout)
 
-    # --- outgoing: the core's SipSender port ---------------------------------------------------
 
-    async def send_text(
-        self, *, from_uri: str, to_uri: str, body: str, from_display: str | None = None
-    ) -> int:
-        """A MESSAGE through the proxy; the final status, 408/503 for timeouts/failures."""
-        display = f'"{_quote(from_display)}" ' if from_display else ""
-        request = make_request(
-            "MESSAGE",
-            to_uri,
-            from_=f"{display}<{from_uri}>;tag={new_tag()}",
-            to=f"<{to_uri}>",
-            call_id=new_call_id(),
-            headers=[("Content-Type", "text/plain; charset=UTF-8")],
-            body=body.encode("utf-8"),
-        )
-        try:
-            response = await self.endpoint.request(request)
-        except TransactionTimeout:
-            return 408
-        except TransportError as exc:
-            log.info("sip_send_failed", sip_uri=to_uri, error=str(exc))
-            return 503
-        return response.status
-
-
-def _warning(exc: PeerError) -> list[tuple[str, str]]:
-    if not exc.warning:
-        return []
-    return [("Warning", f'399 sipxmpp "{_quote(exc.warning)}"')]
-
-
-def _quote(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\r", " ").replace("\n", " ")
-
-
-__all__ = ["SipGate"]
+__all__ = ["PRESENCE_METHODS", "MessageCore", "PresenceRequests", "SipGate"]

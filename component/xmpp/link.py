@@ -33,27 +33,31 @@ from typing import Any
 
 from slixmpp import ComponentXMPP
 
+from component.addresses import Jid
+from component.errors import Refusal
 from component.logs import get_logger
 from component.values import ChatMessage, Presence, StanzaError
-from component.xmpp.stanzas import (
-    NS_CLIENT,
-    NS_COMPONENT,
+from component.xmpp.iq import (
     NS_DISCO_INFO,
     NS_PING,
     DiscoIdentity,
     DiscoInfo,
     IqResponder,
-    Jid,
     QueryFailed,
+    parse_disco_info,
+)
+from component.xmpp.stanzas import (
+    NS_CLIENT,
+    NS_COMPONENT,
     Rejected,
+    error_for,
     format_error,
     format_iq,
     format_message,
     format_presence,
+    jid_or_none,
     outbound_jids,
-    parse_disco_info,
     parse_error,
-    parse_jid,
     parse_message,
     parse_presence,
 )
@@ -190,7 +194,7 @@ class XmppLink:
         connect_timeout: float = 10.0,
         handshake_timeout: float = 10.0,
     ) -> None:
-        domain = parse_jid(component)
+        domain = jid_or_none(component)
         if domain is None or domain.local or domain.resource:
             raise LocalError(f"component {component!r} is not a bare domain JID")
         self.component = domain.domain
@@ -396,6 +400,15 @@ class XmppLink:
             return True
         return False
 
+    def refuse(self, stanza: ChatMessage | Presence, refusal: Refusal) -> bool:
+        """Answer ``stanza`` (one we received) with the error ``refusal`` stands for."""
+        kind = "message" if isinstance(stanza, ChatMessage) else "presence"
+        return self.send_error(
+            error_for(
+                refusal, kind, sender=stanza.recipient, recipient=stanza.sender, id_=stanza.id
+            )
+        )
+
     async def query_disco_info(self, jid: str, sender: str, timeout: float = 10.0) -> DiscoInfo:
         """XEP-0030 disco#info of ``jid``; raises QueryFailed on an error, a timeout or no link."""
         reply = await self._query(jid, sender, f'<query xmlns="{NS_DISCO_INFO}"/>', timeout)
@@ -412,7 +425,7 @@ class XmppLink:
 
     async def _query(self, jid: str, sender: str, payload: str, timeout: float) -> ET.Element:
         self._checked(sender, jid, "iq")
-        target = parse_jid(jid)
+        target = jid_or_none(jid)
         assert target is not None  # checked above
         iq_id = f"{self._id_prefix}{next(self._ids)}"
         future: asyncio.Future[ET.Element] = asyncio.get_running_loop().create_future()
@@ -432,8 +445,8 @@ class XmppLink:
         """Route one inbound stanza; called by the stream for each top-level element."""
         self.stats.stanzas_in += 1
         stype = xml.get("type")
-        sender = parse_jid(xml.get("from") or "")
-        recipient = parse_jid(xml.get("to") or "")
+        sender = jid_or_none(xml.get("from") or "")
+        recipient = jid_or_none(xml.get("to") or "")
         if sender is None or recipient is None or recipient.domain != self.component:
             self._refuse_address(kind, xml, stype, sender, recipient)
             return
@@ -447,9 +460,9 @@ class XmppLink:
                 self._on_presence(parse_presence(xml, src, dst))
             else:
                 self._inbound_iq(xml, stype, src, recipient)
-        except Rejected as exc:
-            self._reject_in(kind, xml, exc.condition)
-            self._reply_error(kind, xml, dst, src, exc.condition, exc.type, exc.text)
+        except Refusal as exc:
+            self._reject_in(kind, xml, exc.xmpp_condition)
+            self._reply_error(kind, xml, dst, src, exc)
 
     def _refuse_address(self, kind: str, xml: ET.Element, stype: str | None, *jids: Any) -> None:
         sender, recipient = jids
@@ -458,7 +471,8 @@ class XmppLink:
         # RFC 6120 8.3.1: never answer an error with an error; without a valid from, nowhere to.
         if sender is None or stype in ("error", "result"):
             return
-        self._reply_error(kind, xml, self.component, sender.full, "jid-malformed", "modify", reason)
+        refusal = Rejected("jid-malformed", "modify", reason)
+        self._reply_error(kind, xml, self.component, sender.full, refusal)
 
     def _reject_in(self, kind: str, xml: ET.Element, reason: str) -> None:
         self.stats.rejected_in += 1
@@ -473,11 +487,11 @@ class XmppLink:
         )
 
     def _reply_error(
-        self, kind: str, xml: ET.Element, src: str, dst: str, cond: str, etype: str, text: str
+        self, kind: str, xml: ET.Element, src: str, dst: str, refusal: Refusal
     ) -> None:
         if xml.get("type") in ("error", "result"):  # RFC 6120 8.2.3, 8.3.1: never answered
             return
-        err = StanzaError(src, dst, xml.get("id"), cond, etype, text, kind)
+        err = error_for(refusal, kind, sender=src, recipient=dst, id_=xml.get("id"))
         if self._write(format_error(err)):
             self.stats.errors_out += 1
 

@@ -9,18 +9,17 @@ and its ``from`` is inside the component domain; anything else is our bug (:clas
 Inbound stanzas arrive as ElementTree elements straight from slixmpp's parser. They are read
 without recursion and never turned into text (``str()`` of a stanza thousands of levels deep
 raises RecursionError, SERVERS.md): only direct children, plus a bounded walk over an XHTML-IM
-body. A stanza the gateway must refuse raises :class:`Rejected`, which says how to answer it.
+body. A stanza the gateway must refuse raises a :class:`Refusal` (here :class:`Rejected`, or the
+address book's ``AddressError``), and :func:`error_for` is the one place one becomes an error.
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from functools import lru_cache
+from collections.abc import Iterator
 
-from slixmpp.jid import JID, InvalidJID
-
+from component.addresses import AddressError, Jid, parse_jid
+from component.errors import Refusal
 from component.values import ChatMessage, Presence, StanzaError
 from sipside.errors import LocalError, PeerError
 from sipside.xmlsafe import XmlLimits, attr_escape, parse_xml, text_escape, xml_safe_text
@@ -39,7 +38,8 @@ _XHTML_PREFIX = "{" + NS_XHTML + "}"
 
 #: Bodies longer than this (characters) are refused with not-acceptable, both ways.
 MAX_BODY = 64 * 1024
-_MAX_JID_PART = 1023  # bytes, RFC 7622 3.1
+#: A longer XEP-0100 prompt can name no JID (three parts of 1023 bytes at most, RFC 7622 3.1).
+MAX_PROMPT = 3 * 1023
 #: XHTML-IM bodies deeper or larger than this are dropped (the plain body still goes through).
 XHTML_LIMITS = XmlLimits(max_bytes=MAX_BODY, max_depth=32, max_elements=1024)
 
@@ -79,79 +79,49 @@ CONDITIONS = frozenset(
 )
 
 
-class Rejected(Exception):
-    """An inbound stanza we refuse; the adapter answers it with this error where it can."""
+class Rejected(Refusal):
+    """An inbound stanza we refuse; only its XMPP side (condition, type, text) is used."""
 
     def __init__(self, condition: str, type_: str, text: str) -> None:
-        super().__init__(f"{condition}: {text}")
-        self.condition = condition
-        self.type = type_
-        self.text = text
+        super().__init__(400, "Bad Request", condition, text, xmpp_type=type_)
 
 
 # --- JIDs ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Jid:
-    """A JID valid per RFC 7622, in canonical (prepped) form."""
+def jid_or_none(text: str) -> Jid | None:
+    """The JID ``text`` stands for, by the one validator (:func:`parse_jid`); None if it is none.
 
-    local: str
-    domain: str
-    resource: str
-
-    @property
-    def bare(self) -> str:
-        """``local@domain`` (or the domain alone)."""
-        return f"{self.local}@{self.domain}" if self.local else self.domain
-
-    @property
-    def full(self) -> str:
-        """The whole JID as text."""
-        return f"{self.bare}/{self.resource}" if self.resource else self.bare
-
-
-@lru_cache(maxsize=8192)
-def parse_jid(text: str) -> Jid | None:
-    """Validate and canonicalise a JID (RFC 7622); None when it is not one.
-
-    Cached: the same few thousand JIDs recur on every stanza, and stringprep is slow.
+    Stanzas carry JIDs from anywhere: an invalid one is an answer (or a drop), not an exception.
     """
-    if not text or len(text) > 3 * _MAX_JID_PART + 2:
-        return None
     try:
-        jid = JID(text)
-    except (InvalidJID, ValueError, UnicodeError):
+        return parse_jid(text)
+    except AddressError:
         return None
-    parts = (jid.user, jid.domain, jid.resource)
-    if not jid.domain or any(len(p.encode("utf-8")) > _MAX_JID_PART for p in parts):
-        return None
-    # RFC 7622 3.3: the prepped parts must still be free of controls XML cannot carry.
-    if any(xml_safe_text(p) != p for p in parts):
-        return None
-    return Jid(jid.user, jid.domain, jid.resource)
 
 
 def outbound_jids(sender: str, recipient: str, component: str) -> None:
     """Refuse (LocalError) a sender outside ``component`` or any JID that is not valid."""
-    src = parse_jid(sender)
+    src = jid_or_none(sender)
     if src is None:
         raise LocalError(f"refusing to send from an invalid JID {sender[:80]!r}")
     if src.domain != component:
         # Servers close the stream of a component that sends from elsewhere (DESIGN 3.1).
         raise LocalError(f"refusing to send from {sender[:80]!r}: outside {component}")
-    if parse_jid(recipient) is None:
+    if jid_or_none(recipient) is None:
         raise LocalError(f"refusing to send to an invalid JID {recipient[:80]!r}")
 
 
 # --- outbound ------------------------------------------------------------------------------------
 
 
-def _attr(name: str, value: str | None) -> str:
+def attr(name: str, value: str | None) -> str:
+    """`` name="value"`` escaped, or nothing for None."""
     return f' {name}="{attr_escape(value)}"' if value is not None else ""
 
 
-def _elem(name: str, text: str | None) -> str:
+def elem(name: str, text: str | None) -> str:
+    """``<name>text</name>`` escaped, or nothing for None."""
     return f"<{name}>{text_escape(text)}</{name}>" if text is not None else ""
 
 
@@ -169,11 +139,11 @@ def format_message(msg: ChatMessage) -> str:
         '" type="',
         msg.type,
         '"',
-        _attr("id", msg.id),
+        attr("id", msg.id),
         ">",
-        _elem("body", msg.body),
-        _elem("subject", msg.subject),
-        _elem("thread", msg.thread),
+        elem("body", msg.body),
+        elem("subject", msg.subject),
+        elem("thread", msg.thread),
     ]
     if msg.html is not None:
         inner = clean_xhtml(msg.html)
@@ -188,11 +158,11 @@ def format_message(msg: ChatMessage) -> str:
     if msg.receipt_request:
         parts.append(f'<request xmlns="{NS_RECEIPTS}"/>')
     if msg.receipt_for is not None:
-        parts.append(f'<received xmlns="{NS_RECEIPTS}"{_attr("id", msg.receipt_for)}/>')
+        parts.append(f'<received xmlns="{NS_RECEIPTS}"{attr("id", msg.receipt_for)}/>')
     if msg.delay_stamp is not None:
         parts.append(
-            f'<delay xmlns="{NS_DELAY}"{_attr("stamp", msg.delay_stamp)}'
-            f"{_attr('from', msg.delay_from)}/>"
+            f'<delay xmlns="{NS_DELAY}"{attr("stamp", msg.delay_stamp)}'
+            f"{attr('from', msg.delay_from)}/>"
         )
     parts.append("</message>")
     return "".join(parts)
@@ -212,17 +182,17 @@ def format_presence(p: Presence) -> str:
         '" to="',
         attr_escape(p.recipient),
         '"',
-        _attr("type", p.type),
-        _attr("id", p.id),
+        attr("type", p.type),
+        attr("id", p.id),
         ">",
-        _elem("show", p.show),
-        _elem("status", p.status),
+        elem("show", p.show),
+        elem("status", p.status),
     ]
     if p.priority and p.type is None:
         parts.append(f"<priority>{p.priority}</priority>")
     if p.muc:
         history = "" if p.muc_history is None else f'<history maxstanzas="{int(p.muc_history)}"/>'
-        parts.append(f'<x xmlns="{NS_MUC}">{history}{_elem("password", p.muc_password)}</x>')
+        parts.append(f'<x xmlns="{NS_MUC}">{history}{elem("password", p.muc_password)}</x>')
     parts.append("</presence>")
     return "".join(parts)
 
@@ -238,8 +208,19 @@ def format_error(err: StanzaError) -> str:
     text = "" if err.text is None else f'<text xmlns="{NS_STANZAS}">{text_escape(err.text)}</text>'
     return (
         f'<{err.kind} from="{attr_escape(err.sender)}" to="{attr_escape(err.recipient)}"'
-        f'{_attr("id", err.id)} type="error"><error type="{err.type}">'
+        f'{attr("id", err.id)} type="error"><error type="{err.type}">'
         f'<{err.condition} xmlns="{NS_STANZAS}"/>{text}</error></{err.kind}>'
+    )
+
+
+def error_for(
+    refusal: Refusal, kind: str, *, sender: str, recipient: str, id_: str | None
+) -> StanzaError:
+    """The error (RFC 6120 8.3) answering a stanza with ``refusal``: its XMPP condition, type and
+    text; ``sender`` is who the refused stanza was addressed to."""
+    text = refusal.text or None
+    return StanzaError(
+        sender, recipient, id_, refusal.xmpp_condition, refusal.xmpp_type, text, kind
     )
 
 
@@ -469,175 +450,3 @@ def parse_presence(xml: ET.Element, sender: str, recipient: str) -> Presence:
         muc_status_codes=tuple(codes),
         muc_nick=nick,
     )
-
-
-# --- iq: service discovery, ping, version, XEP-0100 ----------------------------------------------
-
-NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
-NS_DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
-NS_PING = "urn:xmpp:ping"
-NS_VERSION = "jabber:iq:version"
-NS_GATEWAY = "jabber:iq:gateway"
-
-
-@dataclass(frozen=True, slots=True)
-class DiscoIdentity:
-    """One ``<identity>`` of a disco#info answer (XEP-0030 3.1)."""
-
-    category: str
-    type: str
-    name: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DiscoInfo:
-    """What an entity says it is and does (XEP-0030 disco#info)."""
-
-    jid: str
-    identities: tuple[DiscoIdentity, ...]
-    features: frozenset[str]
-
-    def has_identity(self, category: str, type_: str | None = None) -> bool:
-        """Whether one identity has this category (and type, if given)."""
-        return any(
-            i.category == category and (type_ is None or i.type == type_) for i in self.identities
-        )
-
-
-class QueryFailed(Exception):
-    """An iq we sent got an error, no answer in time, or could not be sent (link down)."""
-
-    def __init__(self, condition: str, text: str | None = None) -> None:
-        super().__init__(condition + (f": {text}" if text else ""))
-        self.condition = condition
-        self.text = text
-
-
-def parse_disco_info(jid: str, iq: ET.Element) -> DiscoInfo:
-    """The DiscoInfo in a disco#info result iq (unknown children are ignored)."""
-    identities: list[DiscoIdentity] = []
-    features: set[str] = set()
-    query = iq.find(f"{{{NS_DISCO_INFO}}}query")
-    if query is not None:
-        for item in query:
-            if item.tag == f"{{{NS_DISCO_INFO}}}identity":
-                category, type_ = item.get("category"), item.get("type")
-                if category and type_:
-                    identities.append(DiscoIdentity(category, type_, item.get("name")))
-            elif item.tag == f"{{{NS_DISCO_INFO}}}feature" and item.get("var"):
-                features.add(item.get("var", ""))
-    return DiscoInfo(jid, tuple(identities), frozenset(features))
-
-
-def _query_text(ns: str, inner: str = "", node: str | None = None) -> str:
-    return f'<query xmlns="{ns}"{_attr("node", node)}>{inner}</query>'
-
-
-# The component domain is the gateway itself: XEP-0100 wants category gateway, and the SIP type
-# is in the XEP-0030 registry. A user JID under it stands for a SIP user: its bare JID is an
-# account (account/registered, as a server answers for its own users' bare JIDs), its full JID a
-# SIP user agent, and SIP user agents are phones or softphones (client/phone).
-_DOMAIN_IDENTITY = DiscoIdentity("gateway", "sip", "SIP gateway")
-_ACCOUNT_IDENTITY = DiscoIdentity("account", "registered")
-_UA_IDENTITY = DiscoIdentity("client", "phone")
-_COMMON_FEATURES = (
-    NS_DISCO_INFO,
-    NS_PING,
-    NS_VERSION,
-    NS_CHATSTATES,
-    NS_RECEIPTS,
-    NS_XHTML_IM,
-)
-
-
-def _disco_text(identity: DiscoIdentity, features: Iterable[str]) -> str:
-    ident = (
-        f'<identity category="{attr_escape(identity.category)}"'
-        f' type="{attr_escape(identity.type)}"{_attr("name", identity.name)}/>'
-    )
-    feats = "".join(f'<feature var="{attr_escape(f)}"/>' for f in sorted(set(features)))
-    return ident + feats
-
-
-@dataclass(slots=True)
-class IqResponder:
-    """Answers the iq requests the adapter handles itself; the core never sees them."""
-
-    component: str
-    version: str
-    extra_features: tuple[str, ...] = ()
-    gateway_jid_for: Callable[[str], str] | None = None
-    gateway_desc: str = "Enter the SIP address of the person you want to contact."
-    gateway_prompt: str = "SIP address"
-    _domain_disco: str = field(init=False, default="")
-    _user_disco: str = field(init=False, default="")
-    _ua_disco: str = field(init=False, default="")
-
-    def __post_init__(self) -> None:
-        domain = [*_COMMON_FEATURES, NS_DISCO_ITEMS, *self.extra_features]
-        if self.gateway_jid_for is not None:
-            domain.append(NS_GATEWAY)
-        self._domain_disco = _disco_text(_DOMAIN_IDENTITY, domain)
-        self._user_disco = _disco_text(_ACCOUNT_IDENTITY, _COMMON_FEATURES)
-        self._ua_disco = _disco_text(_UA_IDENTITY, _COMMON_FEATURES)
-
-    def answer(self, iq: ET.Element, type_: str, to: Jid) -> str:
-        """The payload of the result for a get/set ``iq`` addressed to ``to``; Rejected if none.
-
-        RFC 6120 8.2.3: every get or set gets a result or an error, never silence.
-        """
-        payload = next(iter(iq), None)
-        tag = payload.tag if payload is not None else ""
-        at_domain = not to.local and not to.resource
-        if type_ == "get" and tag == f"{{{NS_PING}}}ping":
-            return ""  # XEP-0199 4.2: an empty result
-        if type_ == "get" and tag == f"{{{NS_DISCO_INFO}}}query":
-            assert payload is not None
-            node = payload.get("node")
-            if node:  # XEP-0030 3.2: we publish no nodes
-                raise Rejected("item-not-found", "cancel", "no such node")
-            disco = (
-                self._domain_disco
-                if at_domain
-                else self._ua_disco
-                if to.resource
-                else self._user_disco
-            )
-            return _query_text(NS_DISCO_INFO, disco)
-        if type_ == "get" and tag == f"{{{NS_DISCO_ITEMS}}}query":
-            assert payload is not None
-            if payload.get("node"):
-                raise Rejected("item-not-found", "cancel", "no such node")
-            return _query_text(NS_DISCO_ITEMS)  # XEP-0030 4: no items to list
-        if type_ == "get" and tag == f"{{{NS_VERSION}}}query":
-            inner = f"<name>sipxmpp</name><version>{text_escape(self.version)}</version>"
-            return _query_text(NS_VERSION, inner)
-        if tag == f"{{{NS_GATEWAY}}}query" and at_domain and self.gateway_jid_for is not None:
-            assert payload is not None
-            return self._gateway(type_, payload)
-        # RFC 6120 8.4: a namespace we do not serve.
-        raise Rejected("service-unavailable", "cancel", "not served here")
-
-    def _gateway(self, type_: str, query: ET.Element) -> str:
-        """XEP-0100 6.3: get -> desc and prompt; set with a prompt -> the JID it maps to."""
-        if type_ == "get":
-            inner = _elem("desc", self.gateway_desc) + _elem("prompt", self.gateway_prompt)
-            return _query_text(NS_GATEWAY, inner)
-        prompt = query.find(f"{{{NS_GATEWAY}}}prompt")
-        if prompt is None:
-            prompt = query.find(f"{{{NS_COMPONENT}}}prompt")
-        text = (prompt.text or "").strip() if prompt is not None else ""
-        if not text or len(text) > 3 * _MAX_JID_PART:
-            raise Rejected("not-acceptable", "modify", "a SIP address is required")
-        assert self.gateway_jid_for is not None
-        try:
-            jid = self.gateway_jid_for(text)
-        except PeerError as exc:
-            # The address book's errors (AddressError) carry the XMPP condition to answer with.
-            condition = getattr(exc, "xmpp_condition", "not-acceptable")
-            raise Rejected(condition, "modify", exc.warning or exc.reason) from None
-        except ValueError as exc:
-            raise Rejected("jid-malformed", "modify", str(exc)[:200]) from None
-        if parse_jid(jid) is None:
-            raise Rejected("jid-malformed", "modify", "no JID for this address")
-        return _query_text(NS_GATEWAY, _elem("jid", jid))

@@ -1,0 +1,29 @@
+"""Periodic sweeps (DESIGN 8, 10 ``sleep_time``): the message queue retried and expired."""
+
+from __future__ import annotations
+
+import asyncio
+
+from component.logs import get_logger
+from component.messaging.router import MessageRouter
+from component.ports import Clock
+from component.store import StorePort
+
+log = get_logger("component.runtime.sweeps")
+
+
+async def sweep_queue(
+    router: MessageRouter, store: StorePort, *, interval: float, clock: Clock
+) -> None:
+    """Until cancelled: every ``interval`` seconds, retry what is due and expire what is late.
+
+    First it releases the claims an earlier run of this instance left (a crash mid-attempt),
+    so those messages are tried again rather than waiting for their claims to time out.
+    """
+    await store.release_claims(router.instance, clock())
+    while True:
+        try:
+            await router.retry_due()
+        except Exception:
+            log.exception("queue_sweep_failed")
+        await asyncio.sleep(interval)

@@ -1,0 +1,44 @@
+"""MESSAGEs from the features out to the SIP side: the ``SipPort`` over the endpoint.
+
+Requests go through the proxy (``sip.proxy``); the features see only the final status.
+"""
+
+from __future__ import annotations
+
+from component.logs import get_logger
+from component.sip.answers import quote
+from sipside.endpoint import Endpoint, make_request
+from sipside.errors import TransactionTimeout, TransportError
+from sipside.message import new_call_id, new_tag
+
+log = get_logger("component.sip.sender")
+
+
+class SipSender:
+    """Implements ``component.ports.SipPort`` with the endpoint's client transactions."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    async def send_text(
+        self, *, from_uri: str, to_uri: str, body: str, from_display: str | None = None
+    ) -> int:
+        """A MESSAGE through the proxy; the final status, 408/503 for timeouts/failures."""
+        display = f'"{quote(from_display)}" ' if from_display else ""
+        request = make_request(
+            "MESSAGE",
+            to_uri,
+            from_=f"{display}<{from_uri}>;tag={new_tag()}",
+            to=f"<{to_uri}>",
+            call_id=new_call_id(),
+            headers=[("Content-Type", "text/plain; charset=UTF-8")],
+            body=body.encode("utf-8"),
+        )
+        try:
+            response = await self.endpoint.request(request)
+        except TransactionTimeout:
+            return 408
+        except TransportError as exc:
+            log.info("sip_send_failed", sip_uri=to_uri, error=str(exc))
+            return 503
+        return response.status
