@@ -10,18 +10,24 @@ from collections.abc import Coroutine
 from typing import Any
 
 from component.addresses import AddressBook
+from component.errors import Refusal
 from component.logs import get_logger
 from component.messaging.router import MessageRouter
 from component.presence.core import PresenceCore
-from component.runtime.presence_driver import PresenceRuntime
+from component.runtime.presence_driver import CoreSerial, PresenceDriver
+from component.runtime.signal import UserOnlineSignal
 from component.runtime.tasks import TaskOwner
 from component.settings import Settings
+from component.sip.answers import refuse
 from component.sip.gate import SipGate
+from component.sip.presence import PRESENCE_METHODS, SipPresence
+from component.sip.transactions import ClientTransactions
 from component.store import StoreNotAtHead
 from component.store.store import Store
-from component.values import ChatMessage, Presence, StanzaError
+from component.values import ChatMessage, Presence, SipAnswer, StanzaError
 from component.xmpp.link import XmppLink
-from sipside.endpoint import Endpoint
+from sipside.endpoint import Endpoint, IncomingRequest
+from sipside.errors import PeerError
 from sipside.timers import TimerConfig
 
 log = get_logger("component.app")
@@ -72,25 +78,50 @@ class Gateway:
             max_inflight=limits.workers * limits.max_jobs,
         )
         self.sipgate.core = self.router
-        # DESIGN 5: presence both ways, driven by one runtime (timers, persistence, ordering).
-        self.presence_runtime = PresenceRuntime(
-            self.endpoint, clock=time.time, sweep_interval=settings.timers.sleep_time
-        )
-        self.presence = PresenceCore(
+        # DESIGN 5: presence both ways. The serialised driver comes first (the SIP side runs
+        # requests and transactions through it); the SIP side builds the core with itself as
+        # the core's SIP port; the driver then drives both.
+        self.user_online = UserOnlineSignal()
+        self.user_online.connect(self._user_online)
+        self.presence_serial = CoreSerial(clock=time.time)
+        self.presence_sip = SipPresence(
             self.book,
-            sip=self.presence_runtime,
-            xmpp=self.xmpp,
+            driver=self.presence_serial,
+            transactions=ClientTransactions(self.endpoint, self.presence_serial),
             store=store,
-            sip_server=settings.presence.sip_server,
-            priority=settings.xmpp.priority,
+            presence=lambda sip_port: PresenceCore(
+                self.book,
+                sip=sip_port,
+                xmpp=self.xmpp,
+                store=store,
+                user_online=self.user_online,
+                sip_server=settings.presence.sip_server,
+                priority=settings.xmpp.priority,
+            ),
         )
-        self.presence_runtime.attach(self.presence)
-        self.presence_runtime.on_user_online = self.router.flush_recipient
-        self.sipgate.others.update(self.presence_runtime.sip_handlers())
+        self.presence = self.presence_sip.presence
+        self.presence_runtime = PresenceDriver(
+            self.presence_serial,
+            core=self.presence,
+            sip=self.presence_sip,
+            sweep_interval=settings.timers.sleep_time,
+        )
+        self.sipgate.others.update(dict.fromkeys(PRESENCE_METHODS, self._presence_request))
         self.router.commands = self.presence_runtime.command
         self._tasks = TaskOwner("gateway_task_failed")
         self._own = self._tasks.own
         self._stopping = asyncio.Event()
+
+    async def _presence_request(self, incoming: IncomingRequest) -> SipAnswer:
+        # The SIP gate's handler for presence requests: SipPresence answers them itself.
+        try:
+            await self.presence_sip.handle_request(incoming)
+        except (Refusal, PeerError) as exc:
+            refuse(incoming, exc)
+        return SipAnswer(500, "Internal Server Error")  # only if nothing answered
+
+    def _user_online(self, aor: str) -> None:
+        self._own(self.router.flush_recipient(aor))
 
     def _jid_for_prompt(self, prompt: str) -> str:
         """XEP-0100: the JID of a SIP address typed by a user (``alice@sip.test`` or a URI)."""
