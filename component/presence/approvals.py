@@ -1,17 +1,30 @@
-"""Small helpers every part of presence uses: approvals between two JIDs, sending presence."""
+"""What every part of presence works with: the book and the ports, approvals, sending presence."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from component.addresses import AddressBook
 from component.logs import get_logger
-from component.ports import XmppPort
+from component.ports import SipPresencePort, XmppPort
 from component.store import ApprovalDirection, ApprovalState, StorePort
 from component.values import Presence
 
 log = get_logger("component.presence")
 
-__all__ = ["RESOURCE", "is_approved", "send_presence"]
+__all__ = ["RESOURCE", "Ports", "is_approved", "send_presence"]
 
 RESOURCE = "sip"  # DESIGN 3.1: the resource of SIP users on XMPP
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    """The address book and the ports the parts of presence act through."""
+
+    book: AddressBook
+    sip: SipPresencePort
+    xmpp: XmppPort
+    store: StorePort
 
 
 async def is_approved(

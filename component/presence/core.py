@@ -14,6 +14,7 @@ from __future__ import annotations
 from component.addresses import AddressBook, AddressError
 from component.logs import get_logger
 from component.ports import SipPresencePort, UserOnline, XmppPort
+from component.presence.approvals import Ports
 from component.presence.sip_users import HELP_TEXT, SipUsers, UserState
 from component.presence.sip_watches_xmpp import SipWatchers
 from component.presence.xmpp_watches_sip import XmppWatchers
@@ -54,14 +55,10 @@ class PresenceCore:
         sip_server: bool = True,
         priority: int = 9,
     ) -> None:
-        self.book = book
-        self.users = SipUsers(
-            book, xmpp=xmpp, store=store, priority=priority, user_online=user_online
-        )
-        self.sip_watchers = SipWatchers(book, sip=sip, xmpp=xmpp, store=store)
-        self.xmpp_watchers = XmppWatchers(
-            book, sip=sip, xmpp=xmpp, store=store, users=self.users, sip_server=sip_server
-        )
+        ports = Ports(book, sip, xmpp, store)
+        self.users = SipUsers(ports, priority=priority, user_online=user_online)
+        self.sip_watchers = SipWatchers(ports)
+        self.xmpp_watchers = XmppWatchers(ports, users=self.users, sip_server=sip_server)
 
     # --- XMPP presence in -----------------------------------------------------------------
 

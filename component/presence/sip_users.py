@@ -14,13 +14,13 @@ import enum
 from collections import deque
 from dataclasses import replace
 
-from component.addresses import AddressBook, AddressError, HomeUser
+from component.addresses import AddressError, HomeUser
 from component.errors import Refusal, not_found
 from component.logs import get_logger
-from component.ports import UserOnline, XmppPort
-from component.presence.approvals import RESOURCE, send_presence
+from component.ports import UserOnline
+from component.presence.approvals import RESOURCE, Ports, send_presence
 from component.presence.translate import XmppPresence, xmpp_for_pidf
-from component.store import ApprovalDirection, ApprovalState, StorePort
+from component.store import ApprovalDirection, ApprovalState
 from component.values import Presence, Registration, SipText, SipUserPublished, SipUserUnpublished
 from sipside.pidf import PresenceDocument
 
@@ -54,18 +54,8 @@ _COMMAND_REPLY = {
 class SipUsers:
     """The presence SIP users show on XMPP, and who gets told of it (DESIGN 5.4)."""
 
-    def __init__(
-        self,
-        book: AddressBook,
-        *,
-        xmpp: XmppPort,
-        store: StorePort,
-        priority: int,
-        user_online: UserOnline,
-    ) -> None:
-        self.book = book
-        self.xmpp = xmpp
-        self.store = store
+    def __init__(self, ports: Ports, *, priority: int, user_online: UserOnline) -> None:
+        self.book, self.xmpp, self.store = ports.book, ports.xmpp, ports.store
         self.priority = priority
         self.user_online = user_online
         # The last state written per SIP user's JID: a presence server repeats the same state

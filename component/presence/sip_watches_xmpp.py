@@ -9,13 +9,12 @@ the watches. The dialogs themselves live in ``component.sip.watch_dialogs``.
 
 from __future__ import annotations
 
-from component.addresses import AddressBook, XmppTarget
+from component.addresses import XmppTarget
 from component.errors import not_found
 from component.logs import get_logger
-from component.ports import SipPresencePort, XmppPort
-from component.presence.approvals import RESOURCE, is_approved, send_presence
+from component.presence.approvals import RESOURCE, Ports, is_approved, send_presence
 from component.presence.translate import SHOW_VALUES, XmppPresence, XmppPresenceSet, pidf_for_xmpp
-from component.store import ApprovalDirection, ApprovalState, StorePort
+from component.store import ApprovalDirection, ApprovalState
 from component.values import Presence, Watch, WatchAnswer, WatchRequest
 from sipside.pidf import PresenceDocument
 
@@ -35,13 +34,8 @@ def _resource(jid: str) -> str | None:
 class SipWatchers:
     """The decisions about SIP watchers of XMPP entities (DESIGN 5.2)."""
 
-    def __init__(
-        self, book: AddressBook, *, sip: SipPresencePort, xmpp: XmppPort, store: StorePort
-    ) -> None:
-        self.book = book
-        self.sip = sip
-        self.xmpp = xmpp
-        self.store = store
+    def __init__(self, ports: Ports) -> None:
+        self.book, self.sip, self.xmpp, self.store = ports.book, ports.sip, ports.xmpp, ports.store
         self._xmpp_presence: dict[str, XmppPresenceSet] = {}
         self._documents: dict[str, PresenceDocument] = {}  # of each entity's presence set
 

@@ -9,12 +9,10 @@ themselves live in ``component.sip.presence_subscriptions``.
 
 from __future__ import annotations
 
-from component.addresses import AddressBook
 from component.logs import get_logger
-from component.ports import SipPresencePort, XmppPort
-from component.presence.approvals import is_approved, send_presence
+from component.presence.approvals import Ports, is_approved, send_presence
 from component.presence.sip_users import SipUsers
-from component.store import ApprovalDirection, ApprovalState, StorePort
+from component.store import ApprovalDirection, ApprovalState
 from component.values import (
     Presence,
     PresenceServerNews,
@@ -33,20 +31,8 @@ __all__ = ["XmppWatchers"]
 class XmppWatchers:
     """The decisions about XMPP watchers of SIP users (DESIGN 5.3)."""
 
-    def __init__(
-        self,
-        book: AddressBook,
-        *,
-        sip: SipPresencePort,
-        xmpp: XmppPort,
-        store: StorePort,
-        users: SipUsers,
-        sip_server: bool,
-    ) -> None:
-        self.book = book
-        self.sip = sip
-        self.xmpp = xmpp
-        self.store = store
+    def __init__(self, ports: Ports, *, users: SipUsers, sip_server: bool) -> None:
+        self.book, self.sip, self.xmpp, self.store = ports.book, ports.sip, ports.xmpp, ports.store
         self.users = users
         self.sip_server = sip_server
 

@@ -10,16 +10,20 @@ used (RFC 3261 12.2.2: a UAS must accept a CSeq more than one higher than the la
 from __future__ import annotations
 
 import base64
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, TypeVar
 
-from component.store import JsonObject
+from component.addresses import AddressBook
+from component.ports import PresenceEvents
+from component.sip.transactions import Sends
+from component.store import JsonObject, StorePort
 from sipside.notifier import NotifierSnapshot
 from sipside.subscription import SubscriberSnapshot
 
 __all__ = [
     "CSEQ_RESERVE",
     "TIME_SLACK",
+    "DialogParts",
     "needs_saving",
     "reserved",
     "snapshot_from_json",
@@ -30,6 +34,17 @@ CSEQ_RESERVE = 64
 # Times that move by less than this are not worth a write (a NOTIFY's "expires" counts down in
 # whole seconds, moving the refresh time a little each time; the refresh leaves well before).
 TIME_SLACK = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class DialogParts:
+    """What each presence dialog module works with: addresses, presence, sending, the store."""
+
+    book: AddressBook
+    events: PresenceEvents
+    transactions: Sends
+    store: StorePort
+
 
 Snapshot = TypeVar("Snapshot", NotifierSnapshot, SubscriberSnapshot)
 

@@ -20,6 +20,7 @@ from component.errors import busy
 from component.logs import get_logger
 from component.ports import SipPresencePort
 from component.presence.core import PresenceCore
+from component.sip.dialog_state import DialogParts
 from component.sip.presence_subscriptions import PresenceSubscriptions
 from component.sip.publications import Publications
 from component.sip.transactions import Sends, Serial
@@ -99,14 +100,10 @@ class SipPresence:
         self.max_waiting = max_waiting
         self._requests = 0  # SIP requests waiting for (or holding) the core
         self.presence = presence(self)
-        self.watches = WatchDialogs(
-            book, events=self.presence, transactions=transactions, store=store
-        )
+        parts = DialogParts(book, self.presence, transactions, store)
+        self.watches = WatchDialogs(parts)
         self.subscriptions = PresenceSubscriptions(
-            book,
-            events=self.presence,
-            transactions=transactions,
-            store=store,
+            parts,
             expires=expires,
             restore_spread=restore_spread,
             rng=rng or random.Random(),

@@ -17,19 +17,18 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from component.addresses import AddressBook, AddressError
+from component.addresses import AddressError
 from component.logs import get_logger
-from component.ports import PresenceEvents
 from component.sip.deadlines import DeadlineHeap
 from component.sip.dialog_state import (
+    DialogParts,
     needs_saving,
     reserved,
     snapshot_from_json,
     snapshot_json,
 )
-from component.sip.transactions import Sends
 from component.sip.watch_dialogs import PIDF, Answerable, peer_for
-from component.store import StorePort, SubscriptionState, XmppWatcherSubscription
+from component.store import SubscriptionState, XmppWatcherSubscription
 from component.values import (
     SipSubscription,
     SubscribeOutcome,
@@ -122,20 +121,10 @@ class PresenceSubscriptions:
     """Our subscribers at the SIP presence server, keyed by (watcher, AOR) (DESIGN 5.3)."""
 
     def __init__(
-        self,
-        book: AddressBook,
-        *,
-        events: PresenceEvents,
-        transactions: Sends,
-        store: StorePort,
-        expires: int,
-        restore_spread: float,
-        rng: random.Random,
+        self, parts: DialogParts, *, expires: int, restore_spread: float, rng: random.Random
     ) -> None:
-        self.book = book
-        self.events = events
-        self.transactions = transactions
-        self.store = store
+        self.book, self.events = parts.book, parts.events
+        self.transactions, self.store = parts.transactions, parts.store
         self.expires = expires
         self.restore_spread = restore_spread
         self.rng = rng

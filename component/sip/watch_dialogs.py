@@ -18,18 +18,17 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
-from component.addresses import AddressBook, AddressError
+from component.addresses import AddressError
 from component.logs import get_logger
-from component.ports import PresenceEvents
 from component.sip.deadlines import DeadlineHeap
 from component.sip.dialog_state import (
+    DialogParts,
     needs_saving,
     reserved,
     snapshot_from_json,
     snapshot_json,
 )
-from component.sip.transactions import Sends
-from component.store import SipWatcherSubscription, StorePort, SubscriptionState
+from component.store import SipWatcherSubscription, SubscriptionState
 from component.values import Watch, WatchRequest
 from sipside import pidf
 from sipside.dialog import DialogId, address_uri
@@ -99,18 +98,9 @@ def _unindex(index: dict[_N, dict[DialogId, WatchDialog]], name: _N, key: Dialog
 class WatchDialogs:
     """The notifiers of SIP watchers of XMPP entities, keyed by dialog (DESIGN 5.2)."""
 
-    def __init__(
-        self,
-        book: AddressBook,
-        *,
-        events: PresenceEvents,
-        transactions: Sends,
-        store: StorePort,
-    ) -> None:
-        self.book = book
-        self.events = events
-        self.transactions = transactions
-        self.store = store
+    def __init__(self, parts: DialogParts) -> None:
+        self.book, self.events = parts.book, parts.events
+        self.transactions, self.store = parts.transactions, parts.store
         # RFC 6665 8.3.1 deprecates 202, DESIGN 5.2 asks for it.
         self.policy = NotifierPolicy(accept_status=202)
         self.dialogs: dict[DialogId, WatchDialog] = {}
