@@ -7,7 +7,7 @@ import asyncio
 import gc
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 from component import __version__
@@ -15,19 +15,20 @@ from component.addresses import AddressBook
 from component.logs import get_logger
 from component.messaging.router import MessageRouter
 from component.presence.core import PresenceCore
-from component.runtime.presence_driver import PresenceRuntime
+from component.runtime.presence_driver import CoreSerial, PresenceDriver
 from component.runtime.signal import UserOnlineSignal
 from component.runtime.sweeps import sweep_queue
 from component.runtime.tasks import TaskOwner
 from component.settings import Settings
-from component.sip.answers import send_answer
 from component.sip.gate import SipGate
 from component.sip.sender import SipSender
+from component.sip.side import SipSide
+from component.sip.transactions import ClientTransactions
 from component.store import StoreNotAtHead
 from component.store.store import Store
 from component.values import ChatMessage, Presence, StanzaError
 from component.xmpp.link import XmppLink
-from sipside.endpoint import Endpoint, IncomingRequest
+from sipside.endpoint import Endpoint
 from sipside.timers import TimerConfig
 
 log = get_logger("component.app")
@@ -55,7 +56,6 @@ class Gateway:
             tls_key=sip.tls_key or None,
             user_agent=f"sipxmpp/{__version__}",
         )
-        sip_out = SipSender(self.endpoint)
         xmpp = settings.xmpp
         self.xmpp = XmppLink(
             component=xmpp.component,
@@ -70,34 +70,50 @@ class Gateway:
             gateway_jid_for=self._jid_for_prompt,
         )
         # DESIGN 5.4: presence tells whoever listens that a SIP user came online.
-        user_online = UserOnlineSignal()
-        # DESIGN 5: presence both ways, driven by one runtime (timers, persistence, ordering).
-        self.presence_runtime = PresenceRuntime(
-            self.endpoint, clock=time.time, sweep_interval=settings.timers.sleep_time
-        )
-        self.presence = PresenceCore(
+        self.user_online = UserOnlineSignal()
+        # DESIGN 5: presence both ways. The serialised driver comes first (the SIP side runs
+        # requests and transactions through it); the SIP side builds the presence core with
+        # itself as the core's SIP port; the driver then drives both.
+        self.presence_serial = CoreSerial(clock=time.time)
+        self.sip_side = SipSide(
             self.book,
-            sip=self.presence_runtime,
-            xmpp=self.xmpp,
+            driver=self.presence_serial,
+            transactions=ClientTransactions(self.endpoint, self.presence_serial),
+            sender=SipSender(self.endpoint),
             store=store,
-            sip_server=settings.presence.sip_server,
-            priority=settings.xmpp.priority,
+            presence=lambda sip_port: PresenceCore(
+                self.book,
+                sip=sip_port,
+                xmpp=self.xmpp,
+                store=store,
+                user_online=self.user_online,
+                sip_server=settings.presence.sip_server,
+                priority=settings.xmpp.priority,
+            ),
         )
-        self.presence_runtime.attach(self.presence)
-        self.presence_runtime.on_user_online = _as_task_work(user_online.user_online)
+        self.presence = self.sip_side.presence
+        self.presence_driver = PresenceDriver(
+            self.presence_serial,
+            core=self.presence,
+            sip=self.sip_side,
+            sweep_interval=settings.timers.sleep_time,
+        )
+        # DESIGN 4: messaging, with presence's registrar commands (5.4); it listens for users
+        # coming online to retry what waits for them.
         limits = settings.limits
         self.router = MessageRouter(
             self.book,
             self.xmpp,
-            sip_out,
+            self.sip_side,
             store,
-            self.presence_runtime,  # registrar commands (DESIGN 5.4)
+            self.presence_driver,
             clock=time.time,
             delay_time=settings.timers.delay_time,
             max_inflight=limits.workers * limits.max_jobs,
         )
-        user_online.connect(self.router.user_online)
-        self.sipgate = SipGate(self.router, _PresenceRequests(self.presence_runtime))
+        self.user_online.connect(self.router.user_online)
+        # Last, the SIP gate routes requests to both; run() starts the endpoint with it.
+        self.sipgate = SipGate(self.router, self.sip_side)
         self._tasks = TaskOwner("gateway_task_failed")
         self._own = self._tasks.own
         self._stopping = asyncio.Event()
@@ -118,10 +134,10 @@ class Gateway:
             self._own(pending)
 
     def _on_xmpp_presence(self, presence: Presence) -> None:
-        self.presence_runtime.on_presence(presence)
+        self.presence_driver.on_presence(presence)
 
     def _on_link(self, up: bool) -> None:
-        self.presence_runtime.on_link(up)
+        self.presence_driver.on_link(up)
         if up:
             self._own(self.router.retry_due())
 
@@ -130,7 +146,7 @@ class Gateway:
     async def run(self) -> None:
         """Serve until ``stop()``; then drain and close."""
         await self.endpoint.start(self.sipgate.handle)
-        await self.presence_runtime.start()
+        await self.presence_driver.start()
         link = asyncio.create_task(self.xmpp.run())
         sweeper = asyncio.create_task(
             sweep_queue(
@@ -154,7 +170,7 @@ class Gateway:
             # Presence first, while the endpoint, the link and the store are all still up: it
             # takes no new work and lets its transactions finish. Stopped after the endpoint
             # closed, it would read "endpoint closed" as a peer's timeout and end subscriptions.
-            await self.presence_runtime.stop(timeout=5.0)
+            await self.presence_driver.stop(timeout=5.0)
             await self.sipgate.drain(timeout=10.0)
             await self.router.drain(timeout=10.0)
             await self._tasks.wait(timeout=10.0)
@@ -169,29 +185,6 @@ class Gateway:
     def stop(self) -> None:
         """Ask ``run`` to finish (signal handlers call this)."""
         self._stopping.set()
-
-
-class _PresenceRequests:
-    """The SIP gate's presence handler over ``PresenceRuntime``, whose ``handle_request`` hands
-    back the answer it did not send itself (503 while stopping, a 500 fallback)."""
-
-    def __init__(self, runtime: PresenceRuntime) -> None:
-        self.runtime = runtime
-
-    async def handle_request(self, incoming: IncomingRequest) -> None:
-        """Let presence answer ``incoming``; send the answer it handed back if it did not."""
-        answer = await self.runtime.handle_request(incoming)
-        if not incoming.answered:
-            send_answer(incoming, answer)
-
-
-def _as_task_work(listener: Callable[[str], None]) -> Callable[[str], Awaitable[None]]:
-    """``listener`` in the shape ``PresenceRuntime.on_user_online`` takes (it owns the call)."""
-
-    async def call(aor: str) -> None:
-        listener(aor)
-
-    return call
 
 
 async def serve(settings: Settings) -> int:

@@ -11,7 +11,21 @@ from collections.abc import Callable
 from typing import Protocol
 
 from component.errors import Refusal
-from component.values import ChatMessage, Presence, SipText
+from component.values import (
+    ChatMessage,
+    Presence,
+    PresenceServerNews,
+    Registration,
+    SipSubscription,
+    SipText,
+    SipUserPublished,
+    SipUserUnpublished,
+    SubscribeOutcome,
+    Watch,
+    WatchAnswer,
+    WatchRequest,
+)
+from sipside.pidf import PresenceDocument
 
 #: Seconds since the epoch; the features take it as a constructor argument, tests pass a fake.
 Clock = Callable[[], float]
@@ -40,12 +54,39 @@ class XmppPort(Protocol):
 
 
 class SipPort(Protocol):
-    """What the features need of the SIP side."""
+    """What the features need of the SIP side: MESSAGEs (DESIGN 4), and presence's dialogs as
+    values (DESIGN 5). Watches (5.2) are addressed by who watches whom, every dialog of the
+    pair at once; subscriptions at the SIP presence server (5.3) by the XMPP watcher and the
+    SIP user."""
 
     async def send_text(
         self, *, from_uri: str, to_uri: str, body: str, from_display: str | None = None
     ) -> int:
         """Send a MESSAGE; the final status (408 for a timeout, 503 for a transport failure)."""
+        ...
+
+    async def notify_watch(self, watch: Watch, document: PresenceDocument, now: float) -> None:
+        """The watched entity's presence changed: NOTIFY it in every dialog of ``watch``."""
+        ...
+
+    async def activate_watch(self, watch: Watch, document: PresenceDocument, now: float) -> None:
+        """The XMPP user approved: NOTIFY active with ``document`` in every dialog of ``watch``."""
+        ...
+
+    async def end_watch(self, watch: Watch, reason: str, now: float, *, pending_only: bool) -> None:
+        """NOTIFY terminated;reason=``reason`` in the dialogs of ``watch`` (only pending ones)."""
+        ...
+
+    def active_watches(self) -> list[Watch]:
+        """Each pair with at least one active dialog."""
+        ...
+
+    async def subscribe(self, sub: SipSubscription, now: float) -> SubscribeOutcome:
+        """SUBSCRIBE at the SIP presence server, unless a live subscription already exists."""
+        ...
+
+    async def unsubscribe(self, watcher_jid: str, sip_aor: str, now: float) -> None:
+        """End the subscription of ``watcher_jid`` to ``sip_aor`` (SUBSCRIBE Expires: 0)."""
         ...
 
 
@@ -62,4 +103,40 @@ class RegistrarCommands(Protocol):
 
     async def command(self, msg: SipText) -> str | None:
         """The notice text to answer with, or None when ``msg`` is no command."""
+        ...
+
+
+class PresenceEvents(Protocol):
+    """What the SIP side tells presence (DESIGN 5), and the little it asks."""
+
+    async def watch_requested(self, request: WatchRequest) -> WatchAnswer:
+        """A new watch: who is who and its state; raises ``Refusal`` to refuse it."""
+        ...
+
+    async def watch_started(self, answer: WatchAnswer, now: float) -> None:
+        """The watch of ``answer`` was accepted (not a mere fetch)."""
+        ...
+
+    async def watch_ended(self, watch: Watch, now: float) -> None:
+        """The last dialog of ``watch`` ended by the watcher or by expiry."""
+        ...
+
+    async def document_of(self, target_jid: str) -> PresenceDocument:
+        """The XMPP entity's current presence, as watchers are notified of it."""
+        ...
+
+    async def presence_server_said(self, news: PresenceServerNews, now: float) -> None:
+        """The SIP presence server's word on a subscription we hold."""
+        ...
+
+    def home_user(self, uri: str) -> str:
+        """The AOR of the home-domain user ``uri`` names (PUBLISH, REGISTER); else ``Refusal``."""
+        ...
+
+    async def published(self, news: SipUserPublished | SipUserUnpublished, now: float) -> None:
+        """A SIP user's published state changed."""
+        ...
+
+    async def registered(self, registration: Registration, now: float) -> None:
+        """A third-party REGISTER of a home-domain user, already answered."""
         ...

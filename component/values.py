@@ -6,7 +6,10 @@ frozen dataclasses travel.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+
+from sipside.pidf import PresenceDocument
 
 # --- XMPP side -----------------------------------------------------------------------------------
 
@@ -87,3 +90,112 @@ class SipAnswer:
     status: int
     reason: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
+
+
+# --- presence (DESIGN 5) -------------------------------------------------------------------------
+# Presence documents cross between the presence core and the SIP adapter as parsed PIDF
+# (``sipside.pidf.PresenceDocument``, frozen values): the adapter turns bytes into documents and
+# back, ``component.presence.translate`` turns documents into XMPP presence and back.
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """A SIP user (by component JID) watching an XMPP entity (bare JID), DESIGN 5.2."""
+
+    watcher_jid: str
+    target_jid: str
+
+
+@dataclass(frozen=True, slots=True)
+class WatchRequest:
+    """A SIP user asks to watch an XMPP entity: a SUBSCRIBE that starts a dialog."""
+
+    watcher_uri: str  # the From address of record
+    target_uri: str  # the Request-URI
+
+
+@dataclass(frozen=True, slots=True)
+class WatchAnswer:
+    """The core's answer to a ``WatchRequest``: active with the entity's document, or pending."""
+
+    watch: Watch
+    watcher_uri: str
+    document: PresenceDocument | None  # None: pending until the XMPP user decides
+
+    @property
+    def approved(self) -> bool:
+        """True when the watch starts active."""
+        return self.document is not None
+
+
+@dataclass(frozen=True, slots=True)
+class SipSubscription:
+    """An XMPP user watching a SIP user through the SIP presence server (DESIGN 5.3)."""
+
+    watcher_jid: str  # the XMPP watcher's bare JID
+    watcher_uri: str  # their SIP address (From of our SUBSCRIBE)
+    sip_jid: str  # the SIP user's component JID
+    sip_aor: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionActive:
+    """The SIP presence server lets the watcher see the SIP user, in this state (None: empty)."""
+
+    watcher_jid: str
+    sip_jid: str
+    document: PresenceDocument | None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionPending:
+    """The SIP presence server has not decided yet (RFC 6665 4.1.3 pending)."""
+
+    watcher_jid: str
+    sip_jid: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionRefused:
+    """The subscription ended for good: rejected, no such user, or the SUBSCRIBE failed."""
+
+    watcher_jid: str
+    sip_jid: str
+
+
+PresenceServerNews = SubscriptionActive | SubscriptionPending | SubscriptionRefused
+
+
+class SubscribeOutcome(enum.Enum):
+    """What asking the SIP side to subscribe did."""
+
+    STARTED = "started"  # a new SUBSCRIBE left
+    PENDING = "pending"  # one is live and not decided yet: nothing to do
+    ACTIVE = "active"  # one is live and active: the watcher may be told again
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A third-party REGISTER copied to the gateway (DESIGN 5.4)."""
+
+    aor: str  # the home user's address of record (from To)
+    contact: str | None  # None: ``Contact: *`` (remove all)
+    expires: int  # 0: offline
+
+
+@dataclass(frozen=True, slots=True)
+class SipUserPublished:
+    """A SIP user's published state changed (RFC 3903 PUBLISH): the document now in force."""
+
+    aor: str
+    document: PresenceDocument | None
+
+
+@dataclass(frozen=True, slots=True)
+class SipUserUnpublished:
+    """A publication was removed or expired; ``remaining`` if another one is still in force,
+    with its document (None: empty or unreadable)."""
+
+    aor: str
+    document: PresenceDocument | None
+    remaining: bool

@@ -1,5 +1,6 @@
-"""The presence core (DESIGN 5, 8) with fake SIP and XMPP ports, a real SQLite store and a fake
-clock: both directions of watching, online state, PUBLISH, commands, restart and resume."""
+"""Presence (DESIGN 5, 8) through its SIP entry point: the SIP side's dialogs and the presence
+core together, with fake transactions and XMPP port, a real SQLite store and a fake clock: both
+directions of watching, online state, PUBLISH, commands, restart and resume, and the driver."""
 
 from __future__ import annotations
 
@@ -17,16 +18,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from component.addresses import AddressBook
-from component.presence.core import HELP_TEXT, TIMER_BATCH, MachineKind, PresenceCore, ReplyTo
-from component.presence.shared import DeadlineHeap
-from component.presence.sip_watches_xmpp import CSEQ_RESERVE
+from component.errors import Refusal
+from component.ports import SipPort
+from component.presence.core import HELP_TEXT, PresenceCore
 from component.presence.translate import xmpp_for_pidf
-from component.presence.xmpp_watches_sip import RESTORE_RATE
-from component.runtime.presence_driver import PresenceRuntime
+from component.runtime.presence_driver import CoreSerial, PresenceDriver
+from component.sip.answers import refuse
+from component.sip.deadlines import DeadlineHeap
+from component.sip.dialog_state import CSEQ_RESERVE
+from component.sip.presence_subscriptions import RESTORE_RATE
+from component.sip.side import TIMER_BATCH, SipSide
+from component.sip.transactions import ClientTransactions, Deliver, RequestSender, Sends
 from component.store import ApprovalDirection, ApprovalState, Store, migrate
-from component.values import Presence, SipAnswer, SipText
+from component.values import Presence, SipText
 from sipside import pidf
-from sipside.errors import TransportError
+from sipside.errors import PeerError, TransportError
 from sipside.message import SipRequest, SipResponse, make_response, parse_message
 from sipside.peer import Peer
 
@@ -50,19 +56,39 @@ BOOK = AddressBook(
 
 @dataclass
 class FakeSip:
-    """The SIP port: records what the core sends."""
+    """The transactions: records what the SIP side sends, with where its outcome goes."""
 
-    sent: list[tuple[SipRequest, Peer | None, ReplyTo]] = field(default_factory=list)
+    sent: list[tuple[SipRequest, Peer | None, Deliver]] = field(default_factory=list)
+    delivers: dict[tuple[str, int], Deliver] = field(default_factory=dict)
 
-    def send_request(self, request: SipRequest, peer: Peer | None, reply: ReplyTo) -> None:
-        self.sent.append((request, peer, reply))
+    def send(self, request: SipRequest, peer: Peer | None, deliver: Deliver) -> None:
+        self.sent.append((request, peer, deliver))
+        self.delivers[(request.call_id, request.cseq[0])] = deliver
 
     def contact_for(self, transport: str) -> str:
         return GW_CONTACT
 
-    def take(self) -> list[tuple[SipRequest, Peer | None, ReplyTo]]:
+    def take(self) -> list[tuple[SipRequest, Peer | None, Deliver]]:
         sent, self.sent = self.sent, []
         return sent
+
+    def deliver_for(self, request: SipRequest) -> Deliver:
+        return self.delivers[(request.call_id, request.cseq[0])]
+
+
+@dataclass
+class FakeOnline:
+    """The ``UserOnline`` port: records who came online."""
+
+    aors: list[str] = field(default_factory=list)
+
+    def user_online(self, aor: str) -> None:
+        self.aors.append(aor)
+
+
+async def respond(deliver: Deliver, response: SipResponse | None, now: float) -> None:
+    """The outcome of a request the SIP side sent (None: no final response)."""
+    await deliver(response, now)
 
 
 @dataclass
@@ -94,6 +120,13 @@ class FakeIncoming:
 
     def send(self, response: SipResponse) -> None:
         self.responses.append(response)
+
+    def respond(
+        self, status: int, reason: str | None = None, *, headers: Sequence[tuple[str, str]] = ()
+    ) -> SipResponse:
+        response = make_response(self.request, status, reason, headers=headers)
+        self.send(response)
+        return response
 
     @property
     def status(self) -> int:
@@ -192,29 +225,92 @@ async def store(store_url: str) -> AsyncIterator[Store]:
     await opened.close()
 
 
+async def through_gate(side: SipSide, incoming: FakeIncoming) -> None:
+    """What the SIP gate does with a presence request: refusals become responses."""
+    try:
+        await side.handle_request(incoming)
+    except (Refusal, PeerError) as exc:
+        refuse(incoming, exc)
+
+
 @dataclass
 class World:
     core: PresenceCore
+    side: SipSide
     sip: FakeSip
     xmpp: FakeXmpp
     store: Store
     online: list[str]
 
+    async def request(self, incoming: FakeIncoming, now: float) -> None:
+        """A request through the SIP side, refusals answered as the gate does."""
+        try:
+            await self.side.on_request(incoming, now)
+        except (Refusal, PeerError) as exc:
+            refuse(incoming, exc)
 
-def build(store: Store, *, sip_server: bool = True, seed: int = 1) -> World:
-    fake_sip, fake_xmpp = FakeSip(), FakeXmpp()
-    core = PresenceCore(
+
+def presence_side(
+    store: Store,
+    transactions: Sends,
+    xmpp: FakeXmpp,
+    online: FakeOnline,
+    *,
+    driver: CoreSerial | None = None,
+    sip_server: bool = True,
+    seed: int = 1,
+    restore_spread: float = 30.0,
+    max_waiting: int = 500,
+) -> SipSide:
+    """The SIP side with the presence core it builds, as ``app.py`` wires them."""
+
+    def core(port: SipPort) -> PresenceCore:
+        return PresenceCore(
+            BOOK,
+            sip=port,
+            xmpp=xmpp,
+            store=store,
+            user_online=online,
+            sip_server=sip_server,
+            priority=9,
+        )
+
+    return SipSide(
         BOOK,
-        sip=fake_sip,
-        xmpp=fake_xmpp,
+        driver=driver or CoreSerial(clock=lambda: T0),
+        transactions=transactions,
+        sender=NoTexts(),
         store=store,
-        sip_server=sip_server,
-        priority=9,
+        presence=core,
+        max_waiting=max_waiting,
+        restore_spread=restore_spread,
         rng=random.Random(seed),
     )
-    online: list[str] = []
-    core.on_user_online = online.append
-    return World(core, fake_sip, fake_xmpp, store, online)
+
+
+class NoTexts:
+    """The SIP side's MESSAGE sender: presence sends none."""
+
+    async def send_text(
+        self, *, from_uri: str, to_uri: str, body: str, from_display: str | None = None
+    ) -> int:
+        raise AssertionError(f"presence sent a MESSAGE to {to_uri}")
+
+
+def build(
+    store: Store, *, sip_server: bool = True, seed: int = 1, restore_spread: float = 30.0
+) -> World:
+    fake_sip, fake_xmpp, online = FakeSip(), FakeXmpp(), FakeOnline()
+    side = presence_side(
+        store,
+        fake_sip,
+        fake_xmpp,
+        online,
+        sip_server=sip_server,
+        seed=seed,
+        restore_spread=restore_spread,
+    )
+    return World(side.presence, side, fake_sip, fake_xmpp, store, online.aors)
 
 
 @pytest.fixture
@@ -241,7 +337,7 @@ def subscribe_request(expires: int = 600, call_id: str = "c1") -> SipRequest:
 
 async def sip_watches(w: World, now: float = T0, call_id: str = "c1") -> FakeIncoming:
     incoming = FakeIncoming(subscribe_request(call_id=call_id))
-    await w.core.on_sip_request(incoming, now)
+    await w.request(incoming, now)
     return incoming
 
 
@@ -256,7 +352,7 @@ async def test_sip_watcher_pending_then_approved_then_presence_then_refused(w: W
     approval = await w.store.approval(ALICE_JID, BOB, ApprovalDirection.SIP_WATCHES_XMPP)
     assert approval is not None and approval.state is ApprovalState.PENDING
 
-    await w.core.on_sip_response(_reply_for(w, notify), answer(notify, 200), T0)
+    await respond(_reply_for(w, notify), answer(notify, 200), T0)
     await w.core.on_presence(Presence(sender=BOB, recipient=ALICE_JID, type="subscribed"), T0 + 1)
     [(active, _, _)] = w.sip.take()
     state, seen = state_of(active)
@@ -267,7 +363,7 @@ async def test_sip_watcher_pending_then_approved_then_presence_then_refused(w: W
     away = Presence(sender=f"{BOB}/pc", recipient=ALICE_JID, show="away", status="lunch")
     await w.core.on_presence(away, T0 + 2)
     assert w.sip.take() == []
-    await w.core.on_sip_response(_reply_for(w, active), answer(active, 200), T0 + 2)
+    await respond(_reply_for(w, active), answer(active, 200), T0 + 2)
     [(changed, _, _)] = w.sip.take()
     _, seen = state_of(changed)
     assert seen is not None and (seen.type, seen.show, seen.status) == (None, "away", "lunch")
@@ -276,12 +372,11 @@ async def test_sip_watcher_pending_then_approved_then_presence_then_refused(w: W
     [(ended, _, _)] = w.sip.take()
     assert ended.header("Subscription-State") == "terminated;reason=rejected"
     assert await w.store.sip_watcher_subscriptions() == []
-    assert w.core.counts()["sip_watchers"] == 0
+    assert w.side.counts()["sip_watchers"] == 0
 
 
-def _reply_for(w: World, request: SipRequest) -> ReplyTo:
-    key = next(k for k in w.core._watches if k.call_id == request.call_id)
-    return ReplyTo(MachineKind.NOTIFIER, key, key.call_id)
+def _reply_for(w: World, request: SipRequest) -> Deliver:
+    return w.sip.deliver_for(request)
 
 
 async def test_sip_watcher_already_approved_gets_active_notify_with_last_presence(w: World) -> None:
@@ -304,12 +399,12 @@ async def test_presence_change_notifies_one_tuple_per_resource(w: World) -> None
     )
     await sip_watches(w)
     [(first, _, _)] = w.sip.take()
-    await w.core.on_sip_response(_reply_for(w, first), answer(first, 200), T0)
+    await respond(_reply_for(w, first), answer(first, 200), T0)
     for n, resource in enumerate(("pc", "phone")):
         p = Presence(sender=f"{BOB}/{resource}", recipient=ALICE_JID, priority=5 - n)
         await w.core.on_presence(p, T0 + n)
         [(notify, _, _)] = w.sip.take()
-        await w.core.on_sip_response(_reply_for(w, notify), answer(notify, 200), T0 + n)
+        await respond(_reply_for(w, notify), answer(notify, 200), T0 + n)
     doc = pidf.decode(notify.body, notify.header("Content-Type"))
     assert len(doc.tuples) == 2 and all(t.basic is pidf.Basic.OPEN for t in doc.tuples)
     assert notify.header("Content-Type") == "application/pidf+xml"
@@ -331,7 +426,7 @@ async def test_in_dialog_subscribe_refreshes_or_ends(
     )
     first = await sip_watches(w)
     [(notify, _, _)] = w.sip.take()
-    await w.core.on_sip_response(_reply_for(w, notify), answer(notify, 200), T0)
+    await respond(_reply_for(w, notify), answer(notify, 200), T0)
     w.xmpp.take()
     tag = first.responses[0].to_tag
     refresh = sip(
@@ -346,7 +441,7 @@ async def test_in_dialog_subscribe_refreshes_or_ends(
         cseq=2,
     )
     incoming = FakeIncoming(refresh)
-    await w.core.on_sip_request(incoming, T0 + 10)
+    await w.request(incoming, T0 + 10)
     assert incoming.status == status
     [(again, _, _)] = w.sip.take()
     assert again.header("Subscription-State") == state
@@ -374,7 +469,7 @@ async def test_subscribe_refusals(
 ) -> None:
     request = sip("SUBSCRIBE", uri, [("Contact", "<sip:alice@127.0.0.1:5062>"), *headers])
     incoming = FakeIncoming(request)
-    await w.core.on_sip_request(incoming, T0)
+    await w.request(incoming, T0)
     assert incoming.status == status
     assert w.sip.take() == [] and w.xmpp.take() == []
 
@@ -383,7 +478,7 @@ async def test_unknown_dialog_gets_481(w: World) -> None:
     for method in ("SUBSCRIBE", "NOTIFY"):
         request = sip(method, GW_CONTACT, [("Event", "presence")], to=f"<{BOB_SIP}>;tag=nope")
         incoming = FakeIncoming(request)
-        await w.core.on_sip_request(incoming, T0)
+        await w.request(incoming, T0)
         assert incoming.status == 481
 
 
@@ -398,14 +493,14 @@ async def test_sip_watcher_expires_and_notify_follows_record_route(w: World) -> 
             ("Expires", "120"),
         ],
     )
-    await w.core.on_sip_request(FakeIncoming(request), T0)
+    await w.request(FakeIncoming(request), T0)
     [(notify, peer, _)] = w.sip.take()
     assert peer == Peer("udp", "127.0.0.1", 5060)
     assert notify.header_values("Route") == ["<sip:127.0.0.1:5060;lr>"]
-    assert w.core.next_deadline() == T0 + 120
-    await w.core.handle_timer(T0 + 119)
+    assert w.side.next_deadline() == T0 + 120
+    await w.side.handle_timer(T0 + 119)
     assert w.sip.take() == []
-    await w.core.handle_timer(T0 + 120)
+    await w.side.handle_timer(T0 + 120)
     [(ended, _, _)] = w.sip.take()
     assert ended.header("Subscription-State") == "terminated;reason=timeout"
     assert await w.store.sip_watcher_subscriptions() == []
@@ -443,7 +538,7 @@ def notify_for(subscribe: SipRequest, state: str, body: bytes = b"", cseq: int =
 
 async def deliver(w: World, request: SipRequest, now: float) -> int:
     incoming = FakeIncoming(request, Peer("udp", "127.0.0.1", 5060))
-    await w.core.on_sip_request(incoming, now)
+    await w.request(incoming, now)
     return incoming.status
 
 
@@ -486,9 +581,8 @@ async def test_xmpp_watcher_kamailio_flow(w: World) -> None:
 
 
 async def _accepted(w: World, subscribe: SipRequest, status: int = 202) -> None:
-    held = w.core._held[(BOB, ALICE_AOR)]
-    reply = ReplyTo(MachineKind.SUBSCRIBER, (BOB, ALICE_AOR), held.subscriber.dialog.call_id)
-    await w.core.on_sip_response(reply, answer(subscribe, status, [("Expires", "600")]), T0)
+    reply = w.sip.deliver_for(subscribe)
+    await respond(reply, answer(subscribe, status, [("Expires", "600")]), T0)
 
 
 @pytest.mark.parametrize(
@@ -522,13 +616,12 @@ async def test_xmpp_watcher_transient_failure_retries(
     w: World, status: int, retry_after: str | None, delay: int
 ) -> None:
     subscribe = await xmpp_watches(w)
-    held = w.core._held[(BOB, ALICE_AOR)]
-    reply = ReplyTo(MachineKind.SUBSCRIBER, (BOB, ALICE_AOR), held.subscriber.dialog.call_id)
+    reply = w.sip.deliver_for(subscribe)
     headers = [("Retry-After", retry_after)] if retry_after else []
-    await w.core.on_sip_response(reply, answer(subscribe, status, headers), T0)
+    await respond(reply, answer(subscribe, status, headers), T0)
     assert w.xmpp.take() == []
-    assert w.core.next_deadline() == T0 + delay
-    await w.core.handle_timer(T0 + delay)
+    assert w.side.next_deadline() == T0 + delay
+    await w.side.handle_timer(T0 + delay)
     [(again, _, _)] = w.sip.take()
     assert again.method == "SUBSCRIBE" and again.call_id != subscribe.call_id
 
@@ -541,8 +634,8 @@ async def test_xmpp_watcher_deactivated_resubscribes_after_delay(w: World) -> No
     ended = notify_for(subscribe, "terminated;reason=deactivated;retry-after=5", cseq=2)
     assert await deliver(w, ended, T0 + 10) == 200
     assert w.xmpp.take() == []
-    assert w.core.next_deadline() == T0 + 15
-    await w.core.handle_timer(T0 + 15)
+    assert w.side.next_deadline() == T0 + 15
+    await w.side.handle_timer(T0 + 15)
     [(again, peer, _)] = w.sip.take()
     assert again.method == "SUBSCRIBE" and peer is None and again.call_id != subscribe.call_id
 
@@ -551,9 +644,9 @@ async def test_xmpp_watcher_refreshes_before_expiry(w: World) -> None:
     subscribe = await xmpp_watches(w)
     await _accepted(w, subscribe, 200)
     await deliver(w, notify_for(subscribe, "active;expires=600"), T0)
-    deadline = w.core.next_deadline()
+    deadline = w.side.next_deadline()
     assert deadline is not None and T0 + 150 <= deadline < T0 + 600
-    await w.core.handle_timer(deadline)
+    await w.side.handle_timer(deadline)
     [(refresh, peer, _)] = w.sip.take()
     assert refresh.call_id == subscribe.call_id and refresh.to_tag == "ps"
     assert refresh.header("Expires") == "3600" and peer == Peer("udp", "127.0.0.1", 5060)
@@ -610,7 +703,7 @@ async def test_register_makes_online_then_zero_offline(
 ) -> None:
     await approve_bob(w)
     incoming = FakeIncoming(register(headers))
-    await w.core.on_sip_request(incoming, T0)
+    await w.request(incoming, T0)
     [ok] = incoming.responses
     assert ok.status == 200 and ok.header("Expires") == str(expires)
     assert ok.header("Contact") == f"<sip:alice@127.0.0.1:5062>;expires={expires}"
@@ -625,17 +718,17 @@ async def test_register_makes_online_then_zero_offline(
     seen = await w.store.seen_user(ALICE_AOR)
     assert seen is not None and seen.online and seen.expires_at == T0 + expires
     # A re-registration is not news.
-    await w.core.on_sip_request(FakeIncoming(register(headers, 2)), T0 + 60)
+    await w.request(FakeIncoming(register(headers, 2)), T0 + 60)
     assert w.xmpp.take() == []
     gone = register([("Contact", "*"), ("Expires", "0")], 3)
-    await w.core.on_sip_request(FakeIncoming(gone), T0 + 70)
+    await w.request(FakeIncoming(gone), T0 + 70)
     assert [p.type for p in w.xmpp.take()] == ["unavailable"]
 
 
 async def test_registration_expiry_sweep_makes_offline(w: World) -> None:
     await approve_bob(w)
     headers = [("Contact", "<sip:alice@127.0.0.1:5062>"), ("Expires", "60")]
-    await w.core.on_sip_request(FakeIncoming(register(headers)), T0)
+    await w.request(FakeIncoming(register(headers)), T0)
     w.xmpp.take()
     await w.core.sweep(T0 + 59)
     assert w.xmpp.take() == []
@@ -653,7 +746,7 @@ def publish(body: bytes, headers: list[tuple[str, str]], cseq: int = 1) -> SipRe
 async def test_publish_sets_state_and_removal_falls_back(w: World) -> None:
     await approve_bob(w)
     incoming = FakeIncoming(publish(pidf_body("open", "out", "away"), []))
-    await w.core.on_sip_request(incoming, T0)
+    await w.request(incoming, T0)
     [ok] = incoming.responses
     etag = ok.header("SIP-ETag")
     assert ok.status == 200 and etag
@@ -664,7 +757,7 @@ async def test_publish_sets_state_and_removal_falls_back(w: World) -> None:
     removal = FakeIncoming(
         publish(b"", [("SIP-If-Match", etag)], 2).replace_headers("Expires", ["0"])
     )
-    await w.core.on_sip_request(removal, T0 + 1)
+    await w.request(removal, T0 + 1)
     assert removal.status == 200
     [p] = w.xmpp.take()
     assert (p.type, p.show) == (None, None)
@@ -673,10 +766,10 @@ async def test_publish_sets_state_and_removal_falls_back(w: World) -> None:
 
 async def test_publication_expiry(w: World) -> None:
     await approve_bob(w)
-    await w.core.on_sip_request(FakeIncoming(publish(pidf_body("open", None, "busy"), [])), T0)
+    await w.request(FakeIncoming(publish(pidf_body("open", None, "busy"), [])), T0)
     w.xmpp.take()
-    assert w.core.next_deadline() == T0 + 600
-    await w.core.handle_timer(T0 + 600)
+    assert w.side.next_deadline() == T0 + 600
+    await w.side.handle_timer(T0 + 600)
     assert [p.show for p in w.xmpp.take()] == [None]
     assert await w.store.publications_of(ALICE_AOR) == []
 
@@ -697,7 +790,7 @@ async def test_bad_publish_bodies(w: World, body: bytes, content_type: str, stat
         body,
     )
     incoming = FakeIncoming(request)
-    await w.core.on_sip_request(incoming, T0)
+    await w.request(incoming, T0)
     assert incoming.status == status
     assert await w.store.publications_of(ALICE_AOR) == []
 
@@ -732,7 +825,7 @@ async def test_commands(
 async def test_register_without_contact_is_only_a_query(w: World) -> None:
     await approve_bob(w)
     incoming = FakeIncoming(register([("Expires", "300")]))
-    await w.core.on_sip_request(incoming, T0)
+    await w.request(incoming, T0)
     assert incoming.status == 200
     assert w.xmpp.take() == [] and await w.store.seen_user(ALICE_AOR) is None
 
@@ -746,7 +839,7 @@ async def test_presence_to_the_bare_component_domain_is_ignored(w: World) -> Non
 async def test_bounced_subscribe_ends_pending_watch(w: World) -> None:
     await sip_watches(w)
     [(pending, _, _)] = w.sip.take()
-    await w.core.on_sip_response(_reply_for(w, pending), answer(pending, 200), T0)
+    await respond(_reply_for(w, pending), answer(pending, 200), T0)
     bounce = Presence(
         sender=BOB, recipient=ALICE_JID, type="error", error_condition="item-not-found"
     )
@@ -770,15 +863,15 @@ async def test_restart_resumes_both_directions(store_url: str) -> None:
     # SIP watcher of Bob, approved and active.
     await sip_watches(w)
     [(pending, _, _)] = w.sip.take()
-    await w.core.on_sip_response(_reply_for(w, pending), answer(pending, 200), T0)
+    await respond(_reply_for(w, pending), answer(pending, 200), T0)
     await w.core.on_presence(Presence(sender=BOB, recipient=ALICE_JID, type="subscribed"), T0)
     [(active, _, _)] = w.sip.take()
-    await w.core.on_sip_response(_reply_for(w, active), answer(active, 200), T0)
+    await respond(_reply_for(w, active), answer(active, 200), T0)
     # XMPP watcher of Alice, active.
     subscribe = await xmpp_watches(w)
     await _accepted(w, subscribe, 200)
     await deliver(w, notify_for(subscribe, "active;expires=600", pidf_body()), T0)
-    await w.core.on_sip_request(
+    await w.request(
         FakeIncoming(register([("Contact", "<sip:alice@127.0.0.1:5062>"), ("Expires", "3600")])),
         T0,
     )
@@ -788,7 +881,7 @@ async def test_restart_resumes_both_directions(store_url: str) -> None:
     second = await Store.open(store_url)
     try:
         n = build(second, seed=2)
-        assert await n.core.resume(T0 + 100) == (1, 1, 0)
+        assert await n.side.resume(T0 + 100) == (1, 1, 0)
         # Bob's presence still reaches Alice's phone, in the same dialog, CSeq going up.
         await n.core.on_presence(Presence(sender=f"{BOB}/pc", recipient=ALICE_JID), T0 + 101)
         [(notify, peer, _)] = n.sip.take()
@@ -801,7 +894,7 @@ async def test_restart_resumes_both_directions(store_url: str) -> None:
         [p] = n.xmpp.take()
         assert (p.recipient, p.show, p.status) == (BOB, "dnd", "on the phone")
         # The refresh is scheduled, not lost; link up re-announces online SIP users.
-        assert n.core.next_deadline() is not None
+        assert n.side.next_deadline() is not None
         await n.core.on_link_up(T0 + 103)
         sent = n.xmpp.take()
         assert Presence(sender=f"{ALICE_JID}/sip", recipient=BOB, type="probe") in sent
@@ -817,14 +910,16 @@ async def test_restore_spreads_overdue_refreshes(store_url: str) -> None:
         bob = f"bob{n}@xmpp.test"
         await w.core.on_presence(Presence(sender=bob, recipient=ALICE_JID, type="subscribe"), T0)
         [(subscribe, _, reply)] = w.sip.take()
-        await w.core.on_sip_response(reply, answer(subscribe, 200, [("Expires", "600")]), T0)
+        await respond(reply, answer(subscribe, 200, [("Expires", "600")]), T0)
     await first.close()
     second = await Store.open(store_url)
     try:
         n2 = build(second, seed=3)
         later = T0 + 10_000  # every refresh is overdue
-        await n2.core.resume(later)
-        dues = sorted(h.subscriber.next_deadline() or 0 for h in n2.core._held.values())
+        await n2.side.resume(later)
+        dues = sorted(
+            h.subscriber.next_deadline() or 0 for h in n2.side.subscriptions.held.values()
+        )
         assert all(later <= d <= later + 30 + 32 for d in dues)
         assert dues[-1] - dues[0] > 5  # spread, not one burst
     finally:
@@ -848,31 +943,64 @@ class FakeEndpoint:
         return GW_CONTACT
 
 
+@dataclass
+class Running:
+    """The driven stack as ``app.py`` builds it, on a fake endpoint."""
+
+    serial: CoreSerial
+    side: SipSide
+    runtime: PresenceDriver
+    online: FakeOnline
+
+
+def running(
+    store: Store,
+    endpoint: RequestSender,
+    now: list[float],
+    *,
+    max_waiting: int = 500,
+    max_queued_presence: int = 50_000,
+    restore_spread: float = 30.0,
+    seed: int = 4,
+) -> Running:
+    serial = CoreSerial(clock=lambda: now[0])
+    online = FakeOnline()
+    side = presence_side(
+        store,
+        ClientTransactions(endpoint, serial),
+        FakeXmpp(),
+        online,
+        driver=serial,
+        seed=seed,
+        restore_spread=restore_spread,
+        max_waiting=max_waiting,
+    )
+    runtime = PresenceDriver(
+        serial,
+        core=side.presence,
+        sip=side,
+        sweep_interval=3600,
+        max_queued_presence=max_queued_presence,
+    )
+    return Running(serial, side, runtime, online)
+
+
 async def test_runtime_drives_transactions_and_commands(store: Store) -> None:
     endpoint = FakeEndpoint()
-    now = [T0]
-    runtime = PresenceRuntime(endpoint, clock=lambda: now[0], sweep_interval=3600)
-    xmpp = FakeXmpp()
-    core = PresenceCore(BOOK, sip=runtime, xmpp=xmpp, store=store, rng=random.Random(4))
-    runtime.attach(core)
-    flushed: list[str] = []
-
-    async def flush(aor: str) -> None:
-        flushed.append(aor)
-
-    runtime.on_user_online = flush
+    r = running(store, endpoint, [T0])
+    runtime = r.runtime
     await runtime.start()
     try:
         incoming = FakeIncoming(subscribe_request())
-        answer_ = await runtime.handle_request(incoming)
-        assert incoming.status == 202 and isinstance(answer_, SipAnswer)
+        await through_gate(r.side, incoming)
+        assert incoming.status == 202
         runtime.on_presence(Presence(sender=BOB, recipient=ALICE_JID, type="subscribe"))
         msg = SipText(from_uri=ALICE_AOR, to_uri="sip:jabber_gateway@sip.test", body="online")
         assert "online" in (await runtime.command(msg) or "")
         await runtime.settle()
         methods = sorted(r.method for r, _ in endpoint.requests)
         assert methods == ["NOTIFY", "SUBSCRIBE"]
-        assert flushed == [ALICE_AOR]
+        assert r.online.aors == [ALICE_AOR]
         [stored] = await store.xmpp_watcher_subscriptions()
         assert stored.dialog is not None and stored.expires_at == T0 + 600
     finally:
@@ -908,7 +1036,7 @@ async def approved_watchers(w: World, count: int, expires: list[int] | None = No
             watcher_jid(i), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
         )
         incoming = FakeIncoming(watcher_subscribe(i, expires[i] if expires else 600))
-        await w.core.on_sip_request(incoming, T0)
+        await w.request(incoming, T0)
         assert incoming.status == 202
     await answer_all(w, T0)
     w.xmpp.take()
@@ -920,18 +1048,18 @@ async def answer_all(w: World, now: float, status: int = 200) -> list[SipRequest
     while sent := w.sip.take():
         for request, _, reply in sent:
             answered.append(request)
-            await w.core.on_sip_response(reply, answer(request, status), now)
+            await respond(reply, answer(request, status), now)
     return answered
 
 
-def brute_deadline(core: PresenceCore) -> float | None:
+def brute_deadline(side: SipSide) -> float | None:
     """The earliest deadline by looking at every machine (what the heap must agree with)."""
-    times = [w.notifier.next_deadline() for w in core._watches.values()]
+    times = [w.notifier.next_deadline() for w in side.watches.dialogs.values()]
     times += [
         h.retry_at if h.retry_at is not None else h.subscriber.next_deadline()
-        for h in core._held.values()
+        for h in side.subscriptions.held.values()
     ]
-    times.append(core.users.next_deadline())
+    times.append(side.publications.next_deadline())
     return min((t for t in times if t is not None), default=None)
 
 
@@ -1008,17 +1136,17 @@ async def test_deadline_heap_follows_many_subscriptions(w: World) -> None:
         )
     for request, _, reply in w.sip.take():
         response = answer(request, 200, [("Expires", str(rng.randint(120, 3600)))])
-        await w.core.on_sip_response(reply, response, T0)
-    assert w.core.next_deadline() == brute_deadline(w.core)
+        await respond(reply, response, T0)
+    assert w.side.next_deadline() == brute_deadline(w.side)
     # Fire in steps; at each step exactly the expired notifiers end, and the heap agrees.
     for now in (T0 + 600, T0 + 1800, T0 + 3601):
-        while (due := w.core.next_deadline()) is not None and due <= now:
-            await w.core.handle_timer(now)
+        while (due := w.side.next_deadline()) is not None and due <= now:
+            await w.side.handle_timer(now)
             await answer_all(w, now)
-        alive = len(w.core._watches)
+        alive = len(w.side.watches.dialogs)
         assert alive == sum(1 for e in expires if T0 + e > now)
-        assert w.core.next_deadline() == brute_deadline(w.core)
-        assert w.core.next_deadline() is None or w.core.next_deadline() > now  # type: ignore[operator]
+        assert w.side.next_deadline() == brute_deadline(w.side)
+        assert w.side.next_deadline() is None or w.side.next_deadline() > now  # type: ignore[operator]
     assert len(await w.store.sip_watcher_subscriptions()) == 0
 
 
@@ -1026,14 +1154,14 @@ async def test_handle_timer_fires_a_bounded_batch(w: World) -> None:
     count = TIMER_BATCH + 50
     await approved_watchers(w, count, [60] * count)
     now = T0 + 61
-    await w.core.handle_timer(now)
+    await w.side.handle_timer(now)
     ended = [
         r for r, _, _ in w.sip.take() if "terminated" in (r.header("Subscription-State") or "")
     ]
     assert len(ended) == TIMER_BATCH
-    assert w.core.next_deadline() == T0 + 60  # the rest is still due: the runtime calls again
-    await w.core.handle_timer(now)
-    assert len(w.sip.take()) == 50 and w.core.next_deadline() is None
+    assert w.side.next_deadline() == T0 + 60  # the rest is still due: the runtime calls again
+    await w.side.handle_timer(now)
+    assert len(w.sip.take()) == 50 and w.side.next_deadline() is None
 
 
 @pytest.mark.parametrize("recipient", [0, 1, 2])
@@ -1051,7 +1179,7 @@ async def test_presence_reaches_only_the_addressed_watchers_dialogs(
             ApprovalState.APPROVED,
             T0,
         )
-        await w.core.on_sip_request(FakeIncoming(watcher_subscribe(i, target=carol)), T0)
+        await w.request(FakeIncoming(watcher_subscribe(i, target=carol)), T0)
     await answer_all(w, T0)
     await w.core.on_presence(
         Presence(sender=f"{BOB}/pc", recipient=watcher_jid(recipient), show="away"), T0 + 1
@@ -1071,14 +1199,14 @@ async def test_presence_reaches_only_the_addressed_watchers_dialogs(
             cseq=2,
         )
     )
-    await w.core.on_sip_request(ended, T0 + 2)
+    await w.request(ended, T0 + 2)
     assert ended.status == 200
     w.sip.take()
     await w.core.on_presence(
         Presence(sender=f"{BOB}/pc", recipient=watcher_jid(recipient), show="dnd"), T0 + 3
     )
     assert w.sip.take() == []
-    assert w.core.counts()["sip_watchers"] == 5
+    assert w.side.counts()["sip_watchers"] == 5
 
 
 def count_calls(
@@ -1138,10 +1266,10 @@ async def test_stored_cseq_stays_ahead_across_many_notifies(store_url: str) -> N
     second = await Store.open(store_url)
     try:
         n2 = build(second, seed=5)
-        assert await n2.core.resume(T0 + 500) == (1, 0, 0)
+        assert await n2.side.resume(T0 + 500) == (1, 0, 0)
         # The watcher refreshes: the NOTIFY continues the dialog above every CSeq used, and
         # carries Bob's last presence (from the store, not an older body kept with the dialog).
-        [key] = n2.core._watches
+        [key] = n2.side.watches.dialogs
         refresh = FakeIncoming(
             sip(
                 "SUBSCRIBE",
@@ -1153,7 +1281,7 @@ async def test_stored_cseq_stays_ahead_across_many_notifies(store_url: str) -> N
                 cseq=2,
             )
         )
-        await n2.core.on_sip_request(refresh, T0 + 501)
+        await n2.request(refresh, T0 + 501)
         assert refresh.status == 200
         [(notify, _, _)] = n2.sip.take()
         assert notify.cseq[0] > used
@@ -1188,22 +1316,14 @@ async def test_restore_rate_is_bounded_for_many_overdue(store_url: str) -> None:
             Presence(sender=f"x{n}@xmpp.test", recipient=ALICE_JID, type="subscribe"), T0
         )
         [(subscribe, _, reply)] = w.sip.take()
-        await w.core.on_sip_response(reply, answer(subscribe, 200, [("Expires", "600")]), T0)
+        await respond(reply, answer(subscribe, 200, [("Expires", "600")]), T0)
     await first.close()
     second = await Store.open(store_url)
     try:
-        fake_sip = FakeSip()
-        core = PresenceCore(
-            BOOK,
-            sip=fake_sip,
-            xmpp=FakeXmpp(),
-            store=second,
-            restore_spread=1.0,
-            rng=random.Random(9),
-        )
+        side = build(second, seed=9, restore_spread=1.0).side
         later = T0 + 10_000
-        await core.resume(later)
-        dues = sorted(h.subscriber.next_deadline() or 0.0 for h in core._held.values())
+        await side.resume(later)
+        dues = sorted(h.subscriber.next_deadline() or 0.0 for h in side.subscriptions.held.values())
         window = count / RESTORE_RATE
         assert later <= dues[0] and dues[-1] <= later + window
         per_second = Counter(int(d - later) for d in dues)
@@ -1235,12 +1355,10 @@ class GatedEndpoint(FakeEndpoint):
 
 def runtime_world(
     store: Store, endpoint: FakeEndpoint, **limits: int
-) -> tuple[PresenceRuntime, PresenceCore, list[float]]:
+) -> tuple[PresenceDriver, SipSide, list[float]]:
     now = [T0]
-    runtime = PresenceRuntime(endpoint, clock=lambda: now[0], sweep_interval=3600, **limits)
-    core = PresenceCore(BOOK, sip=runtime, xmpp=FakeXmpp(), store=store, rng=random.Random(4))
-    runtime.attach(core)
-    return runtime, core, now
+    r = running(store, endpoint, now, **limits)
+    return r.runtime, r.side, now
 
 
 @pytest.mark.parametrize("endpoint_closes_first", [False, True])
@@ -1248,14 +1366,14 @@ async def test_shutdown_with_notifies_in_flight_keeps_subscriptions(
     store: Store, endpoint_closes_first: bool
 ) -> None:
     endpoint = GatedEndpoint()
-    runtime, core, _ = runtime_world(store, endpoint)
+    runtime, side, _ = runtime_world(store, endpoint)
     await runtime.start()
     for i in range(3):
         await store.set_approval(
             watcher_jid(i), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
         )
         incoming = FakeIncoming(watcher_subscribe(i))
-        await runtime.handle_request(incoming)
+        await through_gate(side, incoming)
         assert incoming.status == 202
     await asyncio.sleep(0)
     assert len(endpoint.held) == 3  # every first NOTIFY is in flight
@@ -1267,26 +1385,26 @@ async def test_shutdown_with_notifies_in_flight_keeps_subscriptions(
     endpoint.close()
     await asyncio.sleep(0)
     assert len(await store.sip_watcher_subscriptions()) == 3
-    assert core.counts()["sip_watchers"] == 3
+    assert side.counts()["sip_watchers"] == 3
     # Stopped: new work is refused and the core (and the store) are left alone.
     late = FakeIncoming(watcher_subscribe(7))
-    refused = await runtime.handle_request(late)
-    assert refused.status == 503 and ("Retry-After", "5") in refused.headers
+    await through_gate(side, late)
+    assert late.status == 503 and late.responses[0].header("Retry-After") == "5"
     runtime.on_presence(Presence(sender=f"{BOB}/pc", recipient=watcher_jid(0)))
     await runtime.settle()
-    assert core.counts()["sip_watchers"] == 3 and late.responses == []
+    assert side.counts()["sip_watchers"] == 3 and len(late.responses) == 1
 
 
 async def test_stop_waits_for_transactions_started_meanwhile(store: Store) -> None:
     endpoint = GatedEndpoint()
-    runtime, core, _ = runtime_world(store, endpoint)
+    runtime, side, _ = runtime_world(store, endpoint)
     await runtime.start()
     await store.set_approval(
         watcher_jid(0), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
     )
-    await runtime.handle_request(FakeIncoming(watcher_subscribe(0)))
+    await through_gate(side, FakeIncoming(watcher_subscribe(0)))
     runtime.on_presence(Presence(sender=f"{BOB}/pc", recipient=watcher_jid(0), show="away"))
-    while runtime.queued_presence or runtime.waiting:
+    while runtime.queued_presence or runtime.serial.waiting:
         await asyncio.sleep(0)
     stopping = asyncio.create_task(runtime.stop(timeout=5.0))
     # The first NOTIFY's 2xx comes during stop; the change queued behind it goes out then.
@@ -1296,7 +1414,7 @@ async def test_stop_waits_for_transactions_started_meanwhile(store: Store) -> No
     endpoint.held[1].set_result(None)
     await stopping
     assert [r.method for r, _ in endpoint.requests] == ["NOTIFY", "NOTIFY"]
-    assert core.counts()["sip_watchers"] == 1
+    assert side.counts()["sip_watchers"] == 1
     assert len(await store.sip_watcher_subscriptions()) == 1
 
 
@@ -1304,7 +1422,7 @@ async def test_overload_refuses_new_subscriptions_with_503(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     endpoint = FakeEndpoint()
-    runtime, _, _ = runtime_world(store, endpoint, max_waiting=2, max_queued_presence=2)
+    runtime, side, _ = runtime_world(store, endpoint, max_waiting=2, max_queued_presence=2)
     await runtime.start()
     gate = asyncio.Event()
     seen = store.mark_user_seen
@@ -1318,29 +1436,30 @@ async def test_overload_refuses_new_subscriptions_with_503(
         msg = SipText(from_uri=ALICE_AOR, to_uri="sip:jabber_gateway@sip.test", body="online")
         blocker = asyncio.create_task(runtime.command(msg))  # holds the lock
         queued = [FakeIncoming(watcher_subscribe(i)) for i in range(2)]
-        tasks = [asyncio.create_task(runtime.handle_request(q)) for q in queued]
+        tasks = [asyncio.create_task(through_gate(side, q)) for q in queued]
         for n in range(5):  # two fit the queue, three are dropped
             runtime.on_presence(
                 Presence(sender=f"x{n}@xmpp.test", recipient=ALICE_JID, type="subscribe")
             )
         await asyncio.sleep(0.01)
         # The worker took one and waits for the lock with the command and two SUBSCRIBEs.
-        assert runtime.waiting == 4 and runtime.queued_presence == 1
-        assert runtime.requests_waiting == 2
+        assert runtime.serial.waiting == 4 and runtime.queued_presence == 1
+        assert side.requests_waiting == 2
         table = [
             (watcher_subscribe(5), 503),  # a new subscription: refused
             (publish(pidf_body(), [("Event", "presence"), ("Expires", "60")]), 503),
         ]
         for request, status in table:
-            refused = await runtime.handle_request(FakeIncoming(request))
-            assert refused.status == status and ("Retry-After", "5") in refused.headers
+            refused = FakeIncoming(request)
+            await through_gate(side, refused)
+            assert refused.status == status and refused.responses[0].header("Retry-After") == "5"
         # A request about existing state (here an unknown dialog) still queues and is answered.
         stray = FakeIncoming(
             sip(
                 "SUBSCRIBE", BOB_SIP, [("Event", "presence")], call_id="zz", to=f"<{BOB_SIP}>;tag=x"
             )
         )
-        stray_task = asyncio.create_task(runtime.handle_request(stray))
+        stray_task = asyncio.create_task(through_gate(side, stray))
         await asyncio.sleep(0.01)
         assert not stray.answered
         gate.set()
@@ -1349,10 +1468,10 @@ async def test_overload_refuses_new_subscriptions_with_503(
         assert stray.status == 481 and [q.status for q in queued] == [202, 202]
         subscribes = [r for r, _ in endpoint.requests if r.method == "SUBSCRIBE"]
         assert len(subscribes) == 2  # the three dropped stanzas made no subscription
-        assert runtime.waiting == 0 and runtime.queued_presence == 0
+        assert runtime.serial.waiting == 0 and runtime.queued_presence == 0
         # Below the bound again: accepted.
         later = FakeIncoming(watcher_subscribe(6))
-        await runtime.handle_request(later)
+        await through_gate(side, later)
         assert later.status == 202
     finally:
         gate.set()
@@ -1369,14 +1488,13 @@ async def test_runtime_spreads_refreshes_from_after_a_slow_resume(
             Presence(sender=f"x{n}@xmpp.test", recipient=ALICE_JID, type="subscribe"), T0
         )
         [(subscribe, _, reply)] = w.sip.take()
-        await w.core.on_sip_response(reply, answer(subscribe, 200, [("Expires", "600")]), T0)
+        await respond(reply, answer(subscribe, 200, [("Expires", "600")]), T0)
     await first.close()
     second = await Store.open(store_url)
     try:
         now = [T0 + 10_000]  # every refresh is overdue
-        runtime = PresenceRuntime(FakeEndpoint(), clock=lambda: now[0], sweep_interval=3600)
-        core = PresenceCore(BOOK, sip=runtime, xmpp=FakeXmpp(), store=second, restore_spread=5)
-        runtime.attach(core)
+        r = running(second, FakeEndpoint(), now, restore_spread=5)
+        runtime = r.runtime
         reading = second.all_publications
 
         async def slow_read() -> Any:
@@ -1386,7 +1504,7 @@ async def test_runtime_spreads_refreshes_from_after_a_slow_resume(
         monkeypatch.setattr(second, "all_publications", slow_read)
         await runtime.start()
         await runtime.stop()
-        dues = [h.subscriber.next_deadline() or 0.0 for h in core._held.values()]
+        dues = [h.subscriber.next_deadline() or 0.0 for h in r.side.subscriptions.held.values()]
         assert len(dues) == 10 and min(dues) >= now[0]  # spread from after the slow part
         assert max(dues) <= now[0] + 5
     finally:

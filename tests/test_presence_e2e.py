@@ -215,10 +215,10 @@ async def test_xmpp_user_watches_sip_user(
     await _presence(bob, alice_jid, "unavailable")
     gateway = running.gateway
     assert gateway is not None
-    assert gateway.presence.counts()["xmpp_watchers"] == 1
+    assert gateway.sip_side.counts()["xmpp_watchers"] == 1
     bob.unsubscribe(alice_jid)
     # The subscriber is dropped only once the SIP subscription is terminated (RFC 6665 4.1.2.3).
-    await wait_until(lambda: gateway.presence.counts()["xmpp_watchers"] == 0, 10)
+    await wait_until(lambda: gateway.sip_side.counts()["xmpp_watchers"] == 0, 10)
     assert await gateway.store.xmpp_watcher_subscriptions() == []
     assert (await alice.register()).code == 200
     await alice.publish("away", "after the unsubscribe")
@@ -258,10 +258,10 @@ async def test_sip_user_watches_xmpp_user(
     await _buddy(alice, bob_uri, "online again", lambda s: s.online and s.activity == "unknown")
     gateway = running.gateway
     assert gateway is not None
-    assert gateway.presence.counts()["sip_watchers"] == 1
+    assert gateway.sip_side.counts()["sip_watchers"] == 1
     await alice.unsubscribe(bob_uri)
     await _presence(bob, alice_jid, "unsubscribe")
-    await wait_until(lambda: gateway.presence.counts()["sip_watchers"] == 0, 10)
+    await wait_until(lambda: gateway.sip_side.counts()["sip_watchers"] == 0, 10)
 
 
 async def test_xmpp_user_refuses_sip_watcher(
@@ -282,7 +282,7 @@ async def test_xmpp_user_refuses_sip_watcher(
     assert not ended.online
     gateway = running.gateway
     assert gateway is not None
-    await wait_until(lambda: gateway.presence.counts()["sip_watchers"] == 0, 10)
+    await wait_until(lambda: gateway.sip_side.counts()["sip_watchers"] == 0, 10)
 
 
 # --- 3. both directions survive a gateway restart (DESIGN 5.3, 8) ----------------------------
@@ -306,7 +306,7 @@ async def test_subscriptions_survive_gateway_restart(
 
     await running.stop()
     gateway = await running.start()
-    counts = gateway.presence.counts()
+    counts = gateway.sip_side.counts()
     assert (counts["sip_watchers"], counts["xmpp_watchers"]) == (1, 1), counts
 
     await alice.publish("away", "after the restart")
@@ -314,7 +314,7 @@ async def test_subscriptions_survive_gateway_restart(
     bob.send_presence(pshow="dnd", pstatus="restarted too")
     await _buddy(alice, bob_uri, "busy after restart", _online_with("busy", "restarted too"))
     # Nobody had to subscribe again: the dialogs are the ones from before the restart.
-    counts = gateway.presence.counts()
+    counts = gateway.sip_side.counts()
     assert (counts["sip_watchers"], counts["xmpp_watchers"]) == (1, 1), counts
 
 

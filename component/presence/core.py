@@ -1,65 +1,40 @@
-"""Presence across the networks (DESIGN 5): the gateway's presence core and its routing.
+"""Presence across the networks (DESIGN 5): the gateway's presence decisions.
 
-``PresenceCore`` routes SUBSCRIBE / NOTIFY / PUBLISH / REGISTER, XMPP ``<presence>`` and the
-outcomes of the requests it sent to the part that owns them: ``SipWatchers`` (SIP users watching
-XMPP entities, 5.2), ``XmppWatchers`` (XMPP users watching SIP users, 5.3) and ``SipUsers``
-(the SIP users' own state, 5.4). It talks to the outside only through the ports of
-``component.presence.shared``. Every call takes ``now``; the asyncio driving (one timer,
-owned tasks, serialised calls) is in ``component.runtime.presence_driver``. Every state change
-is written to the store, and ``resume`` rebuilds the machines from it after a restart (DESIGN 8).
+``PresenceCore`` takes XMPP ``<presence>`` and what the SIP side says (as values: a watch was
+requested or ended, the SIP presence server's word, a publication, a registration) and routes
+each to the part that decides: ``SipWatchers`` (SIP users watching XMPP entities, 5.2),
+``XmppWatchers`` (XMPP users watching SIP users, 5.3) and ``SipUsers`` (the SIP users' own
+state, 5.4). It acts through ports only: ``SipPort``, ``XmppPort``, the store, and
+``UserOnline``. SIP dialogs, their timers and their persistence are the SIP adapter's
+(``component.sip.presence``); the asyncio driving is ``component.runtime.presence_driver``'s.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable
-from dataclasses import dataclass
-
 from component.addresses import AddressBook, AddressError
-from component.errors import Refusal
 from component.logs import get_logger
-from component.ports import XmppPort
-from component.presence.shared import (
-    IncomingLike,
-    MachineKind,
-    ReplyTo,
-    SipPort,
-)
+from component.ports import SipPort, UserOnline, XmppPort
+from component.presence.approvals import Ports
 from component.presence.sip_users import HELP_TEXT, SipUsers, UserState
-from component.presence.sip_watches_xmpp import SipWatch, SipWatchers
-from component.presence.xmpp_watches_sip import HeldSubscription, XmppWatchers
-from component.sip.answers import refusal_headers
-from component.store import StorePort, XmppWatcherSubscription
-from component.values import Presence, SipText
-from sipside.dialog import DialogId
-from sipside.errors import PeerError
-from sipside.message import SipResponse, make_response
+from component.presence.sip_watches_xmpp import SipWatchers
+from component.presence.xmpp_watches_sip import XmppWatchers
+from component.store import StorePort
+from component.values import (
+    Presence,
+    PresenceServerNews,
+    Registration,
+    SipText,
+    SipUserPublished,
+    SipUserUnpublished,
+    Watch,
+    WatchAnswer,
+    WatchRequest,
+)
+from sipside.pidf import PresenceDocument
 
 log = get_logger("component.presence")
 
-# Machines fired per ``handle_timer`` call: the runtime calls again at once while more are due,
-# and other work (answers, stanzas) gets the lock in between.
-TIMER_BATCH = 200
-
-__all__ = [
-    "HELP_TEXT",
-    "TIMER_BATCH",
-    "IncomingLike",
-    "MachineKind",
-    "PresenceCore",
-    "ReplyTo",
-    "ResumeState",
-    "UserState",
-]
-
-
-@dataclass(frozen=True, slots=True)
-class ResumeState:
-    """What ``PresenceCore.resume_stored`` found: counts, and the subscriptions to rebuild."""
-
-    sip_watchers: int
-    publications: int
-    subscriptions: tuple[XmppWatcherSubscription, ...]
+__all__ = ["HELP_TEXT", "PresenceCore", "UserState"]
 
 
 def _bare(jid: str) -> str:
@@ -67,7 +42,7 @@ def _bare(jid: str) -> str:
 
 
 class PresenceCore:
-    """Presence both ways between SIP and XMPP users (DESIGN 5), with persistence (DESIGN 8)."""
+    """Presence both ways between SIP and XMPP users (DESIGN 5); implements ``PresenceEvents``."""
 
     def __init__(
         self,
@@ -76,66 +51,14 @@ class PresenceCore:
         sip: SipPort,
         xmpp: XmppPort,
         store: StorePort,
+        user_online: UserOnline,
         sip_server: bool = True,
         priority: int = 9,
-        expires: int = 3600,
-        restore_spread: float = 30.0,
-        rng: random.Random | None = None,
     ) -> None:
-        self.book = book
-        self.sip = sip
-        self.xmpp = xmpp
-        self.store = store
-        self.on_user_online: Callable[[str], None] | None = None
-        self.users = SipUsers(
-            book, xmpp=xmpp, store=store, priority=priority, user_online=self._user_online
-        )
-        self.sip_watchers = SipWatchers(book, sip=sip, xmpp=xmpp, store=store)
-        self.xmpp_watchers = XmppWatchers(
-            book,
-            sip=sip,
-            xmpp=xmpp,
-            store=store,
-            users=self.users,
-            sip_server=sip_server,
-            expires=expires,
-            restore_spread=restore_spread,
-            rng=rng or random.Random(),
-        )
-
-    def _user_online(self, aor: str) -> None:
-        if self.on_user_online is not None:
-            self.on_user_online(aor)
-
-    # The live machines by key, for tests and introspection.
-    @property
-    def _watches(self) -> dict[DialogId, SipWatch]:
-        return self.sip_watchers.watches
-
-    @property
-    def _held(self) -> dict[tuple[str, str], HeldSubscription]:
-        return self.xmpp_watchers.held
-
-    # --- SIP requests in ------------------------------------------------------------------
-
-    async def on_sip_request(self, incoming: IncomingLike, now: float) -> None:
-        """Answer SUBSCRIBE, NOTIFY, PUBLISH or REGISTER; peer errors are answered here, once."""
-        request = incoming.request
-        try:
-            match request.method:
-                case "SUBSCRIBE":
-                    await self.sip_watchers.on_subscribe(incoming, now)
-                case "NOTIFY":
-                    await self.xmpp_watchers.on_notify(incoming, now)
-                case "PUBLISH":
-                    await self.users.on_publish(incoming, now)
-                case "REGISTER":
-                    await self.users.on_register(incoming, now)
-                case _:
-                    incoming.send(make_response(request, 405, headers=[("Allow", "SUBSCRIBE")]))
-        except (PeerError, Refusal) as exc:
-            status, reason, headers = refusal_headers(exc)
-            incoming.send(make_response(request, status, reason, headers=headers))
+        ports = Ports(book, sip, xmpp, store)
+        self.users = SipUsers(ports, priority=priority, user_online=user_online)
+        self.sip_watchers = SipWatchers(ports)
+        self.xmpp_watchers = XmppWatchers(ports, users=self.users, sip_server=sip_server)
 
     # --- XMPP presence in -----------------------------------------------------------------
 
@@ -172,6 +95,40 @@ class PresenceCore:
             case _:
                 log.debug("presence_ignored", jid=presence.sender, type=presence.type)
 
+    # --- what the SIP side says (PresenceEvents) ------------------------------------------
+
+    async def watch_requested(self, request: WatchRequest) -> WatchAnswer:
+        """A SIP user asks to watch an XMPP entity (5.2); raises ``Refusal`` to refuse."""
+        return await self.sip_watchers.watch_requested(request)
+
+    async def watch_started(self, answer: WatchAnswer, now: float) -> None:
+        """A watch was accepted: probe, or ask the XMPP user."""
+        await self.sip_watchers.watch_started(answer, now)
+
+    async def watch_ended(self, watch: Watch, now: float) -> None:
+        """The watcher's last dialog with the entity ended."""
+        await self.sip_watchers.watch_ended(watch, now)
+
+    async def document_of(self, target_jid: str) -> PresenceDocument:
+        """An XMPP entity's presence as PIDF (5.1)."""
+        return await self.sip_watchers.document_of(target_jid)
+
+    async def presence_server_said(self, news: PresenceServerNews, now: float) -> None:
+        """The SIP presence server's word on a subscription we hold (5.3)."""
+        await self.xmpp_watchers.presence_server_said(news, now)
+
+    def home_user(self, uri: str) -> str:
+        """The AOR of the home-domain user ``uri`` names; raises ``Refusal`` otherwise."""
+        return self.users.home_user(uri).uri
+
+    async def published(self, news: SipUserPublished | SipUserUnpublished, now: float) -> None:
+        """A SIP user's published state changed (5.4)."""
+        await self.users.published(news, now)
+
+    async def registered(self, registration: Registration, now: float) -> None:
+        """A third-party REGISTER (5.4)."""
+        await self.users.registered(registration, now)
+
     # --- SIP users' own state (DESIGN 5.4) ------------------------------------------------
 
     async def went_online(self, aor: str, now: float) -> None:
@@ -190,69 +147,7 @@ class PresenceCore:
         """The sleep_time sweep: registrations that ran out make their users offline."""
         await self.users.sweep(now)
 
-    # --- outcomes of our requests, timers -------------------------------------------------
-
-    async def on_sip_response(self, reply: ReplyTo, response: SipResponse, now: float) -> None:
-        """The final response to a request sent with ``reply``."""
-        if response.call_id != reply.call_id:
-            return
-        match reply.key:
-            case DialogId() as key:
-                await self.sip_watchers.on_response(key, response, now)
-            case (str(), str()) as pair:
-                await self.xmpp_watchers.on_response(pair, reply.call_id, response, now)
-
-    async def on_sip_timeout(self, reply: ReplyTo, cseq: int, now: float) -> None:
-        """A request sent with ``reply`` got no final response (timeout or transport error)."""
-        match reply.key:
-            case DialogId() as key:
-                await self.sip_watchers.on_timeout(key, cseq, now)
-            case (str(), str()) as pair:
-                await self.xmpp_watchers.on_timeout(pair, reply.call_id, cseq, now)
-
-    def next_deadline(self) -> float | None:
-        """The earliest time ``handle_timer`` has work (cheap: each part keeps a heap)."""
-        times = (
-            self.sip_watchers.next_deadline(),
-            self.xmpp_watchers.next_deadline(),
-            self.users.next_deadline(),
-        )
-        return min((t for t in times if t is not None), default=None)
-
-    async def handle_timer(self, now: float, limit: int = TIMER_BATCH) -> None:
-        """Fire up to ``limit`` due machines: notifier expiry, subscriber refresh/expiry,
-        resubscribe; then expired publications. ``next_deadline`` stays due if more are left."""
-        ran = await self.sip_watchers.handle_timer(now, limit)
-        await self.xmpp_watchers.handle_timer(now, max(0, limit - ran))
-        await self.users.handle_timer(now)
-
-    # --- restart and reconnect (DESIGN 8) -------------------------------------------------
-
-    async def resume(self, now: float) -> tuple[int, int, int]:
-        """Rebuild notifiers, subscribers and publications from the store after a restart.
-
-        Returns the counts (SIP watchers, XMPP watchers, publications).
-        """
-        return await self.resume_subscribers(await self.resume_stored(), now)
-
-    async def resume_stored(self) -> ResumeState:
-        """``resume``, first part (the slow one): notifiers, publications, stored subscribers."""
-        sip_watchers = await self.sip_watchers.restore()
-        subscriptions = await self.xmpp_watchers.load()
-        publications = await self.users.restore({sub.sip_aor for sub in subscriptions})
-        return ResumeState(sip_watchers, publications, tuple(subscriptions))
-
-    async def resume_subscribers(self, state: ResumeState, now: float) -> tuple[int, int, int]:
-        """``resume``, second part: the subscribers, their overdue refreshes spread from ``now``
-        (a fresh ``now``, so a long first part does not make them all overdue at once)."""
-        xmpp_watchers = await self.xmpp_watchers.rebuild(state.subscriptions, now)
-        log.info(
-            "presence_resumed",
-            sip_watchers=state.sip_watchers,
-            xmpp_watchers=xmpp_watchers,
-            publications=state.publications,
-        )
-        return state.sip_watchers, xmpp_watchers, state.publications
+    # --- reconnect (DESIGN 8) -------------------------------------------------------------
 
     async def on_link_up(self, now: float) -> None:
         """The XMPP link is (back) up: re-announce SIP users, probe watched XMPP users."""
@@ -268,11 +163,3 @@ class PresenceCore:
     async def link_up_step(self, now: float, limit: int | None) -> bool:
         """Re-announce up to ``limit`` SIP users; True while some are left."""
         return await self.users.reannounce(now, limit)
-
-    def counts(self) -> dict[str, int]:
-        """Live machines: SIP watchers, XMPP watchers, publications."""
-        return {
-            "sip_watchers": len(self.sip_watchers.watches),
-            "xmpp_watchers": len(self.xmpp_watchers.held),
-            "publications": self.users.count(),
-        }

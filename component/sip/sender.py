@@ -1,9 +1,11 @@
-"""MESSAGEs from the features out to the SIP side: the ``SipPort`` over the endpoint.
+"""MESSAGEs from the features out to the SIP side (``SipPort.send_text``, via ``SipSide``).
 
 Requests go through the proxy (``sip.proxy``); the features see only the final status.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 from component.logs import get_logger
 from component.sip.answers import quote
@@ -14,8 +16,18 @@ from sipside.message import new_call_id, new_tag
 log = get_logger("component.sip.sender")
 
 
+class TextSender(Protocol):
+    """What ``SipSide`` needs to send MESSAGEs (``SipSender``; a fake in tests)."""
+
+    async def send_text(
+        self, *, from_uri: str, to_uri: str, body: str, from_display: str | None = None
+    ) -> int:
+        """Send a MESSAGE; its final status."""
+        ...
+
+
 class SipSender:
-    """Implements ``component.ports.SipPort`` with the endpoint's client transactions."""
+    """Sends MESSAGEs in the endpoint's client transactions; the features see the status."""
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint

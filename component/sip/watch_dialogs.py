@@ -1,0 +1,324 @@
+"""The dialogs in which SIP users watch XMPP entities (DESIGN 5.2): the gateway as RFC 6665
+notifier.
+
+``WatchDialogs`` answers a SUBSCRIBE to an XMPP entity's SIP address with one ``Notifier`` per
+dialog, after asking presence (a ``WatchRequest``) whether the watch starts active or pending,
+and carries out what presence asks of a watch (NOTIFY a change, activate, terminate) in every
+dialog of the pair. Each notifier is written to the store when a field a restart needs changes
+(``dialog_state``), and ``restore`` rebuilds them after a restart (DESIGN 8).
+
+It scales to many watchers: dialogs are indexed by (watcher, target) and by target, deadlines
+sit in one heap, a target's PIDF is encoded once per change, and a NOTIFY costs a store write
+only once per ``CSEQ_RESERVE`` requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, replace
+from typing import Protocol, TypeVar
+
+from component.addresses import AddressError
+from component.logs import get_logger
+from component.sip.deadlines import DeadlineHeap
+from component.sip.dialog_state import (
+    DialogParts,
+    needs_saving,
+    reserved,
+    snapshot_from_json,
+    snapshot_json,
+)
+from component.store import SipWatcherSubscription, SubscriptionState
+from component.values import Watch, WatchRequest
+from sipside import pidf
+from sipside.dialog import DialogId, address_uri
+from sipside.endpoint import peer_for_uri
+from sipside.errors import LocalError
+from sipside.message import SipRequest, SipResponse, make_response
+from sipside.notifier import Notifier, NotifierPolicy, NotifierSnapshot, NotifierState
+from sipside.peer import Peer
+from sipside.subscription import SendRequest, SendResponse, SubscriptionEffect, SubscriptionEnded
+
+log = get_logger("component.sip.watch_dialogs")
+
+__all__ = ["PIDF", "Answerable", "WatchDialog", "WatchDialogs", "peer_for"]
+
+PIDF = pidf.PIDF_CONTENT_TYPE  # sent bare: baresip refuses parameters (SERVERS.md)
+
+_N = TypeVar("_N", bound=Hashable)
+
+
+class Answerable(Protocol):
+    """An incoming request to answer (``sipside.endpoint.IncomingRequest``)."""
+
+    request: SipRequest
+    source: Peer
+
+    def send(self, response: SipResponse) -> None:
+        """Send a final response."""
+        ...
+
+
+def peer_for(request: SipRequest) -> Peer | None:
+    """Where an in-dialog request goes: its first Route, else its remote target.
+
+    A stock Kamailio does not relay an in-dialog request that carries no Route, so such
+    requests go straight to the peer; an unroutable host name falls back to the proxy.
+    """
+    routes = request.header_values("Route")
+    uri = address_uri(routes[0]) if routes else request.uri
+    try:
+        return peer_for_uri(uri)
+    except LocalError:
+        return None
+
+
+@dataclass(slots=True)
+class WatchDialog:
+    """One dialog of a watch: the notifier, who is who, and what the store has."""
+
+    notifier: Notifier
+    watch: Watch
+    watcher_aor: str
+    saved: NotifierSnapshot | None = None
+
+
+def _dialog_key(key: DialogId) -> str:
+    return f"{key.call_id};{key.local_tag};{key.remote_tag}"
+
+
+def _unindex(index: dict[_N, dict[DialogId, WatchDialog]], name: _N, key: DialogId) -> None:
+    dialogs = index.get(name)
+    if dialogs is not None:
+        dialogs.pop(key, None)
+        if not dialogs:
+            del index[name]
+
+
+class WatchDialogs:
+    """The notifiers of SIP watchers of XMPP entities, keyed by dialog (DESIGN 5.2)."""
+
+    def __init__(self, parts: DialogParts) -> None:
+        self.book, self.events = parts.book, parts.events
+        self.transactions, self.store = parts.transactions, parts.store
+        # RFC 6665 8.3.1 deprecates 202, DESIGN 5.2 asks for it.
+        self.policy = NotifierPolicy(accept_status=202)
+        self.dialogs: dict[DialogId, WatchDialog] = {}
+        self._by_watch: dict[Watch, dict[DialogId, WatchDialog]] = {}
+        self._by_target: dict[str, dict[DialogId, WatchDialog]] = {}
+        self._deadlines: DeadlineHeap[DialogId] = DeadlineHeap()
+        # The PIDF of each watched target's last document: encoded once per change.
+        self._bodies: dict[str, tuple[pidf.PresenceDocument, bytes]] = {}
+
+    # --- SUBSCRIBE in ---------------------------------------------------------------------
+
+    async def on_subscribe(self, incoming: Answerable, now: float) -> None:
+        """A SUBSCRIBE to an XMPP entity: a new dialog, or a refresh of one we hold."""
+        request = incoming.request
+        if request.to_tag:
+            key = DialogId(request.call_id, request.to_tag, request.from_tag or "")
+            dialog = self.dialogs.get(key)
+            if dialog is None:
+                # RFC 6665 4.2.1.2: a refresh for a subscription we do not know.
+                incoming.send(make_response(request, 481))
+                return
+            await self._step(dialog, dialog.notifier.handle_subscribe(request, now), now, incoming)
+            return
+        watcher_aor = address_uri(request.header("From") or "")
+        answer = await self.events.watch_requested(WatchRequest(watcher_aor, request.uri))
+        doc = answer.document
+        notifier, effects = Notifier.accept(
+            request,
+            now,
+            events=("presence",),
+            contact=self.transactions.contact_for(incoming.source.transport),
+            state=NotifierState.ACTIVE if doc is not None else NotifierState.PENDING,
+            body=self._body(answer.watch.target_jid, doc) if doc is not None else b"",
+            content_type=PIDF if doc is not None else None,
+            policy=self.policy,
+        )
+        if notifier is None:
+            await self._run(None, effects, now, incoming)
+            return
+        dialog = WatchDialog(notifier, answer.watch, answer.watcher_uri)
+        self._add(dialog)
+        log.info(
+            "sip_watcher_subscribed",
+            sip_uri=answer.watcher_uri,
+            jid=answer.watch.target_jid,
+            approved=answer.approved,
+        )
+        await self._run(dialog, effects, now, incoming)
+        if notifier.state is not NotifierState.TERMINATED:  # not a fetch (Expires: 0)
+            await self.events.watch_started(answer, now)
+
+    # --- what presence asks (the SipPort part of watches) -------------------------
+
+    def _of(self, watch: Watch) -> list[WatchDialog]:
+        """The dialogs of ``watch`` (a copy, safe to run)."""
+        return list(self._by_watch.get(watch, {}).values())
+
+    async def notify(self, watch: Watch, document: pidf.PresenceDocument, now: float) -> None:
+        """NOTIFY ``document`` in every dialog of ``watch``."""
+        dialogs = self._of(watch)
+        body = self._body(watch.target_jid, document) if dialogs else b""
+        for dialog in dialogs:
+            await self._run(dialog, dialog.notifier.notify(now, body, PIDF), now)
+
+    async def activate(self, watch: Watch, document: pidf.PresenceDocument, now: float) -> None:
+        """NOTIFY active with ``document`` in every dialog of ``watch``."""
+        dialogs = self._of(watch)
+        body = self._body(watch.target_jid, document) if dialogs else b""
+        for dialog in dialogs:
+            await self._run(dialog, dialog.notifier.activate(now, body, PIDF), now)
+
+    async def end(self, watch: Watch, reason: str, now: float, *, pending_only: bool) -> None:
+        """NOTIFY terminated;reason=``reason`` in the (pending) dialogs of ``watch``."""
+        for dialog in self._of(watch):
+            if not pending_only or dialog.notifier.state is NotifierState.PENDING:
+                await self._run(dialog, dialog.notifier.terminate(now, reason), now)
+
+    def active_watches(self) -> list[Watch]:
+        """Each watch with at least one active dialog."""
+        return [
+            watch
+            for watch, dialogs in self._by_watch.items()
+            if any(d.notifier.state is NotifierState.ACTIVE for d in dialogs.values())
+        ]
+
+    def _body(self, target_jid: str, document: pidf.PresenceDocument) -> bytes:
+        cached = self._bodies.get(target_jid)
+        if cached is not None and (cached[0] is document or cached[0] == document):
+            return cached[1]
+        body = pidf.encode(document)
+        if target_jid in self._by_target:
+            self._bodies[target_jid] = (document, body)  # kept only while someone watches
+        return body
+
+    # --- the dialogs --------------------------------------------------------------------
+
+    def _add(self, dialog: WatchDialog) -> None:
+        key = dialog.notifier.dialog.id
+        self.dialogs[key] = dialog
+        self._by_watch.setdefault(dialog.watch, {})[key] = dialog
+        self._by_target.setdefault(dialog.watch.target_jid, {})[key] = dialog
+        self._deadlines.set(key, dialog.notifier.next_deadline())
+
+    def _remove(self, key: DialogId) -> None:
+        dialog = self.dialogs.pop(key, None)
+        self._deadlines.set(key, None)
+        if dialog is None:
+            return
+        _unindex(self._by_watch, dialog.watch, key)
+        _unindex(self._by_target, dialog.watch.target_jid, key)
+        if dialog.watch.target_jid not in self._by_target:
+            # Nobody watches the target any more: its body would only take memory.
+            self._bodies.pop(dialog.watch.target_jid, None)
+
+    async def _step(
+        self,
+        dialog: WatchDialog,
+        effects: Iterable[SubscriptionEffect],
+        now: float,
+        incoming: Answerable | None = None,
+    ) -> None:
+        """Run a dialog's effects; the last dialog of a watch ended by the watcher or by expiry
+        is news for presence."""
+        await self._run(dialog, effects, now, incoming)
+        if dialog.notifier.state is NotifierState.TERMINATED and not self._of(dialog.watch):
+            await self.events.watch_ended(dialog.watch, now)
+
+    async def _run(
+        self,
+        dialog: WatchDialog | None,
+        effects: Iterable[SubscriptionEffect],
+        now: float,
+        incoming: Answerable | None = None,
+    ) -> None:
+        ended = False
+        for effect in effects:
+            match effect:
+                case SendResponse(response):
+                    if incoming is not None:
+                        incoming.send(response)
+                case SendRequest(request) if dialog is not None:
+                    self._send(dialog.notifier.dialog.id, request)
+                case SubscriptionEnded(reason):
+                    ended = True
+                    if dialog is not None:
+                        log.info("sip_watcher_ended", sip_uri=dialog.watcher_aor, reason=reason)
+        if dialog is None:
+            return
+        key = dialog.notifier.dialog.id
+        if ended or dialog.notifier.state is NotifierState.TERMINATED:
+            self._remove(key)
+            await self.store.delete_sip_watcher_subscription(_dialog_key(key))
+            return
+        if self.dialogs.get(key) is dialog:
+            self._deadlines.set(key, dialog.notifier.next_deadline())
+        snap = dialog.notifier.snapshot()
+        # The body is not needed: ``restore`` rebuilds it from the target's stored presence.
+        if not needs_saving(dialog.saved, snap, ignore=("body",)):
+            return  # e.g. the 2xx to a NOTIFY, or a NOTIFY within the CSeq reserve
+        dialog.saved = saved = reserved(snap)
+        await self.store.save_sip_watcher_subscription(
+            SipWatcherSubscription(
+                dialog_id=_dialog_key(key),
+                watcher_aor=dialog.watcher_aor,
+                target_jid=dialog.watch.target_jid,
+                state=SubscriptionState(dialog.notifier.state.value),
+                dialog=snapshot_json(saved),
+                expires_at=dialog.notifier.expires_at,
+            )
+        )
+
+    def _send(self, key: DialogId, request: SipRequest) -> None:
+        cseq = request.cseq[0]
+
+        async def deliver(response: SipResponse | None, now: float) -> None:
+            dialog = self.dialogs.get(key)
+            if dialog is None:
+                return
+            if response is None:
+                effects = dialog.notifier.handle_timeout(cseq, now)
+            elif response.call_id == key.call_id:
+                effects = dialog.notifier.handle_response(response, now)
+            else:
+                return
+            await self._run(dialog, effects, now)
+
+        self.transactions.send(request, peer_for(request), deliver)
+
+    # --- timers, restart (DESIGN 8) -------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """The earliest notifier deadline (expiry, a NOTIFY owed)."""
+        return self._deadlines.earliest()
+
+    async def handle_timer(self, now: float, limit: int | None = None) -> int:
+        """Fire up to ``limit`` notifiers that are due; returns how many ran."""
+        due = self._deadlines.pop_due(now, limit)
+        for key in due:
+            dialog = self.dialogs.get(key)
+            if dialog is not None:
+                await self._step(dialog, dialog.notifier.handle_timer(now), now)
+        return len(due)
+
+    async def restore(self) -> int:
+        """Rebuild the notifiers from the store; unreadable rows are dropped. Returns the count."""
+        for stored in await self.store.sip_watcher_subscriptions():
+            try:
+                snap = snapshot_from_json(NotifierSnapshot, stored.dialog)
+                watch = Watch(self.book.jid_for_sip_uri(stored.watcher_aor), stored.target_jid)
+                if snap.state == NotifierState.ACTIVE.value:
+                    # The stored body may predate the last NOTIFY (see _run): the target's
+                    # stored presence is the current one.
+                    document = await self.events.document_of(stored.target_jid)
+                    snap = replace(snap, body=pidf.encode(document), content_type=PIDF)
+                notifier = Notifier.restore(snap, policy=self.policy)
+            except (KeyError, TypeError, ValueError, AddressError) as exc:
+                log.warning("subscription_unrestorable", dialog=stored.dialog_id, error=str(exc))
+                await self.store.delete_sip_watcher_subscription(stored.dialog_id)
+                continue
+            self._add(WatchDialog(notifier, watch, stored.watcher_aor, saved=snap))
+        return len(self.dialogs)
