@@ -11,7 +11,7 @@ state, 5.4). It acts through ports only: ``SipPort``, ``XmppPort``, the store, a
 
 from __future__ import annotations
 
-from component.addresses import AddressBook, AddressError
+from component.addresses import AddressBook, AddressError, bare_jid
 from component.logs import get_logger
 from component.ports import SipPort, UserOnline, XmppPort
 from component.presence.approvals import Ports
@@ -37,10 +37,6 @@ log = get_logger("component.presence")
 __all__ = ["HELP_TEXT", "PresenceCore", "UserState"]
 
 
-def _bare(jid: str) -> str:
-    return jid.split("/", 1)[0]
-
-
 class PresenceCore:
     """Presence both ways between SIP and XMPP users (DESIGN 5); implements ``PresenceEvents``."""
 
@@ -64,8 +60,8 @@ class PresenceCore:
 
     async def on_presence(self, presence: Presence, now: float) -> None:
         """A ``<presence>`` addressed to a component JID."""
-        recipient = _bare(presence.recipient)
-        sender = _bare(presence.sender)
+        recipient = bare_jid(presence.recipient)
+        sender = bare_jid(presence.sender)
         try:
             await self._on_presence(presence, sender, recipient, now)
         except AddressError as exc:
