@@ -22,8 +22,7 @@ from sipside.errors import PeerError
 from sipside.xmlsafe import (
     DEFAULT_LIMITS,
     XmlLimits,
-    parse_xml,
-    require_media_type,
+    parse_document,
     text_escape,
 )
 
@@ -195,10 +194,7 @@ def decode_notification(
     body: bytes, content_type: str | None, limits: XmlLimits = DEFAULT_LIMITS
 ) -> DispositionNotification:
     """Parse a ``message/imdn+xml`` body; PeerError(415) for another type, 400/413 if bad."""
-    require_media_type(content_type, _ACCEPTED)
-    root = parse_xml(body, limits)
-    if root.tag != _ROOT:
-        raise _bad(f"root element {root.tag[:80]!r}")
+    root = parse_document(body, content_type, _ACCEPTED, _ROOT, "IMDN", limits)
     fields: dict[str, str] = {}
     kind: NotificationKind | None = None
     status: Disposition | None = None

@@ -16,8 +16,7 @@ from sipside.errors import PeerError
 from sipside.xmlsafe import (
     DEFAULT_LIMITS,
     XmlLimits,
-    parse_xml,
-    require_media_type,
+    parse_document,
     text_escape,
 )
 
@@ -105,10 +104,7 @@ def decode(
     body: bytes, content_type: str | None, limits: XmlLimits = DEFAULT_LIMITS
 ) -> IsComposing:
     """Parse an isComposing body; PeerError(415) for another type, 400/413 for a bad body."""
-    require_media_type(content_type, _ACCEPTED)
-    root = parse_xml(body, limits)
-    if root.tag != _ROOT:
-        raise _bad(f"root element {root.tag[:80]!r}")
+    root = parse_document(body, content_type, _ACCEPTED, _ROOT, "isComposing", limits)
     state: ComposingState | None = None
     refresh: int | None = None
     composing_type: str | None = None

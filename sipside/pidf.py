@@ -25,8 +25,7 @@ from sipside.xmlsafe import (
     DEFAULT_LIMITS,
     XmlLimits,
     attr_escape,
-    parse_xml,
-    require_media_type,
+    parse_document,
     split_tag,
     text_escape,
 )
@@ -373,10 +372,7 @@ def decode(
     body: bytes, content_type: str | None, limits: XmlLimits = DEFAULT_LIMITS
 ) -> PresenceDocument:
     """Parse a PIDF body; PeerError(415) for another content type, 400/413 for a bad body."""
-    require_media_type(content_type, _ACCEPTED)
-    root = parse_xml(body, limits)
-    if root.tag != _PRESENCE:
-        raise _bad(f"root element {root.tag[:80]!r} is not a PIDF presence")
+    root = parse_document(body, content_type, _ACCEPTED, _PRESENCE, "PIDF", limits)
     entity = root.get("entity")
     if not entity:
         raise _bad("presence without entity")
