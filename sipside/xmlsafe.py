@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 from xml.parsers import expat
 
-from sipside.errors import PeerError
+from sipside.errors import PeerError, bad_body
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -247,5 +247,5 @@ def parse_document(
     require_media_type(content_type, accepted)
     element = parse_xml(body, limits)
     if element.tag != root:
-        raise PeerError(400, "Bad Request", f"{format_name}: root element {element.tag[:80]!r}")
+        raise bad_body(format_name, f"root element {element.tag[:80]!r}")
     return element
