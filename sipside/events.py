@@ -121,6 +121,15 @@ def refresh_delay(expires: float, offset: float = 0.0) -> float:
     return max(expires / 4.0, min(base, base - offset))
 
 
+def resume_at(saved: float | None, now: float, spread: float) -> float:
+    """When work saved for time ``saved`` is due after a restart at ``now``: its own time while
+    still ahead, else ``now + spread`` (chosen per machine, so a restart does not do it all at
+    once)."""
+    if saved is None or saved <= now:
+        return now + spread
+    return saved
+
+
 def resubscribe_delay(reason: str | None, retry_after: int | None) -> float | None:
     """When the subscriber may subscribe again after ``terminated`` (RFC 6665 4.1.3).
 

@@ -29,6 +29,7 @@ from sipside.events import (
     parse_event,
     refresh_delay,
     respond,
+    resume_at,
     retry_after_value,
 )
 from sipside.message import SipRequest, SipResponse
@@ -332,8 +333,7 @@ class Publisher:
         if snap.etag is not None:
             # Whatever was in flight is redone as a refresh; a 412 turns it into a new publish.
             pub.state = PublisherState.PUBLISHED
-            refresh_at = snap.refresh_at if snap.refresh_at is not None else now
-            pub._refresh_at = max(refresh_at, now + spread) if refresh_at <= now else refresh_at
+            pub._refresh_at = resume_at(snap.refresh_at, now, spread)
         return pub
 
 

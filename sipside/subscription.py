@@ -37,6 +37,7 @@ from sipside.events import (
     refresh_delay,
     respond,
     resubscribe_delay,
+    resume_at,
     retry_after_value,
 )
 from sipside.message import SipRequest, SipResponse
@@ -487,8 +488,7 @@ class Subscriber:
                     if sub.state in (SubscriberState.ACCEPTED, SubscriberState.SUBSCRIBING)
                     else sub.state
                 )
-                refresh_at = snap.refresh_at if snap.refresh_at is not None else due
-                sub._refresh_at = due if refresh_at <= now else refresh_at
+                sub._refresh_at = resume_at(snap.refresh_at, now, spread)
                 # Keep the expiry after the refresh so its answer can still arrive.
                 floor = sub._refresh_at + NOTIFY_TIMEOUT_FACTOR * t1
                 sub._expires_at = max(snap.expires_at or floor, floor)
