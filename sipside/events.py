@@ -1,8 +1,9 @@
 """The RFC 6665 event framework pieces shared by the subscriber (``sipside.subscription``),
 the notifier (``sipside.notifier``) and the publication (``sipside.publication``) cores.
 
-``Event`` and ``Subscription-State`` header values, the Expires and Retry-After readings, the
-refresh and re-subscribe timing, and the effects every one of these cores returns:
+``Event`` and ``Subscription-State`` header values, the Expires, Min-Expires and Retry-After
+readings, the digest retry of a challenged request, the refresh, re-subscribe and restart
+timing, and the effects every one of these cores returns:
 ``SendRequest`` (the caller runs a client transaction and reports its outcome back),
 ``SendResponse`` (answer the request just handled), ``StateChanged`` (subscriber: the state the
 notifier reported, or its local end) and ``SubscriptionEnded`` (notifier: forget it).
