@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from sipside.errors import PeerError
+from sipside.errors import PeerError, bad_body
 from sipside.xmlsafe import MediaType, parse_media_type
 
 __all__ = [
@@ -38,10 +38,6 @@ MAX_HEADERS = 64
 _HEADER_NAME = re.compile(r"[!#$%&'*+^_`|~0-9A-Za-z-]+(?:\.[!#$%&'*+^_`|~0-9A-Za-z-]+)?")
 _NS_VALUE = re.compile(r'^\s*(?:("?)([^<"]*)\1\s*)?<([^<>]+)>\s*$')
 _ADDRESS = re.compile(r'^\s*(?:"((?:[^"\\]|\\.)*)"|([^<"]*?))\s*<([^<>\s]+)>\s*$')
-
-
-def _bad(warning: str) -> PeerError:
-    return PeerError(400, "Bad Request", f"CPIM: {warning}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +111,7 @@ class CpimMessage:
         try:
             return datetime.fromisoformat(value.strip())
         except ValueError:
-            raise _bad(f"DateTime {value[:40]!r}") from None
+            raise bad_body("CPIM", f"DateTime {value[:40]!r}") from None
 
     def text(self) -> str:
         """The inner body as text, decoded with its charset (UTF-8 by default); 400 if it is not."""
@@ -123,7 +119,7 @@ class CpimMessage:
         try:
             return self.body.decode(charset)
         except (LookupError, UnicodeDecodeError):
-            raise _bad(f"inner body is not {charset}") from None
+            raise bad_body("CPIM", f"inner body is not {charset}") from None
 
 
 def _split_headers(block: str, where: str) -> tuple[tuple[str, str], ...]:
@@ -134,10 +130,10 @@ def _split_headers(block: str, where: str) -> tuple[tuple[str, str], ...]:
             continue
         name, colon, value = line.partition(":")
         if not colon or not _HEADER_NAME.fullmatch(name):
-            raise _bad(f"malformed {where} header line {line[:60]!r}")
+            raise bad_body("CPIM", f"malformed {where} header line {line[:60]!r}")
         headers.append((name, value.strip()))
         if len(headers) > MAX_HEADERS:
-            raise _bad(f"more than {MAX_HEADERS} {where} headers")
+            raise bad_body("CPIM", f"more than {MAX_HEADERS} {where} headers")
     return tuple(headers)
 
 
@@ -149,7 +145,7 @@ def _next_blank_line(data: bytes, start: int) -> tuple[int, int]:
         return crlf, crlf + 4
     if lf >= 0:
         return lf, lf + 2
-    raise _bad("missing blank line after headers")
+    raise bad_body("CPIM", "missing blank line after headers")
 
 
 def parse(data: bytes, max_bytes: int = MAX_CPIM_BYTES) -> CpimMessage:
@@ -163,13 +159,13 @@ def parse(data: bytes, max_bytes: int = MAX_CPIM_BYTES) -> CpimMessage:
         content_block = data[content_start:head_end].decode("utf-8")
     except UnicodeDecodeError:
         # RFC 3862 3.2: header values are UTF-8.
-        raise _bad("headers are not UTF-8") from None
+        raise bad_body("CPIM", "headers are not UTF-8") from None
     headers = _split_headers(message_block, "message")
     if not headers:
-        raise _bad("no message headers")
+        raise bad_body("CPIM", "no message headers")
     content_headers = _split_headers(content_block, "content")
     if not any(name.lower() == "content-type" for name, _ in content_headers):
-        raise _bad("encapsulated content without Content-Type")
+        raise bad_body("CPIM", "encapsulated content without Content-Type")
     message = CpimMessage(headers, content_headers, data[body_start:])
     message.media_type()  # a malformed inner Content-Type is the sender's fault: 400 now
     return message
@@ -206,7 +202,7 @@ def parse_address(value: str) -> tuple[str | None, str]:
         bare = value.strip()
         if bare and not any(c in bare for c in ' <>"'):
             return None, bare
-        raise _bad(f"malformed address {value[:60]!r}")
+        raise bad_body("CPIM", f"malformed address {value[:60]!r}")
     quoted, plain, uri = match.groups()
     if quoted is not None:
         name: str | None = re.sub(r"\\(.)", r"\1", quoted)

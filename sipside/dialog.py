@@ -15,9 +15,9 @@ from typing import Any
 
 from sipside.errors import PeerError
 from sipside.headers import parse_name_addr
-from sipside.message import SipRequest, SipResponse
+from sipside.message import SipRequest, SipResponse, new_call_id, new_tag
 
-__all__ = ["Dialog", "DialogId", "address_uri", "strip_tag"]
+__all__ = ["Dialog", "DialogFields", "DialogId", "address_uri", "strip_tag"]
 
 MAX_FORWARDS = "70"
 
@@ -55,6 +55,13 @@ def strip_tag(value: str) -> str:
     return head.strip() + "".join(";" + p for p in kept)
 
 
+def _required(value: str | None, warning: str) -> str:
+    """A header or tag a dialog cannot be created without; its absence is a 400."""
+    if value is None:
+        raise PeerError(400, "Bad Request", warning)
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class DialogId:
     """The hashable key of a dialog (RFC 3261 12: Call-ID, local tag, remote tag)."""
@@ -65,8 +72,9 @@ class DialogId:
 
 
 @dataclass(frozen=True, slots=True)
-class Dialog:
-    """Dialog state of RFC 3261 12; ``remote_cseq`` is None while the remote sequence is empty."""
+class DialogFields:
+    """The state RFC 3261 12 names for a dialog; ``remote_cseq`` is None while the remote
+    sequence is empty. Machine snapshots extend it, so the store keeps them flat."""
 
     call_id: str
     local_tag: str
@@ -78,6 +86,11 @@ class Dialog:
     remote_target: str
     route_set: tuple[str, ...] = ()
     secure: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Dialog(DialogFields):
+    """A dialog of RFC 3261 12: its fields plus the rules that create and advance it."""
 
     @property
     def id(self) -> DialogId:
@@ -93,18 +106,22 @@ class Dialog:
     def unconfirmed(
         cls,
         *,
-        call_id: str,
-        local_tag: str,
         local_uri: str,
         remote_uri: str,
-        request_uri: str,
+        request_uri: str | None = None,
+        call_id: str | None = None,
+        local_tag: str | None = None,
         route_set: Iterable[str] = (),
         local_cseq: int = 0,
     ) -> Dialog:
-        """State for requests sent outside a dialog (RFC 3261 8.1.1) before any answer."""
+        """State for requests sent outside a dialog (RFC 3261 8.1.1) before any answer.
+
+        The Request-URI defaults to the URI of ``remote_uri``; Call-ID and tag are new ones.
+        """
+        request_uri = request_uri or address_uri(remote_uri)
         return cls(
-            call_id=call_id,
-            local_tag=local_tag,
+            call_id=call_id or new_call_id(),
+            local_tag=local_tag or new_tag(),
             remote_tag="",
             local_uri=local_uri,
             remote_uri=remote_uri,
@@ -118,12 +135,8 @@ class Dialog:
     @classmethod
     def from_uac(cls, request: SipRequest, response: SipResponse) -> Dialog:
         """The dialog a UAC creates from its request and a 2xx/1xx with To tag (RFC 3261 12.1.2)."""
-        contact = response.header("Contact")
-        if contact is None:
-            raise PeerError(400, "Bad Request", "dialog-creating response without Contact")
-        local_tag = request.from_tag
-        if local_tag is None:
-            raise PeerError(400, "Bad Request", "request without From tag")
+        contact = _required(response.header("Contact"), "dialog-creating response without Contact")
+        local_tag = _required(request.from_tag, "request without From tag")
         return cls(
             call_id=request.call_id,
             local_tag=local_tag,
@@ -146,12 +159,8 @@ class Dialog:
         RFC 3261 12.1.1; also used by a subscriber whose first NOTIFY arrives before the 2xx
         (RFC 6665 4.1.2.4), with ``local_tag`` the From tag of its SUBSCRIBE.
         """
-        contact = request.header("Contact")
-        if contact is None:
-            raise PeerError(400, "Bad Request", f"{request.method} without Contact")
-        remote_tag = request.from_tag
-        if remote_tag is None:
-            raise PeerError(400, "Bad Request", "request without From tag")
+        contact = _required(request.header("Contact"), f"{request.method} without Contact")
+        remote_tag = _required(request.from_tag, "request without From tag")
         return cls(
             call_id=request.call_id,
             local_tag=local_tag,
@@ -236,11 +245,12 @@ class Dialog:
         return replace(self, local_cseq=number), request
 
 
-def dialog_fields(dialog: Dialog) -> dict[str, Any]:
-    """The dialog's state as keyword arguments, for the flat snapshots that the store keeps."""
-    return {f.name: getattr(dialog, f.name) for f in fields(Dialog)}
+def dialog_fields(state: DialogFields) -> dict[str, Any]:
+    """The dialog fields of ``state`` as keyword arguments, to build a snapshot from a dialog
+    or a dialog from a snapshot: ``Snapshot(**dialog_fields(d), ...)``, ``dialog_from(snap)``."""
+    return {f.name: getattr(state, f.name) for f in fields(DialogFields)}
 
 
-def dialog_from(snapshot: object) -> Dialog:
-    """Rebuild a dialog from any snapshot that carries the fields of :class:`Dialog`."""
-    return Dialog(**{f.name: getattr(snapshot, f.name) for f in fields(Dialog)})
+def dialog_from(snapshot: DialogFields) -> Dialog:
+    """The dialog a machine's snapshot carries."""
+    return Dialog(**dialog_fields(snapshot))

@@ -20,6 +20,11 @@ class PeerError(SipError):
         self.warning = warning
 
 
+def bad_body(format_name: str, warning: str) -> PeerError:
+    """A 400 for a body that breaks the rules of its format; the warning names the format."""
+    return PeerError(400, "Bad Request", f"{format_name}: {warning}")
+
+
 class LocalError(SipError):
     """We broke the protocol or misused the API: a bug on our side, never the peer's."""
 

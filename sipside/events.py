@@ -1,8 +1,9 @@
 """The RFC 6665 event framework pieces shared by the subscriber (``sipside.subscription``),
 the notifier (``sipside.notifier``) and the publication (``sipside.publication``) cores.
 
-``Event`` and ``Subscription-State`` header values, the Expires and Retry-After readings, the
-refresh and re-subscribe timing, and the effects every one of these cores returns:
+``Event`` and ``Subscription-State`` header values, the Expires, Min-Expires and Retry-After
+readings, the digest retry of a challenged request, the refresh, re-subscribe and restart
+timing, and the effects every one of these cores returns:
 ``SendRequest`` (the caller runs a client transaction and reports its outcome back),
 ``SendResponse`` (answer the request just handled), ``StateChanged`` (subscriber: the state the
 notifier reported, or its local end) and ``SubscriptionEnded`` (notifier: forget it).
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from sipside.dialog import Dialog
+from sipside.digest import AuthenticationError, DigestClient, retry_with_credentials
 from sipside.errors import PeerError
 from sipside.message import SipRequest, SipResponse, make_response
 
@@ -119,6 +122,15 @@ def refresh_delay(expires: float, offset: float = 0.0) -> float:
     return max(expires / 4.0, min(base, base - offset))
 
 
+def resume_at(saved: float | None, now: float, spread: float) -> float:
+    """When work saved for time ``saved`` is due after a restart at ``now``: its own time while
+    still ahead, else ``now + spread`` (chosen per machine, so a restart does not do it all at
+    once)."""
+    if saved is None or saved <= now:
+        return now + spread
+    return saved
+
+
 def resubscribe_delay(reason: str | None, retry_after: int | None) -> float | None:
     """When the subscriber may subscribe again after ``terminated`` (RFC 6665 4.1.3).
 
@@ -182,6 +194,46 @@ def expires_value(message: SipRequest | SipResponse, default: int) -> int:
     if number < 0:
         raise PeerError(400, "Bad Request", "negative Expires")
     return number
+
+
+def granted_expires(response: SipResponse, requested: int) -> int:
+    """The seconds a 2xx grants; a missing or malformed Expires grants what we asked for."""
+    try:
+        return expires_value(response, requested)
+    except PeerError:
+        return requested
+
+
+def min_expires_retry(response: SipResponse, requested: int) -> int | None:
+    """After a 423 (RFC 3261 21.4.17), the Min-Expires to ask again with; None when the
+    header is missing, malformed or no higher than ``requested`` (asking again is pointless)."""
+    try:
+        minimum = int((response.header("Min-Expires") or "").strip())
+    except ValueError:
+        return None
+    return minimum if minimum > requested else None
+
+
+def auth_retry(
+    digest: DigestClient | None,
+    retried: set[int],
+    dialog: Dialog,
+    request: SipRequest,
+    response: SipResponse,
+) -> tuple[Dialog, SipRequest] | None:
+    """``request`` resent with credentials answering the 401/407 ``response``, numbered as
+    the dialog's next CSeq, and the dialog that numbered it; None when there is no digest,
+    the challenge cannot be answered, or ``request`` was already such a retry (RFC 3261 22.2:
+    a second challenge means the credentials are wrong). Records the retry in ``retried``."""
+    if digest is None or request.cseq[0] in retried:
+        return None
+    number = dialog.local_cseq + 1
+    try:
+        retry = retry_with_credentials(digest, request, response, number)
+    except AuthenticationError:
+        return None
+    retried.add(number)
+    return replace(dialog, local_cseq=number), retry
 
 
 def adopt_auth_retry(number: int, pending: Collection[int], local_cseq: int) -> bool:

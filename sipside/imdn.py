@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sipside.cpim import CpimMessage, format_address, format_datetime
-from sipside.errors import PeerError
+from sipside.errors import bad_body
 from sipside.xmlsafe import (
     DEFAULT_LIMITS,
     XmlLimits,
-    parse_xml,
-    require_media_type,
+    parse_document,
     text_escape,
 )
 
@@ -187,18 +186,11 @@ _STATUS = _q("status")
 _DISPOSITION_BY_TAG = {_q(d.value): d for d in Disposition}
 
 
-def _bad(warning: str) -> PeerError:
-    return PeerError(400, "Bad Request", f"IMDN: {warning}")
-
-
 def decode_notification(
     body: bytes, content_type: str | None, limits: XmlLimits = DEFAULT_LIMITS
 ) -> DispositionNotification:
     """Parse a ``message/imdn+xml`` body; PeerError(415) for another type, 400/413 if bad."""
-    require_media_type(content_type, _ACCEPTED)
-    root = parse_xml(body, limits)
-    if root.tag != _ROOT:
-        raise _bad(f"root element {root.tag[:80]!r}")
+    root = parse_document(body, content_type, _ACCEPTED, _ROOT, "IMDN", limits)
     fields: dict[str, str] = {}
     kind: NotificationKind | None = None
     status: Disposition | None = None
@@ -216,16 +208,16 @@ def decode_notification(
             fields[child.tag[len(IMDN_NS) + 2 :]] = child.text or ""
     message_id = fields.get("message-id", "").strip()
     if not message_id:
-        raise _bad("no message-id")
+        raise bad_body("IMDN", "no message-id")
     try:
         date_time = datetime.fromisoformat(fields.get("datetime", "").strip())
     except ValueError:
         # RFC 5438: datetime is mandatory; it pairs the notification with the message.
-        raise _bad("missing or malformed datetime") from None
+        raise bad_body("IMDN", "missing or malformed datetime") from None
     if kind is None or status is None:
-        raise _bad("no notification status")
+        raise bad_body("IMDN", "no notification status")
     if status not in _ALLOWED[kind]:
-        raise _bad(f"{status.value} in a {kind.value}")
+        raise bad_body("IMDN", f"{status.value} in a {kind.value}")
     return DispositionNotification(
         message_id,
         date_time,

@@ -12,12 +12,11 @@ import enum
 from dataclasses import dataclass
 from datetime import datetime
 
-from sipside.errors import PeerError
+from sipside.errors import bad_body
 from sipside.xmlsafe import (
     DEFAULT_LIMITS,
     XmlLimits,
-    parse_xml,
-    require_media_type,
+    parse_document,
     text_escape,
 )
 
@@ -97,18 +96,11 @@ _CONTENTTYPE = f"{{{ISCOMPOSING_NS}}}contenttype"
 _REFRESH = f"{{{ISCOMPOSING_NS}}}refresh"
 
 
-def _bad(warning: str) -> PeerError:
-    return PeerError(400, "Bad Request", f"isComposing: {warning}")
-
-
 def decode(
     body: bytes, content_type: str | None, limits: XmlLimits = DEFAULT_LIMITS
 ) -> IsComposing:
     """Parse an isComposing body; PeerError(415) for another type, 400/413 for a bad body."""
-    require_media_type(content_type, _ACCEPTED)
-    root = parse_xml(body, limits)
-    if root.tag != _ROOT:
-        raise _bad(f"root element {root.tag[:80]!r}")
+    root = parse_document(body, content_type, _ACCEPTED, _ROOT, "isComposing", limits)
     state: ComposingState | None = None
     refresh: int | None = None
     composing_type: str | None = None
@@ -119,7 +111,7 @@ def decode(
             try:
                 state = ComposingState(text)
             except ValueError:
-                raise _bad(f"state {text[:20]!r}") from None
+                raise bad_body("isComposing", f"state {text[:20]!r}") from None
         elif child.tag == _REFRESH:
             # RFC 3994 4: a positive integer; anything else is treated as absent (default).
             if 0 < len(text) <= 5 and text.isascii() and text.isdigit() and int(text) > 0:
@@ -132,5 +124,5 @@ def decode(
             except ValueError:
                 last_active = None
     if state is None:
-        raise _bad("no state")
+        raise bad_body("isComposing", "no state")
     return IsComposing(state, refresh, composing_type, last_active)

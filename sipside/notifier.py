@@ -13,7 +13,7 @@ import enum
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 
-from sipside.dialog import Dialog, dialog_fields, dialog_from
+from sipside.dialog import Dialog, DialogFields, dialog_fields, dialog_from
 from sipside.errors import PeerError
 from sipside.events import (
     EventHeader,
@@ -55,21 +55,11 @@ class NotifierPolicy:
     accept_status: int = 200
 
 
-@dataclass(frozen=True, slots=True)
-class NotifierSnapshot:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NotifierSnapshot(DialogFields):
     """Everything a ``Notifier`` needs to resume after a restart, as primitives."""
 
     state: str
-    call_id: str
-    local_tag: str
-    remote_tag: str
-    local_uri: str
-    remote_uri: str
-    local_cseq: int
-    remote_cseq: int | None
-    remote_target: str
-    route_set: tuple[str, ...]
-    secure: bool
     contact: str
     event: str
     expires_at: float
@@ -340,10 +330,9 @@ class Notifier:
 
     def snapshot(self) -> NotifierSnapshot:
         """The state to persist; NOTIFYs in flight are not kept."""
-        d = self._dialog
         return NotifierSnapshot(
+            **dialog_fields(self._dialog),
             state=self.state.value,
-            **dialog_fields(d),
             contact=self._contact,
             event=str(self._event),
             expires_at=self._expires_at,
@@ -354,9 +343,8 @@ class Notifier:
     @classmethod
     def restore(cls, snap: NotifierSnapshot, *, policy: NotifierPolicy | None = None) -> Notifier:
         """Rebuild a notifier after a restart; an expired one ends at the next ``handle_timer``."""
-        dialog = dialog_from(snap)
         return cls(
-            dialog,
+            dialog_from(snap),
             parse_event(snap.event),
             contact=snap.contact,
             expires_at=snap.expires_at,

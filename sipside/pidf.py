@@ -20,13 +20,12 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from datetime import datetime
 
-from sipside.errors import PeerError
+from sipside.errors import bad_body
 from sipside.xmlsafe import (
     DEFAULT_LIMITS,
     XmlLimits,
     attr_escape,
-    parse_xml,
-    require_media_type,
+    parse_document,
     split_tag,
     text_escape,
 )
@@ -254,10 +253,6 @@ _LANG = f"{{{_XML_NS}}}lang"
 _KNOWN_NS = frozenset({PIDF_NS, DM_NS, RPID_NS})
 
 
-def _bad(warning: str) -> PeerError:
-    return PeerError(400, "Bad Request", f"PIDF: {warning}")
-
-
 def _parse_time(text: str | None) -> datetime | None:
     # A garbled timestamp is not worth refusing someone's presence over: drop it.
     if not text:
@@ -286,13 +281,13 @@ def _check_extension(elem: ET.Element) -> None:
     # RFC 3863 4.3.2 (mustUnderstand): an extension we do not know but must understand makes
     # the whole document unusable to us.
     if elem.get(_MUST_UNDERSTAND) in ("true", "1"):
-        raise _bad(f"mustUnderstand extension {elem.tag!r} not supported")
+        raise bad_body("PIDF", f"mustUnderstand extension {elem.tag!r} not supported")
 
 
 def _decode_tuple(elem: ET.Element) -> PresenceTuple:
     tuple_id = elem.get("id")
     if not tuple_id:
-        raise _bad("tuple without id")
+        raise bad_body("PIDF", "tuple without id")
     basic: Basic | None = None
     contact: str | None = None
     priority: float | None = None
@@ -309,7 +304,7 @@ def _decode_tuple(elem: ET.Element) -> PresenceTuple:
                     try:
                         basic = Basic(value)
                     except ValueError:
-                        raise _bad(f"basic status {value[:20]!r}") from None
+                        raise bad_body("PIDF", f"basic status {value[:20]!r}") from None
                 elif split_tag(sub.tag)[0] not in _KNOWN_NS:
                     _check_extension(sub)
         elif tag == _CONTACT:
@@ -323,7 +318,7 @@ def _decode_tuple(elem: ET.Element) -> PresenceTuple:
             _check_extension(child)
     if not seen_status:
         # RFC 3863 4.1.2: <status> is the one mandatory child of <tuple>.
-        raise _bad(f"tuple {tuple_id[:40]!r} without status")
+        raise bad_body("PIDF", f"tuple {tuple_id[:40]!r} without status")
     return PresenceTuple(tuple_id, basic, contact, priority, tuple(notes), timestamp)
 
 
@@ -373,13 +368,10 @@ def decode(
     body: bytes, content_type: str | None, limits: XmlLimits = DEFAULT_LIMITS
 ) -> PresenceDocument:
     """Parse a PIDF body; PeerError(415) for another content type, 400/413 for a bad body."""
-    require_media_type(content_type, _ACCEPTED)
-    root = parse_xml(body, limits)
-    if root.tag != _PRESENCE:
-        raise _bad(f"root element {root.tag[:80]!r} is not a PIDF presence")
+    root = parse_document(body, content_type, _ACCEPTED, _PRESENCE, "PIDF", limits)
     entity = root.get("entity")
     if not entity:
-        raise _bad("presence without entity")
+        raise bad_body("PIDF", "presence without entity")
     tuples: list[PresenceTuple] = []
     persons: list[Person] = []
     notes: list[Note] = []

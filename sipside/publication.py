@@ -15,20 +15,24 @@ import secrets
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, replace
 
-from sipside.dialog import Dialog, address_uri
-from sipside.digest import AuthenticationError, DigestClient, retry_with_credentials
+from sipside.dialog import Dialog, DialogFields, dialog_fields, dialog_from
+from sipside.digest import DigestClient
 from sipside.errors import PeerError
 from sipside.events import (
     SendRequest,
     SendResponse,
     adopt_auth_retry,
+    auth_retry,
     expires_value,
+    granted_expires,
+    min_expires_retry,
     parse_event,
     refresh_delay,
     respond,
+    resume_at,
     retry_after_value,
 )
-from sipside.message import SipRequest, SipResponse, new_call_id, new_tag
+from sipside.message import SipRequest, SipResponse
 
 __all__ = [
     "Publication",
@@ -89,17 +93,15 @@ class PublishFailed:
 PublicationEffect = SendRequest | Published | Unpublished | PublishFailed
 
 
-@dataclass(frozen=True, slots=True)
-class PublisherSnapshot:
-    """Everything a ``Publisher`` needs to resume after a restart, as primitives."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PublisherSnapshot(DialogFields):
+    """Everything a ``Publisher`` needs to resume after a restart, as primitives.
+
+    The dialog fields are those of the unconfirmed dialog that numbers our PUBLISH requests;
+    ``remote_target`` is the Request-URI.
+    """
 
     state: str
-    call_id: str
-    local_tag: str
-    local_uri: str
-    remote_uri: str
-    request_uri: str
-    local_cseq: int
     event: str
     expires: int
     etag: str | None
@@ -143,11 +145,11 @@ class Publisher:
     ) -> None:
         # PUBLISH is sent outside any dialog; an unconfirmed dialog numbers the requests.
         self._dialog = Dialog.unconfirmed(
-            call_id=call_id or new_call_id(),
-            local_tag=local_tag or new_tag(),
             local_uri=local_uri,
             remote_uri=remote_uri,
-            request_uri=request_uri or address_uri(remote_uri),
+            request_uri=request_uri,
+            call_id=call_id,
+            local_tag=local_tag,
             route_set=route_set,
         )
         self._event = event
@@ -221,9 +223,12 @@ class Publisher:
         self._pending = None
         status = response.status
         if status in (401, 407):
-            retry = self._retry_with_auth(op, request, response)
-            if retry:
-                return retry
+            # RFC 3261 22.2: answer the challenge once; a second one means wrong credentials.
+            outcome = auth_retry(self._digest, self._auth_retried, self._dialog, request, response)
+            if outcome is not None:
+                self._dialog, retry = outcome
+                self._pending = (retry.cseq[0], op, retry)
+                return [SendRequest(retry)]
         if 200 <= status < 300:
             return self._on_success(op, response, now)
         if status == 412 and op is not _Op.REMOVE:
@@ -232,11 +237,8 @@ class Publisher:
             return self._send(_Op.INITIAL, now)
         if status == 423:
             # RFC 3903 4.2 / RFC 3261 21.4.17: ask again with at least Min-Expires.
-            try:
-                minimum = int((response.header("Min-Expires") or "").strip())
-            except ValueError:
-                minimum = 0
-            if minimum > self._expires:
+            minimum = min_expires_retry(response, self._expires)
+            if minimum is not None:
                 self._expires = minimum
                 return self._send(op, now)
         return self._on_failure(op, status, retry_after_value(response))
@@ -249,22 +251,6 @@ class Publisher:
         self._pending = None
         return self._on_failure(op, 408, None)
 
-    def _retry_with_auth(
-        self, op: _Op, request: SipRequest, response: SipResponse
-    ) -> list[PublicationEffect]:
-        # RFC 3261 22.2: answer the challenge once; a second one means wrong credentials.
-        if self._digest is None or request.cseq[0] in self._auth_retried:
-            return []
-        number = self._dialog.local_cseq + 1
-        try:
-            retry = retry_with_credentials(self._digest, request, response, number)
-        except AuthenticationError:
-            return []
-        self._dialog = replace(self._dialog, local_cseq=number)
-        self._pending = (number, op, retry)
-        self._auth_retried.add(number)
-        return [SendRequest(retry)]
-
     def _on_success(self, op: _Op, response: SipResponse, now: float) -> list[PublicationEffect]:
         effects: list[PublicationEffect] = []
         if op is _Op.REMOVE:
@@ -272,10 +258,7 @@ class Publisher:
             self.state = PublisherState.IDLE
             effects.append(Unpublished())
         else:
-            try:
-                expires = expires_value(response, self._expires)
-            except PeerError:
-                expires = self._expires
+            expires = granted_expires(response, self._expires)
             # RFC 3903 4.1: every 2xx carries the entity-tag to use next time.
             self._etag = response.header("SIP-ETag") or self._etag
             if self._etag is None:
@@ -315,15 +298,9 @@ class Publisher:
 
     def snapshot(self) -> PublisherSnapshot:
         """The state to persist (a PUBLISH in flight is redone after restore)."""
-        d = self._dialog
         return PublisherSnapshot(
+            **dialog_fields(self._dialog),
             state=self.state.value,
-            call_id=d.call_id,
-            local_tag=d.local_tag,
-            local_uri=d.local_uri,
-            remote_uri=d.remote_uri,
-            request_uri=d.remote_target,
-            local_cseq=d.local_cseq,
             event=self._event,
             expires=self._expires,
             etag=self._etag,
@@ -348,19 +325,15 @@ class Publisher:
             remote_uri=snap.remote_uri,
             event=snap.event,
             expires=snap.expires,
-            request_uri=snap.request_uri,
-            call_id=snap.call_id,
-            local_tag=snap.local_tag,
             refresh_offset=refresh_offset,
             digest=digest,
         )
-        pub._dialog = replace(pub._dialog, local_cseq=snap.local_cseq)
+        pub._dialog = dialog_from(snap)
         pub._etag, pub._body, pub._content_type = snap.etag, snap.body, snap.content_type
         if snap.etag is not None:
             # Whatever was in flight is redone as a refresh; a 412 turns it into a new publish.
             pub.state = PublisherState.PUBLISHED
-            refresh_at = snap.refresh_at if snap.refresh_at is not None else now
-            pub._refresh_at = max(refresh_at, now + spread) if refresh_at <= now else refresh_at
+            pub._refresh_at = resume_at(snap.refresh_at, now, spread)
         return pub
 
 

@@ -15,8 +15,8 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from sipside.dialog import Dialog, address_uri, dialog_fields, dialog_from
-from sipside.digest import AuthenticationError, DigestClient, retry_with_credentials
+from sipside.dialog import Dialog, DialogFields, address_uri, dialog_fields, dialog_from
+from sipside.digest import DigestClient
 from sipside.errors import LocalError, PeerError
 from sipside.events import (
     EventHeader,
@@ -28,15 +28,19 @@ from sipside.events import (
     SubscriptionState,
     SubscriptionStateHeader,
     adopt_auth_retry,
+    auth_retry,
     expires_value,
+    granted_expires,
+    min_expires_retry,
     parse_event,
     parse_subscription_state,
     refresh_delay,
     respond,
     resubscribe_delay,
+    resume_at,
     retry_after_value,
 )
-from sipside.message import SipRequest, SipResponse, new_call_id, new_tag
+from sipside.message import SipRequest, SipResponse
 
 __all__ = [
     "NOTIFY_TIMEOUT_FACTOR",
@@ -86,21 +90,11 @@ class _Kind(enum.Enum):
     UNSUBSCRIBE = "unsubscribe"
 
 
-@dataclass(frozen=True, slots=True)
-class SubscriberSnapshot:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubscriberSnapshot(DialogFields):
     """Everything a ``Subscriber`` needs to resume after a restart, as primitives."""
 
     state: str
-    call_id: str
-    local_tag: str
-    remote_tag: str
-    local_uri: str
-    remote_uri: str
-    local_cseq: int
-    remote_cseq: int | None
-    remote_target: str
-    route_set: tuple[str, ...]
-    secure: bool
     request_uri: str
     contact: str
     event: str
@@ -152,8 +146,8 @@ class Subscriber:
     ) -> None:
         self._request_uri = request_uri or address_uri(remote_uri)
         self._dialog = Dialog.unconfirmed(
-            call_id=call_id or new_call_id(),
-            local_tag=local_tag or new_tag(),
+            call_id=call_id,
+            local_tag=local_tag,
             local_uri=local_uri,
             remote_uri=remote_uri,
             request_uri=self._request_uri,
@@ -261,16 +255,16 @@ class Subscriber:
             return []
         kind, request = self._pending.pop(number)
         if response.status in (401, 407):
-            retry = self._retry_with_auth(kind, request, response)
-            if retry:
-                return retry
+            # RFC 3261 22.2: resend once with credentials; a second challenge means they are wrong.
+            outcome = auth_retry(self._digest, self._auth_retried, self._dialog, request, response)
+            if outcome is not None:
+                self._dialog, retry = outcome
+                self._pending[retry.cseq[0]] = (kind, retry)
+                return [SendRequest(retry)]
         if response.status == 423 and kind is not _Kind.UNSUBSCRIBE:
             # RFC 6665 4.1.2.1 / RFC 3261 21.4.17: retry with at least Min-Expires.
-            try:
-                minimum = int((response.header("Min-Expires") or "").strip())
-            except ValueError:
-                minimum = 0
-            if minimum > self._expires:
+            minimum = min_expires_retry(response, self._expires)
+            if minimum is not None:
                 self._expires = minimum
                 return self._send(kind, minimum, now)
         if self.state is SubscriberState.TERMINATED:
@@ -288,29 +282,10 @@ class Subscriber:
             return []
         return self._on_failure(kind, 408, None, now)
 
-    def _retry_with_auth(
-        self, kind: _Kind, request: SipRequest, response: SipResponse
-    ) -> list[SubscriptionEffect]:
-        # RFC 3261 22.2: resend once with credentials; a second challenge means they are wrong.
-        if self._digest is None or request.cseq[0] in self._auth_retried:
-            return []
-        number = self._dialog.local_cseq + 1
-        try:
-            retry = retry_with_credentials(self._digest, request, response, number)
-        except AuthenticationError:
-            return []
-        self._dialog = replace(self._dialog, local_cseq=number)
-        self._pending[number] = (kind, retry)
-        self._auth_retried.add(number)
-        return [SendRequest(retry)]
-
     def _on_success(
         self, kind: _Kind, response: SipResponse, now: float
     ) -> list[SubscriptionEffect]:
-        try:
-            expires = expires_value(response, self._expires)
-        except PeerError:
-            expires = self._expires
+        expires = granted_expires(response, self._expires)
         match kind:
             case _Kind.INITIAL:
                 if not self._dialog.confirmed:
@@ -452,10 +427,9 @@ class Subscriber:
 
     def snapshot(self) -> SubscriberSnapshot:
         """The state to persist (pending transactions are not kept: they are redone)."""
-        d = self._dialog
         return SubscriberSnapshot(
+            **dialog_fields(self._dialog),
             state=self.state.value,
-            **dialog_fields(d),
             request_uri=self._request_uri,
             contact=self._contact,
             event=str(self._event),
@@ -489,8 +463,6 @@ class Subscriber:
             expires=snap.expires,
             accept=snap.accept,
             request_uri=snap.request_uri,
-            call_id=snap.call_id,
-            local_tag=snap.local_tag,
             refresh_offset=refresh_offset,
             t1=t1,
             digest=digest,
@@ -516,8 +488,7 @@ class Subscriber:
                     if sub.state in (SubscriberState.ACCEPTED, SubscriberState.SUBSCRIBING)
                     else sub.state
                 )
-                refresh_at = snap.refresh_at if snap.refresh_at is not None else due
-                sub._refresh_at = due if refresh_at <= now else refresh_at
+                sub._refresh_at = resume_at(snap.refresh_at, now, spread)
                 # Keep the expiry after the refresh so its answer can still arrive.
                 floor = sub._refresh_at + NOTIFY_TIMEOUT_FACTOR * t1
                 sub._expires_at = max(snap.expires_at or floor, floor)

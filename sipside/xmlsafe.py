@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 from xml.parsers import expat
 
-from sipside.errors import PeerError
+from sipside.errors import PeerError, bad_body
 
 __all__ = [
     "DEFAULT_LIMITS",
     "MediaType",
     "XmlLimits",
     "attr_escape",
+    "parse_document",
     "parse_media_type",
     "parse_xml",
     "require_media_type",
@@ -230,3 +231,21 @@ def require_media_type(content_type: str | None, accepted: frozenset[str]) -> Me
     if charset is not None and charset not in _UTF8_NAMES:
         raise PeerError(415, "Unsupported Media Type", f"charset {charset} not accepted")
     return media
+
+
+def parse_document(
+    body: bytes,
+    content_type: str | None,
+    accepted: frozenset[str],
+    root: str,
+    format_name: str,
+    limits: XmlLimits = DEFAULT_LIMITS,
+) -> ET.Element:
+    """The root element of an XML body in one of the ``accepted`` media types whose root must
+    be ``root``: PeerError 415 for another type, 413 when too big, 400 when malformed, hostile
+    or rooted elsewhere (the warning starts with ``format_name``)."""
+    require_media_type(content_type, accepted)
+    element = parse_xml(body, limits)
+    if element.tag != root:
+        raise bad_body(format_name, f"root element {element.tag[:80]!r}")
+    return element

@@ -185,6 +185,18 @@ def test_publisher_snapshot_restore() -> None:
     assert Publisher.restore(snap, 10.0).next_deadline() == snap.refresh_at
 
 
+def test_publisher_restore_keeps_request_uri_and_route_set() -> None:
+    pub = publisher(request_uri="sip:alice@esc.test", route_set=["<sip:proxy.test;lr>"])
+    [initial] = sent(pub.publish(b"<open/>", PIDF, 0.0))
+    pub.handle_response(reply(initial, 200, [("SIP-ETag", "e1"), ("Expires", "1800")]), 0.0)
+    restored = Publisher.restore(pub.snapshot(), 5000.0)
+    [refresh] = sent(restored.handle_timer(5000.0))
+    assert (refresh.uri, refresh.header_values("Route")) == (
+        "sip:alice@esc.test",
+        ["<sip:proxy.test;lr>"],
+    )
+
+
 # -- compositor ------------------------------------------------------------------------------
 
 
