@@ -9,7 +9,10 @@ our requests means for the XMPP sender.
 
 from __future__ import annotations
 
+from dataclasses import KW_ONLY, dataclass
 
+
+@dataclass(eq=False)
 class Refusal(Exception):
     """A request refused on purpose: SIP status + reason + warning, XMPP condition + text.
 
@@ -17,23 +20,16 @@ class Refusal(Exception):
     ``<text/>``; ``retry_after`` (seconds) adds a Retry-After header on the SIP side.
     """
 
-    def __init__(
-        self,
-        sip_status: int,
-        sip_reason: str,
-        xmpp_condition: str,
-        text: str = "",
-        *,
-        xmpp_type: str = "cancel",
-        retry_after: int | None = None,
-    ) -> None:
-        super().__init__(f"{sip_status} {sip_reason}" + (f": {text}" if text else ""))
-        self.sip_status = sip_status
-        self.sip_reason = sip_reason
-        self.xmpp_condition = xmpp_condition
-        self.xmpp_type = xmpp_type
-        self.text = text
-        self.retry_after = retry_after
+    sip_status: int
+    sip_reason: str
+    xmpp_condition: str
+    text: str = ""
+    _: KW_ONLY
+    xmpp_type: str = "cancel"
+    retry_after: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.sip_status} {self.sip_reason}" + (f": {self.text}" if self.text else "")
 
 
 def malformed(text: str) -> Refusal:
