@@ -95,6 +95,10 @@ class RowMapping(Generic[R]):
         """``column == value`` for each given value that is not None (None: any value)."""
         return [self.table.c[name] == value for name, value in equal.items() if value is not None]
 
+    def expired_by(self, when: float | None) -> list[ColumnElement[bool]]:
+        """``expires_at <= when`` (a NULL expiry never matches); no condition when None."""
+        return [] if when is None else [self.table.c.expires_at <= to_datetime(when)]
+
     def _where_key(self, key: Sequence[Any]) -> list[ColumnElement[bool]]:
         return [
             self.table.c[name] == value for name, value in zip(self.key_names, key, strict=True)

@@ -88,8 +88,8 @@ def set_user_offline(session: Session, aor: str) -> bool:
 
 def expire_registrations(session: Session, now: float) -> list[SeenUser]:
     """One UPDATE ... RETURNING of the online rows whose expiry passed."""
-    expired = SEEN.column("expires_at") <= to_datetime(now)
-    return SEEN.returning(session, _set_offline(SEEN.column("online").is_(True), expired))
+    online = SEEN.column("online").is_(True)
+    return SEEN.returning(session, _set_offline(online, *SEEN.expired_by(now)))
 
 
 def online_users(session: Session) -> list[SeenUser]:
@@ -114,9 +114,7 @@ def sip_watcher_subscriptions(
     session: Session, target_jid: str | None = None, *, expired_at: float | None = None
 ) -> list[SipWatcherSubscription]:
     """By dialog id."""
-    where = SIP_WATCHERS.matching(target_jid=target_jid)
-    if expired_at is not None:
-        where.append(SIP_WATCHERS.column("expires_at") <= to_datetime(expired_at))
+    where = SIP_WATCHERS.matching(target_jid=target_jid) + SIP_WATCHERS.expired_by(expired_at)
     return SIP_WATCHERS.select(session, *where)
 
 
@@ -141,9 +139,7 @@ def xmpp_watcher_subscriptions(
     session: Session, sip_aor: str | None = None, *, expiring_before: float | None = None
 ) -> list[XmppWatcherSubscription]:
     """By watcher, then SIP user; a subscription not yet answered (no expiry) never expires."""
-    where = XMPP_WATCHERS.matching(sip_aor=sip_aor)
-    if expiring_before is not None:
-        where.append(XMPP_WATCHERS.column("expires_at") <= to_datetime(expiring_before))
+    where = XMPP_WATCHERS.matching(sip_aor=sip_aor) + XMPP_WATCHERS.expired_by(expiring_before)
     return XMPP_WATCHERS.select(session, *where)
 
 
@@ -182,7 +178,7 @@ def delete_publication(session: Session, etag: str) -> bool:
 
 def expire_publications(session: Session, now: float) -> list[Publication]:
     """One DELETE ... RETURNING (RFC 3903 section 4.1: an expired publication is gone)."""
-    stmt = PUBLICATIONS.table.delete().where(PUBLICATIONS.column("expires_at") <= to_datetime(now))
+    stmt = PUBLICATIONS.table.delete().where(*PUBLICATIONS.expired_by(now))
     return PUBLICATIONS.returning(session, stmt)
 
 
