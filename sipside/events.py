@@ -21,7 +21,7 @@ from sipside.errors import PeerError
 from sipside.message import SipRequest, SipResponse, make_response
 
 
-class SubscriptionState(enum.Enum):
+class SubscriptionState(enum.StrEnum):
     """Subscription-State values (RFC 6665 4.1.3)."""
 
     PENDING = "pending"

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from component.store.memory import MemoryStore
 from tests.harness import process
 from tests.harness.ejabberd import EjabberdServer
 from tests.harness.kamailio import KamailioServer
@@ -191,3 +192,10 @@ async def pjsip_factory() -> AsyncIterator[Callable[[], Awaitable[PjsipAgent]]]:
 async def pjsip_agent(pjsip_factory: Callable[[], Awaitable[PjsipAgent]]) -> PjsipAgent:
     """One PJSIP agent process for a test."""
     return await pjsip_factory()
+
+
+@pytest.fixture
+def memory_store() -> MemoryStore:
+    """An empty in-memory store port for core tests; ``tests/test_store.py`` holds it to the
+    real store's semantics."""
+    return MemoryStore()

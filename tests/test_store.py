@@ -1,4 +1,8 @@
-"""The store on SQLite and on PostgreSQL (127.0.0.1:5432, which these tests require).
+"""The store on SQLite, on PostgreSQL (127.0.0.1:5432, which these tests require) and in memory.
+
+The behavioural tests go through ``StorePort`` and run on all three backends, so the in-memory
+store core tests use is held to the real store's semantics; tests of SQL specifics (error
+translation, connection settings, column types) run on the two SQL backends.
 
 Each test session makes its own PostgreSQL database and drops it at the end; other users of
 the server are never touched. Times are fixed POSIX seconds: nothing here sleeps.
@@ -9,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -31,11 +35,13 @@ from component.store import (
     SipWatcherSubscription,
     Store,
     StoreError,
+    StorePort,
     StoreUnavailable,
     SubscriptionState,
     XmppWatcherSubscription,
     migrate,
 )
+from component.store.memory import MemoryDatabase, MemoryStore
 from component.store.migrate import engine_url
 from component.store.models import JsonText, UTCDateTime, metadata
 from component.store.store import create_store_engine
@@ -90,27 +96,70 @@ def _empty_tables(url: str) -> None:
     engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path) -> str:
-    """The URL of a migrated, empty database on each backend."""
-    if request.param == "sqlite":
-        path = tmp_path / "store.db"
-        shutil.copyfile(sqlite_template, path)
+def _empty_database(backend: str, request: pytest.FixtureRequest) -> str:
+    """The URL of a migrated, empty database on a SQL backend."""
+    if backend == "sqlite":
+        path = request.getfixturevalue("tmp_path") / "store.db"
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
         return f"sqlite:///{path}"
     url: str = request.getfixturevalue("pg_url")
     _empty_tables(url)
     return url
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """The URL of a migrated, empty database on each SQL backend (for SQL specifics)."""
+    return _empty_database(request.param, request)
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "memory"])
+def database(request: pytest.FixtureRequest) -> str | MemoryDatabase:
+    """An empty database on each backend: a URL, or the in-memory store's tables."""
+    if request.param == "memory":
+        return MemoryDatabase()
+    return _empty_database(request.param, request)
+
+
+AnyStore = Store | MemoryStore
+
+
 @pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
+async def open_store(
+    database: str | MemoryDatabase,
+) -> AsyncIterator[Callable[[], Awaitable[AnyStore]]]:
+    """Open a store on ``database``; a second one is a second process on the same database."""
+    opened: list[AnyStore] = []
+
+    async def open_one() -> AnyStore:
+        store: AnyStore
+        if isinstance(database, MemoryDatabase):
+            store = MemoryStore(database)
+        else:
+            store = await Store.open(database)
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in opened:
+        await store.close()
+
+
+@pytest.fixture
+async def store(open_store: Callable[[], Awaitable[AnyStore]]) -> StorePort:
+    """The store port on each backend: the behavioural tests run on all three."""
+    return await open_store()
+
+
+@pytest.fixture
+async def sql_store(store_url: str) -> AsyncIterator[Store]:
     opened = await Store.open(store_url)
     yield opened
     await opened.close()
 
 
 async def _enqueue(
-    store: Store,
+    store: StorePort,
     recipient: str = ALICE,
     *,
     now: float = T0,
@@ -133,7 +182,9 @@ async def _enqueue(
 # --- the message queue ----------------------------------------------------------------------
 
 
-async def test_enqueue_is_durable_and_round_trips(store: Store, store_url: str) -> None:
+async def test_enqueue_is_durable_and_round_trips(
+    store: StorePort, open_store: Callable[[], Awaitable[AnyStore]]
+) -> None:
     extra = {"xmpp_id": "m1", "receipt": True, "thread": "Ünïcode ✓", "n": [1, 2]}
     message = await store.enqueue_message(
         MessageDirection.SIP_TO_XMPP,
@@ -150,11 +201,8 @@ async def test_enqueue_is_durable_and_round_trips(store: Store, store_url: str) 
     assert (message.created_at, message.deliver_by, message.next_attempt_at) == (T0, T0 + 90, T0)
     assert (message.state, message.attempts, message.owner) == (MessageState.QUEUED, 0, None)
     # A second store on the same database sees it: it was committed before enqueue returned.
-    other = await Store.open(store_url)
-    try:
-        assert await other.messages_for_recipient(BOB) == [message]
-    finally:
-        await other.close()
+    other = await open_store()
+    assert await other.messages_for_recipient(BOB) == [message]
 
 
 CLAIM_CASES = [
@@ -168,7 +216,7 @@ CLAIM_CASES = [
 
 @pytest.mark.parametrize(("offset", "delay", "claimable"), CLAIM_CASES)
 async def test_claim_due_messages_picks_due_rows(
-    store: Store, offset: float, delay: float, claimable: bool
+    store: StorePort, offset: float, delay: float, claimable: bool
 ) -> None:
     mid = await _enqueue(store, delay=delay, next_attempt_at=T0 + offset)
     claimed = await store.claim_due_messages(T0 + 10, 10, "gw-1", lease=60)
@@ -183,7 +231,7 @@ async def test_claim_due_messages_picks_due_rows(
         assert message.next_attempt_at == T0 + 70  # the lease end
 
 
-async def test_claim_respects_limit_order_and_lease(store: Store) -> None:
+async def test_claim_respects_limit_order_and_lease(store: StorePort) -> None:
     ids = [await _enqueue(store, next_attempt_at=T0 + i) for i in (3, 1, 2)]
     first = await store.claim_due_messages(T0 + 5, 2, "gw-1", lease=30)
     assert sorted(m.id for m in first) == sorted([ids[1], ids[2]])  # the two due earliest
@@ -196,28 +244,22 @@ async def test_claim_respects_limit_order_and_lease(store: Store) -> None:
     assert {(m.owner, m.attempts) for m in taken} == {("gw-2", 2)}
 
 
-async def test_concurrent_instances_never_claim_the_same_message(store_url: str) -> None:
-    stores = [await Store.open(store_url) for _ in range(3)]
-    try:
-        ids = {await _enqueue(stores[0]) for _ in range(60)}
-        batches = await asyncio.gather(
-            *(
-                s.claim_due_messages(T0, 7, f"gw-{n}")
-                for n, s in enumerate(stores)
-                for _ in range(4)
-            )
-        )
-        claimed = [m.id for batch in batches for m in batch]
-        assert len(claimed) == len(set(claimed))  # no message twice
-        assert set(claimed) <= ids
-        rest = await stores[0].claim_due_messages(T0, 100, "gw-0")
-        assert set(claimed) | {m.id for m in rest} == ids
-    finally:
-        for s in stores:
-            await s.close()
+async def test_concurrent_instances_never_claim_the_same_message(
+    open_store: Callable[[], Awaitable[AnyStore]],
+) -> None:
+    stores = [await open_store() for _ in range(3)]
+    ids = {await _enqueue(stores[0]) for _ in range(60)}
+    batches = await asyncio.gather(
+        *(s.claim_due_messages(T0, 7, f"gw-{n}") for n, s in enumerate(stores) for _ in range(4))
+    )
+    claimed = [m.id for batch in batches for m in batch]
+    assert len(claimed) == len(set(claimed))  # no message twice
+    assert set(claimed) <= ids
+    rest = await stores[0].claim_due_messages(T0, 100, "gw-0")
+    assert set(claimed) | {m.id for m in rest} == ids
 
 
-async def test_finishing_a_message(store: Store) -> None:
+async def test_finishing_a_message(store: StorePort) -> None:
     delivered, failed, retried = [await _enqueue(store) for _ in range(3)]
     await store.claim_due_messages(T0, 10, "gw-1")
     await store.mark_delivered(delivered, T0 + 1)
@@ -233,7 +275,7 @@ async def test_finishing_a_message(store: Store) -> None:
 
 
 @pytest.mark.parametrize("method", ["mark_delivered", "mark_failed", "reschedule"])
-async def test_finishing_an_unknown_message_raises(store: Store, method: str) -> None:
+async def test_finishing_an_unknown_message_raises(store: StorePort, method: str) -> None:
     calls = {
         "mark_delivered": lambda: store.mark_delivered(4242, T0),
         "mark_failed": lambda: store.mark_failed(4242, "x", T0),
@@ -243,7 +285,7 @@ async def test_finishing_an_unknown_message_raises(store: Store, method: str) ->
         await calls[method]()
 
 
-async def test_claim_messages_for_recipient_when_user_comes_online(store: Store) -> None:
+async def test_claim_messages_for_recipient_when_user_comes_online(store: StorePort) -> None:
     later = await _enqueue(store, next_attempt_at=T0 + 60)
     now_due = await _enqueue(store)
     other = await _enqueue(store, recipient="sip:carol@sip.test")
@@ -268,7 +310,7 @@ EXPIRY_CASES = [
 
 
 @pytest.mark.parametrize(("state", "delay", "expired"), EXPIRY_CASES)
-async def test_expire_messages(store: Store, state: str, delay: float, expired: bool) -> None:
+async def test_expire_messages(store: StorePort, state: str, delay: float, expired: bool) -> None:
     mid = await _enqueue(store, delay=delay)
     if state == "inflight-in-lease":
         await store.claim_due_messages(T0 + 80, 1, "gw-1", lease=60)
@@ -283,7 +325,7 @@ async def test_expire_messages(store: Store, state: str, delay: float, expired: 
         assert await store.expire_messages(T0 + 100) == []  # told once, not on every sweep
 
 
-async def test_release_claims_and_purge(store: Store) -> None:
+async def test_release_claims_and_purge(store: StorePort) -> None:
     mine, theirs = await _enqueue(store), await _enqueue(store, recipient="sip:c@sip.test")
     await store.claim_messages_for_recipient(ALICE, T0, "gw-1")
     await store.claim_messages_for_recipient("sip:c@sip.test", T0, "gw-2")
@@ -304,7 +346,7 @@ async def test_release_claims_and_purge(store: Store) -> None:
 # --- users, subscriptions, presence, rooms, transports -----------------------------------
 
 
-async def test_users_seen_online(store: Store) -> None:
+async def test_users_seen_online(store: StorePort) -> None:
     assert not await store.user_seen_before(ALICE)
     assert not await store.set_user_offline(ALICE)
     seen = await store.mark_user_seen(ALICE, T0, contact="sip:alice@127.0.0.1:5062", expires=3600)
@@ -328,7 +370,7 @@ async def test_users_seen_online(store: Store) -> None:
     assert (counts.users_seen, counts.users_online) == (2, 0)
 
 
-async def test_sip_watcher_subscriptions(store: Store) -> None:
+async def test_sip_watcher_subscriptions(store: StorePort) -> None:
     dialog = {"call_id": "c1@h", "local_tag": "a", "remote_tag": "b", "cseq": 3, "route": ["x"]}
     sub = SipWatcherSubscription("d1", ALICE, BOB, SubscriptionState.PENDING, dialog, T0 + 600)
     other = SipWatcherSubscription(
@@ -348,7 +390,7 @@ async def test_sip_watcher_subscriptions(store: Store) -> None:
     assert await store.sip_watcher_subscription("d2") is None
 
 
-async def test_xmpp_watcher_subscriptions(store: Store) -> None:
+async def test_xmpp_watcher_subscriptions(store: StorePort) -> None:
     fresh = XmppWatcherSubscription(BOB, ALICE, SubscriptionState.PENDING)
     await store.save_xmpp_watcher_subscription(fresh)
     assert await store.xmpp_watcher_subscription(BOB, ALICE) == fresh
@@ -368,7 +410,7 @@ async def test_xmpp_watcher_subscriptions(store: Store) -> None:
     assert (await store.counts()).xmpp_watchers == 1
 
 
-async def test_publications(store: Store) -> None:
+async def test_publications(store: StorePort) -> None:
     pidf = "<presence xmlns='urn:ietf:params:xml:ns:pidf' entity='sip:alice@sip.test'/>"
     pub = Publication("etag-1", ALICE, pidf, "application/pidf+xml", T0 + 3600)
     short = Publication("etag-2", ALICE, pidf, "application/pidf+xml", T0 + 10)
@@ -389,7 +431,7 @@ async def test_publications(store: Store) -> None:
     assert (await store.counts()).publications == 0
 
 
-async def test_presence(store: Store) -> None:
+async def test_presence(store: StorePort) -> None:
     phone = await store.set_presence(BOB, "phone", available=True, now=T0, show="away", priority=5)
     pc = await store.set_presence(
         BOB, "pc", available=True, now=T0, show="dnd", status="meeting", pidf="<presence/>"
@@ -403,7 +445,7 @@ async def test_presence(store: Store) -> None:
     assert await store.presence_of(BOB) == []
 
 
-async def test_roster_approvals(store: Store) -> None:
+async def test_roster_approvals(store: StorePort) -> None:
     alice_jid = "alice@sip.xmpp.test"
     out = ApprovalDirection.SIP_WATCHES_XMPP
     assert await store.approval(alice_jid, BOB, out) is None
@@ -419,7 +461,7 @@ async def test_roster_approvals(store: Store) -> None:
     assert await store.approvals() == [back]
 
 
-async def test_room_memberships(store: Store) -> None:
+async def test_room_memberships(store: StorePort) -> None:
     room = "room@conference.xmpp.test"
     joining = RoomMembership(ALICE, room, "alice", MembershipState.JOINING)
     await store.save_membership(joining)
@@ -435,7 +477,7 @@ async def test_room_memberships(store: Store) -> None:
     assert await store.memberships() == [carol]
 
 
-async def test_transport_status(store: Store) -> None:
+async def test_transport_status(store: StorePort) -> None:
     assert await store.transport_status("irc.xmpp.test") is None
     await store.set_transport_status("irc.xmpp.test", True, T0)
     down = await store.set_transport_status(
@@ -450,14 +492,14 @@ async def test_transport_status(store: Store) -> None:
 # --- the edges: errors, connection settings, column types --------------------------------
 
 
-async def test_errors_are_translated(store: Store, store_url: str) -> None:
+async def test_errors_are_translated(sql_store: Store, store_url: str) -> None:
     # Take a table away behind the store's back: the database error must arrive as ours.
     engine = create_engine(engine_url(store_url), poolclass=NullPool)
     with engine.begin() as connection:
         connection.exec_driver_sql("ALTER TABLE transport_status RENAME TO transport_status_away")
     try:
         with pytest.raises(StoreError) as caught:
-            await store.transport_statuses()
+            await sql_store.transport_statuses()
         assert isinstance(caught.value.__cause__, exc.SQLAlchemyError)
     finally:
         with engine.begin() as connection:
@@ -465,9 +507,34 @@ async def test_errors_are_translated(store: Store, store_url: str) -> None:
                 "ALTER TABLE transport_status_away RENAME TO transport_status"
             )
         engine.dispose()
+
+
+async def test_a_closed_store_is_unavailable(open_store: Callable[[], Awaitable[AnyStore]]) -> None:
+    store = await open_store()
     await store.close()
     with pytest.raises(StoreUnavailable, match="closed"):
         await store.counts()
+    await store.close()  # closing twice is harmless
+
+
+async def test_json_fields_are_values_not_shared_objects(store: StorePort) -> None:
+    dialog: dict[str, object] = {"cseq": 1, "route": ["a"]}
+    sub = SipWatcherSubscription("d1", ALICE, BOB, SubscriptionState.ACTIVE, dialog, T0)
+    await store.save_sip_watcher_subscription(sub)
+    dialog["cseq"] = 2
+    stored = await store.sip_watcher_subscription("d1")
+    assert stored is not None and stored.dialog == {"cseq": 1, "route": ["a"]}
+    stored.dialog["route"].append("b")
+    assert await store.sip_watcher_subscriptions() == [
+        replace(sub, dialog={"cseq": 1, "route": ["a"]})
+    ]
+
+
+async def test_a_value_json_cannot_hold_is_a_store_error(store: StorePort) -> None:
+    sub = SipWatcherSubscription("d1", ALICE, BOB, SubscriptionState.ACTIVE, {"x": {1, 2}}, T0)
+    with pytest.raises(StoreError):
+        await store.save_sip_watcher_subscription(sub)
+    assert await store.sip_watcher_subscriptions() == []
 
 
 async def test_unreachable_database_is_unavailable() -> None:

@@ -1,7 +1,8 @@
 """The gateway's durable state: SQLModel tables behind an async, domain-named facade.
 
-The core talks to ``StorePort``; ``Store`` implements it on SQLite or PostgreSQL. Schema
-changes are alembic revisions (``migrate``).
+The core talks to ``StorePort``; ``Store`` implements it on SQLite or PostgreSQL, and
+``memory.MemoryStore`` in memory for core tests. Schema changes are alembic revisions
+(``migrate``).
 """
 
 from .migrate import check_at_head, current_revision, head_revision, upgrade

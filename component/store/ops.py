@@ -1,21 +1,18 @@
-"""The store's database work: plain synchronous functions over a SQLAlchemy session.
+"""The store's database work outside the message queue: one function per ``StorePort`` method.
 
-Only the store's worker thread calls these (see ``store.Store``); each runs inside one
-transaction that the caller commits. They take and return ``records``; rows never leave.
-The message queue's functions are in ``queue``.
+Each takes a session first and then exactly the port method's parameters; ``store.Store`` runs
+it in one transaction on its worker thread. The port documents what each does; the notes here
+are about how. Rows map to records through ``mapping`` and never leave this package.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
-from sqlmodel import SQLModel, col
 
+from .mapping import RowMapping, to_datetime, upsert
 from .models import (
     PresenceRow,
     PublicationRow,
@@ -42,316 +39,178 @@ from .records import (
     XmppWatcherSubscription,
 )
 
-
-def to_datetime(ts: float) -> datetime:
-    """POSIX seconds -> aware UTC datetime, the form the columns hold."""
-    return datetime.fromtimestamp(ts, UTC)
-
-
-def to_timestamp(value: datetime) -> float:
-    """Aware datetime -> POSIX seconds, the form records carry."""
-    return value.timestamp()
-
-
-def _ts_or_none(value: datetime | None) -> float | None:
-    return None if value is None else value.timestamp()
-
-
-def _upsert(
-    session: Session, model: type[SQLModel], values: dict[str, Any], keys: Sequence[str]
-) -> None:
-    """Insert or update one row in one statement, so concurrent instances cannot collide."""
-    table = model.__table__  # type: ignore[attr-defined]
-    changed = {k: v for k, v in values.items() if k not in keys}
-    match session.get_bind().dialect.name:
-        case "postgresql":
-            pg = postgresql.insert(table).values(values)
-            session.execute(pg.on_conflict_do_update(index_elements=list(keys), set_=changed))
-        case "sqlite":
-            lite = sqlite.insert(table).values(values)
-            session.execute(lite.on_conflict_do_update(index_elements=list(keys), set_=changed))
-        case _:
-            # Other backends: the ORM's read-then-write; fine for a single instance.
-            session.merge(model(**values))
+SEEN = RowMapping(SeenUser, SeenUserRow)
+SIP_WATCHERS = RowMapping(SipWatcherSubscription, SipWatcherSubscriptionRow)
+XMPP_WATCHERS = RowMapping(XmppWatcherSubscription, XmppWatcherSubscriptionRow)
+PUBLICATIONS = RowMapping(Publication, PublicationRow)
+PRESENCE = RowMapping(PresenceRecord, PresenceRow)
+APPROVALS = RowMapping(RosterApproval, RosterApprovalRow)
+MEMBERSHIPS = RowMapping(RoomMembership, RoomMembershipRow)
+TRANSPORTS = RowMapping(TransportStatus, TransportStatusRow)
 
 
 # --- users seen online ------------------------------------------------------------------------
 
 
-def _seen(row: SeenUserRow) -> SeenUser:
-    return SeenUser(
-        aor=row.aor,
-        last_seen=to_timestamp(row.last_seen),
-        online=row.online,
-        contact=row.contact,
-        expires_at=_ts_or_none(row.expires_at),
-    )
-
-
 def mark_user_seen(
-    session: Session, aor: str, now: float, contact: str | None, expires: float | None
+    session: Session, aor: str, now: float, contact: str | None = None, expires: float | None = None
 ) -> SeenUser:
-    """Record ``aor`` as online now; contact and expiry are kept unless new ones are given."""
+    """Upsert of only the columns given, so a sighting without contact keeps the REGISTER's."""
     values: dict[str, Any] = {"aor": aor, "last_seen": to_datetime(now), "online": True}
     if contact is not None:
         values["contact"] = contact
     if expires is not None:
         values["expires_at"] = to_datetime(now + expires)
-    _upsert(session, SeenUserRow, values, ["aor"])
-    row = session.get(SeenUserRow, aor, populate_existing=True)
-    assert row is not None
-    return _seen(row)
+    upsert(session, SeenUserRow, values, SEEN.key_names)
+    seen = SEEN.get(session, aor)
+    assert seen is not None
+    return seen
+
+
+def user_seen_before(session: Session, aor: str) -> bool:
+    """A key lookup."""
+    return SEEN.get(session, aor) is not None
 
 
 def seen_user(session: Session, aor: str) -> SeenUser | None:
-    """What the store knows of ``aor``, or None if it was never seen."""
-    row = session.get(SeenUserRow, aor)
-    return None if row is None else _seen(row)
+    """A key lookup."""
+    return SEEN.get(session, aor)
+
+
+def _set_offline(*where: Any) -> Any:
+    return update(SEEN.table).where(*where).values(online=False, expires_at=None)
 
 
 def set_user_offline(session: Session, aor: str) -> bool:
-    """Mark ``aor`` offline (it stays "seen before"); False if it was never seen."""
-    t = SeenUserRow
-    stmt = (
-        update(t)
-        .where(col(t.aor) == aor)
-        .values(online=False, expires_at=None)
-        .returning(col(t.aor))
-    )
-    return session.execute(stmt).first() is not None
+    """One UPDATE; the row stays, so the user stays "seen before"."""
+    return bool(SEEN.returning(session, _set_offline(*SEEN.matching(aor=aor))))
 
 
 def expire_registrations(session: Session, now: float) -> list[SeenUser]:
-    """Mark offline every online user whose registration expired; returns them."""
-    t = SeenUserRow
-    stmt = (
-        update(t)
-        .where(col(t.online).is_(True), col(t.expires_at) <= to_datetime(now))
-        .values(online=False, expires_at=None)
-        .returning(t)
-        .execution_options(synchronize_session=False)
-    )
-    return sorted((_seen(r) for r in session.scalars(stmt)), key=lambda u: u.aor)
+    """One UPDATE ... RETURNING of the online rows whose expiry passed."""
+    online = SEEN.column("online").is_(True)
+    return SEEN.returning(session, _set_offline(online, *SEEN.expired_by(now)))
 
 
 def online_users(session: Session) -> list[SeenUser]:
-    """Users currently online, by AOR."""
-    t = SeenUserRow
-    stmt = select(t).where(col(t.online).is_(True)).order_by(col(t.aor))
-    return [_seen(r) for r in session.scalars(stmt)]
+    """By AOR."""
+    return SEEN.select(session, SEEN.column("online").is_(True))
 
 
-# --- subscriptions, publications, presence -----------------------------------------------
-
-
-def _sip_watcher(row: SipWatcherSubscriptionRow) -> SipWatcherSubscription:
-    return SipWatcherSubscription(
-        dialog_id=row.dialog_id,
-        watcher_aor=row.watcher_aor,
-        target_jid=row.target_jid,
-        state=row.state,
-        dialog=dict(row.dialog),
-        expires_at=to_timestamp(row.expires_at),
-        event=row.event,
-    )
+# --- SIP users watching XMPP entities, XMPP users watching SIP users ------------------------
 
 
 def save_sip_watcher_subscription(session: Session, sub: SipWatcherSubscription) -> None:
-    """Insert or replace the subscription with ``sub.dialog_id``."""
-    values: dict[str, Any] = {
-        "dialog_id": sub.dialog_id,
-        "watcher_aor": sub.watcher_aor,
-        "target_jid": sub.target_jid,
-        "event": sub.event,
-        "state": sub.state,
-        "dialog": dict(sub.dialog),
-        "expires_at": to_datetime(sub.expires_at),
-    }
-    _upsert(session, SipWatcherSubscriptionRow, values, ["dialog_id"])
-
-
-def sip_watcher_subscriptions(
-    session: Session, target_jid: str | None, expired_at: float | None
-) -> list[SipWatcherSubscription]:
-    """All subscriptions, or those watching ``target_jid``, or those expired at ``expired_at``."""
-    t = SipWatcherSubscriptionRow
-    stmt = select(t).order_by(col(t.dialog_id))
-    if target_jid is not None:
-        stmt = stmt.where(col(t.target_jid) == target_jid)
-    if expired_at is not None:
-        stmt = stmt.where(col(t.expires_at) <= to_datetime(expired_at))
-    return [_sip_watcher(r) for r in session.scalars(stmt)]
+    """An upsert on the dialog id."""
+    SIP_WATCHERS.upsert(session, sub)
 
 
 def sip_watcher_subscription(session: Session, dialog_id: str) -> SipWatcherSubscription | None:
-    """The subscription of dialog ``dialog_id``, if stored."""
-    row = session.get(SipWatcherSubscriptionRow, dialog_id)
-    return None if row is None else _sip_watcher(row)
+    """A key lookup."""
+    return SIP_WATCHERS.get(session, dialog_id)
 
 
-def _xmpp_watcher(row: XmppWatcherSubscriptionRow) -> XmppWatcherSubscription:
-    return XmppWatcherSubscription(
-        watcher_jid=row.watcher_jid,
-        sip_aor=row.sip_aor,
-        state=row.state,
-        dialog=None if row.dialog is None else dict(row.dialog),
-        expires_at=_ts_or_none(row.expires_at),
-        event=row.event,
-    )
+def sip_watcher_subscriptions(
+    session: Session, target_jid: str | None = None, *, expired_at: float | None = None
+) -> list[SipWatcherSubscription]:
+    """By dialog id."""
+    where = SIP_WATCHERS.matching(target_jid=target_jid) + SIP_WATCHERS.expired_by(expired_at)
+    return SIP_WATCHERS.select(session, *where)
+
+
+def delete_sip_watcher_subscription(session: Session, dialog_id: str) -> bool:
+    """A DELETE by key."""
+    return SIP_WATCHERS.delete(session, dialog_id)
 
 
 def save_xmpp_watcher_subscription(session: Session, sub: XmppWatcherSubscription) -> None:
-    """Insert or replace the subscription of ``sub.watcher_jid`` to ``sub.sip_aor``."""
-    values: dict[str, Any] = {
-        "watcher_jid": sub.watcher_jid,
-        "sip_aor": sub.sip_aor,
-        "event": sub.event,
-        "state": sub.state,
-        "dialog": None if sub.dialog is None else dict(sub.dialog),
-        "expires_at": None if sub.expires_at is None else to_datetime(sub.expires_at),
-    }
-    _upsert(session, XmppWatcherSubscriptionRow, values, ["watcher_jid", "sip_aor"])
-
-
-def xmpp_watcher_subscriptions(
-    session: Session, sip_aor: str | None, expiring_before: float | None
-) -> list[XmppWatcherSubscription]:
-    """All, or those watching ``sip_aor``, or those expiring by ``expiring_before`` (refresh)."""
-    t = XmppWatcherSubscriptionRow
-    stmt = select(t).order_by(col(t.watcher_jid), col(t.sip_aor))
-    if sip_aor is not None:
-        stmt = stmt.where(col(t.sip_aor) == sip_aor)
-    if expiring_before is not None:
-        stmt = stmt.where(col(t.expires_at) <= to_datetime(expiring_before))
-    return [_xmpp_watcher(r) for r in session.scalars(stmt)]
+    """An upsert on (watcher, SIP user)."""
+    XMPP_WATCHERS.upsert(session, sub)
 
 
 def xmpp_watcher_subscription(
     session: Session, watcher_jid: str, sip_aor: str
 ) -> XmppWatcherSubscription | None:
-    """The subscription of ``watcher_jid`` to ``sip_aor``, if stored."""
-    row = session.get(XmppWatcherSubscriptionRow, (watcher_jid, sip_aor))
-    return None if row is None else _xmpp_watcher(row)
+    """A key lookup."""
+    return XMPP_WATCHERS.get(session, watcher_jid, sip_aor)
 
 
-def _publication(row: PublicationRow) -> Publication:
-    return Publication(
-        etag=row.etag,
-        entity=row.entity,
-        body=row.body,
-        content_type=row.content_type,
-        expires_at=to_timestamp(row.expires_at),
-        event=row.event,
-    )
+def xmpp_watcher_subscriptions(
+    session: Session, sip_aor: str | None = None, *, expiring_before: float | None = None
+) -> list[XmppWatcherSubscription]:
+    """By watcher, then SIP user; a subscription not yet answered (no expiry) never expires."""
+    where = XMPP_WATCHERS.matching(sip_aor=sip_aor) + XMPP_WATCHERS.expired_by(expiring_before)
+    return XMPP_WATCHERS.select(session, *where)
+
+
+def delete_xmpp_watcher_subscription(session: Session, watcher_jid: str, sip_aor: str) -> bool:
+    """A DELETE by key."""
+    return XMPP_WATCHERS.delete(session, watcher_jid, sip_aor)
+
+
+# --- publications and presence ---------------------------------------------------------------
 
 
 def save_publication(session: Session, pub: Publication) -> None:
-    """Insert or replace the publication with entity-tag ``pub.etag``."""
-    values: dict[str, Any] = {
-        "etag": pub.etag,
-        "entity": pub.entity,
-        "event": pub.event,
-        "content_type": pub.content_type,
-        "body": pub.body,
-        "expires_at": to_datetime(pub.expires_at),
-    }
-    _upsert(session, PublicationRow, values, ["etag"])
+    """An upsert on the entity-tag."""
+    PUBLICATIONS.upsert(session, pub)
 
 
 def publication(session: Session, etag: str) -> Publication | None:
-    """The publication with entity-tag ``etag``, if stored."""
-    row = session.get(PublicationRow, etag)
-    return None if row is None else _publication(row)
+    """A key lookup."""
+    return PUBLICATIONS.get(session, etag)
 
 
 def publications_of(session: Session, entity: str) -> list[Publication]:
-    """Publications for ``entity``, by entity-tag."""
-    t = PublicationRow
-    stmt = select(t).where(col(t.entity) == entity).order_by(col(t.etag))
-    return [_publication(r) for r in session.scalars(stmt)]
+    """By entity-tag."""
+    return PUBLICATIONS.select(session, *PUBLICATIONS.matching(entity=entity))
 
 
 def all_publications(session: Session) -> list[Publication]:
-    """Every stored publication, by entity then entity-tag (restart resume, DESIGN 8)."""
-    t = PublicationRow
-    stmt = select(t).order_by(col(t.entity), col(t.etag))
-    return [_publication(r) for r in session.scalars(stmt)]
+    """By entity, then entity-tag (restart resume, DESIGN 8)."""
+    return PUBLICATIONS.select(session, order_by=("entity", "etag"))
+
+
+def delete_publication(session: Session, etag: str) -> bool:
+    """A DELETE by key."""
+    return PUBLICATIONS.delete(session, etag)
 
 
 def expire_publications(session: Session, now: float) -> list[Publication]:
-    """Delete and return publications whose expiry passed (RFC 3903 section 4.1)."""
-    t = PublicationRow
-    stmt = (
-        delete(t)
-        .where(col(t.expires_at) <= to_datetime(now))
-        .returning(t)
-        .execution_options(synchronize_session=False)
-    )
-    return sorted((_publication(r) for r in session.scalars(stmt)), key=lambda p: p.etag)
+    """One DELETE ... RETURNING (RFC 3903 section 4.1: an expired publication is gone)."""
+    stmt = PUBLICATIONS.table.delete().where(*PUBLICATIONS.expired_by(now))
+    return PUBLICATIONS.returning(session, stmt)
 
 
-def delete_by_key(session: Session, /, model: type[SQLModel], **key: str) -> bool:
-    """Delete the row with primary key ``key``; False if there was none."""
-    table = model.__table__  # type: ignore[attr-defined]
-    stmt = delete(table).where(*(table.c[k] == v for k, v in key.items()))
-    return len(session.execute(stmt.returning(*table.primary_key.columns)).all()) > 0
-
-
-def _presence(row: PresenceRow) -> PresenceRecord:
-    return PresenceRecord(
-        entity=row.entity,
-        resource=row.resource,
-        available=row.available,
-        show=row.show,
-        status=row.status,
-        priority=row.priority,
-        updated_at=to_timestamp(row.updated_at),
-        pidf=row.pidf,
-    )
-
-
-def set_presence(session: Session, record: PresenceRecord) -> None:
-    """Insert or replace the presence of ``record.entity``/``record.resource``."""
-    values: dict[str, Any] = {
-        "entity": record.entity,
-        "resource": record.resource,
-        "available": record.available,
-        "show": record.show,
-        "status": record.status,
-        "priority": record.priority,
-        "updated_at": to_datetime(record.updated_at),
-        "pidf": record.pidf,
-    }
-    _upsert(session, PresenceRow, values, ["entity", "resource"])
+def set_presence(
+    session: Session,
+    entity: str,
+    resource: str,
+    *,
+    available: bool,
+    now: float,
+    show: str | None = None,
+    status: str | None = None,
+    priority: int = 0,
+    pidf: str | None = None,
+) -> PresenceRecord:
+    """An upsert of every column: a new presence replaces the old one fully."""
+    record = PresenceRecord(entity, resource, available, show, status, priority, now, pidf)
+    PRESENCE.upsert(session, record)
+    return record
 
 
 def presence_of(session: Session, entity: str) -> list[PresenceRecord]:
-    """Every stored resource's presence for ``entity``, by resource."""
-    t = PresenceRow
-    stmt = select(t).where(col(t.entity) == entity).order_by(col(t.resource))
-    return [_presence(r) for r in session.scalars(stmt)]
+    """By resource."""
+    return PRESENCE.select(session, *PRESENCE.matching(entity=entity))
 
 
-def clear_presence(session: Session, entity: str, resource: str | None) -> int:
-    """Forget the presence of one resource, or of all of ``entity``'s; returns rows deleted."""
-    t = PresenceRow
-    stmt = delete(t).where(col(t.entity) == entity)
-    if resource is not None:
-        stmt = stmt.where(col(t.resource) == resource)
-    return len(session.execute(stmt.returning(col(t.resource))).all())
+def clear_presence(session: Session, entity: str, resource: str | None = None) -> int:
+    """One DELETE; returns the rows deleted."""
+    return PRESENCE.delete_where(session, *PRESENCE.matching(entity=entity, resource=resource))
 
 
-# --- approvals, rooms, transports, counts -------------------------------------------------
-
-
-def _approval(row: RosterApprovalRow) -> RosterApproval:
-    return RosterApproval(
-        sip_jid=row.sip_jid,
-        xmpp_jid=row.xmpp_jid,
-        direction=row.direction,
-        state=row.state,
-        updated_at=to_timestamp(row.updated_at),
-    )
+# --- approvals, rooms, transports, counts -----------------------------------------------------
 
 
 def set_approval(
@@ -362,114 +221,84 @@ def set_approval(
     state: ApprovalState,
     now: float,
 ) -> RosterApproval:
-    """Record the decision on one subscription request between two JIDs."""
-    values: dict[str, Any] = {
-        "sip_jid": sip_jid,
-        "xmpp_jid": xmpp_jid,
-        "direction": direction,
-        "state": state,
-        "updated_at": to_datetime(now),
-    }
-    _upsert(session, RosterApprovalRow, values, ["sip_jid", "xmpp_jid", "direction"])
-    return RosterApproval(sip_jid, xmpp_jid, direction, state, now)
+    """An upsert on (gateway JID, XMPP JID, direction)."""
+    record = RosterApproval(sip_jid, xmpp_jid, direction, state, now)
+    APPROVALS.upsert(session, record)
+    return record
 
 
 def approval(
     session: Session, sip_jid: str, xmpp_jid: str, direction: ApprovalDirection
 ) -> RosterApproval | None:
-    """The stored decision between the two JIDs in ``direction``, if any."""
-    row = session.get(RosterApprovalRow, (sip_jid, xmpp_jid, direction))
-    return None if row is None else _approval(row)
+    """A key lookup."""
+    return APPROVALS.get(session, sip_jid, xmpp_jid, direction)
 
 
-def approvals(session: Session, sip_jid: str | None, xmpp_jid: str | None) -> list[RosterApproval]:
-    """Approvals involving ``sip_jid`` and/or ``xmpp_jid`` (all when both are None)."""
-    t = RosterApprovalRow
-    stmt = select(t).order_by(col(t.sip_jid), col(t.xmpp_jid), col(t.direction))
-    if sip_jid is not None:
-        stmt = stmt.where(col(t.sip_jid) == sip_jid)
-    if xmpp_jid is not None:
-        stmt = stmt.where(col(t.xmpp_jid) == xmpp_jid)
-    return [_approval(r) for r in session.scalars(stmt)]
+def approvals(
+    session: Session, sip_jid: str | None = None, xmpp_jid: str | None = None
+) -> list[RosterApproval]:
+    """By key; all when both are None."""
+    return APPROVALS.select(session, *APPROVALS.matching(sip_jid=sip_jid, xmpp_jid=xmpp_jid))
 
 
-def _membership(row: RoomMembershipRow) -> RoomMembership:
-    return RoomMembership(
-        sip_aor=row.sip_aor, room_jid=row.room_jid, nick=row.nick, state=row.state
-    )
+def delete_approval(
+    session: Session, sip_jid: str, xmpp_jid: str, direction: ApprovalDirection
+) -> bool:
+    """A DELETE by key."""
+    return APPROVALS.delete(session, sip_jid, xmpp_jid, direction)
 
 
 def save_membership(session: Session, membership: RoomMembership) -> None:
-    """Insert or replace ``membership.sip_aor``'s seat in ``membership.room_jid``."""
-    values: dict[str, Any] = {
-        "sip_aor": membership.sip_aor,
-        "room_jid": membership.room_jid,
-        "nick": membership.nick,
-        "state": membership.state,
-    }
-    _upsert(session, RoomMembershipRow, values, ["sip_aor", "room_jid"])
+    """An upsert on (SIP user, room)."""
+    MEMBERSHIPS.upsert(session, membership)
+
+
+def remove_membership(session: Session, sip_aor: str, room_jid: str) -> bool:
+    """A DELETE by key."""
+    return MEMBERSHIPS.delete(session, sip_aor, room_jid)
 
 
 def memberships(
-    session: Session, sip_aor: str | None, room_jid: str | None
+    session: Session, sip_aor: str | None = None, room_jid: str | None = None
 ) -> list[RoomMembership]:
-    """Memberships of ``sip_aor`` and/or in ``room_jid`` (all when both are None)."""
-    t = RoomMembershipRow
-    stmt = select(t).order_by(col(t.sip_aor), col(t.room_jid))
-    if sip_aor is not None:
-        stmt = stmt.where(col(t.sip_aor) == sip_aor)
-    if room_jid is not None:
-        stmt = stmt.where(col(t.room_jid) == room_jid)
-    return [_membership(r) for r in session.scalars(stmt)]
+    """By key; all when both are None."""
+    return MEMBERSHIPS.select(session, *MEMBERSHIPS.matching(sip_aor=sip_aor, room_jid=room_jid))
 
 
-def _transport(row: TransportStatusRow) -> TransportStatus:
-    return TransportStatus(
-        domain=row.domain, up=row.up, checked_at=to_timestamp(row.checked_at), detail=row.detail
-    )
+def set_transport_status(
+    session: Session, domain: str, up: bool, now: float, detail: str | None = None
+) -> TransportStatus:
+    """An upsert on the domain."""
+    status = TransportStatus(domain, up, now, detail)
+    TRANSPORTS.upsert(session, status)
+    return status
 
 
-def set_transport_status(session: Session, status: TransportStatus) -> None:
-    """Insert or replace the probe result for ``status.domain``."""
-    values: dict[str, Any] = {
-        "domain": status.domain,
-        "up": status.up,
-        "checked_at": to_datetime(status.checked_at),
-        "detail": status.detail,
-    }
-    _upsert(session, TransportStatusRow, values, ["domain"])
+def transport_status(session: Session, domain: str) -> TransportStatus | None:
+    """A key lookup."""
+    return TRANSPORTS.get(session, domain)
 
 
-def transport_statuses(session: Session, domain: str | None) -> list[TransportStatus]:
-    """Probe results, all or for one ``domain``."""
-    t = TransportStatusRow
-    stmt = select(t).order_by(col(t.domain))
-    if domain is not None:
-        stmt = stmt.where(col(t.domain) == domain)
-    return [_transport(r) for r in session.scalars(stmt)]
-
-
-def _count(session: Session, model: type[SQLModel], *where: Any) -> int:
-    table = model.__table__  # type: ignore[attr-defined]
-    stmt = select(func.count()).select_from(table).where(*where)
-    return int(session.execute(stmt).scalar_one())
+def transport_statuses(session: Session) -> list[TransportStatus]:
+    """By domain."""
+    return TRANSPORTS.select(session)
 
 
 def counts(session: Session) -> StoreCounts:
-    """Row counts for metrics: queue depth by state, subscriptions, rooms, transports."""
-    t = QueuedMessageRow
-    grouped = session.execute(select(col(t.state), func.count()).group_by(col(t.state)))
-    by_state = {state: int(n) for state, n in grouped.all()}
+    """The queue grouped by state in one query, then a COUNT per table."""
+    state_column = QueuedMessageRow.__table__.c.state  # type: ignore[attr-defined]
+    grouped = session.execute(select(state_column, func.count()).group_by(state_column))
+    by_state = {MessageState(state): int(n) for state, n in grouped.all()}
     return StoreCounts(
-        queued=int(by_state.get(MessageState.QUEUED, 0)),
-        inflight=int(by_state.get(MessageState.INFLIGHT, 0)),
-        delivered=int(by_state.get(MessageState.DELIVERED, 0)),
-        failed=int(by_state.get(MessageState.FAILED, 0)),
-        users_seen=_count(session, SeenUserRow),
-        users_online=_count(session, SeenUserRow, col(SeenUserRow.online).is_(True)),
-        sip_watchers=_count(session, SipWatcherSubscriptionRow),
-        xmpp_watchers=_count(session, XmppWatcherSubscriptionRow),
-        publications=_count(session, PublicationRow),
-        memberships=_count(session, RoomMembershipRow),
-        transports_down=_count(session, TransportStatusRow, col(TransportStatusRow.up).is_(False)),
+        queued=by_state.get(MessageState.QUEUED, 0),
+        inflight=by_state.get(MessageState.INFLIGHT, 0),
+        delivered=by_state.get(MessageState.DELIVERED, 0),
+        failed=by_state.get(MessageState.FAILED, 0),
+        users_seen=SEEN.count(session),
+        users_online=SEEN.count(session, SEEN.column("online").is_(True)),
+        sip_watchers=SIP_WATCHERS.count(session),
+        xmpp_watchers=XMPP_WATCHERS.count(session),
+        publications=PUBLICATIONS.count(session),
+        memberships=MEMBERSHIPS.count(session),
+        transports_down=TRANSPORTS.count(session, TRANSPORTS.column("up").is_(False)),
     )

@@ -1,6 +1,6 @@
 """The store port: what the gateway's core needs from durable state, as a ``Protocol``.
 
-``store.Store`` implements it; core tests can pass an in-memory fake. Methods are async because
+``store.Store`` implements it; core tests pass ``memory.MemoryStore``. Methods are async because
 the real store does its work on a thread of its own. Times are POSIX seconds.
 """
 

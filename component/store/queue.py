@@ -9,44 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Row, Select, and_, delete, insert, or_, select, update
+from sqlalchemy import Select, and_, insert, or_, select, update
 from sqlalchemy.orm import Session
-from sqlmodel import col
 
-from .models import (
-    QueuedMessageRow,
-)
-from .ops import to_datetime, to_timestamp
-from .records import (
-    JsonObject,
-    MessageDirection,
-    MessageState,
-    QueuedMessage,
-    RecordNotFound,
-)
+from .mapping import RowMapping, to_datetime
+from .models import QueuedMessageRow
+from .port import DEFAULT_LEASE
+from .records import JsonObject, MessageDirection, MessageState, QueuedMessage, RecordNotFound
 
 EXPIRED_REASON = "expired"
 
-
-def _message(row: QueuedMessageRow | Row[Any]) -> QueuedMessage:
-    """A message from an ORM row or a Core ``RETURNING`` row (same attribute names)."""
-    assert row.id is not None
-    return QueuedMessage(
-        id=row.id,
-        direction=row.direction,
-        sender=row.sender,
-        recipient=row.recipient,
-        body=row.body,
-        content_type=row.content_type,
-        extra=dict(row.extra),
-        created_at=to_timestamp(row.created_at),
-        deliver_by=to_timestamp(row.deliver_by),
-        attempts=row.attempts,
-        next_attempt_at=to_timestamp(row.next_attempt_at),
-        state=row.state,
-        owner=row.owner,
-        last_error=row.last_error,
-    )
+QUEUE = RowMapping(QueuedMessage, QueuedMessageRow)
+_table = QUEUE.table
+_WAITING = (MessageState.QUEUED, MessageState.INFLIGHT)
 
 
 def enqueue_message(
@@ -56,17 +31,16 @@ def enqueue_message(
     recipient: str,
     body: str,
     content_type: str,
+    *,
     now: float,
     delay: float,
-    extra: JsonObject | None,
-    next_attempt_at: float | None,
+    extra: JsonObject | None = None,
+    next_attempt_at: float | None = None,
 ) -> QueuedMessage:
-    """Add a queued message due at ``next_attempt_at`` (default now), kept until now + delay."""
-    # Core INSERT ... RETURNING rather than the ORM unit of work: this is the hot path when
-    # the XMPP link is down, and it costs about half the CPU.
-    table = QueuedMessageRow.__table__  # type: ignore[attr-defined]
+    """A Core INSERT ... RETURNING: the hot path when the XMPP link is down."""
+    # The ORM unit of work would cost about twice the CPU here.
     stmt = (
-        insert(table)
+        insert(_table)
         .values(
             direction=direction,
             sender=sender,
@@ -80,111 +54,90 @@ def enqueue_message(
             next_attempt_at=to_datetime(now if next_attempt_at is None else next_attempt_at),
             state=MessageState.QUEUED,
         )
-        .returning(*table.c)
+        .returning(*_table.c)
     )
-    return _message(session.execute(stmt).one())
+    return QUEUE.to_record(session.execute(stmt).one())
 
 
-def _claimable(now: float) -> Any:
-    """Queued rows that are due, or inflight rows whose claim lease ran out (owner died)."""
-    t = QueuedMessageRow
-    return and_(
-        col(t.state).in_([MessageState.QUEUED, MessageState.INFLIGHT]),
-        col(t.next_attempt_at) <= to_datetime(now),
-        col(t.deliver_by) > to_datetime(now),
+def _waiting(now: float) -> Any:
+    """Queued rows, and inflight rows whose claim lease ran out (their owner died)."""
+    c = _table.c
+    return or_(
+        c.state == MessageState.QUEUED,
+        and_(c.state == MessageState.INFLIGHT, c.next_attempt_at <= to_datetime(now)),
     )
 
 
 def _claim(
     session: Session, chosen: Select[Any], now: float, instance: str, lease: float
 ) -> list[QueuedMessage]:
-    t = QueuedMessageRow
+    c = _table.c
     # PostgreSQL: FOR UPDATE SKIP LOCKED lets instances claim side by side without waiting on
     # each other's rows; SQLite ignores it, and its single writer makes the UPDATE atomic.
     ids = chosen.with_for_update(skip_locked=True).scalar_subquery()
     stmt = (
-        update(t)
-        .where(col(t.id).in_(ids))
+        update(_table)
+        .where(c.id.in_(ids))
         .values(
             state=MessageState.INFLIGHT,
             owner=instance,
-            attempts=col(t.attempts) + 1,
+            attempts=c.attempts + 1,
             # While inflight, next_attempt_at is the end of the lease: past it, the row is
             # claimable again, so messages of a dead instance are not stranded.
             next_attempt_at=to_datetime(now + lease),
         )
-        .returning(t)
-        .execution_options(synchronize_session=False)
     )
-    rows = session.scalars(stmt).all()
-    return sorted((_message(r) for r in rows), key=lambda m: m.id)
+    return QUEUE.returning(session, stmt)
 
 
 def claim_due_messages(
-    session: Session, now: float, limit: int, instance: str, lease: float
+    session: Session, now: float, limit: int, instance: str, lease: float = DEFAULT_LEASE
 ) -> list[QueuedMessage]:
-    """Claim up to ``limit`` due messages for ``instance``, oldest due first."""
-    t = QueuedMessageRow
-    chosen = (
-        select(col(t.id))
-        .where(_claimable(now))
-        .order_by(col(t.next_attempt_at), col(t.id))
-        .limit(limit)
+    """Oldest due first; due means ``next_attempt_at`` reached (the lease end when inflight)."""
+    c = _table.c
+    claimable = and_(
+        c.state.in_(_WAITING),
+        c.next_attempt_at <= to_datetime(now),
+        c.deliver_by > to_datetime(now),
     )
+    chosen = select(c.id).where(claimable).order_by(c.next_attempt_at, c.id).limit(limit)
     return _claim(session, chosen, now, instance, lease)
 
 
 def claim_messages_for_recipient(
-    session: Session, recipient: str, now: float, instance: str, lease: float
+    session: Session, recipient: str, now: float, instance: str, lease: float = DEFAULT_LEASE
 ) -> list[QueuedMessage]:
-    """Claim every waiting message for ``recipient``, due or not (the user just came online)."""
-    t = QueuedMessageRow
-    waiting = or_(
-        col(t.state) == MessageState.QUEUED,
-        and_(col(t.state) == MessageState.INFLIGHT, col(t.next_attempt_at) <= to_datetime(now)),
-    )
+    """Every waiting message for ``recipient`` not past ``deliver_by``, due or not."""
+    c = _table.c
     chosen = (
-        select(col(t.id))
-        .where(col(t.recipient) == recipient, waiting, col(t.deliver_by) > to_datetime(now))
-        .order_by(col(t.id))
+        select(c.id)
+        .where(c.recipient == recipient, _waiting(now), c.deliver_by > to_datetime(now))
+        .order_by(c.id)
     )
     return _claim(session, chosen, now, instance, lease)
 
 
 def messages_for_recipient(session: Session, recipient: str) -> list[QueuedMessage]:
-    """Messages still waiting (queued or inflight) for ``recipient``, oldest first."""
-    t = QueuedMessageRow
-    stmt = (
-        select(t)
-        .where(
-            col(t.recipient) == recipient,
-            col(t.state).in_([MessageState.QUEUED, MessageState.INFLIGHT]),
-        )
-        .order_by(col(t.id))
-    )
-    return [_message(r) for r in session.scalars(stmt)]
+    """Queued or inflight, oldest first."""
+    c = _table.c
+    return QUEUE.select(session, c.recipient == recipient, c.state.in_(_WAITING))
 
 
 def _finish_message(session: Session, message_id: int, **values: Any) -> None:
-    table = QueuedMessageRow.__table__  # type: ignore[attr-defined]
-    stmt = update(table).where(table.c.id == message_id).values(**values).returning(table.c.id)
-    if session.execute(stmt).first() is None:
+    stmt = update(_table).where(_table.c.id == message_id).values(**values)
+    if session.execute(stmt.returning(_table.c.id)).first() is None:
         raise RecordNotFound(f"no queued message {message_id}")
 
 
 def mark_delivered(session: Session, message_id: int, now: float) -> None:
-    """The message reached its recipient."""
+    """Delivered rows stay until ``purge_finished``, for the counts."""
     _finish_message(
-        session,
-        message_id,
-        state=MessageState.DELIVERED,
-        owner=None,
-        finished_at=to_datetime(now),
+        session, message_id, state=MessageState.DELIVERED, owner=None, finished_at=to_datetime(now)
     )
 
 
 def mark_failed(session: Session, message_id: int, reason: str, now: float) -> None:
-    """The message cannot be delivered; the caller tells its sender."""
+    """Failed rows keep ``reason`` as ``last_error`` until ``purge_finished``."""
     _finish_message(
         session,
         message_id,
@@ -196,9 +149,9 @@ def mark_failed(session: Session, message_id: int, reason: str, now: float) -> N
 
 
 def reschedule(
-    session: Session, message_id: int, next_attempt_at: float, reason: str | None
+    session: Session, message_id: int, next_attempt_at: float, reason: str | None = None
 ) -> None:
-    """Put a claimed message back in the queue, due at ``next_attempt_at``."""
+    """Back to queued with no owner; ``reason`` replaces ``last_error``."""
     _finish_message(
         session,
         message_id,
@@ -210,47 +163,33 @@ def reschedule(
 
 
 def release_claims(session: Session, instance: str, now: float) -> int:
-    """Return ``instance``'s inflight messages to the queue, due now (after a restart)."""
-    t = QueuedMessageRow
+    """One UPDATE of ``instance``'s inflight rows, whatever their lease."""
+    c = _table.c
     stmt = (
-        update(t)
-        .where(col(t.state) == MessageState.INFLIGHT, col(t.owner) == instance)
+        update(_table)
+        .where(c.state == MessageState.INFLIGHT, c.owner == instance)
         .values(state=MessageState.QUEUED, owner=None, next_attempt_at=to_datetime(now))
-        .returning(col(t.id))
+        .returning(c.id)
     )
     return len(session.execute(stmt).all())
 
 
 def expire_messages(session: Session, now: float) -> list[QueuedMessage]:
-    """Fail every waiting message past ``deliver_by`` and return them, so senders can be told.
-
-    An inflight message within its lease is left alone: its deliverer decides its fate.
-    """
-    t = QueuedMessageRow
+    """One UPDATE ... RETURNING; an inflight message within its lease is left to its deliverer."""
     nowdt = to_datetime(now)
-    waiting = or_(
-        col(t.state) == MessageState.QUEUED,
-        and_(col(t.state) == MessageState.INFLIGHT, col(t.next_attempt_at) <= nowdt),
-    )
     stmt = (
-        update(t)
-        .where(col(t.deliver_by) <= nowdt, waiting)
+        update(_table)
+        .where(_table.c.deliver_by <= nowdt, _waiting(now))
         .values(state=MessageState.FAILED, owner=None, last_error=EXPIRED_REASON, finished_at=nowdt)
-        .returning(t)
-        .execution_options(synchronize_session=False)
     )
-    return sorted((_message(r) for r in session.scalars(stmt)), key=lambda m: m.id)
+    return QUEUE.returning(session, stmt)
 
 
 def purge_finished(session: Session, before: float) -> int:
-    """Delete delivered and failed messages finished before ``before``; returns how many."""
-    t = QueuedMessageRow
-    stmt = (
-        delete(t)
-        .where(
-            col(t.state).in_([MessageState.DELIVERED, MessageState.FAILED]),
-            col(t.finished_at) < to_datetime(before),
-        )
-        .returning(col(t.id))
+    """One DELETE of delivered and failed rows finished before ``before``."""
+    c = _table.c
+    return QUEUE.delete_where(
+        session,
+        c.state.in_((MessageState.DELIVERED, MessageState.FAILED)),
+        c.finished_at < to_datetime(before),
     )
-    return len(session.execute(stmt).all())

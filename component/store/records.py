@@ -10,6 +10,9 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+# The RFC 6665 states sipside names; re-exported so callers keep importing them from the store.
+from sipside.events import SubscriptionState as SubscriptionState
+
 JsonObject = dict[str, Any]
 """A JSON object as stored in a TEXT JSON column (dialog snapshots, message extras)."""
 
@@ -44,14 +47,6 @@ class MessageState(enum.StrEnum):
     INFLIGHT = "inflight"
     DELIVERED = "delivered"
     FAILED = "failed"
-
-
-class SubscriptionState(enum.StrEnum):
-    """Subscription-State values of RFC 6665 section 4.1.3 that we keep."""
-
-    PENDING = "pending"
-    ACTIVE = "active"
-    TERMINATED = "terminated"
 
 
 class ApprovalDirection(enum.StrEnum):

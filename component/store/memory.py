@@ -1,0 +1,481 @@
+"""An in-memory ``StorePort`` for core tests: the real store's semantics, no database.
+
+``tests/test_store.py`` runs the same behavioural tests against it as against SQLite and
+PostgreSQL. Two ``MemoryStore``s on one ``MemoryDatabase`` are two processes on one database
+(a restart); ``unavailable`` makes every call raise ``StoreUnavailable``, as an outage would.
+JSON fields are copied through ``json`` on the way in and out, as a JSON column would.
+Strings sort by code point, as on SQLite.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .port import DEFAULT_LEASE, StorePort
+from .records import (
+    ApprovalDirection,
+    ApprovalState,
+    JsonObject,
+    MessageDirection,
+    MessageState,
+    PresenceRecord,
+    Publication,
+    QueuedMessage,
+    RecordNotFound,
+    RoomMembership,
+    RosterApproval,
+    SeenUser,
+    SipWatcherSubscription,
+    StoreCounts,
+    StoreError,
+    StoreUnavailable,
+    TransportStatus,
+    XmppWatcherSubscription,
+)
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+R = TypeVar("R", bound="DataclassInstance")
+
+EXPIRED_REASON = "expired"
+_WAITING = (MessageState.QUEUED, MessageState.INFLIGHT)
+_FINISHED = (MessageState.DELIVERED, MessageState.FAILED)
+
+
+def _detached(record: R) -> R:
+    """``record`` with its dict fields replaced by copies made through JSON, as a column would."""
+    try:
+        changes = {
+            f.name: json.loads(json.dumps(value))
+            for f in fields(record)
+            if isinstance(value := getattr(record, f.name), dict)
+        }
+    except (TypeError, ValueError) as error:
+        raise StoreError(f"database error: {error}") from error
+    return replace(record, **changes) if changes else record
+
+
+class _Table(Generic[R]):
+    """Records of one type by primary key; listings come ordered by key, like the SQL store's."""
+
+    def __init__(self, *key: str) -> None:
+        self._key_names = key
+        self._rows: dict[tuple[Any, ...], R] = {}
+
+    def _key(self, record: R) -> tuple[Any, ...]:
+        return tuple(getattr(record, name) for name in self._key_names)
+
+    def put(self, record: R) -> R:
+        """Insert or replace ``record``; returns it."""
+        self._rows[self._key(record)] = _detached(record)
+        return record
+
+    def get(self, *key: Any) -> R | None:
+        """The record with primary key ``key``, if stored."""
+        found = self._rows.get(key)
+        return None if found is None else _detached(found)
+
+    def select(
+        self,
+        where: Callable[[R], bool] = lambda _: True,
+        order: Callable[[R], Any] | None = None,
+        **equal: Any,
+    ) -> list[R]:
+        """Records matching ``where`` and each field value given that is not None."""
+        wanted = {name: value for name, value in equal.items() if value is not None}
+        chosen = [
+            _detached(record)
+            for record in self._rows.values()
+            if where(record) and all(getattr(record, n) == v for n, v in wanted.items())
+        ]
+        return sorted(chosen, key=order or self._key)
+
+    def delete(self, *key: Any) -> bool:
+        """Delete the record with primary key ``key``; False if there was none."""
+        return self._rows.pop(key, None) is not None
+
+    def delete_all(self, records: Iterable[R]) -> int:
+        """Delete ``records``; returns how many."""
+        keys = [self._key(record) for record in records]
+        for key in keys:
+            del self._rows[key]
+        return len(keys)
+
+
+@dataclass
+class MemoryDatabase:
+    """The tables one or more ``MemoryStore``s share."""
+
+    messages: _Table[QueuedMessage] = field(default_factory=lambda: _Table("id"))
+    finished_at: dict[int, float] = field(default_factory=dict)
+    message_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    seen: _Table[SeenUser] = field(default_factory=lambda: _Table("aor"))
+    sip_watchers: _Table[SipWatcherSubscription] = field(
+        default_factory=lambda: _Table("dialog_id")
+    )
+    xmpp_watchers: _Table[XmppWatcherSubscription] = field(
+        default_factory=lambda: _Table("watcher_jid", "sip_aor")
+    )
+    publications: _Table[Publication] = field(default_factory=lambda: _Table("etag"))
+    presence: _Table[PresenceRecord] = field(default_factory=lambda: _Table("entity", "resource"))
+    approvals: _Table[RosterApproval] = field(
+        default_factory=lambda: _Table("sip_jid", "xmpp_jid", "direction")
+    )
+    memberships: _Table[RoomMembership] = field(
+        default_factory=lambda: _Table("sip_aor", "room_jid")
+    )
+    transports: _Table[TransportStatus] = field(default_factory=lambda: _Table("domain"))
+
+
+def _waiting(message: QueuedMessage, now: float) -> bool:
+    """Queued, or inflight with its claim lease over (its owner died)."""
+    return message.state is MessageState.QUEUED or (
+        message.state is MessageState.INFLIGHT and message.next_attempt_at <= now
+    )
+
+
+class MemoryStore:
+    """``StorePort`` on dicts: for core tests. ``close()`` makes later calls unavailable."""
+
+    def __init__(self, database: MemoryDatabase | None = None) -> None:
+        self.database = database if database is not None else MemoryDatabase()
+        self.unavailable = False
+        self._closed = False
+
+    @property
+    def _db(self) -> MemoryDatabase:
+        if self._closed:
+            raise StoreUnavailable("store is closed")
+        if self.unavailable:
+            raise StoreUnavailable("database unavailable")
+        return self.database
+
+    async def close(self) -> None:
+        """Later calls raise ``StoreUnavailable``; the database stays for another store."""
+        self._closed = True
+
+    # --- the message queue -----------------------------------------------------------------
+
+    async def enqueue_message(
+        self,
+        direction: MessageDirection,
+        sender: str,
+        recipient: str,
+        body: str,
+        content_type: str,
+        *,
+        now: float,
+        delay: float,
+        extra: JsonObject | None = None,
+        next_attempt_at: float | None = None,
+    ) -> QueuedMessage:
+        db = self._db
+        due = now if next_attempt_at is None else next_attempt_at
+        message = QueuedMessage(
+            id=next(db.message_ids),
+            direction=direction,
+            sender=sender,
+            recipient=recipient,
+            body=body,
+            content_type=content_type,
+            extra=dict(extra or {}),
+            created_at=now,
+            deliver_by=now + delay,
+            attempts=0,
+            next_attempt_at=due,
+            state=MessageState.QUEUED,
+            owner=None,
+            last_error=None,
+        )
+        return _detached(db.messages.put(message))
+
+    def _claim(
+        self, chosen: list[QueuedMessage], now: float, instance: str, lease: float
+    ) -> list[QueuedMessage]:
+        claimed = [
+            replace(
+                message,
+                state=MessageState.INFLIGHT,
+                owner=instance,
+                attempts=message.attempts + 1,
+                next_attempt_at=now + lease,
+            )
+            for message in chosen
+        ]
+        return sorted((self._db.messages.put(m) for m in claimed), key=lambda m: m.id)
+
+    async def claim_due_messages(
+        self, now: float, limit: int, instance: str, lease: float = DEFAULT_LEASE
+    ) -> list[QueuedMessage]:
+        due = self._db.messages.select(
+            lambda m: m.state in _WAITING and m.next_attempt_at <= now < m.deliver_by,
+            order=lambda m: (m.next_attempt_at, m.id),
+        )
+        return self._claim(due[: max(limit, 0)], now, instance, lease)
+
+    async def claim_messages_for_recipient(
+        self, recipient: str, now: float, instance: str, lease: float = DEFAULT_LEASE
+    ) -> list[QueuedMessage]:
+        chosen = self._db.messages.select(
+            lambda m: _waiting(m, now) and m.deliver_by > now, recipient=recipient
+        )
+        return self._claim(chosen, now, instance, lease)
+
+    async def messages_for_recipient(self, recipient: str) -> list[QueuedMessage]:
+        return self._db.messages.select(lambda m: m.state in _WAITING, recipient=recipient)
+
+    def _finish(self, message_id: int, now: float | None, **changes: Any) -> None:
+        db = self._db
+        message = db.messages.get(message_id)
+        if message is None:
+            raise RecordNotFound(f"no queued message {message_id}")
+        db.messages.put(replace(message, owner=None, **changes))
+        if now is not None:
+            db.finished_at[message_id] = now
+
+    async def mark_delivered(self, message_id: int, now: float) -> None:
+        self._finish(message_id, now, state=MessageState.DELIVERED)
+
+    async def mark_failed(self, message_id: int, reason: str, now: float) -> None:
+        self._finish(message_id, now, state=MessageState.FAILED, last_error=reason)
+
+    async def reschedule(
+        self, message_id: int, next_attempt_at: float, reason: str | None = None
+    ) -> None:
+        self._finish(
+            message_id,
+            None,
+            state=MessageState.QUEUED,
+            next_attempt_at=next_attempt_at,
+            last_error=reason,
+        )
+
+    async def release_claims(self, instance: str, now: float) -> int:
+        db = self._db
+        mine = db.messages.select(owner=instance, state=MessageState.INFLIGHT)
+        for message in mine:
+            db.messages.put(
+                replace(message, state=MessageState.QUEUED, owner=None, next_attempt_at=now)
+            )
+        return len(mine)
+
+    async def expire_messages(self, now: float) -> list[QueuedMessage]:
+        db = self._db
+        late = db.messages.select(lambda m: m.deliver_by <= now and _waiting(m, now))
+        expired = [
+            replace(m, state=MessageState.FAILED, owner=None, last_error=EXPIRED_REASON)
+            for m in late
+        ]
+        for message in expired:
+            db.messages.put(message)
+            db.finished_at[message.id] = now
+        return expired
+
+    async def purge_finished(self, before: float) -> int:
+        db = self._db
+        done = db.messages.select(
+            lambda m: m.state in _FINISHED and db.finished_at.get(m.id, before) < before
+        )
+        for message in done:
+            del db.finished_at[message.id]
+        return db.messages.delete_all(done)
+
+    # --- users seen online -------------------------------------------------------------------
+
+    async def mark_user_seen(
+        self, aor: str, now: float, contact: str | None = None, expires: float | None = None
+    ) -> SeenUser:
+        db = self._db
+        known = db.seen.get(aor) or SeenUser(aor, now, True)
+        return db.seen.put(
+            replace(
+                known,
+                last_seen=now,
+                online=True,
+                contact=known.contact if contact is None else contact,
+                expires_at=known.expires_at if expires is None else now + expires,
+            )
+        )
+
+    async def user_seen_before(self, aor: str) -> bool:
+        return self._db.seen.get(aor) is not None
+
+    async def seen_user(self, aor: str) -> SeenUser | None:
+        return self._db.seen.get(aor)
+
+    def _set_offline(self, users: list[SeenUser]) -> list[SeenUser]:
+        return [self._db.seen.put(replace(u, online=False, expires_at=None)) for u in users]
+
+    async def set_user_offline(self, aor: str) -> bool:
+        return bool(self._set_offline(self._db.seen.select(aor=aor)))
+
+    async def expire_registrations(self, now: float) -> list[SeenUser]:
+        return self._set_offline(
+            self._db.seen.select(
+                lambda u: u.online and u.expires_at is not None and u.expires_at <= now
+            )
+        )
+
+    async def online_users(self) -> list[SeenUser]:
+        return self._db.seen.select(lambda u: u.online)
+
+    # --- subscriptions both ways -------------------------------------------------------------
+
+    async def save_sip_watcher_subscription(self, sub: SipWatcherSubscription) -> None:
+        self._db.sip_watchers.put(sub)
+
+    async def sip_watcher_subscription(self, dialog_id: str) -> SipWatcherSubscription | None:
+        return self._db.sip_watchers.get(dialog_id)
+
+    async def sip_watcher_subscriptions(
+        self, target_jid: str | None = None, *, expired_at: float | None = None
+    ) -> list[SipWatcherSubscription]:
+        return self._db.sip_watchers.select(
+            lambda s: expired_at is None or s.expires_at <= expired_at, target_jid=target_jid
+        )
+
+    async def delete_sip_watcher_subscription(self, dialog_id: str) -> bool:
+        return self._db.sip_watchers.delete(dialog_id)
+
+    async def save_xmpp_watcher_subscription(self, sub: XmppWatcherSubscription) -> None:
+        self._db.xmpp_watchers.put(sub)
+
+    async def xmpp_watcher_subscription(
+        self, watcher_jid: str, sip_aor: str
+    ) -> XmppWatcherSubscription | None:
+        return self._db.xmpp_watchers.get(watcher_jid, sip_aor)
+
+    async def xmpp_watcher_subscriptions(
+        self, sip_aor: str | None = None, *, expiring_before: float | None = None
+    ) -> list[XmppWatcherSubscription]:
+        def expiring(sub: XmppWatcherSubscription) -> bool:
+            if expiring_before is None:
+                return True
+            return sub.expires_at is not None and sub.expires_at <= expiring_before
+
+        return self._db.xmpp_watchers.select(expiring, sip_aor=sip_aor)
+
+    async def delete_xmpp_watcher_subscription(self, watcher_jid: str, sip_aor: str) -> bool:
+        return self._db.xmpp_watchers.delete(watcher_jid, sip_aor)
+
+    # --- publications and presence -----------------------------------------------------------
+
+    async def save_publication(self, pub: Publication) -> None:
+        self._db.publications.put(pub)
+
+    async def publication(self, etag: str) -> Publication | None:
+        return self._db.publications.get(etag)
+
+    async def publications_of(self, entity: str) -> list[Publication]:
+        return self._db.publications.select(entity=entity)
+
+    async def all_publications(self) -> list[Publication]:
+        return self._db.publications.select(order=lambda p: (p.entity, p.etag))
+
+    async def delete_publication(self, etag: str) -> bool:
+        return self._db.publications.delete(etag)
+
+    async def expire_publications(self, now: float) -> list[Publication]:
+        expired = self._db.publications.select(lambda p: p.expires_at <= now)
+        self._db.publications.delete_all(expired)
+        return expired
+
+    async def set_presence(
+        self,
+        entity: str,
+        resource: str,
+        *,
+        available: bool,
+        now: float,
+        show: str | None = None,
+        status: str | None = None,
+        priority: int = 0,
+        pidf: str | None = None,
+    ) -> PresenceRecord:
+        record = PresenceRecord(entity, resource, available, show, status, priority, now, pidf)
+        return self._db.presence.put(record)
+
+    async def presence_of(self, entity: str) -> list[PresenceRecord]:
+        return self._db.presence.select(entity=entity)
+
+    async def clear_presence(self, entity: str, resource: str | None = None) -> int:
+        presence = self._db.presence
+        return presence.delete_all(presence.select(entity=entity, resource=resource))
+
+    # --- approvals, rooms, transports --------------------------------------------------------
+
+    async def set_approval(
+        self,
+        sip_jid: str,
+        xmpp_jid: str,
+        direction: ApprovalDirection,
+        state: ApprovalState,
+        now: float,
+    ) -> RosterApproval:
+        return self._db.approvals.put(RosterApproval(sip_jid, xmpp_jid, direction, state, now))
+
+    async def approval(
+        self, sip_jid: str, xmpp_jid: str, direction: ApprovalDirection
+    ) -> RosterApproval | None:
+        return self._db.approvals.get(sip_jid, xmpp_jid, direction)
+
+    async def approvals(
+        self, sip_jid: str | None = None, xmpp_jid: str | None = None
+    ) -> list[RosterApproval]:
+        return self._db.approvals.select(sip_jid=sip_jid, xmpp_jid=xmpp_jid)
+
+    async def delete_approval(
+        self, sip_jid: str, xmpp_jid: str, direction: ApprovalDirection
+    ) -> bool:
+        return self._db.approvals.delete(sip_jid, xmpp_jid, direction)
+
+    async def save_membership(self, membership: RoomMembership) -> None:
+        self._db.memberships.put(membership)
+
+    async def remove_membership(self, sip_aor: str, room_jid: str) -> bool:
+        return self._db.memberships.delete(sip_aor, room_jid)
+
+    async def memberships(
+        self, sip_aor: str | None = None, room_jid: str | None = None
+    ) -> list[RoomMembership]:
+        return self._db.memberships.select(sip_aor=sip_aor, room_jid=room_jid)
+
+    async def set_transport_status(
+        self, domain: str, up: bool, now: float, detail: str | None = None
+    ) -> TransportStatus:
+        return self._db.transports.put(TransportStatus(domain, up, now, detail))
+
+    async def transport_status(self, domain: str) -> TransportStatus | None:
+        return self._db.transports.get(domain)
+
+    async def transport_statuses(self) -> list[TransportStatus]:
+        return self._db.transports.select()
+
+    async def counts(self) -> StoreCounts:
+        db = self._db
+        by_state = {state: 0 for state in MessageState}
+        for message in db.messages.select():
+            by_state[message.state] += 1
+        return StoreCounts(
+            queued=by_state[MessageState.QUEUED],
+            inflight=by_state[MessageState.INFLIGHT],
+            delivered=by_state[MessageState.DELIVERED],
+            failed=by_state[MessageState.FAILED],
+            users_seen=len(db.seen.select()),
+            users_online=len(db.seen.select(lambda u: u.online)),
+            sip_watchers=len(db.sip_watchers.select()),
+            xmpp_watchers=len(db.xmpp_watchers.select()),
+            publications=len(db.publications.select()),
+            memberships=len(db.memberships.select()),
+            transports_down=len(db.transports.select(lambda t: not t.up)),
+        )
+
+
+def _implements_port(store: MemoryStore) -> StorePort:
+    """Never called: mypy checks here that ``MemoryStore`` has every ``StorePort`` method."""
+    return store
