@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from component.errors import Refusal
 from component.values import SipAnswer
 from sipside.errors import PeerError
+from sipside.headers import quote_warning
 
 Headers = list[tuple[str, str]]
 
@@ -28,16 +29,11 @@ class Respondable(Protocol):
         ...
 
 
-def quote(text: str) -> str:
-    """``text`` as the inside of a SIP quoted-string (RFC 3261 25.1), on one line."""
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\r", " ").replace("\n", " ")
-
-
 def warning(text: str | None) -> Headers:
     """A Warning header carrying ``text`` (none for an empty text)."""
     if not text:
         return []
-    return [("Warning", f'399 sipxmpp "{quote(text)}"')]
+    return [("Warning", f'399 sipxmpp "{quote_warning(text)}"')]
 
 
 def refusal_headers(exc: Refusal | PeerError) -> tuple[int, str | None, Headers]:

@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Protocol
 
 from component.logs import get_logger
-from component.sip.answers import quote
 from sipside.endpoint import Endpoint, make_request
 from sipside.errors import TransactionTimeout, TransportError
+from sipside.headers import quote_warning
 from sipside.message import new_call_id, new_tag
 
 log = get_logger("component.sip.sender")
@@ -36,7 +36,7 @@ class SipSender:
         self, *, from_uri: str, to_uri: str, body: str, from_display: str | None = None
     ) -> int:
         """A MESSAGE through the proxy; the final status, 408/503 for timeouts/failures."""
-        display = f'"{quote(from_display)}" ' if from_display else ""
+        display = f'"{quote_warning(from_display)}" ' if from_display else ""
         request = make_request(
             "MESSAGE",
             to_uri,
