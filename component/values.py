@@ -139,28 +139,28 @@ class SipSubscription:
 
 
 @dataclass(frozen=True, slots=True)
-class SubscriptionActive:
-    """The SIP presence server lets the watcher see the SIP user, in this state (None: empty)."""
+class _SubscriptionNews:
+    """What the SIP presence server said of one XMPP watcher's subscription to a SIP user."""
 
     watcher_jid: str
     sip_jid: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionActive(_SubscriptionNews):
+    """The SIP presence server lets the watcher see the SIP user, in this state (None: empty)."""
+
     document: PresenceDocument | None
 
 
 @dataclass(frozen=True, slots=True)
-class SubscriptionPending:
+class SubscriptionPending(_SubscriptionNews):
     """The SIP presence server has not decided yet (RFC 6665 4.1.3 pending)."""
-
-    watcher_jid: str
-    sip_jid: str
 
 
 @dataclass(frozen=True, slots=True)
-class SubscriptionRefused:
+class SubscriptionRefused(_SubscriptionNews):
     """The subscription ended for good: rejected, no such user, or the SUBSCRIBE failed."""
-
-    watcher_jid: str
-    sip_jid: str
 
 
 PresenceServerNews = SubscriptionActive | SubscriptionPending | SubscriptionRefused

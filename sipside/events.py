@@ -2,8 +2,9 @@
 the notifier (``sipside.notifier``) and the publication (``sipside.publication``) cores.
 
 ``Event`` and ``Subscription-State`` header values, the Expires, Min-Expires and Retry-After
-readings, the digest retry of a challenged request, the refresh, re-subscribe and restart
-timing, and the effects every one of these cores returns:
+readings, the requests a subscriber or publisher has in flight (``OutgoingRequests``, with the
+digest retry of a challenged one), the refresh, re-subscribe and restart timing, and the
+effects every one of these cores returns:
 ``SendRequest`` (the caller runs a client transaction and reports its outcome back),
 ``SendResponse`` (answer the request just handled), ``StateChanged`` (subscriber: the state the
 notifier reported, or its local end) and ``SubscriptionEnded`` (notifier: forget it).
@@ -14,11 +15,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, replace
+from typing import Generic, TypeVar
 
 from sipside.dialog import Dialog
 from sipside.digest import AuthenticationError, DigestClient, retry_with_credentials
 from sipside.errors import PeerError
 from sipside.message import SipRequest, SipResponse, make_response
+
+Tag = TypeVar("Tag")
 
 
 class SubscriptionState(enum.StrEnum):
@@ -214,28 +218,6 @@ def min_expires_retry(response: SipResponse, requested: int) -> int | None:
     return minimum if minimum > requested else None
 
 
-def auth_retry(
-    digest: DigestClient | None,
-    retried: set[int],
-    dialog: Dialog,
-    request: SipRequest,
-    response: SipResponse,
-) -> tuple[Dialog, SipRequest] | None:
-    """``request`` resent with credentials answering the 401/407 ``response``, numbered as
-    the dialog's next CSeq, and the dialog that numbered it; None when there is no digest,
-    the challenge cannot be answered, or ``request`` was already such a retry (RFC 3261 22.2:
-    a second challenge means the credentials are wrong). Records the retry in ``retried``."""
-    if digest is None or request.cseq[0] in retried:
-        return None
-    number = dialog.local_cseq + 1
-    try:
-        retry = retry_with_credentials(digest, request, response, number)
-    except AuthenticationError:
-        return None
-    retried.add(number)
-    return replace(dialog, local_cseq=number), retry
-
-
 def adopt_auth_retry(number: int, pending: Collection[int], local_cseq: int) -> bool:
     """Is a response with CSeq ``number`` the answer to a retry someone else sent for us?
 
@@ -244,6 +226,76 @@ def adopt_auth_retry(number: int, pending: Collection[int], local_cseq: int) -> 
     the dialog stays above it (RFC 3261 12.2.1.1).
     """
     return number not in pending and number - 1 in pending and number > local_cseq
+
+
+class OutgoingRequests(Generic[Tag]):
+    """The requests a subscriber or publisher has in flight, numbered by its dialog: each sent
+    preauthorized, matched to its final response, and resent once with digest credentials
+    when challenged (RFC 3261 22.2: a second challenge means the credentials are wrong).
+
+    ``Tag`` is what the machine wants back with the answer (why it sent the request).
+    """
+
+    __slots__ = ("_digest", "_pending", "_retried", "dialog")
+
+    def __init__(self, dialog: Dialog, digest: DigestClient | None) -> None:
+        self.dialog = dialog
+        self._digest = digest
+        self._pending: dict[int, tuple[Tag, SipRequest]] = {}
+        self._retried: set[int] = set()
+
+    def send(
+        self, method: str, tag: Tag, headers: list[tuple[str, str]], body: bytes = b""
+    ) -> SendRequest:
+        """The next request of the dialog, with credentials for the realms seen so far."""
+        if self._digest is not None:
+            headers += self._digest.preauthorize(method, self.dialog.remote_target, body)
+        self.dialog, request = self.dialog.request(method, headers=headers, body=body)
+        self._pending[request.cseq[0]] = (tag, request)
+        return SendRequest(request)
+
+    def awaiting(self, tag: Tag | None = None) -> bool:
+        """Is a request (sent for ``tag``, or any) waiting for its final response?"""
+        return any(tag is None or sent is tag for sent, _ in self._pending.values())
+
+    def answer(self, response: SipResponse) -> Tag | SendRequest | None:
+        """The tag of the request a final ``response`` answers (taken off the list), the
+        retry to send when it is a challenge we can answer, or None when it answers nothing
+        of ours (or is provisional)."""
+        number, method = response.cseq
+        if adopt_auth_retry(number, self._pending.keys(), self.dialog.local_cseq):
+            self._pending[number] = self._pending.pop(number - 1)
+            self.dialog = replace(self.dialog, local_cseq=number)
+        sent = self._pending.get(number)
+        if sent is None or sent[1].method != method or response.status < 200:
+            return None
+        del self._pending[number]
+        tag, request = sent
+        if response.status in (401, 407):
+            retry = self._with_credentials(request, response)
+            if retry is not None:
+                self._pending[retry.cseq[0]] = (tag, retry)
+                return SendRequest(retry)
+        return tag
+
+    def timed_out(self, cseq: int) -> Tag | None:
+        """The tag of the request with CSeq ``cseq`` that got no final response, if ours."""
+        sent = self._pending.pop(cseq, None)
+        return None if sent is None else sent[0]
+
+    def _with_credentials(self, request: SipRequest, response: SipResponse) -> SipRequest | None:
+        # Numbered as the dialog's next CSeq; None without digest, for a challenge we cannot
+        # answer, or when ``request`` was already such a retry.
+        if self._digest is None or request.cseq[0] in self._retried:
+            return None
+        number = self.dialog.local_cseq + 1
+        try:
+            retry = retry_with_credentials(self._digest, request, response, number)
+        except AuthenticationError:
+            return None
+        self._retried.add(number)
+        self.dialog = replace(self.dialog, local_cseq=number)
+        return retry
 
 
 def retry_after_value(response: SipResponse) -> int | None:

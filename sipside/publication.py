@@ -13,16 +13,15 @@ import enum
 import heapq
 import secrets
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from sipside.dialog import Dialog, DialogFields, dialog_fields, dialog_from
 from sipside.digest import DigestClient
 from sipside.errors import PeerError
 from sipside.events import (
+    OutgoingRequests,
     SendRequest,
     SendResponse,
-    adopt_auth_retry,
-    auth_retry,
     expires_value,
     granted_expires,
     min_expires_retry,
@@ -114,18 +113,15 @@ class Publisher:
     """Keeps one piece of event state published at an ESC (RFC 3903 4)."""
 
     __slots__ = (
-        "_auth_retried",
         "_body",
         "_content_type",
-        "_dialog",
-        "_digest",
         "_etag",
         "_event",
         "_expires",
         "_next",
         "_offset",
-        "_pending",
         "_refresh_at",
+        "_requests",
         "state",
     )
 
@@ -144,7 +140,7 @@ class Publisher:
         digest: DigestClient | None = None,
     ) -> None:
         # PUBLISH is sent outside any dialog; an unconfirmed dialog numbers the requests.
-        self._dialog = Dialog.unconfirmed(
+        dialog = Dialog.unconfirmed(
             local_uri=local_uri,
             remote_uri=remote_uri,
             request_uri=request_uri,
@@ -152,18 +148,17 @@ class Publisher:
             local_tag=local_tag,
             route_set=route_set,
         )
+        # At most one PUBLISH is in flight (RFC 3903 4.1).
+        self._requests = OutgoingRequests[_Op](dialog, digest)
         self._event = event
         self._expires = expires
         self._offset = refresh_offset
-        self._digest = digest
         self.state = PublisherState.IDLE
         self._etag: str | None = None
         self._body = b""
         self._content_type: str | None = None
-        self._pending: tuple[int, _Op, SipRequest] | None = None
         self._next: _Op | None = None
         self._refresh_at: float | None = None
-        self._auth_retried: set[int] = set()
 
     @property
     def etag(self) -> str | None:
@@ -179,22 +174,19 @@ class Publisher:
         body = self._body if op in (_Op.INITIAL, _Op.MODIFY) else b""
         if body and self._content_type:
             headers.append(("Content-Type", self._content_type))
-        if self._digest is not None:
-            headers += self._digest.preauthorize("PUBLISH", self._dialog.remote_target, body)
-        self._dialog, request = self._dialog.request("PUBLISH", headers=headers, body=body)
-        self._pending = (request.cseq[0], op, request)
+        send = self._requests.send("PUBLISH", op, headers, body)
         self._refresh_at = None
         if op is _Op.INITIAL:
             self.state = PublisherState.PUBLISHING
         elif op is _Op.REMOVE:
             self.state = PublisherState.REMOVING
-        return [SendRequest(request)]
+        return [send]
 
     def publish(self, body: bytes, content_type: str, now: float) -> list[PublicationEffect]:
         """Publish new state: the initial PUBLISH, or a modification of ours."""
         self._body, self._content_type = body, content_type
         op = _Op.MODIFY if self._etag is not None else _Op.INITIAL
-        if self._pending is not None:
+        if self._requests.awaiting():
             # RFC 3903 4.1: no new PUBLISH until the previous one completed; latest wins.
             self._next = _Op.MODIFY
             return []
@@ -202,7 +194,7 @@ class Publisher:
 
     def remove(self, now: float) -> list[PublicationEffect]:
         """Remove our state from the ESC (RFC 3903 4.5: Expires 0 with SIP-If-Match)."""
-        if self._pending is not None:
+        if self._requests.awaiting():
             self._next = _Op.REMOVE
             return []
         if self._etag is None:
@@ -212,23 +204,17 @@ class Publisher:
 
     def handle_response(self, response: SipResponse, now: float) -> list[PublicationEffect]:
         """A final response to our PUBLISH."""
-        if self._pending is None or response.status < 200:
+        if response.status < 200:
             return []
-        number, op, request = self._pending
-        if adopt_auth_retry(response.cseq[0], (number,), self._dialog.local_cseq):
-            number = response.cseq[0]
-            self._dialog = replace(self._dialog, local_cseq=number)
-        if response.cseq != (number, "PUBLISH"):
-            return []
-        self._pending = None
+        match self._requests.answer(response):
+            case SendRequest() as retry:
+                return [retry]  # RFC 3261 22.2: the challenge answered
+            case _Op() as op:
+                return self._on_final(op, response, now)
+        return []
+
+    def _on_final(self, op: _Op, response: SipResponse, now: float) -> list[PublicationEffect]:
         status = response.status
-        if status in (401, 407):
-            # RFC 3261 22.2: answer the challenge once; a second one means wrong credentials.
-            outcome = auth_retry(self._digest, self._auth_retried, self._dialog, request, response)
-            if outcome is not None:
-                self._dialog, retry = outcome
-                self._pending = (retry.cseq[0], op, retry)
-                return [SendRequest(retry)]
         if 200 <= status < 300:
             return self._on_success(op, response, now)
         if status == 412 and op is not _Op.REMOVE:
@@ -245,10 +231,9 @@ class Publisher:
 
     def handle_timeout(self, cseq: int, now: float) -> list[PublicationEffect]:
         """Our PUBLISH with CSeq ``cseq`` got no final response."""
-        if self._pending is None or self._pending[0] != cseq:
+        op = self._requests.timed_out(cseq)
+        if op is None:
             return []
-        _, op, _ = self._pending
-        self._pending = None
         return self._on_failure(op, 408, None)
 
     def _on_success(self, op: _Op, response: SipResponse, now: float) -> list[PublicationEffect]:
@@ -288,18 +273,19 @@ class Publisher:
 
     def next_deadline(self) -> float | None:
         """When the next refresh is due."""
-        return self._refresh_at if self._pending is None else None
+        return None if self._requests.awaiting() else self._refresh_at
 
     def handle_timer(self, now: float) -> list[PublicationEffect]:
         """Refresh before expiry (RFC 3903 4.3: SIP-If-Match, no body)."""
-        if self._pending is None and self._refresh_at is not None and now >= self._refresh_at:
+        due = self._refresh_at is not None and now >= self._refresh_at
+        if due and not self._requests.awaiting():
             return self._send(_Op.REFRESH, now)
         return []
 
     def snapshot(self) -> PublisherSnapshot:
         """The state to persist (a PUBLISH in flight is redone after restore)."""
         return PublisherSnapshot(
-            **dialog_fields(self._dialog),
+            **dialog_fields(self._requests.dialog),
             state=self.state.value,
             event=self._event,
             expires=self._expires,
@@ -328,7 +314,7 @@ class Publisher:
             refresh_offset=refresh_offset,
             digest=digest,
         )
-        pub._dialog = dialog_from(snap)
+        pub._requests.dialog = dialog_from(snap)
         pub._etag, pub._body, pub._content_type = snap.etag, snap.body, snap.content_type
         if snap.etag is not None:
             # Whatever was in flight is redone as a refresh; a 412 turns it into a new publish.

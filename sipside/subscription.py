@@ -20,6 +20,7 @@ from sipside.digest import DigestClient
 from sipside.errors import LocalError, PeerError
 from sipside.events import (
     EventHeader,
+    OutgoingRequests,
     SendRequest,
     SendResponse,
     StateChanged,
@@ -27,8 +28,6 @@ from sipside.events import (
     SubscriptionEnded,
     SubscriptionState,
     SubscriptionStateHeader,
-    adopt_auth_retry,
-    auth_retry,
     expires_value,
     granted_expires,
     min_expires_retry,
@@ -55,7 +54,6 @@ __all__ = [
     "SubscriptionEnded",
     "SubscriptionState",
     "SubscriptionStateHeader",
-    "adopt_auth_retry",
     "expires_value",
     "parse_event",
     "parse_subscription_state",
@@ -109,18 +107,15 @@ class Subscriber:
 
     __slots__ = (
         "_accept",
-        "_auth_retried",
         "_contact",
-        "_dialog",
-        "_digest",
         "_event",
         "_expires",
         "_expires_at",
         "_notify_deadline",
         "_offset",
-        "_pending",
         "_refresh_at",
         "_request_uri",
+        "_requests",
         "_resend_at",
         "_t1",
         "_unsubscribe_wanted",
@@ -145,7 +140,7 @@ class Subscriber:
         digest: DigestClient | None = None,
     ) -> None:
         self._request_uri = request_uri or address_uri(remote_uri)
-        self._dialog = Dialog.unconfirmed(
+        dialog = Dialog.unconfirmed(
             call_id=call_id,
             local_tag=local_tag,
             local_uri=local_uri,
@@ -153,6 +148,7 @@ class Subscriber:
             request_uri=self._request_uri,
             route_set=route_set,
         )
+        self._requests = OutgoingRequests[_Kind](dialog, digest)
         self._contact = contact
         try:
             self._event = parse_event(event)
@@ -162,10 +158,7 @@ class Subscriber:
         self._expires = expires
         self._offset = refresh_offset
         self._t1 = t1
-        self._digest = digest
         self.state = SubscriberState.SUBSCRIBING
-        self._pending: dict[int, tuple[_Kind, SipRequest]] = {}
-        self._auth_retried: set[int] = set()
         self._expires_at: float | None = None
         self._refresh_at: float | None = None
         self._notify_deadline: float | None = None
@@ -175,7 +168,7 @@ class Subscriber:
     @property
     def dialog(self) -> Dialog:
         """The dialog (unconfirmed until the 2xx or the first NOTIFY)."""
-        return self._dialog
+        return self._requests.dialog
 
     @property
     def expires_at(self) -> float | None:
@@ -192,12 +185,7 @@ class Subscriber:
         ]
         if self._accept:
             headers.append(("Accept", ", ".join(self._accept)))
-        if self._digest is not None:
-            uri = self._dialog.remote_target
-            headers += self._digest.preauthorize("SUBSCRIBE", uri)
-        self._dialog, request = self._dialog.request("SUBSCRIBE", headers=headers)
-        self._pending[request.cseq[0]] = (kind, request)
-        return [SendRequest(request)]
+        return [self._requests.send("SUBSCRIBE", kind, headers)]
 
     def start(self, now: float) -> list[SubscriptionEffect]:
         """The initial SUBSCRIBE (RFC 6665 4.1.2.1)."""
@@ -210,7 +198,7 @@ class Subscriber:
         match self.state:
             case SubscriberState.TERMINATED | SubscriberState.UNSUBSCRIBING:
                 return []
-            case SubscriberState.SUBSCRIBING if not self._dialog.confirmed:
+            case SubscriberState.SUBSCRIBING if not self.dialog.confirmed:
                 # No dialog to send in yet: unsubscribe once the 2xx or a NOTIFY arrives.
                 self._unsubscribe_wanted = True
                 if self._resend_at is not None:
@@ -247,20 +235,14 @@ class Subscriber:
 
     def handle_response(self, response: SipResponse, now: float) -> list[SubscriptionEffect]:
         """A final (or provisional) response to one of our SUBSCRIBE requests."""
-        number, method = response.cseq
-        if adopt_auth_retry(number, self._pending.keys(), self._dialog.local_cseq):
-            self._pending[number] = self._pending.pop(number - 1)
-            self._dialog = replace(self._dialog, local_cseq=number)
-        if method != "SUBSCRIBE" or number not in self._pending or response.status < 200:
-            return []
-        kind, request = self._pending.pop(number)
-        if response.status in (401, 407):
-            # RFC 3261 22.2: resend once with credentials; a second challenge means they are wrong.
-            outcome = auth_retry(self._digest, self._auth_retried, self._dialog, request, response)
-            if outcome is not None:
-                self._dialog, retry = outcome
-                self._pending[retry.cseq[0]] = (kind, retry)
-                return [SendRequest(retry)]
+        match self._requests.answer(response):
+            case SendRequest() as retry:
+                return [retry]  # RFC 3261 22.2: the challenge answered
+            case _Kind() as kind:
+                return self._on_final(kind, response, now)
+        return []
+
+    def _on_final(self, kind: _Kind, response: SipResponse, now: float) -> list[SubscriptionEffect]:
         if response.status == 423 and kind is not _Kind.UNSUBSCRIBE:
             # RFC 6665 4.1.2.1 / RFC 3261 21.4.17: retry with at least Min-Expires.
             minimum = min_expires_retry(response, self._expires)
@@ -275,9 +257,9 @@ class Subscriber:
 
     def handle_timeout(self, cseq: int, now: float) -> list[SubscriptionEffect]:
         """The client transaction for CSeq ``cseq`` timed out (treated as 408)."""
-        if cseq not in self._pending:
+        kind = self._requests.timed_out(cseq)
+        if kind is None:
             return []
-        kind, _ = self._pending.pop(cseq)
         if self.state is SubscriberState.TERMINATED:
             return []
         return self._on_failure(kind, 408, None, now)
@@ -286,10 +268,11 @@ class Subscriber:
         self, kind: _Kind, response: SipResponse, now: float
     ) -> list[SubscriptionEffect]:
         expires = granted_expires(response, self._expires)
+        requests = self._requests
         match kind:
             case _Kind.INITIAL:
-                if not self._dialog.confirmed:
-                    self._dialog = self._dialog.confirm(response)
+                if not requests.dialog.confirmed:
+                    requests.dialog = requests.dialog.confirm(response)
                 if self.state is SubscriberState.SUBSCRIBING:
                     # RFC 6665 4.1.2.4: the first NOTIFY must follow within 64*T1.
                     self.state = SubscriberState.ACCEPTED
@@ -298,7 +281,7 @@ class Subscriber:
                 if self._unsubscribe_wanted:
                     return self.unsubscribe(now)
             case _Kind.REFRESH:
-                self._dialog = self._dialog.refresh_target(response)
+                requests.dialog = requests.dialog.refresh_target(response)
                 if self.state is not SubscriberState.UNSUBSCRIBING:
                     self._grant(expires, now)
             case _Kind.UNSUBSCRIBE:
@@ -331,7 +314,7 @@ class Subscriber:
             return [respond(request, exc.status)]
         if not event.matches(self._event):
             return [respond(request, 489)]
-        dialog = self._dialog
+        dialog = self.dialog
         if (
             request.call_id != dialog.call_id
             or request.to_tag != dialog.local_tag
@@ -359,7 +342,7 @@ class Subscriber:
             sub = parse_subscription_state(value)
         except PeerError as exc:
             return [respond(request, exc.status)]
-        self._dialog = dialog
+        self._requests.dialog = dialog
         effects: list[SubscriptionEffect] = [respond(request, 200)]
         content_type = request.header("Content-Type")
         match sub.state:
@@ -398,7 +381,7 @@ class Subscriber:
         if self.state is SubscriberState.TERMINATED:
             return None
         times = [self._expires_at, self._notify_deadline, self._resend_at]
-        if not any(kind is _Kind.REFRESH for kind, _ in self._pending.values()):
+        if not self._requests.awaiting(_Kind.REFRESH):
             times.append(self._refresh_at)
         present = [t for t in times if t is not None]
         return min(present) if present else None
@@ -415,7 +398,7 @@ class Subscriber:
             return self._terminate(now, reason="timeout")
         if self._expires_at is not None and now >= self._expires_at:
             return self._terminate(now, reason="timeout")
-        refreshing = any(kind is _Kind.REFRESH for kind, _ in self._pending.values())
+        refreshing = self._requests.awaiting(_Kind.REFRESH)
         if self._refresh_at is not None and now >= self._refresh_at and not refreshing:
             self._refresh_at = None
             if self._unsubscribe_wanted:
@@ -428,7 +411,7 @@ class Subscriber:
     def snapshot(self) -> SubscriberSnapshot:
         """The state to persist (pending transactions are not kept: they are redone)."""
         return SubscriberSnapshot(
-            **dialog_fields(self._dialog),
+            **dialog_fields(self.dialog),
             state=self.state.value,
             request_uri=self._request_uri,
             contact=self._contact,
@@ -467,13 +450,13 @@ class Subscriber:
             t1=t1,
             digest=digest,
         )
-        sub._dialog = dialog_from(snap)
+        sub._requests.dialog = dialog_from(snap)
         sub.state = SubscriberState(snap.state)
         due = now + spread
         match sub.state:
             case SubscriberState.TERMINATED:
                 pass
-            case SubscriberState.SUBSCRIBING if not sub._dialog.confirmed:
+            case SubscriberState.SUBSCRIBING if not sub.dialog.confirmed:
                 # The initial transaction died with the old process: send a new one.
                 sub._resend_at = due
             case SubscriberState.UNSUBSCRIBING:
