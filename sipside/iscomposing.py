@@ -17,6 +17,7 @@ from sipside.xmlsafe import (
     DEFAULT_LIMITS,
     XmlLimits,
     parse_document,
+    qnames,
     text_escape,
 )
 
@@ -89,11 +90,9 @@ def encode(doc: IsComposing) -> bytes:
     return "".join(out).encode("utf-8")
 
 
-_ROOT = f"{{{ISCOMPOSING_NS}}}isComposing"
-_STATE = f"{{{ISCOMPOSING_NS}}}state"
-_LASTACTIVE = f"{{{ISCOMPOSING_NS}}}lastactive"
-_CONTENTTYPE = f"{{{ISCOMPOSING_NS}}}contenttype"
-_REFRESH = f"{{{ISCOMPOSING_NS}}}refresh"
+_ROOT, _STATE, _LASTACTIVE, _CONTENTTYPE, _REFRESH = qnames(
+    ISCOMPOSING_NS, "isComposing", "state", "lastactive", "contenttype", "refresh"
+)
 
 
 def decode(

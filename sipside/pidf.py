@@ -26,6 +26,7 @@ from sipside.xmlsafe import (
     XmlLimits,
     attr_escape,
     parse_document,
+    qnames,
     split_tag,
     text_escape,
 )
@@ -235,21 +236,20 @@ def encode(doc: PresenceDocument) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Decoding
 
-_TUPLE = f"{{{PIDF_NS}}}tuple"
-_STATUS = f"{{{PIDF_NS}}}status"
-_BASIC = f"{{{PIDF_NS}}}basic"
-_CONTACT = f"{{{PIDF_NS}}}contact"
-_NOTE = f"{{{PIDF_NS}}}note"
-_TIMESTAMP = f"{{{PIDF_NS}}}timestamp"
-_PRESENCE = f"{{{PIDF_NS}}}presence"
-_MUST_UNDERSTAND = f"{{{PIDF_NS}}}mustUnderstand"
-_PERSON = f"{{{DM_NS}}}person"
-_DM_NOTE = f"{{{DM_NS}}}note"
-_DM_TIMESTAMP = f"{{{DM_NS}}}timestamp"
-_ACTIVITIES = f"{{{RPID_NS}}}activities"
-_USER_INPUT = f"{{{RPID_NS}}}user-input"
-_OTHER = f"{{{RPID_NS}}}other"
-_LANG = f"{{{_XML_NS}}}lang"
+_TUPLE, _STATUS, _BASIC, _CONTACT, _NOTE, _TIMESTAMP, _PRESENCE, _MUST_UNDERSTAND = qnames(
+    PIDF_NS,
+    "tuple",
+    "status",
+    "basic",
+    "contact",
+    "note",
+    "timestamp",
+    "presence",
+    "mustUnderstand",
+)
+_PERSON, _DM_NOTE, _DM_TIMESTAMP = qnames(DM_NS, "person", "note", "timestamp")
+_ACTIVITIES, _USER_INPUT, _OTHER = qnames(RPID_NS, "activities", "user-input", "other")
+(_LANG,) = qnames(_XML_NS, "lang")
 _KNOWN_NS = frozenset({PIDF_NS, DM_NS, RPID_NS})
 
 

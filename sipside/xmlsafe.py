@@ -128,6 +128,11 @@ def parse_xml(body: bytes, limits: XmlLimits = DEFAULT_LIMITS) -> ET.Element:
     return builder.close()
 
 
+def qnames(namespace: str, *names: str) -> tuple[str, ...]:
+    """ElementTree's ``{namespace}name`` tags of ``names``, in order (the inverse of split_tag)."""
+    return tuple(f"{{{namespace}}}{name}" for name in names)
+
+
 def split_tag(tag: str) -> tuple[str, str]:
     """Split ElementTree's ``{uri}local`` into ``(uri, local)``; no namespace gives ``""``."""
     if tag[:1] == "{":
