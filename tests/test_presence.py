@@ -1,16 +1,14 @@
 """Presence (DESIGN 5, 8) through its SIP entry point: the SIP side's dialogs and the presence
-core together, with fake transactions and XMPP port, a real SQLite store and a fake clock: both
+core together, with fake transactions and XMPP port, the in-memory store and a fake clock: both
 directions of watching, online state, PUBLISH, commands, restart and resume, and the driver."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-import shutil
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +27,8 @@ from component.sip.dialog_state import CSEQ_RESERVE
 from component.sip.presence_subscriptions import RESTORE_RATE
 from component.sip.side import TIMER_BATCH, SipSide
 from component.sip.transactions import ClientTransactions, Deliver, RequestSender, Sends
-from component.store import ApprovalDirection, ApprovalState, Store, migrate
+from component.store import ApprovalDirection, ApprovalState
+from component.store.memory import MemoryStore
 from component.values import Presence, SipText
 from sipside import pidf
 from sipside.errors import PeerError, TransportError
@@ -204,25 +203,10 @@ def state_of(request: SipRequest) -> tuple[str, Presence | None]:
 # --- fixtures ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("presence-template") / "store.db"
-    migrate.upgrade(f"sqlite:///{path}")
-    return path
-
-
 @pytest.fixture
-def store_url(tmp_path: Path, sqlite_template: Path) -> str:
-    path = tmp_path / "store.db"
-    shutil.copyfile(sqlite_template, path)
-    return f"sqlite:///{path}"
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    opened = await Store.open(store_url)
-    yield opened
-    await opened.close()
+def store(memory_store: MemoryStore) -> MemoryStore:
+    """The core's store port: the in-memory fake (restart tests open a second on its database)."""
+    return memory_store
 
 
 async def through_gate(side: SipSide, incoming: FakeIncoming) -> None:
@@ -239,7 +223,7 @@ class World:
     side: SipSide
     sip: FakeSip
     xmpp: FakeXmpp
-    store: Store
+    store: MemoryStore
     online: list[str]
 
     async def request(self, incoming: FakeIncoming, now: float) -> None:
@@ -251,7 +235,7 @@ class World:
 
 
 def presence_side(
-    store: Store,
+    store: MemoryStore,
     transactions: Sends,
     xmpp: FakeXmpp,
     online: FakeOnline,
@@ -298,7 +282,7 @@ class NoTexts:
 
 
 def build(
-    store: Store, *, sip_server: bool = True, seed: int = 1, restore_spread: float = 30.0
+    store: MemoryStore, *, sip_server: bool = True, seed: int = 1, restore_spread: float = 30.0
 ) -> World:
     fake_sip, fake_xmpp, online = FakeSip(), FakeXmpp(), FakeOnline()
     side = presence_side(
@@ -314,7 +298,7 @@ def build(
 
 
 @pytest.fixture
-def w(store: Store) -> World:
+def w(store: MemoryStore) -> World:
     return build(store)
 
 
@@ -657,7 +641,7 @@ async def test_xmpp_watcher_refreshes_before_expiry(w: World) -> None:
     [(False, "unavailable"), (True, None)],
 )
 async def test_without_sip_presence_server_the_gateway_approves(
-    store: Store, registered: bool, expected: str | None
+    store: MemoryStore, registered: bool, expected: str | None
 ) -> None:
     w = build(store, sip_server=False)
     if registered:
@@ -857,8 +841,8 @@ async def test_probe_unapproved_is_ignored(w: World) -> None:
 # --- DESIGN 8: restart and reconnect -------------------------------------------------------------
 
 
-async def test_restart_resumes_both_directions(store_url: str) -> None:
-    first = await Store.open(store_url)
+async def test_restart_resumes_both_directions(memory_store: MemoryStore) -> None:
+    first = memory_store
     w = build(first)
     # SIP watcher of Bob, approved and active.
     await sip_watches(w)
@@ -878,7 +862,7 @@ async def test_restart_resumes_both_directions(store_url: str) -> None:
     await first.close()
 
     # A new process on the same database.
-    second = await Store.open(store_url)
+    second = MemoryStore(first.database)
     try:
         n = build(second, seed=2)
         assert await n.side.resume(T0 + 100) == (1, 1, 0)
@@ -903,8 +887,8 @@ async def test_restart_resumes_both_directions(store_url: str) -> None:
         await second.close()
 
 
-async def test_restore_spreads_overdue_refreshes(store_url: str) -> None:
-    first = await Store.open(store_url)
+async def test_restore_spreads_overdue_refreshes(memory_store: MemoryStore) -> None:
+    first = memory_store
     w = build(first)
     for n in range(20):
         bob = f"bob{n}@xmpp.test"
@@ -912,7 +896,7 @@ async def test_restore_spreads_overdue_refreshes(store_url: str) -> None:
         [(subscribe, _, reply)] = w.sip.take()
         await respond(reply, answer(subscribe, 200, [("Expires", "600")]), T0)
     await first.close()
-    second = await Store.open(store_url)
+    second = MemoryStore(first.database)
     try:
         n2 = build(second, seed=3)
         later = T0 + 10_000  # every refresh is overdue
@@ -954,7 +938,7 @@ class Running:
 
 
 def running(
-    store: Store,
+    store: MemoryStore,
     endpoint: RequestSender,
     now: list[float],
     *,
@@ -985,7 +969,7 @@ def running(
     return Running(serial, side, runtime, online)
 
 
-async def test_runtime_drives_transactions_and_commands(store: Store) -> None:
+async def test_runtime_drives_transactions_and_commands(store: MemoryStore) -> None:
     endpoint = FakeEndpoint()
     r = running(store, endpoint, [T0])
     runtime = r.runtime
@@ -1210,7 +1194,7 @@ async def test_presence_reaches_only_the_addressed_watchers_dialogs(
 
 
 def count_calls(
-    monkeypatch: pytest.MonkeyPatch, store: Store, names: Sequence[str]
+    monkeypatch: pytest.MonkeyPatch, store: MemoryStore, names: Sequence[str]
 ) -> Counter[str]:
     """Count calls of the store's ``names`` (they still run)."""
     counts: Counter[str] = Counter()
@@ -1250,8 +1234,8 @@ async def test_fanout_skips_writes_that_change_nothing(
     assert (writes["set_presence"], writes["clear_presence"]) == (1, 1)
 
 
-async def test_stored_cseq_stays_ahead_across_many_notifies(store_url: str) -> None:
-    first = await Store.open(store_url)
+async def test_stored_cseq_stays_ahead_across_many_notifies(memory_store: MemoryStore) -> None:
+    first = memory_store
     w = build(first)
     await approved_watchers(w, 1)
     used = 0
@@ -1263,7 +1247,7 @@ async def test_stored_cseq_stays_ahead_across_many_notifies(store_url: str) -> N
         for request in await answer_all(w, T0 + n):
             used = max(used, request.cseq[0])
     await first.close()
-    second = await Store.open(store_url)
+    second = MemoryStore(first.database)
     try:
         n2 = build(second, seed=5)
         assert await n2.side.resume(T0 + 500) == (1, 0, 0)
@@ -1307,8 +1291,8 @@ async def test_xmpp_watcher_repeated_notify_writes_nothing(
     assert writes["set_presence"] == 1
 
 
-async def test_restore_rate_is_bounded_for_many_overdue(store_url: str) -> None:
-    first = await Store.open(store_url)
+async def test_restore_rate_is_bounded_for_many_overdue(memory_store: MemoryStore) -> None:
+    first = memory_store
     w = build(first)
     count = 300
     for n in range(count):
@@ -1318,7 +1302,7 @@ async def test_restore_rate_is_bounded_for_many_overdue(store_url: str) -> None:
         [(subscribe, _, reply)] = w.sip.take()
         await respond(reply, answer(subscribe, 200, [("Expires", "600")]), T0)
     await first.close()
-    second = await Store.open(store_url)
+    second = MemoryStore(first.database)
     try:
         side = build(second, seed=9, restore_spread=1.0).side
         later = T0 + 10_000
@@ -1354,7 +1338,7 @@ class GatedEndpoint(FakeEndpoint):
 
 
 def runtime_world(
-    store: Store, endpoint: FakeEndpoint, **limits: int
+    store: MemoryStore, endpoint: FakeEndpoint, **limits: int
 ) -> tuple[PresenceDriver, SipSide, list[float]]:
     now = [T0]
     r = running(store, endpoint, now, **limits)
@@ -1363,7 +1347,7 @@ def runtime_world(
 
 @pytest.mark.parametrize("endpoint_closes_first", [False, True])
 async def test_shutdown_with_notifies_in_flight_keeps_subscriptions(
-    store: Store, endpoint_closes_first: bool
+    store: MemoryStore, endpoint_closes_first: bool
 ) -> None:
     endpoint = GatedEndpoint()
     runtime, side, _ = runtime_world(store, endpoint)
@@ -1395,7 +1379,7 @@ async def test_shutdown_with_notifies_in_flight_keeps_subscriptions(
     assert side.counts()["sip_watchers"] == 3 and len(late.responses) == 1
 
 
-async def test_stop_waits_for_transactions_started_meanwhile(store: Store) -> None:
+async def test_stop_waits_for_transactions_started_meanwhile(store: MemoryStore) -> None:
     endpoint = GatedEndpoint()
     runtime, side, _ = runtime_world(store, endpoint)
     await runtime.start()
@@ -1419,7 +1403,7 @@ async def test_stop_waits_for_transactions_started_meanwhile(store: Store) -> No
 
 
 async def test_overload_refuses_new_subscriptions_with_503(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: MemoryStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     endpoint = FakeEndpoint()
     runtime, side, _ = runtime_world(store, endpoint, max_waiting=2, max_queued_presence=2)
@@ -1479,9 +1463,9 @@ async def test_overload_refuses_new_subscriptions_with_503(
 
 
 async def test_runtime_spreads_refreshes_from_after_a_slow_resume(
-    store_url: str, monkeypatch: pytest.MonkeyPatch
+    memory_store: MemoryStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = await Store.open(store_url)
+    first = memory_store
     w = build(first)
     for n in range(10):
         await w.core.on_presence(
@@ -1490,7 +1474,7 @@ async def test_runtime_spreads_refreshes_from_after_a_slow_resume(
         [(subscribe, _, reply)] = w.sip.take()
         await respond(reply, answer(subscribe, 200, [("Expires", "600")]), T0)
     await first.close()
-    second = await Store.open(store_url)
+    second = MemoryStore(first.database)
     try:
         now = [T0 + 10_000]  # every refresh is overdue
         r = running(second, FakeEndpoint(), now, restore_spread=5)
