@@ -27,7 +27,7 @@ from component.sip.dialog_state import CSEQ_RESERVE
 from component.sip.presence_subscriptions import RESTORE_RATE
 from component.sip.side import TIMER_BATCH, SipSide
 from component.sip.transactions import ClientTransactions, Deliver, RequestSender, Sends
-from component.store import ApprovalDirection, ApprovalState
+from component.store import ApprovalDirection, ApprovalState, PresenceRecord, RosterApproval
 from component.store.memory import MemoryStore
 from component.values import Presence, SipText
 from sipside import pidf
@@ -364,10 +364,14 @@ def _reply_for(w: World, request: SipRequest) -> Deliver:
 
 
 async def test_sip_watcher_already_approved_gets_active_notify_with_last_presence(w: World) -> None:
-    await w.store.set_approval(
-        ALICE_JID, BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+    await w.store.save_approval(
+        RosterApproval(
+            ALICE_JID, BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+        )
     )
-    await w.store.set_presence(BOB, "pc", available=True, now=T0, show="dnd", status="busy")
+    await w.store.save_presence(
+        PresenceRecord(BOB, "pc", True, show="dnd", status="busy", priority=0, updated_at=T0)
+    )
     incoming = await sip_watches(w)
     assert incoming.status == 202
     [(notify, _, _)] = w.sip.take()
@@ -378,8 +382,10 @@ async def test_sip_watcher_already_approved_gets_active_notify_with_last_presenc
 
 
 async def test_presence_change_notifies_one_tuple_per_resource(w: World) -> None:
-    await w.store.set_approval(
-        ALICE_JID, BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+    await w.store.save_approval(
+        RosterApproval(
+            ALICE_JID, BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+        )
     )
     await sip_watches(w)
     [(first, _, _)] = w.sip.take()
@@ -405,8 +411,10 @@ async def test_presence_change_notifies_one_tuple_per_resource(w: World) -> None
 async def test_in_dialog_subscribe_refreshes_or_ends(
     w: World, expires: int, status: int, state: str
 ) -> None:
-    await w.store.set_approval(
-        ALICE_JID, BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+    await w.store.save_approval(
+        RosterApproval(
+            ALICE_JID, BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+        )
     )
     first = await sip_watches(w)
     [(notify, _, _)] = w.sip.take()
@@ -657,8 +665,10 @@ async def test_without_sip_presence_server_the_gateway_approves(
 
 
 async def approve_bob(w: World) -> None:
-    await w.store.set_approval(
-        ALICE_JID, BOB, ApprovalDirection.XMPP_WATCHES_SIP, ApprovalState.APPROVED, T0
+    await w.store.save_approval(
+        RosterApproval(
+            ALICE_JID, BOB, ApprovalDirection.XMPP_WATCHES_SIP, ApprovalState.APPROVED, T0
+        )
     )
 
 
@@ -1016,8 +1026,10 @@ def watcher_jid(i: int) -> str:
 async def approved_watchers(w: World, count: int, expires: list[int] | None = None) -> None:
     """``count`` SIP users watch Bob, approved and with every NOTIFY answered."""
     for i in range(count):
-        await w.store.set_approval(
-            watcher_jid(i), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+        await w.store.save_approval(
+            RosterApproval(
+                watcher_jid(i), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+            )
         )
         incoming = FakeIncoming(watcher_subscribe(i, expires[i] if expires else 600))
         await w.request(incoming, T0)
@@ -1156,12 +1168,14 @@ async def test_presence_reaches_only_the_addressed_watchers_dialogs(
     # A second target, watched by the same users: it must not be notified for Bob.
     carol = "sip:carol*xmpp.test@jabber.sip.test"
     for i in range(3):
-        await w.store.set_approval(
-            watcher_jid(i),
-            "carol@xmpp.test",
-            ApprovalDirection.SIP_WATCHES_XMPP,
-            ApprovalState.APPROVED,
-            T0,
+        await w.store.save_approval(
+            RosterApproval(
+                watcher_jid(i),
+                "carol@xmpp.test",
+                ApprovalDirection.SIP_WATCHES_XMPP,
+                ApprovalState.APPROVED,
+                T0,
+            )
         )
         await w.request(FakeIncoming(watcher_subscribe(i, target=carol)), T0)
     await answer_all(w, T0)
@@ -1214,7 +1228,7 @@ async def test_fanout_skips_writes_that_change_nothing(
 ) -> None:
     await approved_watchers(w, 5)
     writes = count_calls(
-        monkeypatch, w.store, ["set_presence", "clear_presence", "save_sip_watcher_subscription"]
+        monkeypatch, w.store, ["save_presence", "clear_presence", "save_sip_watcher_subscription"]
     )
     # The XMPP server sends Bob's change once per watcher JID: one presence write in all.
     for i in range(5):
@@ -1223,7 +1237,7 @@ async def test_fanout_skips_writes_that_change_nothing(
         )
     notifies = await answer_all(w, T0 + 1)
     assert len(notifies) == 5
-    assert writes["set_presence"] == 1
+    assert writes["save_presence"] == 1
     # Neither the NOTIFYs (within the CSeq reserve) nor their 2xx rewrote the dialogs.
     assert writes["save_sip_watcher_subscription"] == 0
     for i in range(5):
@@ -1231,7 +1245,7 @@ async def test_fanout_skips_writes_that_change_nothing(
             Presence(sender=f"{BOB}/pc", recipient=watcher_jid(i), type="unavailable"), T0 + 2
         )
     await answer_all(w, T0 + 2)
-    assert (writes["set_presence"], writes["clear_presence"]) == (1, 1)
+    assert (writes["save_presence"], writes["clear_presence"]) == (1, 1)
 
 
 async def test_stored_cseq_stays_ahead_across_many_notifies(memory_store: MemoryStore) -> None:
@@ -1281,14 +1295,14 @@ async def test_xmpp_watcher_repeated_notify_writes_nothing(
     subscribe = await xmpp_watches(w)
     await _accepted(w, subscribe, 200)
     assert await deliver(w, notify_for(subscribe, "active;expires=600", pidf_body()), T0) == 200
-    writes = count_calls(monkeypatch, w.store, ["set_presence", "save_xmpp_watcher_subscription"])
+    writes = count_calls(monkeypatch, w.store, ["save_presence", "save_xmpp_watcher_subscription"])
     for cseq in range(2, 6):  # the presence server repeats the state; expires counts down
         request = notify_for(subscribe, f"active;expires={600 - cseq}", pidf_body(), cseq)
         assert await deliver(w, request, T0 + cseq) == 200
     assert writes == Counter()
     changed = notify_for(subscribe, "active;expires=590", pidf_body("closed"), 9)
     assert await deliver(w, changed, T0 + 10) == 200
-    assert writes["set_presence"] == 1
+    assert writes["save_presence"] == 1
 
 
 async def test_restore_rate_is_bounded_for_many_overdue(memory_store: MemoryStore) -> None:
@@ -1353,8 +1367,10 @@ async def test_shutdown_with_notifies_in_flight_keeps_subscriptions(
     runtime, side, _ = runtime_world(store, endpoint)
     await runtime.start()
     for i in range(3):
-        await store.set_approval(
-            watcher_jid(i), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+        await store.save_approval(
+            RosterApproval(
+                watcher_jid(i), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+            )
         )
         incoming = FakeIncoming(watcher_subscribe(i))
         await through_gate(side, incoming)
@@ -1383,8 +1399,10 @@ async def test_stop_waits_for_transactions_started_meanwhile(store: MemoryStore)
     endpoint = GatedEndpoint()
     runtime, side, _ = runtime_world(store, endpoint)
     await runtime.start()
-    await store.set_approval(
-        watcher_jid(0), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+    await store.save_approval(
+        RosterApproval(
+            watcher_jid(0), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+        )
     )
     await through_gate(side, FakeIncoming(watcher_subscribe(0)))
     runtime.on_presence(Presence(sender=f"{BOB}/pc", recipient=watcher_jid(0), show="away"))
