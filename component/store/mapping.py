@@ -90,7 +90,7 @@ class RowMapping(Generic[R]):
 
     def to_values(self, record: DataclassInstance) -> dict[str, Any]:
         """The column values of ``record``, or of any dataclass whose fields are columns of the
-        table (a ``NewMessage`` has a queued message's but those the queue sets itself)."""
+        table (a ``NewMessage``: a queued message's fields but those the queue sets itself)."""
         codecs = self._column_codecs
         return {f.name: codecs[f.name].dump(getattr(record, f.name)) for f in fields(record)}
 
