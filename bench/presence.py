@@ -68,7 +68,7 @@ from bench.presence_load import (
     seed_prosody_user,
     stored_counts,
 )
-from component.store import ApprovalDirection, ApprovalState
+from component.store import ApprovalDirection, ApprovalState, RosterApproval
 from component.store.migrate import upgrade
 from component.store.store import Store
 from sipside.peer import Peer
@@ -201,12 +201,14 @@ class World:
             now = time.time()
             for n in self.sizes.fanout:
                 for user in watcher_users(n):
-                    await store.set_approval(
-                        f"{user}@{COMPONENT_DOMAIN}",
-                        f"bob{n}@{XMPP_DOMAIN}",
-                        ApprovalDirection.SIP_WATCHES_XMPP,
-                        ApprovalState.APPROVED,
-                        now,
+                    await store.save_approval(
+                        RosterApproval(
+                            f"{user}@{COMPONENT_DOMAIN}",
+                            f"bob{n}@{XMPP_DOMAIN}",
+                            ApprovalDirection.SIP_WATCHES_XMPP,
+                            ApprovalState.APPROVED,
+                            now,
+                        )
                     )
         finally:
             await store.close()

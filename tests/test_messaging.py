@@ -1,17 +1,14 @@
-"""The message router with a fake XMPP link and a scripted SIP side, on a real SQLite store."""
+"""The message router with a fake XMPP link and a scripted SIP side, on the in-memory store."""
 
 from __future__ import annotations
-
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from component.addresses import AddressBook
 from component.errors import Refusal
 from component.messaging.router import MessageRouter
-from component.store import MessageDirection, upgrade
-from component.store.store import Store
+from component.store import MessageDirection
+from component.store.memory import MemoryStore
 from component.values import ChatMessage, Presence, SipAnswer, SipText, StanzaError
 from component.xmpp.stanzas import error_for
 
@@ -85,15 +82,12 @@ class Clock:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    url = f"sqlite:///{tmp_path / 'gw.db'}"
-    upgrade(url)
-    opened = await Store.open(url)
-    yield opened
-    await opened.close()
+def store(memory_store: MemoryStore) -> MemoryStore:
+    """The router's store port: the in-memory fake."""
+    return memory_store
 
 
-def _router(store: Store, sip: FakeSip, xmpp: FakeXmpp, clock: Clock) -> MessageRouter:
+def _router(store: MemoryStore, sip: FakeSip, xmpp: FakeXmpp, clock: Clock) -> MessageRouter:
     return MessageRouter(BOOK, xmpp, sip, store, FakeCommands(), clock=clock, delay_time=90.0)
 
 
@@ -103,7 +97,7 @@ async def _answer(router: MessageRouter, msg: SipText) -> SipAnswer:
     return now if now is not None else await router.answer_later(msg)
 
 
-async def test_sip_to_xmpp_written_gets_202(store: Store) -> None:
+async def test_sip_to_xmpp_written_gets_202(store: MemoryStore) -> None:
     xmpp, sip, clock = FakeXmpp(), FakeSip(), Clock()
     router = _router(store, sip, xmpp, clock)
     # The hot path answers in the same call, without awaiting anything.
@@ -127,7 +121,7 @@ async def test_sip_to_xmpp_written_gets_202(store: Store) -> None:
         ("sip:*xmpp.test@jabber.sip.test", 400),  # empty localpart
     ],
 )
-async def test_sip_to_xmpp_refusals(store: Store, to_uri: str, status: int) -> None:
+async def test_sip_to_xmpp_refusals(store: MemoryStore, to_uri: str, status: int) -> None:
     xmpp = FakeXmpp()
     router = _router(store, FakeSip(), xmpp, Clock())
     msg = SipText("sip:alice@sip.test", to_uri, "x")
@@ -140,7 +134,7 @@ async def test_sip_to_xmpp_refusals(store: Store, to_uri: str, status: int) -> N
     assert xmpp.sent == []
 
 
-async def test_link_down_stores_then_delivers_with_delay_stamp(store: Store) -> None:
+async def test_link_down_stores_then_delivers_with_delay_stamp(store: MemoryStore) -> None:
     xmpp, clock = FakeXmpp(), Clock()
     xmpp.connected = False
     router = _router(store, FakeSip(), xmpp, clock)
@@ -157,7 +151,7 @@ async def test_link_down_stores_then_delivers_with_delay_stamp(store: Store) -> 
     assert sent.recipient == "bob@xmpp.test"
 
 
-async def test_xmpp_to_sip_success(store: Store) -> None:
+async def test_xmpp_to_sip_success(store: MemoryStore) -> None:
     xmpp, sip = FakeXmpp(), FakeSip(200)
     router = _router(store, sip, xmpp, Clock())
     await router.on_xmpp_message(
@@ -178,7 +172,7 @@ async def test_xmpp_to_sip_success(store: Store) -> None:
         (500, "internal-server-error"),
     ],
 )
-async def test_xmpp_to_sip_final_failures(store: Store, status: int, condition: str) -> None:
+async def test_xmpp_to_sip_final_failures(store: MemoryStore, status: int, condition: str) -> None:
     xmpp = FakeXmpp()
     router = _router(store, FakeSip(status), xmpp, Clock())
     await router.on_xmpp_message(
@@ -193,7 +187,7 @@ async def test_xmpp_to_sip_final_failures(store: Store, status: int, condition: 
     )
 
 
-async def test_offline_user_is_queued_retried_and_expires(store: Store) -> None:
+async def test_offline_user_is_queued_retried_and_expires(store: MemoryStore) -> None:
     xmpp, clock = FakeXmpp(), Clock()
     sip = FakeSip(480, 480)
     router = _router(store, sip, xmpp, clock)
@@ -213,7 +207,7 @@ async def test_offline_user_is_queued_retried_and_expires(store: Store) -> None:
     assert err.recipient == "bob@xmpp.test/phone"
 
 
-async def test_404_for_user_seen_before_means_offline(store: Store) -> None:
+async def test_404_for_user_seen_before_means_offline(store: MemoryStore) -> None:
     xmpp, clock = FakeXmpp(), Clock()
     await store.mark_user_seen("sip:alice@sip.test", clock.now)
     sip = FakeSip(404)
@@ -230,7 +224,7 @@ async def test_404_for_user_seen_before_means_offline(store: Store) -> None:
     assert waiting == []
 
 
-async def test_xmpp_error_becomes_notice_to_sip_sender(store: Store) -> None:
+async def test_xmpp_error_becomes_notice_to_sip_sender(store: MemoryStore) -> None:
     xmpp, sip = FakeXmpp(), FakeSip()
     router = _router(store, sip, xmpp, Clock())
     router.answer_now(
@@ -247,7 +241,7 @@ async def test_xmpp_error_becomes_notice_to_sip_sender(store: Store) -> None:
     assert "nobody@xmpp.test" in body and "service unavailable" in body
 
 
-async def test_busy_gateway_answers_resource_constraint(store: Store) -> None:
+async def test_busy_gateway_answers_resource_constraint(store: MemoryStore) -> None:
     xmpp = FakeXmpp()
     router = _router(store, FakeSip(), xmpp, Clock())
     router.inflight = router.max_inflight
@@ -255,7 +249,7 @@ async def test_busy_gateway_answers_resource_constraint(store: Store) -> None:
     assert [(e.condition, e.type) for e in xmpp.errors] == [("resource-constraint", "wait")]
 
 
-async def test_queue_direction_recorded(store: Store) -> None:
+async def test_queue_direction_recorded(store: MemoryStore) -> None:
     xmpp = FakeXmpp()
     router = _router(store, FakeSip(503), xmpp, Clock())
     await router.on_xmpp_message(ChatMessage("bob@xmpp.test/x", "alice@sip.xmpp.test", "x"))
@@ -265,7 +259,7 @@ async def test_queue_direction_recorded(store: Store) -> None:
 
 @pytest.mark.parametrize(("body", "notice"), [("online", "ok"), ("dance", "Unknown command")])
 async def test_registrar_commands_wait_and_answer_with_a_notice(
-    store: Store, body: str, notice: str
+    store: MemoryStore, body: str, notice: str
 ) -> None:
     xmpp, sip = FakeXmpp(), FakeSip()
     router = _router(store, sip, xmpp, Clock())
@@ -279,7 +273,7 @@ async def test_registrar_commands_wait_and_answer_with_a_notice(
     assert text.startswith(notice)
 
 
-async def test_sip_failure_answered_with_its_rfc_7247_error(store: Store) -> None:
+async def test_sip_failure_answered_with_its_rfc_7247_error(store: MemoryStore) -> None:
     xmpp = FakeXmpp()
     router = _router(store, FakeSip(403), xmpp, Clock())
     await router.on_xmpp_message(ChatMessage("bob@xmpp.test/x", "alice@sip.xmpp.test", "x", id="f"))
@@ -292,7 +286,7 @@ async def test_sip_failure_answered_with_its_rfc_7247_error(store: Store) -> Non
     )
 
 
-async def test_unmappable_xmpp_recipient_is_refused_as_an_address(store: Store) -> None:
+async def test_unmappable_xmpp_recipient_is_refused_as_an_address(store: MemoryStore) -> None:
     xmpp, sip = FakeXmpp(), FakeSip()
     router = _router(store, sip, xmpp, Clock())
     await router.on_xmpp_message(ChatMessage("bob@xmpp.test/x", "sip.xmpp.test", "x", id="a"))

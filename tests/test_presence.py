@@ -1,16 +1,14 @@
 """Presence (DESIGN 5, 8) through its SIP entry point: the SIP side's dialogs and the presence
-core together, with fake transactions and XMPP port, a real SQLite store and a fake clock: both
+core together, with fake transactions and XMPP port, the in-memory store and a fake clock: both
 directions of watching, online state, PUBLISH, commands, restart and resume, and the driver."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-import shutil
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +27,8 @@ from component.sip.dialog_state import CSEQ_RESERVE
 from component.sip.presence_subscriptions import RESTORE_RATE
 from component.sip.side import TIMER_BATCH, SipSide
 from component.sip.transactions import ClientTransactions, Deliver, RequestSender, Sends
-from component.store import ApprovalDirection, ApprovalState, Store, migrate
+from component.store import ApprovalDirection, ApprovalState, PresenceRecord, RosterApproval
+from component.store.memory import MemoryStore
 from component.values import Presence, SipText
 from sipside import pidf
 from sipside.errors import PeerError, TransportError
@@ -204,25 +203,10 @@ def state_of(request: SipRequest) -> tuple[str, Presence | None]:
 # --- fixtures ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("presence-template") / "store.db"
-    migrate.upgrade(f"sqlite:///{path}")
-    return path
-
-
 @pytest.fixture
-def store_url(tmp_path: Path, sqlite_template: Path) -> str:
-    path = tmp_path / "store.db"
-    shutil.copyfile(sqlite_template, path)
-    return f"sqlite:///{path}"
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    opened = await Store.open(store_url)
-    yield opened
-    await opened.close()
+def store(memory_store: MemoryStore) -> MemoryStore:
+    """The core's store port: the in-memory fake (restart tests open a second on its database)."""
+    return memory_store
 
 
 async def through_gate(side: SipSide, incoming: FakeIncoming) -> None:
@@ -239,7 +223,7 @@ class World:
     side: SipSide
     sip: FakeSip
     xmpp: FakeXmpp
-    store: Store
+    store: MemoryStore
     online: list[str]
 
     async def request(self, incoming: FakeIncoming, now: float) -> None:
@@ -251,7 +235,7 @@ class World:
 
 
 def presence_side(
-    store: Store,
+    store: MemoryStore,
     transactions: Sends,
     xmpp: FakeXmpp,
     online: FakeOnline,
@@ -298,7 +282,7 @@ class NoTexts:
 
 
 def build(
-    store: Store, *, sip_server: bool = True, seed: int = 1, restore_spread: float = 30.0
+    store: MemoryStore, *, sip_server: bool = True, seed: int = 1, restore_spread: float = 30.0
 ) -> World:
     fake_sip, fake_xmpp, online = FakeSip(), FakeXmpp(), FakeOnline()
     side = presence_side(
@@ -314,7 +298,7 @@ def build(
 
 
 @pytest.fixture
-def w(store: Store) -> World:
+def w(store: MemoryStore) -> World:
     return build(store)
 
 
@@ -380,10 +364,14 @@ def _reply_for(w: World, request: SipRequest) -> Deliver:
 
 
 async def test_sip_watcher_already_approved_gets_active_notify_with_last_presence(w: World) -> None:
-    await w.store.set_approval(
-        ALICE_JID, BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+    await w.store.save_approval(
+        RosterApproval(
+            ALICE_JID, BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+        )
     )
-    await w.store.set_presence(BOB, "pc", available=True, now=T0, show="dnd", status="busy")
+    await w.store.save_presence(
+        PresenceRecord(BOB, "pc", True, show="dnd", status="busy", priority=0, updated_at=T0)
+    )
     incoming = await sip_watches(w)
     assert incoming.status == 202
     [(notify, _, _)] = w.sip.take()
@@ -394,8 +382,10 @@ async def test_sip_watcher_already_approved_gets_active_notify_with_last_presenc
 
 
 async def test_presence_change_notifies_one_tuple_per_resource(w: World) -> None:
-    await w.store.set_approval(
-        ALICE_JID, BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+    await w.store.save_approval(
+        RosterApproval(
+            ALICE_JID, BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+        )
     )
     await sip_watches(w)
     [(first, _, _)] = w.sip.take()
@@ -421,8 +411,10 @@ async def test_presence_change_notifies_one_tuple_per_resource(w: World) -> None
 async def test_in_dialog_subscribe_refreshes_or_ends(
     w: World, expires: int, status: int, state: str
 ) -> None:
-    await w.store.set_approval(
-        ALICE_JID, BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+    await w.store.save_approval(
+        RosterApproval(
+            ALICE_JID, BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+        )
     )
     first = await sip_watches(w)
     [(notify, _, _)] = w.sip.take()
@@ -657,7 +649,7 @@ async def test_xmpp_watcher_refreshes_before_expiry(w: World) -> None:
     [(False, "unavailable"), (True, None)],
 )
 async def test_without_sip_presence_server_the_gateway_approves(
-    store: Store, registered: bool, expected: str | None
+    store: MemoryStore, registered: bool, expected: str | None
 ) -> None:
     w = build(store, sip_server=False)
     if registered:
@@ -673,8 +665,10 @@ async def test_without_sip_presence_server_the_gateway_approves(
 
 
 async def approve_bob(w: World) -> None:
-    await w.store.set_approval(
-        ALICE_JID, BOB, ApprovalDirection.XMPP_WATCHES_SIP, ApprovalState.APPROVED, T0
+    await w.store.save_approval(
+        RosterApproval(
+            ALICE_JID, BOB, ApprovalDirection.XMPP_WATCHES_SIP, ApprovalState.APPROVED, T0
+        )
     )
 
 
@@ -857,8 +851,8 @@ async def test_probe_unapproved_is_ignored(w: World) -> None:
 # --- DESIGN 8: restart and reconnect -------------------------------------------------------------
 
 
-async def test_restart_resumes_both_directions(store_url: str) -> None:
-    first = await Store.open(store_url)
+async def test_restart_resumes_both_directions(memory_store: MemoryStore) -> None:
+    first = memory_store
     w = build(first)
     # SIP watcher of Bob, approved and active.
     await sip_watches(w)
@@ -878,7 +872,7 @@ async def test_restart_resumes_both_directions(store_url: str) -> None:
     await first.close()
 
     # A new process on the same database.
-    second = await Store.open(store_url)
+    second = MemoryStore(first.database)
     try:
         n = build(second, seed=2)
         assert await n.side.resume(T0 + 100) == (1, 1, 0)
@@ -903,8 +897,8 @@ async def test_restart_resumes_both_directions(store_url: str) -> None:
         await second.close()
 
 
-async def test_restore_spreads_overdue_refreshes(store_url: str) -> None:
-    first = await Store.open(store_url)
+async def test_restore_spreads_overdue_refreshes(memory_store: MemoryStore) -> None:
+    first = memory_store
     w = build(first)
     for n in range(20):
         bob = f"bob{n}@xmpp.test"
@@ -912,7 +906,7 @@ async def test_restore_spreads_overdue_refreshes(store_url: str) -> None:
         [(subscribe, _, reply)] = w.sip.take()
         await respond(reply, answer(subscribe, 200, [("Expires", "600")]), T0)
     await first.close()
-    second = await Store.open(store_url)
+    second = MemoryStore(first.database)
     try:
         n2 = build(second, seed=3)
         later = T0 + 10_000  # every refresh is overdue
@@ -954,7 +948,7 @@ class Running:
 
 
 def running(
-    store: Store,
+    store: MemoryStore,
     endpoint: RequestSender,
     now: list[float],
     *,
@@ -985,7 +979,7 @@ def running(
     return Running(serial, side, runtime, online)
 
 
-async def test_runtime_drives_transactions_and_commands(store: Store) -> None:
+async def test_runtime_drives_transactions_and_commands(store: MemoryStore) -> None:
     endpoint = FakeEndpoint()
     r = running(store, endpoint, [T0])
     runtime = r.runtime
@@ -1032,8 +1026,10 @@ def watcher_jid(i: int) -> str:
 async def approved_watchers(w: World, count: int, expires: list[int] | None = None) -> None:
     """``count`` SIP users watch Bob, approved and with every NOTIFY answered."""
     for i in range(count):
-        await w.store.set_approval(
-            watcher_jid(i), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+        await w.store.save_approval(
+            RosterApproval(
+                watcher_jid(i), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+            )
         )
         incoming = FakeIncoming(watcher_subscribe(i, expires[i] if expires else 600))
         await w.request(incoming, T0)
@@ -1172,12 +1168,14 @@ async def test_presence_reaches_only_the_addressed_watchers_dialogs(
     # A second target, watched by the same users: it must not be notified for Bob.
     carol = "sip:carol*xmpp.test@jabber.sip.test"
     for i in range(3):
-        await w.store.set_approval(
-            watcher_jid(i),
-            "carol@xmpp.test",
-            ApprovalDirection.SIP_WATCHES_XMPP,
-            ApprovalState.APPROVED,
-            T0,
+        await w.store.save_approval(
+            RosterApproval(
+                watcher_jid(i),
+                "carol@xmpp.test",
+                ApprovalDirection.SIP_WATCHES_XMPP,
+                ApprovalState.APPROVED,
+                T0,
+            )
         )
         await w.request(FakeIncoming(watcher_subscribe(i, target=carol)), T0)
     await answer_all(w, T0)
@@ -1210,7 +1208,7 @@ async def test_presence_reaches_only_the_addressed_watchers_dialogs(
 
 
 def count_calls(
-    monkeypatch: pytest.MonkeyPatch, store: Store, names: Sequence[str]
+    monkeypatch: pytest.MonkeyPatch, store: MemoryStore, names: Sequence[str]
 ) -> Counter[str]:
     """Count calls of the store's ``names`` (they still run)."""
     counts: Counter[str] = Counter()
@@ -1230,7 +1228,7 @@ async def test_fanout_skips_writes_that_change_nothing(
 ) -> None:
     await approved_watchers(w, 5)
     writes = count_calls(
-        monkeypatch, w.store, ["set_presence", "clear_presence", "save_sip_watcher_subscription"]
+        monkeypatch, w.store, ["save_presence", "clear_presence", "save_sip_watcher_subscription"]
     )
     # The XMPP server sends Bob's change once per watcher JID: one presence write in all.
     for i in range(5):
@@ -1239,7 +1237,7 @@ async def test_fanout_skips_writes_that_change_nothing(
         )
     notifies = await answer_all(w, T0 + 1)
     assert len(notifies) == 5
-    assert writes["set_presence"] == 1
+    assert writes["save_presence"] == 1
     # Neither the NOTIFYs (within the CSeq reserve) nor their 2xx rewrote the dialogs.
     assert writes["save_sip_watcher_subscription"] == 0
     for i in range(5):
@@ -1247,11 +1245,11 @@ async def test_fanout_skips_writes_that_change_nothing(
             Presence(sender=f"{BOB}/pc", recipient=watcher_jid(i), type="unavailable"), T0 + 2
         )
     await answer_all(w, T0 + 2)
-    assert (writes["set_presence"], writes["clear_presence"]) == (1, 1)
+    assert (writes["save_presence"], writes["clear_presence"]) == (1, 1)
 
 
-async def test_stored_cseq_stays_ahead_across_many_notifies(store_url: str) -> None:
-    first = await Store.open(store_url)
+async def test_stored_cseq_stays_ahead_across_many_notifies(memory_store: MemoryStore) -> None:
+    first = memory_store
     w = build(first)
     await approved_watchers(w, 1)
     used = 0
@@ -1263,7 +1261,7 @@ async def test_stored_cseq_stays_ahead_across_many_notifies(store_url: str) -> N
         for request in await answer_all(w, T0 + n):
             used = max(used, request.cseq[0])
     await first.close()
-    second = await Store.open(store_url)
+    second = MemoryStore(first.database)
     try:
         n2 = build(second, seed=5)
         assert await n2.side.resume(T0 + 500) == (1, 0, 0)
@@ -1297,18 +1295,18 @@ async def test_xmpp_watcher_repeated_notify_writes_nothing(
     subscribe = await xmpp_watches(w)
     await _accepted(w, subscribe, 200)
     assert await deliver(w, notify_for(subscribe, "active;expires=600", pidf_body()), T0) == 200
-    writes = count_calls(monkeypatch, w.store, ["set_presence", "save_xmpp_watcher_subscription"])
+    writes = count_calls(monkeypatch, w.store, ["save_presence", "save_xmpp_watcher_subscription"])
     for cseq in range(2, 6):  # the presence server repeats the state; expires counts down
         request = notify_for(subscribe, f"active;expires={600 - cseq}", pidf_body(), cseq)
         assert await deliver(w, request, T0 + cseq) == 200
     assert writes == Counter()
     changed = notify_for(subscribe, "active;expires=590", pidf_body("closed"), 9)
     assert await deliver(w, changed, T0 + 10) == 200
-    assert writes["set_presence"] == 1
+    assert writes["save_presence"] == 1
 
 
-async def test_restore_rate_is_bounded_for_many_overdue(store_url: str) -> None:
-    first = await Store.open(store_url)
+async def test_restore_rate_is_bounded_for_many_overdue(memory_store: MemoryStore) -> None:
+    first = memory_store
     w = build(first)
     count = 300
     for n in range(count):
@@ -1318,7 +1316,7 @@ async def test_restore_rate_is_bounded_for_many_overdue(store_url: str) -> None:
         [(subscribe, _, reply)] = w.sip.take()
         await respond(reply, answer(subscribe, 200, [("Expires", "600")]), T0)
     await first.close()
-    second = await Store.open(store_url)
+    second = MemoryStore(first.database)
     try:
         side = build(second, seed=9, restore_spread=1.0).side
         later = T0 + 10_000
@@ -1354,7 +1352,7 @@ class GatedEndpoint(FakeEndpoint):
 
 
 def runtime_world(
-    store: Store, endpoint: FakeEndpoint, **limits: int
+    store: MemoryStore, endpoint: FakeEndpoint, **limits: int
 ) -> tuple[PresenceDriver, SipSide, list[float]]:
     now = [T0]
     r = running(store, endpoint, now, **limits)
@@ -1363,14 +1361,16 @@ def runtime_world(
 
 @pytest.mark.parametrize("endpoint_closes_first", [False, True])
 async def test_shutdown_with_notifies_in_flight_keeps_subscriptions(
-    store: Store, endpoint_closes_first: bool
+    store: MemoryStore, endpoint_closes_first: bool
 ) -> None:
     endpoint = GatedEndpoint()
     runtime, side, _ = runtime_world(store, endpoint)
     await runtime.start()
     for i in range(3):
-        await store.set_approval(
-            watcher_jid(i), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+        await store.save_approval(
+            RosterApproval(
+                watcher_jid(i), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+            )
         )
         incoming = FakeIncoming(watcher_subscribe(i))
         await through_gate(side, incoming)
@@ -1395,12 +1395,14 @@ async def test_shutdown_with_notifies_in_flight_keeps_subscriptions(
     assert side.counts()["sip_watchers"] == 3 and len(late.responses) == 1
 
 
-async def test_stop_waits_for_transactions_started_meanwhile(store: Store) -> None:
+async def test_stop_waits_for_transactions_started_meanwhile(store: MemoryStore) -> None:
     endpoint = GatedEndpoint()
     runtime, side, _ = runtime_world(store, endpoint)
     await runtime.start()
-    await store.set_approval(
-        watcher_jid(0), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+    await store.save_approval(
+        RosterApproval(
+            watcher_jid(0), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+        )
     )
     await through_gate(side, FakeIncoming(watcher_subscribe(0)))
     runtime.on_presence(Presence(sender=f"{BOB}/pc", recipient=watcher_jid(0), show="away"))
@@ -1419,7 +1421,7 @@ async def test_stop_waits_for_transactions_started_meanwhile(store: Store) -> No
 
 
 async def test_overload_refuses_new_subscriptions_with_503(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: MemoryStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     endpoint = FakeEndpoint()
     runtime, side, _ = runtime_world(store, endpoint, max_waiting=2, max_queued_presence=2)
@@ -1479,9 +1481,9 @@ async def test_overload_refuses_new_subscriptions_with_503(
 
 
 async def test_runtime_spreads_refreshes_from_after_a_slow_resume(
-    store_url: str, monkeypatch: pytest.MonkeyPatch
+    memory_store: MemoryStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = await Store.open(store_url)
+    first = memory_store
     w = build(first)
     for n in range(10):
         await w.core.on_presence(
@@ -1490,7 +1492,7 @@ async def test_runtime_spreads_refreshes_from_after_a_slow_resume(
         [(subscribe, _, reply)] = w.sip.take()
         await respond(reply, answer(subscribe, 200, [("Expires", "600")]), T0)
     await first.close()
-    second = await Store.open(store_url)
+    second = MemoryStore(first.database)
     try:
         now = [T0 + 10_000]  # every refresh is overdue
         r = running(second, FakeEndpoint(), now, restore_spread=5)

@@ -29,15 +29,19 @@ from component.store import (
     MembershipState,
     MessageDirection,
     MessageState,
+    NewMessage,
+    PresenceRecord,
     Publication,
     RecordNotFound,
     RoomMembership,
+    RosterApproval,
     SipWatcherSubscription,
     Store,
     StoreError,
     StorePort,
     StoreUnavailable,
     SubscriptionState,
+    TransportStatus,
     XmppWatcherSubscription,
     migrate,
 )
@@ -167,14 +171,16 @@ async def _enqueue(
     next_attempt_at: float | None = None,
 ) -> int:
     message = await store.enqueue_message(
-        MessageDirection.XMPP_TO_SIP,
-        BOB,
-        recipient,
-        "hello",
-        "text/plain; charset=UTF-8",
-        now=now,
-        delay=delay,
-        next_attempt_at=next_attempt_at,
+        NewMessage(
+            MessageDirection.XMPP_TO_SIP,
+            BOB,
+            recipient,
+            "hello",
+            "text/plain; charset=UTF-8",
+            created_at=now,
+            deliver_by=now + delay,
+            next_attempt_at=now if next_attempt_at is None else next_attempt_at,
+        )
     )
     return message.id
 
@@ -187,14 +193,17 @@ async def test_enqueue_is_durable_and_round_trips(
 ) -> None:
     extra = {"xmpp_id": "m1", "receipt": True, "thread": "Ünïcode ✓", "n": [1, 2]}
     message = await store.enqueue_message(
-        MessageDirection.SIP_TO_XMPP,
-        ALICE,
-        BOB,
-        "hi ✓",
-        "text/plain",
-        now=T0,
-        delay=90,
-        extra=extra,
+        NewMessage(
+            MessageDirection.SIP_TO_XMPP,
+            ALICE,
+            BOB,
+            "hi ✓",
+            "text/plain",
+            created_at=T0,
+            deliver_by=T0 + 90,
+            next_attempt_at=T0,
+            extra=extra,
+        )
     )
     assert (message.sender, message.recipient, message.body) == (ALICE, BOB, "hi ✓")
     assert message.direction is MessageDirection.SIP_TO_XMPP
@@ -432,14 +441,14 @@ async def test_publications(store: StorePort) -> None:
 
 
 async def test_presence(store: StorePort) -> None:
-    phone = await store.set_presence(BOB, "phone", available=True, now=T0, show="away", priority=5)
-    pc = await store.set_presence(
-        BOB, "pc", available=True, now=T0, show="dnd", status="meeting", pidf="<presence/>"
-    )
+    phone = PresenceRecord(BOB, "phone", True, "away", None, 5, T0)
+    pc = PresenceRecord(BOB, "pc", True, "dnd", "meeting", 0, T0, pidf="<presence/>")
+    await store.save_presence(phone)
+    await store.save_presence(pc)
     assert await store.presence_of(BOB) == [pc, phone]
-    gone = await store.set_presence(BOB, "pc", available=False, now=T0 + 1)
-    assert await store.presence_of(BOB) == [gone, phone]
-    assert gone.status is None and gone.pidf is None  # a new presence replaces the old fully
+    gone = PresenceRecord(BOB, "pc", False, None, None, 0, T0 + 1)
+    await store.save_presence(gone)
+    assert await store.presence_of(BOB) == [gone, phone]  # a new presence replaces the old fully
     assert await store.clear_presence(BOB, "phone") == 1
     assert await store.clear_presence(BOB) == 1
     assert await store.presence_of(BOB) == []
@@ -449,11 +458,13 @@ async def test_roster_approvals(store: StorePort) -> None:
     alice_jid = "alice@sip.xmpp.test"
     out = ApprovalDirection.SIP_WATCHES_XMPP
     assert await store.approval(alice_jid, BOB, out) is None
-    await store.set_approval(alice_jid, BOB, out, ApprovalState.PENDING, T0)
-    approved = await store.set_approval(alice_jid, BOB, out, ApprovalState.APPROVED, T0 + 1)
-    back = await store.set_approval(
+    await store.save_approval(RosterApproval(alice_jid, BOB, out, ApprovalState.PENDING, T0))
+    approved = RosterApproval(alice_jid, BOB, out, ApprovalState.APPROVED, T0 + 1)
+    back = RosterApproval(
         alice_jid, BOB, ApprovalDirection.XMPP_WATCHES_SIP, ApprovalState.REFUSED, T0 + 2
     )
+    await store.save_approval(approved)  # replaces the pending one
+    await store.save_approval(back)
     assert await store.approval(alice_jid, BOB, out) == approved
     assert await store.approvals(alice_jid) == [approved, back]
     assert await store.approvals(xmpp_jid="nobody@xmpp.test") == []
@@ -479,11 +490,11 @@ async def test_room_memberships(store: StorePort) -> None:
 
 async def test_transport_status(store: StorePort) -> None:
     assert await store.transport_status("irc.xmpp.test") is None
-    await store.set_transport_status("irc.xmpp.test", True, T0)
-    down = await store.set_transport_status(
-        "irc.xmpp.test", False, T0 + 20, "remote-server-timeout"
-    )
-    other = await store.set_transport_status("slidge.xmpp.test", True, T0)
+    await store.save_transport_status(TransportStatus("irc.xmpp.test", True, T0))
+    down = TransportStatus("irc.xmpp.test", False, T0 + 20, "remote-server-timeout")
+    other = TransportStatus("slidge.xmpp.test", True, T0)
+    await store.save_transport_status(down)  # replaces the first probe's result
+    await store.save_transport_status(other)
     assert await store.transport_status("irc.xmpp.test") == down
     assert await store.transport_statuses() == [down, other]
     assert (await store.counts()).transports_down == 1

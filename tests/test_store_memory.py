@@ -20,15 +20,19 @@ from component.store import (
     ApprovalState,
     MembershipState,
     MessageDirection,
+    NewMessage,
+    PresenceRecord,
     Publication,
     QueuedMessage,
     RoomMembership,
+    RosterApproval,
     SipWatcherSubscription,
     Store,
     StoreCounts,
     StoreError,
     StoreUnavailable,
     SubscriptionState,
+    TransportStatus,
     XmppWatcherSubscription,
     migrate,
 )
@@ -81,15 +85,17 @@ def _calls(rng: random.Random, now: float) -> list[Callable[[], Call]]:
     return [
         lambda: _call(
             "enqueue_message",
-            MessageDirection.XMPP_TO_SIP,
-            jid,
-            aor,
-            "hi",
-            "text/plain",
-            now=now,
-            delay=rng.choice([10.0, 90.0]),
-            extra={"id": tag},
-            next_attempt_at=rng.choice([None, t]),
+            NewMessage(
+                MessageDirection.XMPP_TO_SIP,
+                jid,
+                aor,
+                "hi",
+                "text/plain",
+                created_at=now,
+                deliver_by=now + rng.choice([10.0, 90.0]),
+                next_attempt_at=rng.choice([now, t]),
+                extra={"id": tag},
+            ),
         ),
         lambda: _call(
             "claim_due_messages", now, rng.randrange(4), rng.choice(INSTANCES), rng.choice([5, 60])
@@ -129,16 +135,23 @@ def _calls(rng: random.Random, now: float) -> list[Callable[[], Call]]:
         lambda: _call("expire_publications", now),
         lambda: _call("delete_publication", tag),
         lambda: _call(
-            "set_presence",
-            jid,
-            rng.choice(["", "pc"]),
-            available=rng.random() < 0.5,
-            now=now,
-            show=rng.choice([None, "away"]),
+            "save_presence",
+            PresenceRecord(
+                jid,
+                rng.choice(["", "pc"]),
+                available=rng.random() < 0.5,
+                show=rng.choice([None, "away"]),
+                status=None,
+                priority=0,
+                updated_at=now,
+            ),
         ),
         lambda: _call("presence_of", jid),
         lambda: _call("clear_presence", jid, rng.choice([None, "pc"])),
-        lambda: _call("set_approval", aor, jid, direction, rng.choice(list(ApprovalState)), now),
+        lambda: _call(
+            "save_approval",
+            RosterApproval(aor, jid, direction, rng.choice(list(ApprovalState)), now),
+        ),
         lambda: _call("approvals", other, rng.choice([None, jid])),
         lambda: _call("delete_approval", aor, jid, direction),
         lambda: _call(
@@ -147,7 +160,9 @@ def _calls(rng: random.Random, now: float) -> list[Callable[[], Call]]:
         ),
         lambda: _call("memberships", other),
         lambda: _call("remove_membership", aor, f"{tag}@rooms.test"),
-        lambda: _call("set_transport_status", tag, rng.random() < 0.5, now, "probe"),
+        lambda: _call(
+            "save_transport_status", TransportStatus(tag, rng.random() < 0.5, now, "probe")
+        ),
         lambda: _call("transport_statuses"),
         lambda: _call("counts"),
     ]

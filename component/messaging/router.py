@@ -30,7 +30,13 @@ from component.errors import RETRYABLE, Refusal, busy, not_found, refusal_for_si
 from component.logs import get_logger
 from component.ports import Clock, RegistrarCommands, SipPort, XmppPort
 from component.runtime.tasks import TaskOwner
-from component.store import MessageDirection, QueuedMessage, StorePort, StoreUnavailable
+from component.store import (
+    MessageDirection,
+    NewMessage,
+    QueuedMessage,
+    StorePort,
+    StoreUnavailable,
+)
 from component.values import ChatMessage, SipAnswer, SipText, StanzaError
 
 log = get_logger("component.messaging")
@@ -134,17 +140,20 @@ class MessageRouter:
 
     async def _store_for_xmpp(self, msg: SipText, stanza: ChatMessage) -> SipAnswer:
         """The link is down: 202 only once the message is stored durably (DESIGN 4.1)."""
+        now = self.clock()
+        message = NewMessage(
+            MessageDirection.SIP_TO_XMPP,
+            msg.from_uri,
+            stanza.recipient,
+            msg.body,
+            "text/plain",
+            created_at=now,
+            deliver_by=now + self.delay_time,
+            next_attempt_at=now,
+            extra={"from_jid": stanza.sender, "html": msg.html},
+        )
         try:
-            await self.store.enqueue_message(
-                MessageDirection.SIP_TO_XMPP,
-                msg.from_uri,
-                stanza.recipient,
-                msg.body,
-                "text/plain",
-                now=self.clock(),
-                delay=self.delay_time,
-                extra={"from_jid": stanza.sender, "html": msg.html},
-            )
+            await self.store.enqueue_message(message)
         except StoreUnavailable as exc:
             log.warning("message_refused", call_id=msg.call_id, reason=str(exc))
             raise busy("", RETRY_AFTER) from None
@@ -249,18 +258,19 @@ class MessageRouter:
         self, msg: ChatMessage, from_uri: str, to_uri: str, status: int
     ) -> None:
         now = self.clock()
+        message = NewMessage(
+            MessageDirection.XMPP_TO_SIP,
+            msg.sender,
+            to_uri,
+            msg.body or "",
+            "text/plain",
+            created_at=now,
+            deliver_by=now + self.delay_time,
+            next_attempt_at=now + _backoff(0, self.delay_time),
+            extra={"from_uri": from_uri, "to_jid": msg.recipient, "id": msg.id},
+        )
         try:
-            await self.store.enqueue_message(
-                MessageDirection.XMPP_TO_SIP,
-                msg.sender,
-                to_uri,
-                msg.body or "",
-                "text/plain",
-                now=now,
-                delay=self.delay_time,
-                extra={"from_uri": from_uri, "to_jid": msg.recipient, "id": msg.id},
-                next_attempt_at=now + _backoff(0, self.delay_time),
-            )
+            await self.store.enqueue_message(message)
         except StoreUnavailable:
             self.xmpp.refuse(msg, _unavailable(f"SIP {status}"))
             return

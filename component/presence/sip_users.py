@@ -20,7 +20,7 @@ from component.logs import get_logger
 from component.ports import UserOnline
 from component.presence.approvals import RESOURCE, Ports, send_presence
 from component.presence.translate import XmppPresence, xmpp_for_pidf
-from component.store import ApprovalDirection, ApprovalState
+from component.store import ApprovalDirection, ApprovalState, PresenceRecord
 from component.values import Presence, Registration, SipText, SipUserPublished, SipUserUnpublished
 from sipside.pidf import PresenceDocument
 
@@ -174,14 +174,16 @@ class SipUsers:
         """Store ``state`` as the SIP user's last known presence (answers probes, DESIGN 8)."""
         if self._remembered.get(sip_jid) == state:
             return
-        await self.store.set_presence(
-            sip_jid,
-            "",
-            available=state.available,
-            now=now,
-            show=state.show,
-            status=state.status,
-            priority=state.priority,
+        await self.store.save_presence(
+            PresenceRecord(
+                sip_jid,
+                "",
+                available=state.available,
+                show=state.show,
+                status=state.status,
+                priority=state.priority,
+                updated_at=now,
+            )
         )
         self._remembered[sip_jid] = state  # only once written: a failed write is retried
 

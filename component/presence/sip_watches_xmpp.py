@@ -14,7 +14,7 @@ from component.errors import not_found
 from component.logs import get_logger
 from component.presence.approvals import RESOURCE, Ports, is_approved, send_presence
 from component.presence.translate import SHOW_VALUES, XmppPresence, XmppPresenceSet, pidf_for_xmpp
-from component.store import ApprovalDirection, ApprovalState
+from component.store import ApprovalDirection, ApprovalState, PresenceRecord, RosterApproval
 from component.values import Presence, Watch, WatchAnswer, WatchRequest
 from sipside.pidf import PresenceDocument
 
@@ -60,12 +60,14 @@ class SipWatchers:
             # The server then sends the entity's current presence (RFC 6121 4.3).
             self._probe(watch)
             return
-        await self.store.set_approval(
-            watch.watcher_jid,
-            watch.target_jid,
-            ApprovalDirection.SIP_WATCHES_XMPP,
-            ApprovalState.PENDING,
-            now,
+        await self.store.save_approval(
+            RosterApproval(
+                watch.watcher_jid,
+                watch.target_jid,
+                ApprovalDirection.SIP_WATCHES_XMPP,
+                ApprovalState.PENDING,
+                now,
+            )
         )
         send_presence(
             self.xmpp,
@@ -101,14 +103,16 @@ class SipWatchers:
         # The server sends a change once per watcher JID: only the first one writes.
         changed = known != update if available else known is not None
         if available and changed:
-            await self.store.set_presence(
-                bob,
-                resource or "",
-                available=True,
-                now=now,
-                show=show,
-                status=presence.status,
-                priority=priority,
+            await self.store.save_presence(
+                PresenceRecord(
+                    bob,
+                    resource or "",
+                    available=True,
+                    show=show,
+                    status=presence.status,
+                    priority=priority,
+                    updated_at=now,
+                )
             )
         elif changed:
             await self.store.clear_presence(bob, resource or "")
@@ -119,8 +123,10 @@ class SipWatchers:
 
     async def approved(self, bob: str, watcher: str, now: float) -> None:
         """Bob approved the SIP watcher (RFC 6121 3.1.5): NOTIFY active, probe his presence."""
-        await self.store.set_approval(
-            watcher, bob, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, now
+        await self.store.save_approval(
+            RosterApproval(
+                watcher, bob, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, now
+            )
         )
         watch = Watch(watcher, bob)
         await self.sip.activate_watch(watch, await self.document_of(bob), now)
@@ -128,8 +134,10 @@ class SipWatchers:
 
     async def refused(self, bob: str, watcher: str, now: float) -> None:
         """Bob refused or cancelled: NOTIFY terminated;reason=rejected (RFC 6665 4.2.2)."""
-        await self.store.set_approval(
-            watcher, bob, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.REFUSED, now
+        await self.store.save_approval(
+            RosterApproval(
+                watcher, bob, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.REFUSED, now
+            )
         )
         await self.sip.end_watch(Watch(watcher, bob), "rejected", now, pending_only=False)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from component.logs import get_logger
 from component.presence.approvals import Ports, is_approved, send_presence
 from component.presence.sip_users import SipUsers
-from component.store import ApprovalDirection, ApprovalState
+from component.store import ApprovalDirection, ApprovalState, RosterApproval
 from component.values import (
     Presence,
     PresenceServerNews,
@@ -53,8 +53,10 @@ class XmppWatchers:
                 send_presence(self.xmpp, Presence(sender=sip_jid, recipient=bob, type="subscribed"))
                 await self._send_state(bob, sip_jid, aor)
             case SubscribeOutcome.STARTED:
-                await self.store.set_approval(
-                    sip_jid, bob, ApprovalDirection.XMPP_WATCHES_SIP, ApprovalState.PENDING, now
+                await self.store.save_approval(
+                    RosterApproval(
+                        sip_jid, bob, ApprovalDirection.XMPP_WATCHES_SIP, ApprovalState.PENDING, now
+                    )
                 )
             case SubscribeOutcome.PENDING:
                 pass  # asked already; Bob waits for the decision
@@ -79,8 +81,10 @@ class XmppWatchers:
         """Approve Bob (RFC 6121 3.1.5); ``subscribed`` goes once, or ``again`` on request."""
         news = not await is_approved(self.store, sip_jid, bob, ApprovalDirection.XMPP_WATCHES_SIP)
         if news:
-            await self.store.set_approval(
-                sip_jid, bob, ApprovalDirection.XMPP_WATCHES_SIP, ApprovalState.APPROVED, now
+            await self.store.save_approval(
+                RosterApproval(
+                    sip_jid, bob, ApprovalDirection.XMPP_WATCHES_SIP, ApprovalState.APPROVED, now
+                )
             )
         if news or again:
             send_presence(self.xmpp, Presence(sender=sip_jid, recipient=bob, type="subscribed"))
@@ -99,8 +103,10 @@ class XmppWatchers:
                 pass  # RFC 6665 4.1.3: not decided yet; Bob waits (DESIGN 5.3)
             case SubscriptionRefused(bob, sip_jid):
                 # Rejected, no such user, or the SUBSCRIBE failed: Bob is refused.
-                await self.store.set_approval(
-                    sip_jid, bob, ApprovalDirection.XMPP_WATCHES_SIP, ApprovalState.REFUSED, now
+                await self.store.save_approval(
+                    RosterApproval(
+                        sip_jid, bob, ApprovalDirection.XMPP_WATCHES_SIP, ApprovalState.REFUSED, now
+                    )
                 )
                 send_presence(
                     self.xmpp, Presence(sender=sip_jid, recipient=bob, type="unsubscribed")

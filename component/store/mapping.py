@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from datetime import UTC, datetime
 from operator import attrgetter
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from sqlalchemy import ColumnElement, Table, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -22,7 +22,10 @@ from sqlmodel import SQLModel
 
 from .models import JsonText, UTCDateTime
 
-R = TypeVar("R")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+R = TypeVar("R", bound="DataclassInstance")
 
 
 def to_datetime(ts: float) -> datetime:
@@ -74,10 +77,8 @@ class RowMapping(Generic[R]):
         self.table: Table = model.__table__  # type: ignore[attr-defined]
         self.key_names = tuple(column.name for column in self.table.primary_key.columns)
         self._sort_key = attrgetter(*self.key_names)
-        self._codecs = [
-            (field.name, _codec(self.table.c[field.name]))
-            for field in fields(record)  # type: ignore[arg-type]
-        ]
+        self._column_codecs = {column.name: _codec(column) for column in self.table.c}
+        self._codecs = [(field.name, self._column_codecs[field.name]) for field in fields(record)]
 
     def column(self, name: str) -> KeyedColumnElement[Any]:
         """The column ``name`` of the table, for a statement's WHERE or ORDER BY."""
@@ -87,9 +88,11 @@ class RowMapping(Generic[R]):
         """The record of a result row (ORM row or Core row: both have the column names)."""
         return self.record(**{name: codec.load(getattr(row, name)) for name, codec in self._codecs})
 
-    def to_values(self, record: R) -> dict[str, Any]:
-        """The column values of ``record``."""
-        return {name: codec.dump(getattr(record, name)) for name, codec in self._codecs}
+    def to_values(self, record: DataclassInstance) -> dict[str, Any]:
+        """The column values of ``record``, or of any dataclass whose fields are columns of the
+        table (a ``NewMessage``: a queued message's fields but those the queue sets itself)."""
+        codecs = self._column_codecs
+        return {f.name: codecs[f.name].dump(getattr(record, f.name)) for f in fields(record)}
 
     def matching(self, **equal: Any) -> list[ColumnElement[bool]]:
         """``column == value`` for each given value that is not None (None: any value)."""

@@ -18,10 +18,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from .port import DEFAULT_LEASE, StorePort
 from .records import (
     ApprovalDirection,
-    ApprovalState,
-    JsonObject,
-    MessageDirection,
     MessageState,
+    NewMessage,
     PresenceRecord,
     Publication,
     QueuedMessage,
@@ -161,38 +159,17 @@ class MemoryStore:
 
     # --- the message queue -----------------------------------------------------------------
 
-    async def enqueue_message(
-        self,
-        direction: MessageDirection,
-        sender: str,
-        recipient: str,
-        body: str,
-        content_type: str,
-        *,
-        now: float,
-        delay: float,
-        extra: JsonObject | None = None,
-        next_attempt_at: float | None = None,
-    ) -> QueuedMessage:
+    async def enqueue_message(self, message: NewMessage) -> QueuedMessage:
         db = self._db
-        due = now if next_attempt_at is None else next_attempt_at
-        message = QueuedMessage(
+        queued = QueuedMessage(
             id=next(db.message_ids),
-            direction=direction,
-            sender=sender,
-            recipient=recipient,
-            body=body,
-            content_type=content_type,
-            extra=dict(extra or {}),
-            created_at=now,
-            deliver_by=now + delay,
             attempts=0,
-            next_attempt_at=due,
             state=MessageState.QUEUED,
             owner=None,
             last_error=None,
+            **{f.name: getattr(message, f.name) for f in fields(message)},
         )
-        return _detached(db.messages.put(message))
+        return _detached(db.messages.put(queued))
 
     def _claim(
         self, chosen: list[QueuedMessage], now: float, instance: str, lease: float
@@ -385,20 +362,8 @@ class MemoryStore:
         self._db.publications.delete_all(expired)
         return expired
 
-    async def set_presence(
-        self,
-        entity: str,
-        resource: str,
-        *,
-        available: bool,
-        now: float,
-        show: str | None = None,
-        status: str | None = None,
-        priority: int = 0,
-        pidf: str | None = None,
-    ) -> PresenceRecord:
-        record = PresenceRecord(entity, resource, available, show, status, priority, now, pidf)
-        return self._db.presence.put(record)
+    async def save_presence(self, record: PresenceRecord) -> None:
+        self._db.presence.put(record)
 
     async def presence_of(self, entity: str) -> list[PresenceRecord]:
         return self._db.presence.select(entity=entity)
@@ -409,15 +374,8 @@ class MemoryStore:
 
     # --- approvals, rooms, transports --------------------------------------------------------
 
-    async def set_approval(
-        self,
-        sip_jid: str,
-        xmpp_jid: str,
-        direction: ApprovalDirection,
-        state: ApprovalState,
-        now: float,
-    ) -> RosterApproval:
-        return self._db.approvals.put(RosterApproval(sip_jid, xmpp_jid, direction, state, now))
+    async def save_approval(self, approval: RosterApproval) -> None:
+        self._db.approvals.put(approval)
 
     async def approval(
         self, sip_jid: str, xmpp_jid: str, direction: ApprovalDirection
@@ -445,10 +403,8 @@ class MemoryStore:
     ) -> list[RoomMembership]:
         return self._db.memberships.select(sip_aor=sip_aor, room_jid=room_jid)
 
-    async def set_transport_status(
-        self, domain: str, up: bool, now: float, detail: str | None = None
-    ) -> TransportStatus:
-        return self._db.transports.put(TransportStatus(domain, up, now, detail))
+    async def save_transport_status(self, status: TransportStatus) -> None:
+        self._db.transports.put(status)
 
     async def transport_status(self, domain: str) -> TransportStatus | None:
         return self._db.transports.get(domain)

@@ -26,7 +26,6 @@ from .models import (
 )
 from .records import (
     ApprovalDirection,
-    ApprovalState,
     MessageState,
     PresenceRecord,
     Publication,
@@ -182,22 +181,9 @@ def expire_publications(session: Session, now: float) -> list[Publication]:
     return PUBLICATIONS.returning(session, stmt)
 
 
-def set_presence(
-    session: Session,
-    entity: str,
-    resource: str,
-    *,
-    available: bool,
-    now: float,
-    show: str | None = None,
-    status: str | None = None,
-    priority: int = 0,
-    pidf: str | None = None,
-) -> PresenceRecord:
+def save_presence(session: Session, record: PresenceRecord) -> None:
     """An upsert of every column: a new presence replaces the old one fully."""
-    record = PresenceRecord(entity, resource, available, show, status, priority, now, pidf)
     PRESENCE.upsert(session, record)
-    return record
 
 
 def presence_of(session: Session, entity: str) -> list[PresenceRecord]:
@@ -213,18 +199,9 @@ def clear_presence(session: Session, entity: str, resource: str | None = None) -
 # --- approvals, rooms, transports, counts -----------------------------------------------------
 
 
-def set_approval(
-    session: Session,
-    sip_jid: str,
-    xmpp_jid: str,
-    direction: ApprovalDirection,
-    state: ApprovalState,
-    now: float,
-) -> RosterApproval:
+def save_approval(session: Session, approval: RosterApproval) -> None:
     """An upsert on (gateway JID, XMPP JID, direction)."""
-    record = RosterApproval(sip_jid, xmpp_jid, direction, state, now)
-    APPROVALS.upsert(session, record)
-    return record
+    APPROVALS.upsert(session, approval)
 
 
 def approval(
@@ -265,13 +242,9 @@ def memberships(
     return MEMBERSHIPS.select(session, *MEMBERSHIPS.matching(sip_aor=sip_aor, room_jid=room_jid))
 
 
-def set_transport_status(
-    session: Session, domain: str, up: bool, now: float, detail: str | None = None
-) -> TransportStatus:
+def save_transport_status(session: Session, status: TransportStatus) -> None:
     """An upsert on the domain."""
-    status = TransportStatus(domain, up, now, detail)
     TRANSPORTS.upsert(session, status)
-    return status
 
 
 def transport_status(session: Session, domain: str) -> TransportStatus | None:

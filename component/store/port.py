@@ -10,9 +10,7 @@ from typing import Protocol
 
 from .records import (
     ApprovalDirection,
-    ApprovalState,
-    JsonObject,
-    MessageDirection,
+    NewMessage,
     PresenceRecord,
     Publication,
     QueuedMessage,
@@ -32,20 +30,8 @@ DEFAULT_LEASE = 60.0
 class StorePort(Protocol):
     """Durable gateway state: the message queue, users seen, subscriptions, presence, rooms."""
 
-    async def enqueue_message(
-        self,
-        direction: MessageDirection,
-        sender: str,
-        recipient: str,
-        body: str,
-        content_type: str,
-        *,
-        now: float,
-        delay: float,
-        extra: JsonObject | None = None,
-        next_attempt_at: float | None = None,
-    ) -> QueuedMessage:
-        """Store a message to deliver by ``now + delay``; committed (durable) on return."""
+    async def enqueue_message(self, message: NewMessage) -> QueuedMessage:
+        """Queue ``message`` (queued, no attempts yet); committed (durable) on return."""
         ...
 
     async def claim_due_messages(
@@ -178,19 +164,8 @@ class StorePort(Protocol):
         """Delete and return publications expired by ``now``."""
         ...
 
-    async def set_presence(
-        self,
-        entity: str,
-        resource: str,
-        *,
-        available: bool,
-        now: float,
-        show: str | None = None,
-        status: str | None = None,
-        priority: int = 0,
-        pidf: str | None = None,
-    ) -> PresenceRecord:
-        """Remember the presence of ``entity``/``resource`` ('' for no resource)."""
+    async def save_presence(self, record: PresenceRecord) -> None:
+        """Insert or replace the presence of ``record.entity``/``record.resource``."""
         ...
 
     async def presence_of(self, entity: str) -> list[PresenceRecord]:
@@ -201,15 +176,8 @@ class StorePort(Protocol):
         """Forget one resource's presence, or all of ``entity``'s."""
         ...
 
-    async def set_approval(
-        self,
-        sip_jid: str,
-        xmpp_jid: str,
-        direction: ApprovalDirection,
-        state: ApprovalState,
-        now: float,
-    ) -> RosterApproval:
-        """Record a subscription decision between a gateway JID and an XMPP JID."""
+    async def save_approval(self, approval: RosterApproval) -> None:
+        """Insert or replace a subscription decision between a gateway JID and an XMPP JID."""
         ...
 
     async def approval(
@@ -244,10 +212,8 @@ class StorePort(Protocol):
         """Seats of ``sip_aor`` and/or in ``room_jid``; all of them to rejoin after a restart."""
         ...
 
-    async def set_transport_status(
-        self, domain: str, up: bool, now: float, detail: str | None = None
-    ) -> TransportStatus:
-        """Record the result of probing alias transport ``domain``."""
+    async def save_transport_status(self, status: TransportStatus) -> None:
+        """Insert or replace the result of probing alias transport ``status.domain``."""
         ...
 
     async def transport_status(self, domain: str) -> TransportStatus | None:

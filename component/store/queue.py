@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from .mapping import RowMapping, to_datetime
 from .models import QueuedMessageRow
 from .port import DEFAULT_LEASE
-from .records import JsonObject, MessageDirection, MessageState, QueuedMessage, RecordNotFound
+from .records import MessageState, NewMessage, QueuedMessage, RecordNotFound
 
 EXPIRED_REASON = "expired"
 
@@ -24,38 +24,11 @@ _table = QUEUE.table
 _WAITING = (MessageState.QUEUED, MessageState.INFLIGHT)
 
 
-def enqueue_message(
-    session: Session,
-    direction: MessageDirection,
-    sender: str,
-    recipient: str,
-    body: str,
-    content_type: str,
-    *,
-    now: float,
-    delay: float,
-    extra: JsonObject | None = None,
-    next_attempt_at: float | None = None,
-) -> QueuedMessage:
+def enqueue_message(session: Session, message: NewMessage) -> QueuedMessage:
     """A Core INSERT ... RETURNING: the hot path when the XMPP link is down."""
     # The ORM unit of work would cost about twice the CPU here.
-    stmt = (
-        insert(_table)
-        .values(
-            direction=direction,
-            sender=sender,
-            recipient=recipient,
-            body=body,
-            content_type=content_type,
-            extra=dict(extra or {}),
-            created_at=to_datetime(now),
-            deliver_by=to_datetime(now + delay),
-            attempts=0,
-            next_attempt_at=to_datetime(now if next_attempt_at is None else next_attempt_at),
-            state=MessageState.QUEUED,
-        )
-        .returning(*_table.c)
-    )
+    values = QUEUE.to_values(message) | {"attempts": 0, "state": MessageState.QUEUED}
+    stmt = insert(_table).values(values).returning(*_table.c)
     return QUEUE.to_record(session.execute(stmt).one())
 
 

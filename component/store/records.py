@@ -7,11 +7,36 @@ as timezone-aware UTC ``datetime`` columns and converts at its edge.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # The RFC 6665 states sipside names; re-exported so callers keep importing them from the store.
 from sipside.events import SubscriptionState as SubscriptionState
+
+__all__ = [
+    "ApprovalDirection",
+    "ApprovalState",
+    "JsonObject",
+    "MembershipState",
+    "MessageDirection",
+    "MessageState",
+    "NewMessage",
+    "PresenceRecord",
+    "Publication",
+    "QueuedMessage",
+    "RecordNotFound",
+    "RoomMembership",
+    "RosterApproval",
+    "SeenUser",
+    "SipWatcherSubscription",
+    "StoreCounts",
+    "StoreError",
+    "StoreNotAtHead",
+    "StoreUnavailable",
+    "SubscriptionState",
+    "TransportStatus",
+    "XmppWatcherSubscription",
+]
 
 JsonObject = dict[str, Any]
 """A JSON object as stored in a TEXT JSON column (dialog snapshots, message extras)."""
@@ -69,6 +94,21 @@ class MembershipState(enum.StrEnum):
 
     JOINING = "joining"
     JOINED = "joined"
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to queue: first tried at ``next_attempt_at``, given up at ``deliver_by``."""
+
+    direction: MessageDirection
+    sender: str
+    recipient: str
+    body: str
+    content_type: str
+    created_at: float
+    deliver_by: float
+    next_attempt_at: float
+    extra: JsonObject = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
