@@ -94,10 +94,9 @@ def joined(
         first = f"You joined {room}; the room gave you the nick {nick}."
     else:
         first = f"You joined {room} as {nick}."
-    others = occupants - 1
-    people = "no one else is here" if others <= 0 else f"{occupants} occupants with you"
+    people = "No one else is here" if occupants <= 1 else f"{occupants} occupants, you included"
     topic = f" Topic: {subject}" if subject else ""
-    return f"{first} {people[0].upper()}{people[1:]}.{topic} Send /help for commands."
+    return f"{first} {people}.{topic} Send /help for commands."
 
 
 def removed(
