@@ -121,6 +121,10 @@ class RoomsCore:
             return list(self.services.ask(domain, now))
         return self._dispatch(msg, aor, target, kind, now, deferred=False)
 
+    def is_parked(self, msg: SipText) -> bool:
+        """True while ``msg`` (this very value) waits for a disco answer."""
+        return any(m is msg for waiting in self._parked.values() for m in waiting)
+
     def on_service_info(self, info: ServiceInfo, now: float) -> list[Effect]:
         """A disco#info answer (XEP-0030): the messages that waited for it go on."""
         self.services.answer(info, now)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from component.rooms.model import Membership
+from component.store import MembershipState, RoomMembership, StorePort
 
 
 class RoomStore(Protocol):
@@ -26,3 +27,29 @@ class RoomStore(Protocol):
     async def list_memberships(self) -> list[Membership]:
         """Every stored seat, to rejoin after a restart."""
         ...
+
+
+class StoredMemberships:
+    """``RoomStore`` on the store port's membership records.
+
+    Passwords are not stored: a password room rejoined after a restart fails with the notice
+    that says so, and the user joins again with ``/join nick password``.
+    """
+
+    def __init__(self, store: StorePort) -> None:
+        self.store = store
+
+    async def save_membership(self, membership: Membership) -> None:
+        """Insert or replace the seat (nick included)."""
+        record = RoomMembership(
+            membership.aor, membership.room, membership.nick, MembershipState.JOINED
+        )
+        await self.store.save_membership(record)
+
+    async def delete_membership(self, aor: str, room: str) -> bool:
+        """Forget a seat; False if there was none."""
+        return await self.store.remove_membership(aor, room)
+
+    async def list_memberships(self) -> list[Membership]:
+        """Every stored seat, without passwords."""
+        return [Membership(m.sip_aor, m.room_jid, m.nick) for m in await self.store.memberships()]
