@@ -197,6 +197,15 @@ def test_join_result_names_nick_count_and_subject_once_the_subject_came() -> Non
     assert gw.seat_state() is SeatState.JOINED
 
 
+def test_the_rooms_own_presence_is_no_occupant() -> None:
+    gw = Gateway()
+    gw.sip("/join")
+    room_itself = RoomPresence(sender=ROOM, recipient=ALICE_JID)
+    gw.presence(other("bob", role="moderator"), room_itself, self_presence("alice"))
+    (text,) = notices(gw.message(subject("Hi")))
+    assert "2 occupants, you included" in text
+
+
 def test_join_result_goes_without_a_subject_after_the_wait() -> None:
     gw = Gateway()
     gw.sip("/join")

@@ -286,6 +286,8 @@ class Seat:
         nick = resource(p.sender) or ""
         if p.type == "error":
             return self._on_error(p.error_condition or "undefined-condition", p.error_text, now)
+        if not nick:
+            return []  # the room's own presence (ejabberd sends one, e.g. for its avatar)
         is_self = texts.SELF in p.status_codes or nick in (self.nick, self.requested_nick)
         if not is_self:
             self._track_occupant(nick, p)
