@@ -348,3 +348,76 @@ async def test_rejoin_after_gateway_restart(
     assert (got.body, _addr(got.from_uri)) == ("bob: after restart", _room_uri(room))
     assert (await alice.send_message(_room_uri(room), "me too")).code == 202
     await _groupchat(bob, room, "me too")
+
+
+async def _configure(client: XmppClient, room: str, **fields: str) -> None:
+    """The owner submits a room configuration form (XEP-0045 10.2) with these fields."""
+    form = client.plugin["xep_0004"].make_form(ftype="submit")  # type: ignore[no-untyped-call]
+    form.add_field(
+        var="FORM_TYPE", ftype="hidden", value="http://jabber.org/protocol/muc#roomconfig"
+    )
+    for var, value in fields.items():
+        form.add_field(var=f"muc#roomconfig_{var}", value=value)
+    await client.plugin["xep_0045"].set_room_config(JID(room), form, timeout=10)
+
+
+async def test_members_only_room_refuses(
+    world: World, pjsip_agent: PjsipAgent, xmpp_client_factory: ClientFactory
+) -> None:
+    _, kamailio = world
+    alice = await _sip_user(pjsip_agent, kamailio)
+    bob = await xmpp_client_factory("bob")
+    room = _room()
+    await bob.join_room(room, "bob")
+    await _configure(bob, room, membersonly="1")
+    assert (await alice.send_message(_occupant_uri(room, "alice"), "/join")).code == 202
+    notice = await _notice(alice, "Could not join")
+    assert "members-only" in notice.body
+
+
+async def test_password_room(
+    world: World, pjsip_agent: PjsipAgent, xmpp_client_factory: ClientFactory
+) -> None:
+    _, kamailio = world
+    alice = await _sip_user(pjsip_agent, kamailio)
+    bob = await xmpp_client_factory("bob")
+    room = _room()
+    await bob.join_room(room, "bob")
+    await _configure(bob, room, passwordprotectedroom="1", roomsecret="s3cret")
+    assert (await alice.send_message(_room_uri(room), "/join alice")).code == 202
+    assert "needs a password" in (await _notice(alice, "Could not join")).body
+    assert (await alice.send_message(_room_uri(room), "/join alice wrong")).code == 202
+    assert "password is wrong" in (await _notice(alice, "Could not join")).body
+    assert (await alice.send_message(_room_uri(room), "/join alice s3cret")).code == 202
+    await _notice(alice, f"You joined {room} as alice")
+    bob.send_groupchat(room, "welcome")
+    await _from_room(alice, room, "bob: welcome")
+
+
+async def test_rejoin_after_xmpp_server_restart(
+    world: World,
+    pjsip_agent: PjsipAgent,
+    xmpp_server: XmppServer,
+    xmpp_client_factory: ClientFactory,
+) -> None:
+    running, kamailio = world
+    alice = await _sip_user(pjsip_agent, kamailio)
+    bob = await xmpp_client_factory("bob")
+    room = _room()
+    await bob.join_room(room, "bob")
+    await _join(alice, room, "alice")
+    gateway = running.gateway
+    assert gateway is not None
+    await asyncio.get_running_loop().run_in_executor(None, xmpp_server.restart)
+    await wait_until(lambda: gateway.xmpp.connected, 60)
+    seats = gateway.rooms.core.seats
+    await wait_until(lambda: any(s.state.value == "joined" for s in seats.values()), 30)
+    carol = await xmpp_client_factory("carol")
+    await carol.join_room(room, "carol")
+    await _occupant_presence(carol, room, "alice")
+    carol.send_groupchat(room, "after server restart")
+    # the rejoin told alice nothing: the next MESSAGE she gets is carol's
+    got = await alice.next_message(timeout=15)
+    assert (got.body, _addr(got.from_uri)) == ("carol: after server restart", _room_uri(room))
+    assert (await alice.send_message(_room_uri(room), "still here")).code == 202
+    await _groupchat(carol, room, "still here")
