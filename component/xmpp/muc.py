@@ -62,7 +62,7 @@ def _codes(x: ET.Element) -> tuple[int, ...]:
     return tuple(codes)
 
 
-def _bare_or_none(text: str | None) -> str | None:
+def _valid_jid(text: str | None) -> str | None:
     jid = jid_or_none(text or "") if text else None
     return jid.full if jid is not None else None
 
@@ -88,16 +88,16 @@ def parse_room_presence(xml: ET.Element, sender: str, recipient: str) -> RoomPre
             if local == "item":
                 fields["affiliation"] = child.get("affiliation")
                 fields["role"] = child.get("role")
-                fields["real_jid"] = _bare_or_none(child.get("jid"))
+                fields["real_jid"] = _valid_jid(child.get("jid"))
                 fields["item_nick"] = child.get("nick")
                 for part in child:
                     if _local(part.tag) == "actor":
-                        fields["actor"] = part.get("nick") or _bare_or_none(part.get("jid"))
+                        fields["actor"] = part.get("nick") or _valid_jid(part.get("jid"))
                     elif _local(part.tag) == "reason":
                         fields["reason"] = part.text
             elif local == "destroy":
                 fields["destroyed"] = True
-                fields["alternate_venue"] = _bare_or_none(child.get("jid"))
+                fields["alternate_venue"] = _valid_jid(child.get("jid"))
                 for part in child:
                     if _local(part.tag) == "reason":
                         fields["reason"] = part.text
@@ -139,7 +139,7 @@ def parse_invitation(xml: ET.Element, sender: str, recipient: str) -> RoomInvita
     """A XEP-0249 direct or XEP-0045 7.8.2 mediated invitation in a ``<message>``, else None."""
     direct = xml.find(f"{{{NS_CONFERENCE}}}x")
     if direct is not None:
-        room = _bare_or_none(direct.get("jid"))
+        room = _valid_jid(direct.get("jid"))
         if room is None:
             return None
         return RoomInvitation(
@@ -159,7 +159,7 @@ def parse_invitation(xml: ET.Element, sender: str, recipient: str) -> RoomInvita
     password = x.find(f"{{{NS_MUC_USER}}}password")
     return RoomInvitation(
         room=sender.split("/", 1)[0],
-        inviter=_bare_or_none(invite.get("from")) or sender,
+        inviter=_valid_jid(invite.get("from")) or sender,
         invitee=recipient,
         reason=reason.text if reason is not None else None,
         password=password.text if password is not None else None,
