@@ -421,3 +421,32 @@ async def test_rejoin_after_xmpp_server_restart(
     assert (got.body, _addr(got.from_uri)) == ("carol: after server restart", _room_uri(room))
     assert (await alice.send_message(_room_uri(room), "still here")).code == 202
     await _groupchat(carol, room, "still here")
+
+
+async def test_sip_user_invites_an_xmpp_user(
+    world: World, pjsip_agent: PjsipAgent, xmpp_client_factory: ClientFactory
+) -> None:
+    _, kamailio = world
+    alice = await _sip_user(pjsip_agent, kamailio)
+    bob = await xmpp_client_factory("bob")
+    carol = await xmpp_client_factory("carol")
+    room = _room()
+    await bob.join_room(room, "bob")
+    # ejabberd lets only moderators invite unless the room allows it
+    await _configure(bob, room, allowinvites="1")
+    await _join(alice, room, "alice")
+    carol_jid = str(carol.boundjid.bare)
+    status = await alice.send_message(_room_uri(room), f"/invite {carol_jid} see this")
+    assert status.code == 202
+    await _notice(alice, f"Invitation to {room} sent to {carol_jid}")
+    ns = "{http://jabber.org/protocol/muc#user}"
+    while True:
+        msg = await carol.next_message(timeout=15)
+        invite = msg.xml.find(f"{ns}x/{ns}invite")
+        if invite is not None:
+            break
+    # XEP-0045 7.8.2: the room passes it on, naming the inviter
+    assert str(msg["from"].bare) == room
+    # from the occupant (semi-anonymous room) or the SIP user's JID (non-anonymous)
+    assert (invite.get("from") or "") in (f"{room}/alice", f"{_component_jid(alice)}/sip")
+    assert invite.findtext(f"{ns}reason") == "see this"
