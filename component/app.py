@@ -15,7 +15,11 @@ from component.addresses import AddressBook
 from component.logs import get_logger
 from component.messaging.router import MessageRouter
 from component.presence.core import PresenceCore
+from component.rooms.core import RoomsCore
+from component.rooms.model import RoomsConfig
+from component.rooms.ports import StoredMemberships
 from component.runtime.presence_driver import CoreSerial, PresenceDriver
+from component.runtime.rooms_driver import RoomsDriver
 from component.runtime.signal import UserOnlineSignal
 from component.runtime.sweeps import sweep_queue
 from component.runtime.tasks import TaskOwner
@@ -112,6 +116,23 @@ class Gateway:
             max_inflight=limits.workers * limits.max_jobs,
         )
         self.user_online.connect(self.router.user_online)
+        # DESIGN 6: chat rooms. The core and its driver; messaging hands it MESSAGEs to room
+        # and occupant addresses, the XMPP link the rooms' stanzas, presence the SIP users'
+        # state (5.4).
+        self.rooms = RoomsDriver(
+            RoomsCore(self.book, _rooms_config(settings)),
+            book=self.book,
+            xmpp=self.xmpp,
+            sip=self.sip_side,
+            store=store,
+            memberships=StoredMemberships(store),
+            clock=time.time,
+            delay_time=settings.timers.delay_time,
+        )
+        self.router.rooms = self.rooms
+        self.xmpp.rooms = self.rooms
+        self.presence.users.state_listener = self.rooms
+        self.user_online.connect(self.rooms.user_online)
         # Last, the SIP gate routes requests to both; run() starts the endpoint with it.
         self.sipgate = SipGate(self.router, self.sip_side)
         self._tasks = TaskOwner("gateway_task_failed")
@@ -138,6 +159,7 @@ class Gateway:
 
     def _on_link(self, up: bool) -> None:
         self.presence_driver.on_link(up)
+        self.rooms.on_link(up)
         if up:
             self._own(self.router.retry_due())
 
@@ -147,6 +169,7 @@ class Gateway:
         """Serve until ``stop()``; then drain and close."""
         await self.endpoint.start(self.sipgate.handle)
         await self.presence_driver.start()
+        await self.rooms.start()
         link = asyncio.create_task(self.xmpp.run())
         sweeper = asyncio.create_task(
             sweep_queue(
@@ -171,6 +194,7 @@ class Gateway:
             # takes no new work and lets its transactions finish. Stopped after the endpoint
             # closed, it would read "endpoint closed" as a peer's timeout and end subscriptions.
             await self.presence_driver.stop(timeout=5.0)
+            await self.rooms.stop(timeout=5.0)
             await self.sipgate.drain(timeout=10.0)
             await self.router.drain(timeout=10.0)
             await self._tasks.wait(timeout=10.0)
@@ -185,6 +209,18 @@ class Gateway:
     def stop(self) -> None:
         """Ask ``run`` to finish (signal handlers call this)."""
         self._stopping.set()
+
+
+def _rooms_config(settings: Settings) -> RoomsConfig:
+    """The room core's settings: ``[muc]`` and the timers (DESIGN 6, 10)."""
+    muc, timers = settings.muc, settings.timers
+    return RoomsConfig(
+        nick_prefix=muc.nick_prefix,
+        auto_join=muc.auto_join,
+        history=muc.history,
+        cache_time=timers.cache_time,
+        pending_limit=timers.delay_time,
+    )
 
 
 async def serve(settings: Settings) -> int:

@@ -16,10 +16,14 @@ from component.values import (
     Presence,
     PresenceServerNews,
     Registration,
+    RoomInvitation,
+    RoomMessage,
+    RoomPresence,
     SipSubscription,
     SipText,
     SipUserPublished,
     SipUserUnpublished,
+    StanzaError,
     SubscribeOutcome,
     Watch,
     WatchAnswer,
@@ -139,4 +143,54 @@ class PresenceEvents(Protocol):
 
     async def registered(self, registration: Registration, now: float) -> None:
         """A third-party REGISTER of a home-domain user, already answered."""
+        ...
+
+
+class UserStateListener(Protocol):
+    """Told of every change of a SIP user's own presence (DESIGN 5.4), so chat rooms show it."""
+
+    def user_state(self, aor: str, online: bool, show: str | None, status: str | None) -> None:
+        """``aor`` now looks like this; the listener starts its own (owned) work."""
+        ...
+
+
+class RoomStanzas(Protocol):
+    """Where the XMPP adapter hands chat-room stanzas (DESIGN 6): those of rooms that SIP users
+    are in (``claims``), and invitations for SIP users."""
+
+    def claims(self, sender: str, recipient: str) -> bool:
+        """True when a stanza from ``sender`` to ``recipient`` belongs to a SIP user's seat."""
+        ...
+
+    def on_room_presence(self, presence: RoomPresence) -> None:
+        """A presence (or presence error) from a room occupant."""
+        ...
+
+    def on_room_message(self, message: RoomMessage) -> None:
+        """A groupchat or private message from a room or an occupant."""
+        ...
+
+    def on_room_error(self, error: StanzaError) -> None:
+        """An error for a message a SIP user sent to a room or an occupant."""
+        ...
+
+    def on_invitation(self, invitation: RoomInvitation) -> None:
+        """An invitation for a SIP user (XEP-0249 or XEP-0045 7.8.2)."""
+        ...
+
+
+class RoomTexts(Protocol):
+    """What messaging asks the chat rooms about a SIP MESSAGE to a jdomain address (DESIGN 6)."""
+
+    def take_text(self, msg: SipText) -> bool | None:
+        """True: a room matter, taken (answer 202); False: one-to-one chat; None: unknown until
+        service discovery answers (await ``settle_text``). May raise ``Refusal``."""
+        ...
+
+    def waiting(self, msg: SipText) -> bool:
+        """True when ``take_text`` returned None for ``msg`` and it is not settled yet."""
+        ...
+
+    async def settle_text(self, msg: SipText) -> bool:
+        """For a waiting ``msg``: True when the rooms took it, False when it is chat after all."""
         ...

@@ -32,6 +32,7 @@ class ChatMessage:
     receipt_for: str | None = None  # XEP-0184 <received id=.../>
     delay_stamp: str | None = None  # XEP-0203 stamp (ISO 8601) for stored messages
     delay_from: str | None = None
+    origin_id: str | None = None  # XEP-0359, kept by a room when it reflects a message
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,99 @@ class Presence:
     muc_status_codes: tuple[int, ...] = ()
     muc_nick: str | None = None
     error_condition: str | None = None
+
+
+# --- chat rooms (DESIGN 6) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RoomPresence:
+    """A ``<presence>`` from ``room@service/nick`` (XEP-0045 7.2, 7.6, 9, 10.9) or its error.
+
+    ``type`` None is available, ``"unavailable"`` a departure, ``"error"`` a refused join or
+    nick change (``error_condition``, ``error_text``). ``item_nick`` is the new nick of a 303.
+    """
+
+    sender: str  # room@service/nick
+    recipient: str  # the SIP user's component JID with resource
+    type: str | None = None
+    show: str | None = None
+    status: str | None = None
+    status_codes: tuple[int, ...] = ()
+    affiliation: str | None = None  # owner, admin, member, outcast, none
+    role: str | None = None  # moderator, participant, visitor, none
+    real_jid: str | None = None  # <item jid=...> in non-anonymous rooms
+    item_nick: str | None = None
+    actor: str | None = None  # nick or JID of whoever kicked or banned
+    reason: str | None = None
+    destroyed: bool = False  # <destroy/> inside the muc#user element (XEP-0045 10.9)
+    alternate_venue: str | None = None
+    error_condition: str | None = None
+    error_text: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoomMessage:
+    """A ``<message>`` from a room or one of its occupants addressed to a SIP user.
+
+    Groupchat (room messages, subject changes, status messages from the room itself) or chat
+    (private message through the room). ``origin_id`` is XEP-0359, which a room keeps when it
+    reflects a message to its sender; ``delay_stamp`` marks history (XEP-0203).
+    """
+
+    sender: str  # room@service/nick, or room@service for the room itself
+    recipient: str
+    body: str | None
+    type: str = "groupchat"
+    subject: str | None = None
+    id: str | None = None
+    origin_id: str | None = None
+    delay_stamp: str | None = None
+    status_codes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RoomInvitation:
+    """An invitation to a room: XEP-0249 (direct, from the inviter) or XEP-0045 7.8.2
+    (mediated, from the room, naming the inviter in ``<invite from=...>``)."""
+
+    room: str
+    inviter: str
+    invitee: str  # the SIP user's component JID
+    reason: str | None = None
+    password: str | None = None
+    mediated: bool = False
+
+
+class ServiceKind(enum.Enum):
+    """What service discovery said about a domain (XEP-0030 disco#info)."""
+
+    MUC = "muc"  # identity conference/text or feature http://jabber.org/protocol/muc
+    OTHER = "other"  # answered, but no chat-room service
+    UNREACHABLE = "unreachable"  # remote-server-not-found, timeout...
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceInfo:
+    """The answer to a ``DiscoverService``; the core caches it for ``cache_time``."""
+
+    domain: str
+    kind: ServiceKind
+    detail: str | None = None  # the error condition when unreachable
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """A SIP user's seat in a room, as stored to rejoin after a restart (DESIGN 6).
+
+    The password is kept in memory (a password room cannot be rejoined without it); the store
+    does not keep it.
+    """
+
+    aor: str
+    room: str
+    nick: str
+    password: str | None = None
 
 
 # --- SIP side ------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from component.addresses import (
 )
 from component.errors import RETRYABLE, Refusal, busy, not_found, refusal_for_sip_status
 from component.logs import get_logger
-from component.ports import Clock, RegistrarCommands, SipPort, XmppPort
+from component.ports import Clock, RegistrarCommands, RoomTexts, SipPort, XmppPort
 from component.runtime.tasks import TaskOwner
 from component.store import (
     MessageDirection,
@@ -88,12 +88,21 @@ class MessageRouter:
         self._prefix = os.urandom(4).hex()
         self._sent: OrderedDict[str, _Sent] = OrderedDict()
         self.counters = {"sip_to_xmpp": 0, "xmpp_to_sip": 0, "queued": 0, "failed": 0}
+        # DESIGN 6: set once the chat rooms are built; MESSAGEs to room and occupant
+        # addresses go there, and only what the rooms pass back is one-to-one chat.
+        self.rooms: RoomTexts | None = None
 
     # --- SIP -> XMPP (DESIGN 4.1) ---------------------------------------------------------------
 
     def answer_now(self, msg: SipText) -> SipAnswer | None:
         """The hot path: 202 once ``msg`` is written to a live XMPP stream, or a raised Refusal;
         None when the answer must wait (:meth:`answer_later`)."""
+        if self.rooms is not None:
+            taken = self.rooms.take_text(msg)
+            if taken is None:
+                return None  # service discovery decides: answer_later
+            if taken:
+                return ACCEPTED
         route = self._route(msg)
         if route is None:
             return None
@@ -103,6 +112,8 @@ class MessageRouter:
     async def answer_later(self, msg: SipText) -> SipAnswer:
         """The answer to ``msg`` that may wait: a registrar command, or storing the message
         while the XMPP link is down (202 once stored, DESIGN 4.1); raises Refusal."""
+        if await self._taken_by_rooms(msg):
+            return ACCEPTED
         route = self._route(msg)
         if route is None:
             return await self._command(msg)
@@ -110,6 +121,11 @@ class MessageRouter:
         if self._relay(msg, stanza):
             return ACCEPTED
         return await self._store_for_xmpp(msg, stanza)
+
+    async def _taken_by_rooms(self, msg: SipText) -> bool:
+        """A MESSAGE that waited for service discovery: True when it turned out a room's."""
+        rooms = self.rooms
+        return rooms is not None and rooms.waiting(msg) and await rooms.settle_text(msg)
 
     def _route(self, msg: SipText) -> tuple[XmppTarget, str] | None:
         """(recipient, sender JID) of a MESSAGE to relay; None for a registrar command."""
@@ -342,7 +358,7 @@ class MessageRouter:
             await self.store.reschedule(queued.id, min(next_at, queued.deliver_by), f"SIP {status}")
         else:
             await self.store.mark_failed(queued.id, f"SIP {status}", now)
-            self.xmpp.refuse(_queued_stanza(queued), refusal_for_sip_status(status))
+            self._refuse_queued(queued, refusal_for_sip_status(status))
 
     async def _give_up(self, queued: QueuedMessage) -> None:
         log.info(
@@ -353,13 +369,21 @@ class MessageRouter:
         )
         if queued.direction is MessageDirection.XMPP_TO_SIP:
             refusal = _unavailable("not delivered within the delay time")
-            self.xmpp.refuse(_queued_stanza(queued), refusal)
+            self._refuse_queued(queued, refusal)
         else:
             await self.notice(
                 queued.sender,
                 f"Your message to {bare_jid(queued.recipient)} was not delivered: "
                 "the XMPP service was unreachable.",
             )
+
+    def _refuse_queued(self, queued: QueuedMessage, refusal: Refusal) -> None:
+        """Tell the XMPP sender of a stored message it failed; a room's message (DESIGN 6) has
+        no one to tell (an error to the room would remove the SIP user from it)."""
+        if queued.extra.get("room"):
+            log.info("room_message_expired", sip_uri=queued.recipient, room=queued.sender)
+            return
+        self.xmpp.refuse(_queued_stanza(queued), refusal)
 
     def _new_id(self) -> str:
         return f"sx{self._prefix}{next(self._ids)}"

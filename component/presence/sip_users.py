@@ -17,7 +17,7 @@ from dataclasses import replace
 from component.addresses import HomeUser
 from component.errors import Refusal, not_found
 from component.logs import get_logger
-from component.ports import UserOnline
+from component.ports import UserOnline, UserStateListener
 from component.presence.approvals import RESOURCE, Ports, send_presence
 from component.presence.translate import XmppPresence, xmpp_for_pidf
 from component.store import ApprovalDirection, ApprovalState, PresenceRecord
@@ -62,6 +62,8 @@ class SipUsers:
         # in every NOTIFY to every watcher, and a write that changes nothing is skipped.
         self._remembered: dict[str, XmppPresence] = {}
         self._reannounce: deque[tuple[str, tuple[str, bool]]] = deque()
+        # DESIGN 6: chat rooms show the SIP users' state; set once the rooms are built.
+        self.state_listener: UserStateListener | None = None
 
     # --- what SIP said ------------------------------------------------------------------
 
@@ -190,12 +192,19 @@ class SipUsers:
     async def announce(self, sip_jid: str, state: XmppPresence, now: float) -> None:
         """Remember ``state`` and send it to every approved XMPP watcher of ``sip_jid``."""
         await self.remember(sip_jid, state, now)
+        self._tell_state(sip_jid, state)
         for approval in await self.store.approvals(sip_jid=sip_jid):
             if (
                 approval.direction is ApprovalDirection.XMPP_WATCHES_SIP
                 and approval.state is ApprovalState.APPROVED
             ):
                 send_presence(self.xmpp, self.presence_to(sip_jid, approval.xmpp_jid, state))
+
+    def _tell_state(self, sip_jid: str, state: XmppPresence) -> None:
+        listener = self.state_listener
+        if listener is not None:
+            aor = self.book.sip_uri_for_component_jid(sip_jid)
+            listener.user_state(aor, state.available, state.show, state.status)
 
     def presence_to(self, sip_jid: str, watcher: str, state: XmppPresence) -> Presence:
         """The ``<presence>`` that shows ``state`` of a SIP user to one XMPP watcher."""

@@ -36,7 +36,8 @@ from slixmpp import ComponentXMPP
 from component.addresses import Jid
 from component.errors import Refusal
 from component.logs import get_logger
-from component.values import ChatMessage, Presence, StanzaError
+from component.ports import RoomStanzas
+from component.values import ChatMessage, Presence, ServiceInfo, ServiceKind, StanzaError
 from component.xmpp.iq import (
     NS_DISCO_INFO,
     NS_PING,
@@ -45,6 +46,14 @@ from component.xmpp.iq import (
     IqResponder,
     QueryFailed,
     parse_disco_info,
+)
+from component.xmpp.muc import (
+    format_instant_room,
+    format_invitation,
+    parse_invitation,
+    parse_room_message,
+    parse_room_presence,
+    service_info,
 )
 from component.xmpp.stanzas import (
     NS_CLIENT,
@@ -230,6 +239,9 @@ class XmppLink:
         self._id_prefix = "sx" + secrets.token_hex(4) + "-"
         self._ids = itertools.count(1)
         self._pending: dict[str, tuple[str, asyncio.Future[ET.Element]]] = {}
+        # Chat rooms (DESIGN 6): set once the rooms driver is built; stanzas of rooms that SIP
+        # users are in, and invitations, go there instead of to messaging and presence.
+        self.rooms: RoomStanzas | None = None
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -414,6 +426,31 @@ class XmppLink:
         reply = await self._query(jid, sender, f'<query xmlns="{NS_DISCO_INFO}"/>', timeout)
         return parse_disco_info(jid, reply)
 
+    async def discover_service(self, domain: str, timeout: float = 10.0) -> ServiceInfo:
+        """Whether ``domain`` hosts chat rooms (XEP-0030 disco#info); an error, a timeout or no
+        link is UNREACHABLE, with the condition."""
+        try:
+            reply = await self._query(
+                domain, self.component, f'<query xmlns="{NS_DISCO_INFO}"/>', timeout
+            )
+        except QueryFailed as exc:
+            return ServiceInfo(domain, ServiceKind.UNREACHABLE, exc.condition)
+        return service_info(domain, reply)
+
+    def send_invitation(self, sender: str, room: str, invitee: str, reason: str | None) -> bool:
+        """A XEP-0045 7.8.2 mediated invitation through ``room``; False when the link is down."""
+        self._checked(sender, room, "message")
+        self._checked(sender, invitee, "message")
+        return self._write(format_invitation(sender, room, invitee, reason))
+
+    def configure_instant_room(self, sender: str, room: str) -> bool:
+        """Unlock a room we just created with its default configuration (XEP-0045 10.1.2).
+
+        The answer is not waited for: a room that stays locked shows itself to its users.
+        """
+        self._checked(sender, room, "iq")
+        return self._write(format_instant_room(sender, room, f"{self._id_prefix}{next(self._ids)}"))
+
     async def ping(self, jid: str, sender: str, timeout: float) -> bool:
         """XEP-0199 ping: True if ``jid`` answered (a result, or it does not implement ping)."""
         try:
@@ -452,6 +489,8 @@ class XmppLink:
             return
         src, dst = sender.full, recipient.full
         try:
+            if kind != "iq" and self.rooms is not None and self._room_stanza(kind, xml, src, dst):
+                return
             if stype == "error":
                 self._inbound_error(kind, xml, src, dst)
             elif kind == "message":
@@ -463,6 +502,31 @@ class XmppLink:
         except Refusal as exc:
             self._reject_in(kind, xml, exc.xmpp_condition)
             self._reply_error(kind, xml, dst, src, exc)
+
+    def _room_stanza(self, kind: str, xml: ET.Element, src: str, dst: str) -> bool:
+        """Hand a chat-room stanza to the rooms (DESIGN 6); False when it is none of theirs."""
+        rooms = self.rooms
+        assert rooms is not None
+        stype = xml.get("type")
+        if kind == "message" and stype != "error":
+            invitation = parse_invitation(xml, src, dst)
+            if invitation is not None:
+                rooms.on_invitation(invitation)
+                return True
+        if not rooms.claims(src, dst):
+            if kind == "message" and stype == "groupchat":
+                # A room nobody here is in any more: not a one-to-one chat either.
+                self._reject_in(kind, xml, "groupchat from a room no SIP user is in")
+                return True
+            return False
+        if kind == "presence":
+            rooms.on_room_presence(parse_room_presence(xml, src, dst))
+        elif stype == "error":
+            self.stats.errors_in += 1
+            rooms.on_room_error(parse_error(xml, kind, src, dst))
+        else:
+            rooms.on_room_message(parse_room_message(xml, src, dst))
+        return True
 
     def _refuse_address(self, kind: str, xml: ET.Element, stype: str | None, *jids: Any) -> None:
         sender, recipient = jids

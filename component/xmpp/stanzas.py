@@ -34,6 +34,7 @@ NS_RECEIPTS = "urn:xmpp:receipts"
 NS_DELAY = "urn:xmpp:delay"
 NS_MUC = "http://jabber.org/protocol/muc"
 NS_MUC_USER = "http://jabber.org/protocol/muc#user"
+NS_SID = "urn:xmpp:sid:0"  # XEP-0359 stanza ids (origin-id)
 _XHTML_PREFIX = "{" + NS_XHTML + "}"
 
 #: Bodies longer than this (characters) are refused with not-acceptable, both ways.
@@ -159,6 +160,8 @@ def format_message(msg: ChatMessage) -> str:
         parts.append(f'<request xmlns="{NS_RECEIPTS}"/>')
     if msg.receipt_for is not None:
         parts.append(f'<received xmlns="{NS_RECEIPTS}"{attr("id", msg.receipt_for)}/>')
+    if msg.origin_id is not None:
+        parts.append(f'<origin-id xmlns="{NS_SID}"{attr("id", msg.origin_id)}/>')
     if msg.delay_stamp is not None:
         parts.append(
             f'<delay xmlns="{NS_DELAY}"{attr("stamp", msg.delay_stamp)}'
