@@ -47,7 +47,7 @@ from component.rooms.model import (
 )
 from component.rooms.ports import RoomStore
 from component.runtime.tasks import TaskOwner
-from component.store import MessageDirection, StorePort, StoreUnavailable
+from component.store import MessageDirection, NewMessage, StorePort, StoreUnavailable
 from component.values import (
     ChatMessage,
     Presence,
@@ -237,15 +237,17 @@ class RoomsDriver:
         text, now = item.text, self.clock()
         try:
             await self.store.enqueue_message(
-                MessageDirection.XMPP_TO_SIP,
-                item.room or text.from_uri,
-                text.to_uri,
-                text.body,
-                "text/plain",
-                now=now,
-                delay=self.delay_time,
-                extra={"from_uri": text.from_uri, "room": item.room},
-                next_attempt_at=now + 5.0,
+                NewMessage(
+                    MessageDirection.XMPP_TO_SIP,
+                    item.room or text.from_uri,
+                    text.to_uri,
+                    text.body,
+                    "text/plain",
+                    created_at=now,
+                    deliver_by=now + self.delay_time,
+                    next_attempt_at=now + 5.0,
+                    extra={"from_uri": text.from_uri, "room": item.room},
+                )
             )
         except StoreUnavailable as exc:
             log.warning("room_message_lost", sip_uri=text.to_uri, room=item.room, error=str(exc))
