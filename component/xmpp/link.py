@@ -13,6 +13,10 @@ slixmpp's stanza objects and plugins cost (SERVERS.md: ~156 us for a bare echo c
   ``send_raw``: no stanza objects, no send queue.
 - The adapter answers disco#info, ping, version and XEP-0100 itself, for the component domain
   and every JID under it; the core sees only ChatMessage, Presence and StanzaError.
+- Written is not delivered (DESIGN 8): each message written waits in :mod:`component.xmpp.acks`
+  until a XEP-0199 ping written after it is answered; one ping covers a batch. When the link is
+  lost, the unconfirmed messages go to ``on_unconfirmed`` (the durable queue), stamped with when
+  they were first written, to be re-sent after reconnect with the same id and origin-id.
 - :meth:`XmppLink.run` owns the connection: connect, handshake, wait for the loss, back off
   (capped exponential with jitter), repeat until :meth:`XmppLink.stop`. slixmpp's own
   reconnection is not used; a refused handshake backs off like any other failure.
@@ -24,11 +28,11 @@ import asyncio
 import contextlib
 import enum
 import itertools
-import random
 import secrets
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from slixmpp import ComponentXMPP
@@ -37,6 +41,9 @@ from component.addresses import Jid
 from component.errors import Refusal
 from component.logs import get_logger
 from component.values import ChatMessage, Presence, StanzaError
+from component.xmpp.acks import AckBarrier
+from component.xmpp.backoff import Backoff
+from component.xmpp.confirm import Confirmations
 from component.xmpp.iq import (
     NS_DISCO_INFO,
     NS_PING,
@@ -105,31 +112,7 @@ class LinkStats:
     rejected_out: int = 0  # outbound stanzas refused (our bug)
     connects: int = 0  # handshakes accepted
     reconnects: int = 0  # attempts scheduled after a failure or loss
-
-
-@dataclass(slots=True)
-class Backoff:
-    """Capped exponential backoff with upward jitter; pure (the random source is injected).
-
-    Jitter only lengthens a delay, so attempts are never closer than ``minimum`` apart: a refused
-    handshake must not turn into a reconnect storm (Kamailio's xmpp module does ~400/s).
-    """
-
-    minimum: float
-    maximum: float
-    jitter: float = 0.25
-    rng: Callable[[], float] = random.random
-    failures: int = field(default=0, init=False)
-
-    def next_delay(self) -> float:
-        """The delay before the next attempt; each call counts one more failure."""
-        base = min(self.maximum, self.minimum * 2.0**self.failures)
-        self.failures += 1
-        return min(self.maximum, base * (1.0 + self.jitter * self.rng()))
-
-    def reset(self) -> None:
-        """A handshake succeeded: start again from ``minimum``."""
-        self.failures = 0
+    unconfirmed: int = 0  # messages written to a link lost before the server confirmed them
 
 
 class _Stream(ComponentXMPP):
@@ -193,6 +176,11 @@ class XmppLink:
         gateway_prompt: str = "SIP address",
         connect_timeout: float = 10.0,
         handshake_timeout: float = 10.0,
+        on_unconfirmed: Callable[[list[ChatMessage]], None] = lambda msgs: None,
+        ack_batch: int = 256,
+        ack_delay: float = 0.05,
+        ping_timeout: float = 15.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         domain = jid_or_none(component)
         if domain is None or domain.local or domain.resource:
@@ -230,6 +218,22 @@ class XmppLink:
         self._id_prefix = "sx" + secrets.token_hex(4) + "-"
         self._ids = itertools.count(1)
         self._pending: dict[str, tuple[str, asyncio.Future[ET.Element]]] = {}
+        # DESIGN 8: the barrier pings the component's own domain. The server routes that iq back
+        # to us, so it exists on every server and needs no answer: its arrival is the proof.
+        self._on_unconfirmed = on_unconfirmed
+        self._clock = clock
+        self.confirmations = Confirmations(
+            AckBarrier(
+                id_prefix=self._id_prefix + "ack",
+                batch_size=ack_batch,
+                batch_delay=ack_delay,
+                ping_timeout=ping_timeout,
+            ),
+            component=self.component,
+            clock=clock,
+            write_ping=self._write_ping,
+            on_overdue=self._abort,
+        )
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -274,6 +278,8 @@ class XmppLink:
         self._wake.set()
         stream = self._stream
         if self.state is LinkState.UP and stream is not None and stream.transport is not None:
+            # What the server has not confirmed yet would be handed back as unconfirmed.
+            await self.confirmations.flush(2.0)
             # Waits (bounded) for the server to close its side of the stream too.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(stream.disconnect(wait=2.0, reason="stop"), 5.0)
@@ -350,8 +356,11 @@ class XmppLink:
             if not future.done():
                 future.set_exception(QueryFailed("remote-server-timeout", "XMPP link lost"))
         self._pending.clear()
+        unconfirmed = self.confirmations.lost()
         if self._closed is not None:
             self._closed.set()
+        if unconfirmed:
+            self._hand_off(unconfirmed)
         if was_up:
             log.warning(
                 "xmpp_link_down",
@@ -364,12 +373,35 @@ class XmppLink:
     # --- outbound ------------------------------------------------------------------------------
 
     def _write(self, text: str) -> bool:
+        # Never into a dead stream: what a closing transport takes is silently dropped.
         stream = self._stream
-        if self.state is not LinkState.UP or stream is None or stream.transport is None:
+        if self.state is not LinkState.UP or stream is None:
             return False
-        stream.transport.write(text.encode())
+        transport = stream.transport
+        if transport is None or transport.is_closing():
+            return False
+        transport.write(text.encode())
         self.stats.stanzas_out += 1
         return True
+
+    def _write_ping(self, ping_id: str) -> bool:
+        ping = format_iq(
+            "get", self.component, self.component, ping_id, f'<ping xmlns="{NS_PING}"/>'
+        )
+        return self._write(ping)
+
+    def _abort(self) -> None:
+        stream = self._stream
+        if stream is not None and stream.transport is not None:
+            stream.abort()
+
+    def _hand_off(self, messages: list[ChatMessage]) -> None:
+        self.stats.unconfirmed += len(messages)
+        log.warning("xmpp_messages_unconfirmed", count=len(messages), host=self.host)
+        try:
+            self._on_unconfirmed(messages)
+        except Exception:
+            log.exception("xmpp_unconfirmed_lost", count=len(messages))
 
     def _checked(self, sender: str, recipient: str, kind: str) -> None:
         try:
@@ -385,7 +417,10 @@ class XmppLink:
         Raises LocalError for a stanza that must never be sent (foreign ``from``, bad JID).
         """
         self._checked(msg.sender, msg.recipient, "message")
-        return self._write(format_message(msg))
+        if not self._write(format_message(msg)):
+            return False
+        self.confirmations.written(msg)
+        return True
 
     def send_presence(self, p: Presence) -> bool:
         """Write a ``<presence>``; True once written, False when the link is down."""
@@ -451,6 +486,8 @@ class XmppLink:
             self._refuse_address(kind, xml, stype, sender, recipient)
             return
         src, dst = sender.full, recipient.full
+        if kind == "iq" and src == self.component and self._confirmed(xml):
+            return
         try:
             if stype == "error":
                 self._inbound_error(kind, xml, src, dst)
@@ -517,6 +554,14 @@ class XmppLink:
                 future.set_result(xml)
             else:
                 future.set_exception(QueryFailed(err.condition, err.text))
+        return True
+
+    def _confirmed(self, xml: ET.Element) -> bool:
+        """Our own barrier ping, routed back by the server: all before it was processed."""
+        iq_id = xml.get("id") or ""
+        if not self.confirmations.barrier.is_ping(iq_id):
+            return False
+        self.confirmations.answered(iq_id)
         return True
 
     def _inbound_iq(self, xml: ET.Element, stype: str | None, src: str, to: Jid) -> None:
