@@ -70,6 +70,7 @@ class Gateway:
             on_error=self._on_xmpp_error,
             on_presence=self._on_xmpp_presence,
             on_link=self._on_link,
+            on_unconfirmed=self._on_unconfirmed,
             version=__version__,
             gateway_jid_for=self._jid_for_prompt,
         )
@@ -157,6 +158,10 @@ class Gateway:
     def _on_xmpp_presence(self, presence: Presence) -> None:
         self.presence_driver.on_presence(presence)
 
+    def _on_unconfirmed(self, messages: list[ChatMessage]) -> None:
+        # DESIGN 8: written but never confirmed by a server that went away: to the queue.
+        self._own(self.router.requeue_unconfirmed(messages))
+
     def _on_link(self, up: bool) -> None:
         self.presence_driver.on_link(up)
         self.rooms.on_link(up)
@@ -200,6 +205,7 @@ class Gateway:
             await self._tasks.wait(timeout=10.0)
             sweeper.cancel()
             await self.xmpp.stop()
+            await self._tasks.wait(timeout=5.0)  # what the closing link left unconfirmed
             link.cancel()
             await asyncio.gather(link, sweeper, return_exceptions=True)
             await self.endpoint.close()

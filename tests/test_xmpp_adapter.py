@@ -14,6 +14,7 @@ import logging
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -434,6 +435,14 @@ _STREAM_HEADER = (
 )
 
 
+def _ping_text(iq_id: str | None) -> str:
+    """A barrier ping as the server routes it back to the component."""
+    return (
+        f"<iq type='get' from='{DOMAIN}' to='{DOMAIN}' id='{iq_id}'>"
+        "<ping xmlns='urn:xmpp:ping'/></iq>"
+    )
+
+
 class ScriptedServer:
     """The server side of XEP-0114 on loopback: checks the handshake, records what arrives."""
 
@@ -444,6 +453,10 @@ class ScriptedServer:
         self.closed_cleanly = asyncio.Event()
         self.writer: asyncio.StreamWriter | None = None
         self.port = 0
+        # As a real server does, route the component's iqs to its own domain back to it (the
+        # barrier's pings); False plays a server that never gets that far.
+        self.route_back = True
+        self.routed_back: list[ET.Element] = []
         self._server: asyncio.Server | None = None
 
     async def start(self, port: int = 0) -> None:
@@ -462,6 +475,11 @@ class ScriptedServer:
         """Send raw XML to the component."""
         assert self.writer is not None
         self.writer.write(text.encode())
+
+    def kill(self) -> None:
+        """Drop the component connection as a killed server does: no stream end, a reset."""
+        assert self.writer is not None
+        self.writer.transport.abort()
 
     async def next_stanza(self, timeout: float = 5.0) -> ET.Element:
         return await asyncio.wait_for(self.stanzas.get(), timeout)
@@ -493,6 +511,11 @@ class ScriptedServer:
             for event, elem in parser.read_events():  # type: ignore[misc]
                 depth += 1 if event == "start" else -1
                 if event == "end" and depth == 1 and isinstance(elem, ET.Element):
+                    if elem.tag == f"{{{NS}}}iq" and elem.get("to") == elem.get("from") == DOMAIN:
+                        if self.route_back:
+                            self.routed_back.append(elem)
+                            writer.write(_ping_text(elem.get("id")).encode())
+                        continue
                     self.stanzas.put_nowait(elem)
             if self.closed_cleanly.is_set():
                 writer.write(b"</stream:stream>")
@@ -508,6 +531,7 @@ class Recorder:
         self.errors: asyncio.Queue[StanzaError] = asyncio.Queue()
         self.presences: asyncio.Queue[Presence] = asyncio.Queue()
         self.link_events: list[bool] = []
+        self.unconfirmed: list[ChatMessage] = []
         self.link_changed = asyncio.Event()
 
     def on_link(self, up: bool) -> None:
@@ -533,6 +557,7 @@ def _link(port: int, rec: Recorder, secret: str = SECRET, **kw: Any) -> XmppLink
         on_error=rec.errors.put_nowait,
         on_presence=rec.presences.put_nowait,
         on_link=rec.on_link,
+        on_unconfirmed=rec.unconfirmed.extend,
         gateway_jid_for=_gateway_jid_for,
         **kw,
     )
@@ -732,6 +757,108 @@ async def test_scripted_server_restart_reconnects(scripted: ScriptedServer) -> N
     assert link.stats.connects == 2 and link.stats.reconnects >= 2
 
 
+# --- the acknowledgement barrier on the link (DESIGN 8: written is not delivered) ---------------
+
+NS_SID = "urn:xmpp:sid:0"
+
+
+def _chat(n: int) -> ChatMessage:
+    return ChatMessage(f"a{n}@{DOMAIN}/sip", "b@xmpp.test", f"m{n}", id=f"id-{n}")
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def test_scripted_one_ping_confirms_a_batch(scripted: ScriptedServer) -> None:
+    rec = Recorder()
+    link = _link(scripted.port, rec)
+    barrier = link.confirmations.barrier
+    async with running(link):
+        await rec.wait_link([True])
+        assert all(link.send_message(_chat(n)) for n in range(5))
+        assert barrier.unconfirmed == 5
+        got = [await scripted.next_stanza() for _ in range(5)]
+        # XEP-0359: the origin-id is the stanza id, so a re-send can be told from a new message.
+        assert [m.find(f"{{{NS_SID}}}origin-id").get("id") for m in got] == [  # type: ignore[union-attr]
+            f"id-{n}" for n in range(5)
+        ]
+        await _until(lambda: barrier.unconfirmed == 0)
+        assert (barrier.pings_sent, barrier.confirmed, len(scripted.routed_back)) == (1, 5, 1)
+        # Presence is re-announced on link up, not confirmed: it sends no ping.
+        assert link.send_presence(Presence(f"a@{DOMAIN}/sip", "b@xmpp.test"))
+        await scripted.next_stanza()
+    assert barrier.pings_sent == 1 and rec.unconfirmed == []
+
+
+async def test_scripted_loss_hands_back_only_the_unconfirmed(scripted: ScriptedServer) -> None:
+    rec = Recorder()
+    link = _link(scripted.port, rec, min_backoff=0.05, max_backoff=0.2)
+    barrier = link.confirmations.barrier
+    async with running(link):
+        await rec.wait_link([True])
+        link.send_message(_chat(0))
+        await _until(lambda: barrier.confirmed == 1)
+        scripted.route_back = False  # the server reads on, but dies before answering
+        link.send_message(_chat(1))
+        link.send_message(replace(_chat(2), delay_stamp="2020-01-01T00:00:00Z"))
+        for _ in range(3):
+            await scripted.next_stanza()  # the server read all three
+        await _until(lambda: barrier.pings_sent == 2)
+        scripted.kill()
+        await rec.wait_link([True, False])
+        assert not link.send_message(_chat(3))  # never into a dead stream
+        assert [m.id for m in rec.unconfirmed] == ["id-1", "id-2"]
+        first, second = rec.unconfirmed
+        assert (first.body, first.delay_from) == ("m1", DOMAIN)
+        assert first.delay_stamp is not None and first.delay_stamp.endswith("Z")
+        assert second.delay_stamp == "2020-01-01T00:00:00Z"  # the first stamp is kept
+        assert link.stats.unconfirmed == 2 and barrier.unconfirmed == 0
+        scripted.route_back = True
+        await rec.wait_link([True, False, True])
+
+
+async def test_scripted_a_closing_transport_takes_nothing(scripted: ScriptedServer) -> None:
+    rec = Recorder()
+    link = _link(scripted.port, rec, min_backoff=0.05, max_backoff=0.2)
+    async with running(link):
+        await rec.wait_link([True])
+        scripted.route_back = False
+        assert link.send_message(_chat(1))
+        link._abort()  # the transport is closing; connection_lost has not run yet
+        assert not link.send_message(_chat(2))
+        await rec.wait_link([True, False])
+        assert [m.id for m in rec.unconfirmed] == ["id-1"]
+        scripted.route_back = True
+
+
+async def test_scripted_unanswered_ping_takes_the_link_down(scripted: ScriptedServer) -> None:
+    rec = Recorder()
+    link = _link(scripted.port, rec, min_backoff=0.05, max_backoff=0.2, ping_timeout=0.3)
+    async with running(link):
+        await rec.wait_link([True])
+        scripted.route_back = False  # a hung server: the socket is open, nothing comes back
+        link.send_message(_chat(1))
+        await rec.wait_link([True, False])
+        assert [m.id for m in rec.unconfirmed] == ["id-1"]
+        scripted.route_back = True
+        await rec.wait_link([True, False, True])
+
+
+async def test_scripted_stop_waits_for_confirmation(scripted: ScriptedServer) -> None:
+    rec = Recorder()
+    link = _link(scripted.port, rec, ack_delay=60.0)  # only the flush at stop pings
+    async with running(link):
+        await rec.wait_link([True])
+        link.send_message(_chat(1))
+        assert link.confirmations.barrier.pings_sent == 0
+    assert link.confirmations.barrier.confirmed == 1 and rec.unconfirmed == []
+
+
 # --- the link against real Prosody and ejabberd (each test runs on both) -------------------------
 
 ClientFactory = Callable[[str], Awaitable[Any]]
@@ -810,6 +937,11 @@ async def test_real_send_message_reaches_client(
     )
     assert got.xml.find("{urn:xmpp:receipts}request") is not None
     assert got.xml.find("{http://jabber.org/protocol/chatstates}active") is not None
+    assert got.xml.find(f"{{{NS_SID}}}origin-id").get("id") == "out-1"  # type: ignore[union-attr]
+    # The server routes the barrier's ping back to the component: the message is confirmed.
+    barrier = link.confirmations.barrier
+    await _until(lambda: barrier.confirmed == 1)
+    assert barrier.pings_sent == 1 and barrier.unconfirmed == 0
 
 
 @pytest.mark.slow

@@ -91,6 +91,7 @@ class MessageRouter:
         # DESIGN 6: set once the chat rooms are built; MESSAGEs to room and occupant
         # addresses go there, and only what the rooms pass back is one-to-one chat.
         self.rooms: RoomTexts | None = None
+        self.counters.update(requeued=0, unconfirmed_dropped=0)  # DESIGN 8: link lost
 
     # --- SIP -> XMPP (DESIGN 4.1) ---------------------------------------------------------------
 
@@ -337,9 +338,9 @@ class MessageRouter:
                 sender=str(extra.get("from_jid") or self.book.jid_for_sip_uri(queued.sender)),
                 recipient=queued.recipient,
                 body=queued.body,
-                id=self._new_id(),
+                id=extra.get("id") or self._new_id(),  # a re-send keeps its id (DESIGN 8)
                 html=extra.get("html"),
-                delay_stamp=_stamp(queued.created_at),
+                delay_stamp=extra.get("stamp") or _stamp(queued.created_at),
                 delay_from=self.book.component,
             )
             if self.xmpp.send_message(stanza):
@@ -359,6 +360,58 @@ class MessageRouter:
         else:
             await self.store.mark_failed(queued.id, f"SIP {status}", now)
             self._refuse_queued(queued, refusal_for_sip_status(status))
+
+    async def requeue_unconfirmed(self, messages: list[ChatMessage]) -> None:
+        """The XMPP link was lost before the server confirmed ``messages`` (DESIGN 8): queue
+        them to be re-sent after reconnect with the same id and stamp; the SIP sender, already
+        answered 202, is told if one cannot be queued."""
+        now = self.clock()
+        for msg in messages:
+            sip_sender = self._sip_sender_of(msg)
+            if msg.body is None or sip_sender is None:  # typing and the like are never queued
+                self.counters["unconfirmed_dropped"] += 1
+                log.info("message_dropped", jid=msg.recipient, reason="unconfirmed, not queued")
+                continue
+            extra = {
+                "from_jid": msg.sender,
+                "html": msg.html,
+                "id": msg.id,
+                "stamp": msg.delay_stamp,
+            }
+            message = NewMessage(
+                MessageDirection.SIP_TO_XMPP,
+                sip_sender,
+                msg.recipient,
+                msg.body,
+                "text/plain",
+                created_at=now,
+                deliver_by=now + self.delay_time,
+                next_attempt_at=now,
+                extra=extra,
+            )
+            try:
+                await self.store.enqueue_message(message)
+            except StoreUnavailable as exc:
+                self.counters["failed"] += 1
+                log.warning("message_lost", sip_uri=sip_sender, jid=msg.recipient, reason=str(exc))
+                await self.notice(
+                    sip_sender,
+                    f"Your message to {bare_jid(msg.recipient)} may not have been delivered: "
+                    "the XMPP service went away.",
+                )
+                continue
+            self.counters["requeued"] += 1
+            log.info("message_requeued", sip_uri=sip_sender, jid=msg.recipient, id=msg.id)
+
+    def _sip_sender_of(self, msg: ChatMessage) -> str | None:
+        """Who to tell about a stanza we sent: the SIP sender we tracked, else its author."""
+        sent = self._sent.get(msg.id) if msg.id else None
+        if sent is not None:
+            return sent.sip_sender
+        try:
+            return self.book.sip_uri_for_component_jid(bare_jid(msg.sender))
+        except AddressError:
+            return None
 
     async def _give_up(self, queued: QueuedMessage) -> None:
         log.info(

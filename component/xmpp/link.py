@@ -4,7 +4,7 @@ slixmpp does the TCP stream, the XML parser and the handshake; everything above 
 because the gateway's budget (150 us of CPU per message per direction, DESIGN 8) is below what
 slixmpp's stanza objects and plugins cost (SERVERS.md: ~156 us for a bare echo component).
 
-- Inbound, :class:`_Stream` takes each top-level ``<message>``/``<presence>``/``<iq>`` element
+- Inbound, :class:`Stream` takes each top-level ``<message>``/``<presence>``/``<iq>`` element
   straight from the parser, before slixmpp builds a stanza object, runs filters and matches
   handlers. That also keeps hostile stanzas (thousands of levels deep) away from slixmpp code
   that would ``str()`` them. Nothing raised here reaches slixmpp: a bad stanza is answered with
@@ -13,6 +13,10 @@ slixmpp's stanza objects and plugins cost (SERVERS.md: ~156 us for a bare echo c
   ``send_raw``: no stanza objects, no send queue.
 - The adapter answers disco#info, ping, version and XEP-0100 itself, for the component domain
   and every JID under it; the core sees only ChatMessage, Presence and StanzaError.
+- Written is not delivered (DESIGN 8): each message written waits in :mod:`component.xmpp.acks`
+  until a XEP-0199 ping written after it is answered; one ping covers a batch. When the link is
+  lost, the unconfirmed messages go to ``on_unconfirmed`` (the durable queue), stamped with when
+  they were first written, to be re-sent after reconnect with the same id and origin-id.
 - :meth:`XmppLink.run` owns the connection: connect, handshake, wait for the loss, back off
   (capped exponential with jitter), repeat until :meth:`XmppLink.stop`. slixmpp's own
   reconnection is not used; a refused handshake backs off like any other failure.
@@ -22,22 +26,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import itertools
-import random
 import secrets
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
-
-from slixmpp import ComponentXMPP
 
 from component.addresses import Jid
 from component.errors import Refusal
 from component.logs import get_logger
 from component.ports import RoomStanzas
 from component.values import ChatMessage, Presence, ServiceInfo, ServiceKind, StanzaError
+from component.xmpp.acks import AckBarrier
+from component.xmpp.backoff import Backoff
+from component.xmpp.confirm import Confirmations
 from component.xmpp.iq import (
     NS_DISCO_INFO,
     NS_PING,
@@ -56,8 +59,6 @@ from component.xmpp.muc import (
     service_info,
 )
 from component.xmpp.stanzas import (
-    NS_CLIENT,
-    NS_COMPONENT,
     Rejected,
     error_for,
     format_error,
@@ -70,6 +71,7 @@ from component.xmpp.stanzas import (
     parse_message,
     parse_presence,
 )
+from component.xmpp.stream import LinkState, LinkStats, Stream, attr
 from sipside.errors import LocalError
 
 __all__ = [
@@ -83,100 +85,6 @@ __all__ = [
 ]
 
 log = get_logger("component.xmpp")
-
-_KINDS: dict[str, str] = {
-    f"{{{ns}}}{kind}": kind
-    for ns in (NS_COMPONENT, NS_CLIENT)
-    for kind in ("message", "presence", "iq")
-}
-
-
-class LinkState(enum.Enum):
-    """Where the link is in its life (one machine, driven by :meth:`XmppLink.run`)."""
-
-    IDLE = "idle"  # run() not called yet
-    CONNECTING = "connecting"  # TCP connect in progress
-    HANDSHAKING = "handshaking"  # stream open, XEP-0114 handshake sent
-    UP = "up"  # handshake accepted: stanzas flow
-    BACKING_OFF = "backing_off"  # waiting before the next attempt
-    STOPPED = "stopped"  # stop() called; run() returns
-
-
-@dataclass(slots=True)
-class LinkStats:
-    """Counters of the link, for metrics and the admin commands."""
-
-    stanzas_in: int = 0
-    stanzas_out: int = 0
-    errors_in: int = 0  # error stanzas received
-    errors_out: int = 0  # error replies sent
-    rejected_in: int = 0  # inbound stanzas refused (malformed, foreign, too big)
-    rejected_out: int = 0  # outbound stanzas refused (our bug)
-    connects: int = 0  # handshakes accepted
-    reconnects: int = 0  # attempts scheduled after a failure or loss
-
-
-@dataclass(slots=True)
-class Backoff:
-    """Capped exponential backoff with upward jitter; pure (the random source is injected).
-
-    Jitter only lengthens a delay, so attempts are never closer than ``minimum`` apart: a refused
-    handshake must not turn into a reconnect storm (Kamailio's xmpp module does ~400/s).
-    """
-
-    minimum: float
-    maximum: float
-    jitter: float = 0.25
-    rng: Callable[[], float] = random.random
-    failures: int = field(default=0, init=False)
-
-    def next_delay(self) -> float:
-        """The delay before the next attempt; each call counts one more failure."""
-        base = min(self.maximum, self.minimum * 2.0**self.failures)
-        self.failures += 1
-        return min(self.maximum, base * (1.0 + self.jitter * self.rng()))
-
-    def reset(self) -> None:
-        """A handshake succeeded: start again from ``minimum``."""
-        self.failures = 0
-
-
-class _Stream(ComponentXMPP):
-    """slixmpp's component stream with our own stanza entry and a synchronous ``send``."""
-
-    def __init__(self, link: XmppLink, secret: str) -> None:
-        super().__init__(link.component, secret)  # type: ignore[no-untyped-call]
-        self._link = link
-        self.add_event_handler("session_start", link._on_session_start)
-        self.add_event_handler("disconnected", link._on_disconnected)
-        self.add_event_handler("stream_error", link._on_stream_error)
-
-    def _spawn_event(self, xml: ET.Element) -> None:
-        kind = _KINDS.get(xml.tag)
-        if kind is None:
-            # The handshake reply and stream errors: slixmpp's own handlers deal with those.
-            super()._spawn_event(xml)
-            return
-        try:
-            self._link._dispatch(kind, xml)
-        except RecursionError:
-            self._link._reject_in(kind, xml, "recursion")
-        except Exception:
-            log.exception("xmpp_stanza_failed", kind=kind, id=_attr(xml, "id"))
-
-    def send(self, data: Any, use_filters: bool = True) -> None:
-        # Only slixmpp itself calls this (handshake, stream errors): write at once instead of
-        # going through its send queue, which we never start.
-        if self.transport is None:
-            return
-        text = data if isinstance(data, str) else str(data)
-        self.send_raw(text)
-
-
-def _attr(xml: ET.Element, name: str) -> str | None:
-    """An attribute for a log line, cut short: never the stanza itself."""
-    value = xml.get(name)
-    return value[:120] if value is not None else None
 
 
 class XmppLink:
@@ -202,6 +110,11 @@ class XmppLink:
         gateway_prompt: str = "SIP address",
         connect_timeout: float = 10.0,
         handshake_timeout: float = 10.0,
+        on_unconfirmed: Callable[[list[ChatMessage]], None] = lambda msgs: None,
+        ack_batch: int = 256,
+        ack_delay: float = 0.05,
+        ping_timeout: float = 15.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         domain = jid_or_none(component)
         if domain is None or domain.local or domain.resource:
@@ -227,7 +140,7 @@ class XmppLink:
             gateway_desc=gateway_desc,
             gateway_prompt=gateway_prompt,
         )
-        self._stream: _Stream | None = None
+        self._stream: Stream | None = None
         self._attempt: asyncio.Future[bool] | None = None
         self._handshake: asyncio.Future[bool] | None = None
         self._closed: asyncio.Event | None = None
@@ -242,6 +155,22 @@ class XmppLink:
         # Chat rooms (DESIGN 6): set once the rooms driver is built; stanzas of rooms that SIP
         # users are in, and invitations, go there instead of to messaging and presence.
         self.rooms: RoomStanzas | None = None
+        # DESIGN 8: the barrier pings the component's own domain. The server routes that iq back
+        # to us, so it exists on every server and needs no answer: its arrival is the proof.
+        self._on_unconfirmed = on_unconfirmed
+        self._clock = clock
+        self.confirmations = Confirmations(
+            AckBarrier(
+                id_prefix=self._id_prefix + "ack",
+                batch_size=ack_batch,
+                batch_delay=ack_delay,
+                ping_timeout=ping_timeout,
+            ),
+            component=self.component,
+            clock=clock,
+            write_ping=self._write_ping,
+            on_overdue=self._abort,
+        )
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -286,6 +215,8 @@ class XmppLink:
         self._wake.set()
         stream = self._stream
         if self.state is LinkState.UP and stream is not None and stream.transport is not None:
+            # What the server has not confirmed yet would be handed back as unconfirmed.
+            await self.confirmations.flush(2.0)
             # Waits (bounded) for the server to close its side of the stream too.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(stream.disconnect(wait=2.0, reason="stop"), 5.0)
@@ -297,7 +228,7 @@ class XmppLink:
 
     async def _connect_once(self) -> bool:
         """One connection: returns True if the handshake succeeded (the link was up)."""
-        stream = _Stream(self, self._secret)
+        stream = Stream(self, self._secret)
         self._stream = stream
         self._handshake = asyncio.get_running_loop().create_future()
         self._closed = asyncio.Event()
@@ -311,7 +242,7 @@ class XmppLink:
             raise
 
     async def _connect_and_wait(
-        self, stream: _Stream, handshake: asyncio.Future[bool], closed: asyncio.Event
+        self, stream: Stream, handshake: asyncio.Future[bool], closed: asyncio.Event
     ) -> bool:
         loop = asyncio.get_running_loop()
         try:
@@ -362,8 +293,11 @@ class XmppLink:
             if not future.done():
                 future.set_exception(QueryFailed("remote-server-timeout", "XMPP link lost"))
         self._pending.clear()
+        unconfirmed = self.confirmations.lost()
         if self._closed is not None:
             self._closed.set()
+        if unconfirmed:
+            self._hand_off(unconfirmed)
         if was_up:
             log.warning(
                 "xmpp_link_down",
@@ -376,12 +310,35 @@ class XmppLink:
     # --- outbound ------------------------------------------------------------------------------
 
     def _write(self, text: str) -> bool:
+        # Never into a dead stream: what a closing transport takes is silently dropped.
         stream = self._stream
-        if self.state is not LinkState.UP or stream is None or stream.transport is None:
+        if self.state is not LinkState.UP or stream is None:
             return False
-        stream.transport.write(text.encode())
+        transport = stream.transport
+        if transport is None or transport.is_closing():
+            return False
+        transport.write(text.encode())
         self.stats.stanzas_out += 1
         return True
+
+    def _write_ping(self, ping_id: str) -> bool:
+        ping = format_iq(
+            "get", self.component, self.component, ping_id, f'<ping xmlns="{NS_PING}"/>'
+        )
+        return self._write(ping)
+
+    def _abort(self) -> None:
+        stream = self._stream
+        if stream is not None and stream.transport is not None:
+            stream.abort()
+
+    def _hand_off(self, messages: list[ChatMessage]) -> None:
+        self.stats.unconfirmed += len(messages)
+        log.warning("xmpp_messages_unconfirmed", count=len(messages), host=self.host)
+        try:
+            self._on_unconfirmed(messages)
+        except Exception:
+            log.exception("xmpp_unconfirmed_lost", count=len(messages))
 
     def _checked(self, sender: str, recipient: str, kind: str) -> None:
         try:
@@ -397,7 +354,10 @@ class XmppLink:
         Raises LocalError for a stanza that must never be sent (foreign ``from``, bad JID).
         """
         self._checked(msg.sender, msg.recipient, "message")
-        return self._write(format_message(msg))
+        if not self._write(format_message(msg)):
+            return False
+        self.confirmations.written(msg)
+        return True
 
     def send_presence(self, p: Presence) -> bool:
         """Write a ``<presence>``; True once written, False when the link is down."""
@@ -488,6 +448,8 @@ class XmppLink:
             self._refuse_address(kind, xml, stype, sender, recipient)
             return
         src, dst = sender.full, recipient.full
+        if kind == "iq" and src == self.component and self._confirmed(xml):
+            return
         try:
             if kind != "iq" and self.rooms is not None and self._room_stanza(kind, xml, src, dst):
                 return
@@ -545,9 +507,9 @@ class XmppLink:
             direction="in",
             kind=kind,
             reason=reason,
-            id=_attr(xml, "id"),
-            sender=_attr(xml, "from"),
-            recipient=_attr(xml, "to"),
+            id=attr(xml, "id"),
+            sender=attr(xml, "from"),
+            recipient=attr(xml, "to"),
         )
 
     def _reply_error(
@@ -583,10 +545,18 @@ class XmppLink:
                 future.set_exception(QueryFailed(err.condition, err.text))
         return True
 
+    def _confirmed(self, xml: ET.Element) -> bool:
+        """Our own barrier ping, routed back by the server: all before it was processed."""
+        iq_id = xml.get("id") or ""
+        if not self.confirmations.barrier.is_ping(iq_id):
+            return False
+        self.confirmations.answered(iq_id)
+        return True
+
     def _inbound_iq(self, xml: ET.Element, stype: str | None, src: str, to: Jid) -> None:
         if stype == "result":
             if not self._settle(xml, src, None):
-                log.debug("xmpp_iq_result_unmatched", id=_attr(xml, "id"), sender=src[:120])
+                log.debug("xmpp_iq_result_unmatched", id=attr(xml, "id"), sender=src[:120])
             return
         if stype not in ("get", "set"):
             raise Rejected("bad-request", "modify", "iq type must be get, set, result or error")

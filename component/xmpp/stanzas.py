@@ -15,6 +15,7 @@ address book's ``AddressError``), and :func:`error_for` is the one place one bec
 
 from __future__ import annotations
 
+import datetime
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 
@@ -126,6 +127,17 @@ def elem(name: str, text: str | None) -> str:
     return f"<{name}>{text_escape(text)}</{name}>" if text is not None else ""
 
 
+def origin_id(id_: str | None) -> str:
+    """XEP-0359 ``<origin-id/>`` with our stanza id: a message re-sent after a lost link
+    (DESIGN 8) carries the same one, so a receiver can tell the duplicate."""
+    return f'<origin-id xmlns="{NS_SID}" id="{attr_escape(id_)}"/>' if id_ is not None else ""
+
+
+def delay_stamp(when: float) -> str:
+    """XEP-0082 date-time of ``when`` (seconds since the epoch), as XEP-0203 stamps want it."""
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def format_message(msg: ChatMessage) -> str:
     """The ``<message>`` text for ``msg`` (JIDs already checked with :func:`outbound_jids`)."""
     if msg.type not in MESSAGE_TYPES:
@@ -145,6 +157,7 @@ def format_message(msg: ChatMessage) -> str:
         elem("body", msg.body),
         elem("subject", msg.subject),
         elem("thread", msg.thread),
+        origin_id(msg.id),
     ]
     if msg.html is not None:
         inner = clean_xhtml(msg.html)
