@@ -110,6 +110,8 @@ class Gateway:
             clock=time.time,
             delay_time=settings.timers.delay_time,
             max_inflight=limits.workers * limits.max_jobs,
+            queue=limits.queue,
+            per_recipient=limits.queue_per_recipient,
         )
         self.user_online.connect(self.router.user_online)
         # Last, the SIP gate routes requests to both; run() starts the endpoint with it.
