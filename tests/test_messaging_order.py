@@ -289,3 +289,11 @@ async def test_drain_stores_what_still_waits(store: MemoryStore) -> None:
     sip.gate.set()
     await asyncio.wait_for(first, timeout=30)
     assert sip.bodies_to(ALICE) == ["a"]
+
+
+def test_bench_counts_per_conversation_inversions() -> None:
+    from bench.message_table import inversions
+
+    # conversations 0 and 1 (seq % 2): 4 overtook 2 in conversation 0; 1, 3, 5 are in order
+    assert inversions([0, 1, 4, 3, 2, 5], 2) == 1
+    assert inversions(list(range(10)), 3) == 0
