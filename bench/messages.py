@@ -7,7 +7,12 @@ SQLite store in a temp dir), then measures, in one run and on loopback:
 - ``xmpp -> xmpp``: raw XMPP clients carolN -> Prosody -> bobN (the XMPP limit);
 - ``sip -> sip``: a sipside Endpoint (daveN) -> Kamailio -> a registered Endpoint (aliceN);
 - ``sip -> gw -> xmpp``: daveN -> Kamailio -> gateway -> Prosody -> bobN;
-- ``xmpp -> gw -> sip``: carolN -> Prosody -> gateway -> Kamailio -> aliceN.
+- ``xmpp -> gw -> sip``: carolN -> Prosody -> gateway -> Kamailio -> aliceN;
+- ``xmpp burst -> gw -> sip``: carol1 sends ``--burst`` messages (default 200) at once to the
+  aliceN in turn; refused ones count as failed, with their error condition in the notes.
+
+The ``inv`` column counts per-conversation inversions: messages that arrived after a later
+one from the same sender to the same receiver (DESIGN 4.2 wants none).
 
 Each path runs at a steady offered load (``--rate`` per second) and at the maximum rate, each
 row with a fixed message count, at most ``--concurrency`` messages in flight (sent, not yet
@@ -55,6 +60,7 @@ from bench.load import (
     send_delay,
     sip_message,
 )
+from bench.message_table import MessagePath, RowResult, format_table, inversions
 from component.store.migrate import upgrade
 from sipside.endpoint import Endpoint, IncomingRequest
 from sipside.errors import SipError
@@ -75,101 +81,13 @@ KAMAILIO_SHM_MB = 512  # SERVERS.md: the default 128 MB runs out under load and 
 # --- paths and results -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class MessagePath:
-    """One way a message can travel; ``gateway`` rows get the gateway's CPU and RSS columns."""
-
-    name: str
-    gateway: bool
-
-
 XMPP_DIRECT = MessagePath("xmpp -> xmpp", False)
 SIP_DIRECT = MessagePath("sip -> sip", False)
 SIP_TO_XMPP = MessagePath("sip -> gw -> xmpp", True)
 XMPP_TO_SIP = MessagePath("xmpp -> gw -> sip", True)
 PATHS = (XMPP_DIRECT, SIP_DIRECT, SIP_TO_XMPP, XMPP_TO_SIP)
-
-
-@dataclass(frozen=True, slots=True)
-class RowResult:
-    """One line of the table."""
-
-    path: MessagePath
-    mode: str
-    sent: int
-    delivered: int
-    failed: int
-    seconds: float
-    p50: float | None
-    p99: float | None
-    cpu: CpuSnapshot
-    gateway_rss: int
-    notes: str = ""
-
-    def cells(self) -> list[str]:
-        """The table cells of this row."""
-        per_msg = max(self.delivered, 1)
-
-        def us(seconds: float) -> str:
-            return f"{seconds / per_msg * 1e6:.0f}"
-
-        def ms(value: float | None) -> str:
-            return "-" if value is None else f"{value * 1e3:.1f}"
-
-        rate = self.delivered / self.seconds if self.seconds > 0 else 0.0
-        gateway = self.path.gateway
-        return [
-            self.path.name,
-            self.mode,
-            str(self.sent),
-            str(self.delivered),
-            str(self.failed),
-            f"{self.seconds:.2f}",
-            f"{rate:,.0f}",
-            ms(self.p50),
-            ms(self.p99),
-            us(self.cpu.gateway) if gateway else "-",
-            f"{self.gateway_rss / 2**20:.0f}" if gateway else "-",
-            us(self.cpu.prosody),
-            us(self.cpu.kamailio),
-            us(self.cpu.bench),
-            self.notes,
-        ]
-
-
-HEADER = [
-    "path",
-    "mode",
-    "sent",
-    "deliv",
-    "fail",
-    "secs",
-    "msg/s",
-    "p50 ms",
-    "p99 ms",
-    "gw us/msg",
-    "gw RSS MB",
-    "prosody us/msg",
-    "kamailio us/msg",
-    "bench us/msg",
-    "notes",
-]
-
-
-def format_table(rows: list[RowResult]) -> str:
-    """The rows as an aligned text table (first two columns left, numbers right)."""
-    lines = [HEADER, *(row.cells() for row in rows)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
-    out: list[str] = []
-    for index, line in enumerate(lines):
-        cells = [
-            cell.ljust(width) if col < 2 or col == len(HEADER) - 1 else cell.rjust(width)
-            for col, (cell, width) in enumerate(zip(line, widths, strict=True))
-        ]
-        out.append("  ".join(cells).rstrip())
-        if index == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+# DESIGN 8: one XMPP user (carol1) sends a burst to the SIP users in turn, all at once.
+XMPP_BURST = MessagePath("xmpp burst -> gw -> sip", True)
 
 
 # --- one row in flight ---------------------------------------------------------------------------
@@ -184,11 +102,13 @@ class ActiveRow:
         self.window = asyncio.Semaphore(window)
         self.finished = asyncio.Event()
         self.statuses: Counter[str] = Counter()
+        self.arrivals: list[int] = []  # sequence numbers in the order they arrived
 
     def arrived(self, text: str) -> None:
         """A message with ``text`` (a body) reached its receiver."""
         seq = parse_tag(text, self.tag)
         if seq is not None and self.tracker.on_arrived(seq, time.perf_counter()):
+            self.arrivals.append(seq)
             self._settled()
 
     def failed(self, seq: int, why: str) -> None:
@@ -282,10 +202,8 @@ class World:
     def _start_gateway(self, prosody: ProsodyServer, kamailio: KamailioServer) -> None:
         db_url = f"sqlite:///{self.workdir / 'gateway.db'}"
         upgrade(db_url)
-        # The XMPP -> SIP path refuses work beyond workers * max_jobs (DESIGN 8); leave room for
-        # the benchmark's window so the rows measure speed, not the refusal.
-        max_jobs = max(10, self.concurrency)
-        extra = f"\n[limits]\nworkers = 2\nmax_jobs = {max_jobs}\n"
+        # Default limits (DESIGN 8): what is beyond workers x max_jobs waits, nothing is refused.
+        extra = ""
         config = self.workdir / "gateway.toml"
         config.write_text(gateway_toml(prosody, kamailio, db_url, extra))
         prefix: list[str] = []
@@ -379,14 +297,15 @@ class World:
         def body(seq: int) -> str:
             return f"{message_tag(row.tag, seq)} {BODY_TEXT}"
 
-        if path in (XMPP_DIRECT, XMPP_TO_SIP):
+        if path in (XMPP_DIRECT, XMPP_TO_SIP, XMPP_BURST):
             domain = XMPP_DOMAIN if path is XMPP_DIRECT else COMPONENT_DOMAIN
             target = "bob" if path is XMPP_DIRECT else "alice"
 
             def send_xmpp(seq: int) -> None:
                 n = seq % users
                 to = f"{target}{n + 1}@{domain}"
-                self.carols[n].send_chat(to, message_tag(row.tag, seq), body(seq))
+                sender = self.carols[0 if path is XMPP_BURST else n]
+                sender.send_chat(to, message_tag(row.tag, seq), body(seq))
 
             return send_xmpp
 
@@ -485,6 +404,7 @@ async def run_row(world: World, spec: RowSpec, tag: str) -> RowResult:
         percentile(tracker.latencies, 0.99),
         cpu,
         rss,
+        inversions(row.arrivals, world.users),
         notes,
     )
 
@@ -556,7 +476,13 @@ async def bench(args: argparse.Namespace, workdir: Path) -> list[RowResult]:
         paths = tuple(
             p for p in PATHS if args.paths == "all" or p.gateway == (args.paths == "gateway")
         )
-        return await run_all(world, row_specs(args.count, args.concurrency, args.rate, paths))
+        specs = row_specs(
+            args.count, args.concurrency, args.rate, paths if args.paths != "burst" else ()
+        )
+        if args.paths != "direct" and args.burst:
+            # The whole burst at once: the window is the burst.
+            specs.append(RowSpec(XMPP_BURST, args.burst, args.burst, None, args.burst / 50 + 30))
+        return await run_all(world, specs)
     finally:
         await world.close()
         print(log_summary(workdir / "gateway.log"), flush=True)
@@ -571,7 +497,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=200.0, help="steady rows: messages/s")
     parser.add_argument("--users", type=int, default=4, help="users on each side")
     parser.add_argument(
-        "--paths", choices=["all", "gateway", "direct"], default="all", help="which rows to run"
+        "--paths",
+        choices=["all", "gateway", "direct", "burst"],
+        default="all",
+        help="which rows to run",
+    )
+    parser.add_argument(
+        "--burst", type=int, default=200, help="one XMPP user's burst to SIP (0: no burst row)"
     )
     parser.add_argument("--profile", metavar="FILE", help="run the gateway under cProfile")
     parser.add_argument(
@@ -583,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.count is None:
         args.count = 300 if args.quick else 2000
-    if args.count < 1 or args.concurrency < 1 or args.users < 1 or args.rate <= 0:
+    if args.count < 1 or args.concurrency < 1 or args.users < 1 or args.rate <= 0 or args.burst < 0:
         parser.error("--count, --concurrency, --users and --rate must be positive")
     # The endpoints log each start and close at info; keep the output to the table.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))

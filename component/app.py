@@ -115,6 +115,8 @@ class Gateway:
             clock=time.time,
             delay_time=settings.timers.delay_time,
             max_inflight=limits.workers * limits.max_jobs,
+            queue=limits.queue,
+            per_recipient=limits.queue_per_recipient,
         )
         self.user_online.connect(self.router.user_online)
         # DESIGN 6: chat rooms. The core and its driver; messaging hands it MESSAGEs to room

@@ -423,10 +423,14 @@ class TimerSettings(_Section):
 
 
 class LimitSettings(_Section):
-    """``[limits]``: delivery workers and in-flight jobs per worker; beyond them 503."""
+    """``[limits]``: SIP transactions in flight (workers x max_jobs), then bounded queues."""
 
     workers: Count = 2
     max_jobs: Count = 10
+    # Messages waiting in memory for a free transaction or their conversation's turn (DESIGN 8).
+    queue: Count = 10000
+    # Messages stored for one recipient who is out of reach; beyond it the sender is refused.
+    queue_per_recipient: Count = 100
 
 
 class PresenceSettings(_Section):

@@ -241,12 +241,16 @@ async def test_xmpp_error_becomes_notice_to_sip_sender(store: MemoryStore) -> No
     assert "nobody@xmpp.test" in body and "service unavailable" in body
 
 
-async def test_busy_gateway_answers_resource_constraint(store: MemoryStore) -> None:
-    xmpp = FakeXmpp()
-    router = _router(store, FakeSip(), xmpp, Clock())
-    router.inflight = router.max_inflight
-    await router.on_xmpp_message(ChatMessage("bob@xmpp.test/x", "alice@sip.xmpp.test", "x"))
-    assert [(e.condition, e.type) for e in xmpp.errors] == [("resource-constraint", "wait")]
+async def test_groupchat_to_a_person_gets_an_error_not_silence(store: MemoryStore) -> None:
+    xmpp, sip = FakeXmpp(), FakeSip()
+    router = _router(store, sip, xmpp, Clock())
+    await router.on_xmpp_message(
+        ChatMessage("bob@xmpp.test/x", "alice@sip.xmpp.test", "hi all", id="g", type="groupchat")
+    )
+    [err] = xmpp.errors
+    assert (err.condition, err.type, err.id) == ("not-acceptable", "modify", "g")
+    assert err.text and "chat room" in err.text
+    assert sip.sent == [] and router.counters["refused"] == 1
 
 
 async def test_queue_direction_recorded(store: MemoryStore) -> None:

@@ -10,7 +10,8 @@ wait (a registrar command, storing while the link is down) goes to ``answer_late
 
 from __future__ import annotations
 
-import datetime
+import asyncio
+import contextlib
 import itertools
 import os
 from collections import OrderedDict
@@ -24,24 +25,18 @@ from component.addresses import (
     Registrar,
     XmppTarget,
     bare_jid,
-    sip_user_and_host,
 )
-from component.errors import RETRYABLE, Refusal, busy, not_found, refusal_for_sip_status
+from component.errors import Refusal, busy, not_found, refusal_for_sip_status
 from component.logs import get_logger
+from component.messaging.conversations import Conversations, Pair, QueueFull
+from component.messaging.retry import RETRY_AFTER, DurableQueue
 from component.ports import Clock, RegistrarCommands, RoomTexts, SipPort, XmppPort
 from component.runtime.tasks import TaskOwner
-from component.store import (
-    MessageDirection,
-    NewMessage,
-    QueuedMessage,
-    StorePort,
-    StoreUnavailable,
-)
+from component.store import MessageDirection, NewMessage, StorePort, StoreUnavailable
 from component.values import ChatMessage, SipAnswer, SipText, StanzaError
 
 log = get_logger("component.messaging")
 
-RETRY_AFTER = 30  # seconds, when a message can be neither written nor stored, or we are busy
 _MAX_TRACKED = 20000  # stanza ids remembered to map XMPP errors back to SIP senders
 ACCEPTED = SipAnswer(202, "Accepted")
 
@@ -54,10 +49,21 @@ class _Sent:
     recipient: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Outgoing:
+    """An XMPP message waiting for its turn, with the SIP addresses it goes between."""
+
+    msg: ChatMessage
+    from_uri: str
+    to_uri: str
+
+
 class MessageRouter:
     """Routes chat messages both ways and keeps the promise that nothing accepted is lost.
 
     Implements the ``UserOnline`` port: a SIP user coming online gets what waits for them.
+    ``max_inflight`` bounds the MESSAGEs in flight, ``queue`` the XMPP messages waiting for
+    their turn, ``per_recipient`` the stored messages for one recipient (DESIGN 8).
     """
 
     def __init__(
@@ -72,6 +78,8 @@ class MessageRouter:
         delay_time: float,
         instance: str = "",
         max_inflight: int = 20,
+        queue: int = 10_000,
+        per_recipient: int = 100,
     ) -> None:
         self.book = book
         self.xmpp = xmpp
@@ -80,14 +88,37 @@ class MessageRouter:
         self.clock = clock
         self.delay_time = delay_time
         self.instance = instance or f"gw-{os.getpid()}"
-        self.max_inflight = max_inflight
-        self.inflight = 0
         self.commands = commands
         self._tasks = TaskOwner("message_task_failed")
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4).hex()
         self._sent: OrderedDict[str, _Sent] = OrderedDict()
-        self.counters = {"sip_to_xmpp": 0, "xmpp_to_sip": 0, "queued": 0, "failed": 0}
+        self.counters = {
+            "sip_to_xmpp": 0,
+            "xmpp_to_sip": 0,
+            "queued": 0,
+            "failed": 0,
+            "refused": 0,
+        }
+        self.conversations: Conversations[_Outgoing] = Conversations(
+            max_inflight=max_inflight, capacity=queue
+        )
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.queue = DurableQueue(
+            book,
+            xmpp,
+            sip,
+            store,
+            clock=clock,
+            delay_time=delay_time,
+            instance=self.instance,
+            per_recipient=per_recipient,
+            counters=self.counters,
+            notice=self.notice,
+            relayed=self._track,
+            new_id=self._new_id,
+        )
         # DESIGN 6: set once the chat rooms are built; MESSAGEs to room and occupant
         # addresses go there, and only what the rooms pass back is one-to-one chat.
         self.rooms: RoomTexts | None = None
@@ -108,18 +139,21 @@ class MessageRouter:
         if route is None:
             return None
         stanza = self._stanza(msg, *route)
+        if self.queue.holds(_xmpp_pair(msg, stanza)):
+            return None
         return ACCEPTED if self._relay(msg, stanza) else None
 
     async def answer_later(self, msg: SipText) -> SipAnswer:
         """The answer to ``msg`` that may wait: a registrar command, or storing the message
-        while the XMPP link is down (202 once stored, DESIGN 4.1); raises Refusal."""
+        while the XMPP link is down or earlier ones of its conversation are stored (202 once
+        stored, DESIGN 4.1); raises Refusal."""
         if await self._taken_by_rooms(msg):
             return ACCEPTED
         route = self._route(msg)
         if route is None:
             return await self._command(msg)
         stanza = self._stanza(msg, *route)
-        if self._relay(msg, stanza):
+        if not self.queue.holds(_xmpp_pair(msg, stanza)) and self._relay(msg, stanza):
             return ACCEPTED
         return await self._store_for_xmpp(msg, stanza)
 
@@ -156,8 +190,9 @@ class MessageRouter:
         return True
 
     async def _store_for_xmpp(self, msg: SipText, stanza: ChatMessage) -> SipAnswer:
-        """The link is down: 202 only once the message is stored durably (DESIGN 4.1)."""
+        """The link is down, or the conversation waits: 202 only once stored (DESIGN 4.1)."""
         now = self.clock()
+        reason = "xmpp link down" if not self.xmpp.connected else "behind a stored message"
         message = NewMessage(
             MessageDirection.SIP_TO_XMPP,
             msg.from_uri,
@@ -169,18 +204,23 @@ class MessageRouter:
             next_attempt_at=now,
             extra={"from_jid": stanza.sender, "html": msg.html},
         )
-        try:
-            await self.store.enqueue_message(message)
-        except StoreUnavailable as exc:
-            log.warning("message_refused", call_id=msg.call_id, reason=str(exc))
-            raise busy("", RETRY_AFTER) from None
-        self.counters["queued"] += 1
+        refusal = await self.queue.put(message)
+        if refusal is not None:
+            self.counters["refused"] += 1
+            log.warning(
+                "message_refused",
+                call_id=msg.call_id,
+                sip_uri=msg.from_uri,
+                jid=stanza.recipient,
+                reason=refusal.text,
+            )
+            raise refusal
         log.info(
             "message_queued",
             call_id=msg.call_id,
             sip_uri=msg.from_uri,
             jid=stanza.recipient,
-            reason="xmpp link down",
+            reason=reason,
         )
         return ACCEPTED
 
@@ -219,31 +259,95 @@ class MessageRouter:
     # --- XMPP -> SIP (DESIGN 4.2) ---------------------------------------------------------------
 
     async def on_xmpp_message(self, msg: ChatMessage) -> None:
-        """Relay an XMPP message to its SIP user; store and retry what can't go now."""
-        if msg.body is None or msg.type in ("error", "groupchat"):
+        """Relay an XMPP message to its SIP user, in order within its conversation.
+
+        Up to ``max_inflight`` MESSAGEs are in flight, one per conversation; the rest wait in
+        a bounded queue, and only a full queue refuses (DESIGN 8). What can't go now is stored
+        and retried. The first await comes after the message took its place in line, so
+        messages handled in the order they arrived keep that order.
+        """
+        if msg.type == "error":
+            return
+        if msg.type == "groupchat":
+            self.refuse_groupchat_to_person(msg)
+            return
+        if msg.body is None:
             return
         try:
             to_uri = self.book.sip_uri_for_component_jid(bare_jid(msg.recipient))
             from_uri = self.book.sip_uri_for_jid(msg.sender)
         except AddressError as exc:
-            self.xmpp.refuse(msg, exc)
+            self._refuse(msg, exc, "bad address")
             return
-        if self.inflight >= self.max_inflight:
-            # DESIGN 8: bounded work; the sender is told to slow down.
-            self.xmpp.refuse(msg, busy("gateway busy, try again", RETRY_AFTER))
-            return
-        self.inflight += 1
+        pair = (bare_jid(msg.sender), to_uri)
         try:
-            status = await self.sip.send_text(from_uri=from_uri, to_uri=to_uri, body=msg.body)
-        finally:
-            self.inflight -= 1
+            starts = self.conversations.offer(pair, _Outgoing(msg, from_uri, to_uri))
+        except QueueFull:
+            waiting = self.conversations.waiting
+            refusal = busy(f"gateway busy: {waiting} messages wait, try again", RETRY_AFTER)
+            self._refuse(msg, refusal, "queue full")
+            return
+        self._idle.clear()
+        await self._take_turns(starts)
+
+    def refuse_groupchat_to_person(self, msg: ChatMessage) -> None:
+        """A ``groupchat`` message addressed to a SIP user's JID: an error, not silence.
+
+        Groupchat that a chat room sends to a SIP user who joined it is room traffic, and goes
+        to the rooms core before this is called; what reaches here was addressed to a person.
+        """
+        refusal = Refusal(
+            406,
+            "Not Acceptable",
+            "not-acceptable",
+            "a groupchat message goes to a chat room; send it to a person as type chat",
+            xmpp_type="modify",
+        )
+        self._refuse(msg, refusal, "groupchat to a person")
+
+    def _refuse(self, msg: ChatMessage, refusal: Refusal, reason: str) -> None:
+        """Answer ``msg`` with an error stanza; every refusal is logged and counted."""
+        self.counters["refused"] += 1
+        log.info(
+            "message_refused",
+            jid=msg.sender,
+            recipient=msg.recipient,
+            condition=refusal.xmpp_condition,
+            reason=reason,
+        )
+        self.xmpp.refuse(msg, refusal)
+
+    async def _take_turns(self, starts: list[tuple[Pair, _Outgoing]]) -> None:
+        """Send what may start; each final answer lets the next of the conversation go."""
+        while starts:
+            (pair, outgoing), *others = starts
+            for other in others:
+                self._tasks.own(self._take_turns([other]))
+            try:
+                await self._send_to_sip(pair, outgoing)
+            except Exception:
+                log.exception("message_send_failed", jid=outgoing.msg.sender, sip_uri=pair[1])
+            finally:
+                starts = self.conversations.done(pair)
+                if not self.conversations.inflight and not self.conversations.waiting:
+                    self._idle.set()
+
+    async def _send_to_sip(self, pair: Pair, outgoing: _Outgoing) -> None:
+        msg, from_uri, to_uri = outgoing.msg, outgoing.from_uri, outgoing.to_uri
+        if self.queue.holds(pair):
+            # An earlier message of this conversation waits in the store: this one waits too.
+            await self._store_for_sip(outgoing, "behind a stored message")
+            return
+        status = await self.sip.send_text(from_uri=from_uri, to_uri=to_uri, body=msg.body or "")
         if status < 300:
             self.counters["xmpp_to_sip"] += 1
             log.info("message_relayed", jid=msg.sender, sip_uri=to_uri, status=status)
+            await self.queue.saw_user(to_uri)
             return
-        if await self._is_offline(status, to_uri):
-            await self._store_for_sip(msg, from_uri, to_uri, status)
+        if await self.queue.is_offline(status, to_uri):
+            await self._store_for_sip(outgoing, f"SIP {status}")
             return
+        self.counters["failed"] += 1
         refusal = refusal_for_sip_status(status)
         log.info(
             "message_rejected",
@@ -254,45 +358,13 @@ class MessageRouter:
         )
         self.xmpp.refuse(msg, refusal)
 
-    async def _is_offline(self, status: int, aor: str) -> bool:
-        """480/408/503 and a 404 for a home user seen before mean "not now" (DESIGN 4.2)."""
-        if status in RETRYABLE:
-            return True
-        if status == 404 and self._is_home(aor):
-            try:
-                return await self.store.user_seen_before(aor)
-            except StoreUnavailable:
-                return False
-        return False
-
-    def _is_home(self, aor: str) -> bool:
-        try:
-            return sip_user_and_host(aor)[1] == self.book.sip_domain
-        except AddressError:
-            return False
-
-    async def _store_for_sip(
-        self, msg: ChatMessage, from_uri: str, to_uri: str, status: int
-    ) -> None:
-        now = self.clock()
-        message = NewMessage(
-            MessageDirection.XMPP_TO_SIP,
-            msg.sender,
-            to_uri,
-            msg.body or "",
-            "text/plain",
-            created_at=now,
-            deliver_by=now + self.delay_time,
-            next_attempt_at=now + _backoff(0, self.delay_time),
-            extra={"from_uri": from_uri, "to_jid": msg.recipient, "id": msg.id},
-        )
-        try:
-            await self.store.enqueue_message(message)
-        except StoreUnavailable:
-            self.xmpp.refuse(msg, _unavailable(f"SIP {status}"))
+    async def _store_for_sip(self, outgoing: _Outgoing, reason: str) -> None:
+        msg, from_uri, to_uri = outgoing.msg, outgoing.from_uri, outgoing.to_uri
+        refusal = await self.queue.put(self.queue.for_sip(msg, from_uri, to_uri, reason))
+        if refusal is not None:
+            self._refuse(msg, refusal, f"not stored ({reason})")
             return
-        self.counters["queued"] += 1
-        log.info("message_queued", jid=msg.sender, sip_uri=to_uri, status=status)
+        log.info("message_queued", jid=msg.sender, sip_uri=to_uri, reason=reason)
 
     # --- notices (DESIGN 4.4) -------------------------------------------------------------------
 
@@ -308,58 +380,15 @@ class MessageRouter:
 
     async def retry_due(self, limit: int = 100) -> int:
         """Try every due stored message once; expire what is past ``delay_time``."""
-        now = self.clock()
-        for expired in await self.store.expire_messages(now):
-            await self._give_up(expired)
-        claimed = await self.store.claim_due_messages(now, limit, self.instance)
-        for queued in claimed:
-            await self._attempt(queued)
-        return len(claimed)
+        return await self.queue.retry_due(limit)
 
     def user_online(self, aor: str) -> None:
         """The ``UserOnline`` port: retry what waits for ``aor`` now, as owned work."""
         self._tasks.own(self.flush_recipient(aor))
 
-    async def drain(self, timeout: float) -> None:
-        """Wait for the work :meth:`user_online` started (SIGTERM path)."""
-        await self._tasks.wait(timeout)
-
     async def flush_recipient(self, recipient: str) -> None:
         """A SIP user came online: retry what waits for them at once (DESIGN 8)."""
-        now = self.clock()
-        for queued in await self.store.claim_messages_for_recipient(recipient, now, self.instance):
-            await self._attempt(queued)
-
-    async def _attempt(self, queued: QueuedMessage) -> None:
-        now = self.clock()
-        extra = queued.extra
-        if queued.direction is MessageDirection.SIP_TO_XMPP:
-            stanza = ChatMessage(
-                sender=str(extra.get("from_jid") or self.book.jid_for_sip_uri(queued.sender)),
-                recipient=queued.recipient,
-                body=queued.body,
-                id=extra.get("id") or self._new_id(),  # a re-send keeps its id (DESIGN 8)
-                html=extra.get("html"),
-                delay_stamp=extra.get("stamp") or _stamp(queued.created_at),
-                delay_from=self.book.component,
-            )
-            if self.xmpp.send_message(stanza):
-                self._track(stanza, queued.sender)
-                await self.store.mark_delivered(queued.id, now)
-            else:
-                await self.store.reschedule(queued.id, now + 5.0, "xmpp link down")
-            return
-        status = await self.sip.send_text(
-            from_uri=str(extra.get("from_uri")), to_uri=queued.recipient, body=queued.body
-        )
-        if status < 300:
-            await self.store.mark_delivered(queued.id, now)
-        elif await self._is_offline(status, queued.recipient):
-            next_at = now + _backoff(queued.attempts + 1, self.delay_time)
-            await self.store.reschedule(queued.id, min(next_at, queued.deliver_by), f"SIP {status}")
-        else:
-            await self.store.mark_failed(queued.id, f"SIP {status}", now)
-            self._refuse_queued(queued, refusal_for_sip_status(status))
+        await self.queue.flush_recipient(recipient)
 
     async def requeue_unconfirmed(self, messages: list[ChatMessage]) -> None:
         """The XMPP link was lost before the server confirmed ``messages`` (DESIGN 8): queue
@@ -413,53 +442,20 @@ class MessageRouter:
         except AddressError:
             return None
 
-    async def _give_up(self, queued: QueuedMessage) -> None:
-        log.info(
-            "message_expired",
-            sender=queued.sender,
-            recipient=queued.recipient,
-            reason=queued.last_error,
-        )
-        if queued.direction is MessageDirection.XMPP_TO_SIP:
-            refusal = _unavailable("not delivered within the delay time")
-            self._refuse_queued(queued, refusal)
-        else:
-            await self.notice(
-                queued.sender,
-                f"Your message to {bare_jid(queued.recipient)} was not delivered: "
-                "the XMPP service was unreachable.",
-            )
-
-    def _refuse_queued(self, queued: QueuedMessage, refusal: Refusal) -> None:
-        """Tell the XMPP sender of a stored message it failed; a room's message (DESIGN 6) has
-        no one to tell (an error to the room would remove the SIP user from it)."""
-        if queued.extra.get("room"):
-            log.info("room_message_expired", sip_uri=queued.recipient, room=queued.sender)
-            return
-        self.xmpp.refuse(_queued_stanza(queued), refusal)
+    async def drain(self, timeout: float) -> None:
+        """SIGTERM: let the waiting messages go within ``timeout``, then store the rest."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self._tasks.wait(timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), max(deadline - loop.time(), 0.0))
+        for _, outgoing in self.conversations.take_waiting():
+            await self._store_for_sip(outgoing, "gateway stopping")
 
     def _new_id(self) -> str:
         return f"sx{self._prefix}{next(self._ids)}"
 
 
-def _backoff(attempt: int, delay_time: float) -> float:
-    """Seconds before the next try: 5, 10, 20 ... capped at a third of the delay time."""
-    return float(min(5 * 2**attempt, max(delay_time / 3, 5)))
-
-
-def _unavailable(text: str) -> Refusal:
-    """The XMPP sender's answer when a SIP user stayed out of reach (DESIGN 4.2)."""
-    return Refusal(480, "Temporarily Unavailable", "recipient-unavailable", text, xmpp_type="wait")
-
-
-def _queued_stanza(queued: QueuedMessage) -> ChatMessage:
-    """The XMPP message a stored XMPP -> SIP message came as, to answer it with an error."""
-    extra = queued.extra
-    return ChatMessage(
-        sender=queued.sender, recipient=str(extra.get("to_jid")), body=None, id=extra.get("id")
-    )
-
-
-def _stamp(when: float) -> str:
-    """XEP-0082 date-time, as XEP-0203 delay stamps want it."""
-    return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _xmpp_pair(msg: SipText, stanza: ChatMessage) -> Pair:
+    """The conversation of a SIP -> XMPP message, as the retry queue names it."""
+    return (msg.from_uri, bare_jid(stanza.recipient))
