@@ -422,11 +422,23 @@ class TimerSettings(_Section):
     check_time: Seconds = 20.0
 
 
+def _check_rate(value: float) -> float:
+    if not value > 0:
+        raise ValueError("must be a positive number of requests per second")
+    return value
+
+
 class LimitSettings(_Section):
-    """``[limits]``: delivery workers and in-flight jobs per worker; beyond them 503."""
+    """``[limits]``: delivery workers and in-flight jobs per worker; beyond them 503.
+
+    ``sip_rate`` and ``sip_burst``: the token bucket of each SIP source (address, or sender
+    behind the proxy): requests per second, and how many may come at once.
+    """
 
     workers: Count = 2
     max_jobs: Count = 10
+    sip_rate: Annotated[float, AfterValidator(_check_rate)] = 100.0
+    sip_burst: Count = 200
 
 
 class PresenceSettings(_Section):

@@ -3,7 +3,8 @@
 It owns UDP, TCP and TLS listeners, stream connections (reused both ways), the transaction
 layer and its single timer. Incoming requests go to one application callback with a
 ``respond`` handle; outgoing requests are ``await endpoint.request(...)`` and return the final
-response, answering Digest challenges on the way.
+response, answering Digest challenges on the way. OPTIONS goes to the application as well:
+only it knows which Request-URIs it serves (RFC 3261 11.2).
 """
 
 from __future__ import annotations
@@ -439,10 +440,6 @@ class Endpoint:
                 extra.append(("Warning", f'399 sipxmpp "{quote_warning(exc.warning)}"'))
             incoming.respond(exc.status, exc.reason, headers=extra)
             return
-        if method == "OPTIONS" and request.uri.partition("@")[2] == "":
-            # An OPTIONS to the gateway itself (no user part) is a keep-alive probe.
-            incoming.respond(200, headers=[("Allow", ALLOW), ("Accept", "text/plain")])
-            return
         try:
             self.handler(incoming)
         except PeerError as exc:
@@ -589,6 +586,7 @@ def _call_id(message: SipMessage) -> str | None:
 
 __all__ = [
     "ALLOW",
+    "ANSWERED_METHODS",
     "Endpoint",
     "EndpointLimits",
     "IncomingRequest",

@@ -155,7 +155,6 @@ async def test_retransmission_gets_cached_response_and_reaches_app_once() -> Non
 @pytest.mark.parametrize(
     ("method", "extra", "status", "header"),
     [
-        ("OPTIONS", "", 200, "Allow"),
         ("INVITE", "", 405, "Allow"),
         ("BYE", "", 405, "Allow"),
         ("FROBNICATE", "", 501, None),
@@ -168,13 +167,27 @@ async def test_stack_answers(method: str, extra: str, status: int, header: str |
     try:
         port = server.local_peers["udp"].port
         raw = _raw_request(method, port, extra=extra)
-        if method == "OPTIONS":
-            raw = raw.replace(b"sip:bob@", b"sip:")
         [response] = await _udp_exchange(port, raw)
         assert response.status == status
         if header:
             assert response.header(header)
         assert recorder.seen == []
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("uri", [b"sip:bob@", b"sip:"])
+async def test_options_reach_the_application(uri: bytes) -> None:
+    # RFC 3261 11.2: only the application knows which Request-URIs it serves, the gateway's
+    # own address (no user part) included.
+    recorder = Recorder(200)
+    server = await _endpoint(recorder)
+    try:
+        port = server.local_peers["udp"].port
+        raw = _raw_request("OPTIONS", port).replace(b"sip:bob@", uri)
+        [response] = await _udp_exchange(port, raw)
+        assert response.status == 200
+        assert [r.request.method for r in recorder.seen] == ["OPTIONS"]
     finally:
         await server.close()
 
