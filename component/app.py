@@ -121,6 +121,7 @@ class Gateway:
             rate=SourceBuckets(limits.sip_rate, limits.sip_burst),
             proxies=proxy_hosts(sip.proxy),
         )
+        self.endpoint.admit = self.sipgate.admit_source
         self._tasks = TaskOwner("gateway_task_failed")
         self._own = self._tasks.own
         self._stopping = asyncio.Event()

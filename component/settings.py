@@ -438,7 +438,7 @@ class LimitSettings(_Section):
     workers: Count = 2
     max_jobs: Count = 10
     sip_rate: Annotated[float, AfterValidator(_check_rate)] = 100.0
-    sip_burst: Count = 200
+    sip_burst: Count = 50
 
 
 class PresenceSettings(_Section):

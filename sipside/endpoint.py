@@ -21,6 +21,7 @@ import structlog
 from sipside.digest import AuthenticationError, DigestClient, retry_with_credentials
 from sipside.errors import LocalError, PeerError, TransactionTimeout, TransportError
 from sipside.headers import Via, quote_warning, remember_via
+from sipside.limits import Admission, EndpointLimits, refused_answer
 from sipside.message import (
     SipMessage,
     SipRequest,
@@ -69,17 +70,6 @@ ALLOW = ", ".join(ANSWERED_METHODS)
 KNOWN_METHODS = frozenset(
     {"INVITE", "ACK", "BYE", "CANCEL", "PRACK", "UPDATE", "INFO", "REFER", *ANSWERED_METHODS}
 )
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointLimits:
-    """Size limits on incoming requests (RFC 3261 21.4.14, 21.4.15, 21.5.14)."""
-
-    max_uri: int = 4096
-    max_header_bytes: int = 16384
-    max_body: int = 65536
-    max_stream_buffer: int = 131072
-    idle_timeout: float = 600.0
 
 
 class IncomingRequest:
@@ -164,10 +154,12 @@ class Endpoint:
         tls_verify: bool = False,
         user_agent: str = "sipxmpp",
         supported: frozenset[str] = frozenset(),
+        admit: Admission | None = None,
     ) -> None:
         self.listen = [parse_listen(s) for s in listen]
         if handler is not None:
             self.handler = handler
+        self.admit = admit
         self.limits = limits or EndpointLimits()
         self.trusted = TrustedSources(trusted)
         self.proxy = peer_for_uri(outbound_proxy) if outbound_proxy else None
@@ -345,6 +337,15 @@ class Endpoint:
         self._on_message(data, source)
 
     def _on_message(self, data: bytes, source: Peer) -> None:
+        admit = self.admit
+        if admit is not None and not data.startswith(b"SIP/"):
+            retry_after = admit(source.host, self._now())
+            if retry_after is not None:
+                self.stats.rejected += 1
+                answer = refused_answer(data, retry_after)
+                if answer is not None:
+                    self._transmit(answer, source, None)
+                return
         try:
             message = parse_message(data)
         except PeerError as exc:
@@ -587,6 +588,7 @@ def _call_id(message: SipMessage) -> str | None:
 __all__ = [
     "ALLOW",
     "ANSWERED_METHODS",
+    "Admission",
     "Endpoint",
     "EndpointLimits",
     "IncomingRequest",

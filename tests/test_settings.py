@@ -57,7 +57,7 @@ DESIGN_DEFAULTS = [
     ("limits.workers", 2),
     ("limits.max_jobs", 10),
     ("limits.sip_rate", 100.0),
-    ("limits.sip_burst", 200),
+    ("limits.sip_burst", 50),
     ("presence.sip_server", True),
     ("muc.nick_prefix", True),
     ("muc.auto_join", True),

@@ -330,30 +330,37 @@ def _send(gate: SipGate, source: str, *, sender: str = "alice", to_tag: str | No
     return incoming.responses[0][0] if incoming.responses else 0
 
 
-def test_flooding_source_gets_503_and_others_do_not() -> None:
-    gate, core, clock = _limited_gate()
+def test_flooding_address_is_refused_before_parsing_and_others_are_not() -> None:
+    gate, _, _ = _limited_gate()
     with capture_logs() as logs:
-        flood = [_send(gate, "192.0.2.7") for _ in range(12)]
-        other = [_send(gate, "192.0.2.8") for _ in range(2)]
-    assert flood == [202, 202] + [503] * 10
-    assert other == [202, 202]
-    assert len(core.seen) == 4  # nothing of the refused ones reached the core
+        flood = [gate.admit_source("192.0.2.7", 0.0) for _ in range(12)]
+        other = [gate.admit_source("192.0.2.8", 0.0) for _ in range(2)]
+    assert flood == [None, None] + [1] * 10  # 1 request/s: a token back within a second
+    assert other == [None, None]
     assert gate.refusals["rate_limited"] == 10
     lines = [e for e in logs if e["event"] == "sip_request_rate_limited"]
     assert [e["refused"] for e in lines] == [1, 6]  # one line per 5 refusals
     assert {e["source"] for e in lines} == {"192.0.2.7"}
-    clock.now = 1.0  # one token back at 1 request/s
-    assert [_send(gate, "192.0.2.7") for _ in range(2)] == [202, 503]
+    assert [gate.admit_source("192.0.2.7", 1.0) for _ in range(2)] == [None, 1]
+    # the proxy's address is never refused here: its senders are limited one by one
+    assert {gate.admit_source("10.0.0.1", 0.0) for _ in range(10)} == {None}
+    assert SipGate(Core(), book=BOOK).admit_source("192.0.2.7", 0.0) is None  # no limit set
 
 
-def test_refusal_carries_retry_after() -> None:
-    gate, _, _ = _limited_gate(rate=0.25, burst=1)
-    _send(gate, "192.0.2.7")
-    incoming = FakeIncoming(_request("MESSAGE"), Peer("udp", "192.0.2.7", 5060))
-    gate.handle(incoming)  # type: ignore[arg-type]
+def test_sender_behind_the_proxy_gets_503_with_retry_after() -> None:
+    gate, core, clock = _limited_gate(rate=0.25, burst=1)
+    with capture_logs() as logs:
+        assert _send(gate, "10.0.0.1") == 202
+        incoming = FakeIncoming(_request("MESSAGE"), Peer("udp", "10.0.0.1", 5060))
+        gate.handle(incoming)  # type: ignore[arg-type]
     [(status, headers)] = incoming.responses
     assert (status, headers["Retry-After"]) == (503, "4")
     assert "too many requests" in headers["Warning"]
+    assert len(core.seen) == 1 and gate.refusals["rate_limited"] == 1
+    [line] = [e for e in logs if e["event"] == "sip_request_rate_limited"]
+    assert (line["source"], line["call_id"]) == ("sip:alice@sip.test", "c1")
+    clock.now = 4.0
+    assert _send(gate, "10.0.0.1") == 202
 
 
 def test_behind_the_proxy_each_sender_has_its_own_bucket() -> None:
@@ -364,7 +371,7 @@ def test_behind_the_proxy_each_sender_has_its_own_bucket() -> None:
 
 async def test_in_dialog_requests_are_not_limited() -> None:
     gate, _, _ = _limited_gate(burst=1)
-    statuses = [_send(gate, "192.0.2.7", to_tag="t1") for _ in range(5)]
+    statuses = [_send(gate, "10.0.0.1", to_tag="t1") for _ in range(5)]
     await gate.drain(5.0)
     assert gate.refusals["rate_limited"] == 0
     assert statuses.count(503) == 0

@@ -76,10 +76,11 @@ class SipGate:
     """The endpoint's one request handler: routes each request and owns the work it starts.
 
     Without ``presence`` the gateway serves no presence: SUBSCRIBE and PUBLISH get 489 (RFC 6665
-    8.3.1, RFC 3903 11.1), NOTIFY and REGISTER 405. ``rate`` limits out-of-dialog requests per
-    source: the source address, or for a request relayed by one of ``proxies`` (hosts) its
-    sender's From URI, since everyone behind the proxy shares its address. Refusals are
-    counted in ``refusals`` by reason.
+    8.3.1, RFC 3903 11.1), NOTIFY and REGISTER 405. ``rate`` limits requests per source: by
+    address in :meth:`admit_source`, which the endpoint asks before parsing; for a request
+    relayed by one of ``proxies`` (hosts), whose address everyone behind the proxy shares, by
+    its sender's From URI here (out-of-dialog requests only). Refusals are counted in
+    ``refusals`` by reason.
     """
 
     def __init__(
@@ -119,9 +120,15 @@ class SipGate:
             # DESIGN 8: stopping (SIGTERM): refuse, the sender retries later.
             self._refuse_busy(incoming, "stopping", RETRY_LATER)
             return
-        # DESIGN 8: a flooding source is refused before any work is done for it. In-dialog
-        # requests (NOTIFYs of our subscriptions) are not limited: they answer our own requests.
-        if self.rate is not None and not in_dialog and not self._admit(incoming):
+        # DESIGN 8: a flooding sender behind the proxy is refused before any work is done for
+        # it (other sources already were, by address, in admit_source). In-dialog requests
+        # (NOTIFYs of our subscriptions) are not limited: they answer our own requests.
+        if (
+            self.rate is not None
+            and not in_dialog
+            and incoming.source.host in self.proxies
+            and not self._admit_sender(incoming)
+        ):
             return
         if len(self._tasks) >= self.max_pending:
             # DESIGN 8 overload: refuse before starting work we could not finish.
@@ -155,28 +162,42 @@ class SipGate:
             return
         self._tasks.own(self._finish(incoming, work))
 
-    def _admit(self, incoming: IncomingRequest) -> bool:
-        """Take a token for the request's source; refuse it with 503 when there is none."""
+    def admit_source(self, host: str, now: float) -> int | None:
+        """The endpoint's admission check (``sipside.limits.Admission``), before parsing: None
+        to admit a request from ``host``, else the Retry-After of the 503 the endpoint sends.
+
+        Parsing and the transaction cost more than anything after them, so a flooding address
+        is refused here, where refusing is cheap. The proxy's requests are admitted: they are
+        limited per sender in :meth:`handle`, once the From header is known.
+        """
+        if self.rate is None or host in self.proxies:
+            return None
+        verdict = self.rate.take(host, now)
+        if verdict.admitted:
+            return None
+        self._count_limited(host, verdict.refused, verdict.log)
+        return verdict.retry_after
+
+    def _admit_sender(self, incoming: IncomingRequest) -> bool:
+        """Take a token for the sender of a request relayed by the proxy; 503 if none."""
         assert self.rate is not None
-        source = incoming.source.host
-        if source in self.proxies:
-            # validated before it got here; should it still not parse, the proxy's address it is
-            with contextlib.suppress(PeerError):
-                source = parse_name_addr(incoming.request.header("From") or "").uri
-        verdict = self.rate.take(source, self.clock())
+        sender = incoming.source.host
+        # validated before it got here; should it still not parse, the proxy's address it is
+        with contextlib.suppress(PeerError):
+            sender = parse_name_addr(incoming.request.header("From") or "").uri
+        verdict = self.rate.take(sender, self.clock())
         if verdict.admitted:
             return True
-        self.refusals["rate_limited"] += 1
-        if verdict.log:
-            log.warning(
-                "sip_request_rate_limited",
-                source=source,
-                peer=str(incoming.source),
-                refused=verdict.refused,
-                call_id=incoming.request.call_id,
-            )
+        self._count_limited(sender, verdict.refused, verdict.log, incoming.request.call_id)
         refuse(incoming, busy("too many requests from this source", verdict.retry_after))
         return False
+
+    def _count_limited(
+        self, source: str, refused: int, log_it: bool, call_id: str | None = None
+    ) -> None:
+        self.refusals["rate_limited"] += 1
+        if log_it:
+            log.warning("sip_request_rate_limited", source=source, refused=refused, call_id=call_id)
 
     def _refuse_busy(self, incoming: IncomingRequest, reason: str, retry_after: int) -> None:
         """503 + Retry-After for ``reason`` (stopping, busy); counted, one line per LOG_EVERY."""
