@@ -24,7 +24,8 @@ from component.runtime.signal import UserOnlineSignal
 from component.runtime.sweeps import sweep_queue
 from component.runtime.tasks import TaskOwner
 from component.settings import Settings
-from component.sip.gate import SipGate
+from component.sip.gate import SipGate, proxy_hosts
+from component.sip.ratelimit import SourceBuckets
 from component.sip.sender import SipSender
 from component.sip.side import SipSide
 from component.sip.transactions import ClientTransactions
@@ -137,7 +138,14 @@ class Gateway:
         self.presence.users.state_listener = self.rooms
         self.user_online.connect(self.rooms.user_online)
         # Last, the SIP gate routes requests to both; run() starts the endpoint with it.
-        self.sipgate = SipGate(self.router, self.sip_side)
+        self.sipgate = SipGate(
+            self.router,
+            self.sip_side,
+            book=self.book,
+            rate=SourceBuckets(limits.sip_rate, limits.sip_burst),
+            proxies=proxy_hosts(sip.proxy),
+        )
+        self.endpoint.admit = self.sipgate.admit_source
         self._tasks = TaskOwner("gateway_task_failed")
         self._own = self._tasks.own
         self._stopping = asyncio.Event()

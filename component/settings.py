@@ -422,8 +422,18 @@ class TimerSettings(_Section):
     check_time: Seconds = 20.0
 
 
+def _check_rate(value: float) -> float:
+    if not value > 0:
+        raise ValueError("must be a positive number of requests per second")
+    return value
+
+
 class LimitSettings(_Section):
-    """``[limits]``: SIP transactions in flight (workers x max_jobs), then bounded queues."""
+    """``[limits]``: SIP transactions in flight (workers x max_jobs), then bounded queues.
+
+    ``sip_rate`` and ``sip_burst``: the token bucket of each SIP source (address, or sender
+    behind the proxy): requests per second, and how many may come at once.
+    """
 
     workers: Count = 2
     max_jobs: Count = 10
@@ -431,6 +441,8 @@ class LimitSettings(_Section):
     queue: Count = 10000
     # Messages stored for one recipient who is out of reach; beyond it the sender is refused.
     queue_per_recipient: Count = 100
+    sip_rate: Annotated[float, AfterValidator(_check_rate)] = 100.0
+    sip_burst: Count = 50
 
 
 class PresenceSettings(_Section):

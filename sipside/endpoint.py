@@ -3,7 +3,8 @@
 It owns UDP, TCP and TLS listeners, stream connections (reused both ways), the transaction
 layer and its single timer. Incoming requests go to one application callback with a
 ``respond`` handle; outgoing requests are ``await endpoint.request(...)`` and return the final
-response, answering Digest challenges on the way.
+response, answering Digest challenges on the way. OPTIONS goes to the application as well:
+only it knows which Request-URIs it serves (RFC 3261 11.2).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import structlog
 from sipside.digest import AuthenticationError, DigestClient, retry_with_credentials
 from sipside.errors import LocalError, PeerError, TransactionTimeout, TransportError
 from sipside.headers import Via, quote_warning, remember_via
+from sipside.limits import Admission, EndpointLimits, refused_answer
 from sipside.message import (
     SipMessage,
     SipRequest,
@@ -68,17 +70,6 @@ ALLOW = ", ".join(ANSWERED_METHODS)
 KNOWN_METHODS = frozenset(
     {"INVITE", "ACK", "BYE", "CANCEL", "PRACK", "UPDATE", "INFO", "REFER", *ANSWERED_METHODS}
 )
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointLimits:
-    """Size limits on incoming requests (RFC 3261 21.4.14, 21.4.15, 21.5.14)."""
-
-    max_uri: int = 4096
-    max_header_bytes: int = 16384
-    max_body: int = 65536
-    max_stream_buffer: int = 131072
-    idle_timeout: float = 600.0
 
 
 class IncomingRequest:
@@ -163,10 +154,12 @@ class Endpoint:
         tls_verify: bool = False,
         user_agent: str = "sipxmpp",
         supported: frozenset[str] = frozenset(),
+        admit: Admission | None = None,
     ) -> None:
         self.listen = [parse_listen(s) for s in listen]
         if handler is not None:
             self.handler = handler
+        self.admit = admit
         self.limits = limits or EndpointLimits()
         self.trusted = TrustedSources(trusted)
         self.proxy = peer_for_uri(outbound_proxy) if outbound_proxy else None
@@ -344,6 +337,15 @@ class Endpoint:
         self._on_message(data, source)
 
     def _on_message(self, data: bytes, source: Peer) -> None:
+        admit = self.admit
+        if admit is not None and not data.startswith(b"SIP/"):
+            retry_after = admit(source.host, self._now())
+            if retry_after is not None:
+                self.stats.rejected += 1
+                answer = refused_answer(data, retry_after)
+                if answer is not None:
+                    self._transmit(answer, source, None)
+                return
         try:
             message = parse_message(data)
         except PeerError as exc:
@@ -438,10 +440,6 @@ class Endpoint:
             if exc.warning:
                 extra.append(("Warning", f'399 sipxmpp "{quote_warning(exc.warning)}"'))
             incoming.respond(exc.status, exc.reason, headers=extra)
-            return
-        if method == "OPTIONS" and request.uri.partition("@")[2] == "":
-            # An OPTIONS to the gateway itself (no user part) is a keep-alive probe.
-            incoming.respond(200, headers=[("Allow", ALLOW), ("Accept", "text/plain")])
             return
         try:
             self.handler(incoming)
@@ -589,6 +587,8 @@ def _call_id(message: SipMessage) -> str | None:
 
 __all__ = [
     "ALLOW",
+    "ANSWERED_METHODS",
+    "Admission",
     "Endpoint",
     "EndpointLimits",
     "IncomingRequest",

@@ -211,10 +211,13 @@ def client_tls_context(verify: bool) -> ssl.SSLContext:
     return ctx
 
 
-def unparsable_answer(data: bytes, exc: PeerError) -> bytes | None:
+def unparsable_answer(
+    data: bytes, exc: PeerError, extra: Iterable[tuple[str, str]] = ()
+) -> bytes | None:
     """RFC 3261 8.2: the response to a broken request if its Via can be read at all, copying
     whichever of From, To, Call-ID and CSeq it has (RFC 4475 3.3.1 asks for a 400 even without
-    them); None for a response or a request without Via, to be dropped (16.3, 18.1.2)."""
+    them); None for a response or a request without Via, to be dropped (16.3, 18.1.2). Also the
+    answer to a request refused before it is parsed (``extra``: its Retry-After)."""
     headers = _salvage_headers(data)
     if headers is None:
         return None
@@ -223,6 +226,7 @@ def unparsable_answer(data: bytes, exc: PeerError) -> bytes | None:
     lines += [f"{name}: {value}" for name, value in headers]
     if exc.warning:
         lines.append(f'Warning: 399 sipxmpp "{quote_warning(exc.warning)}"')
+    lines += [f"{name}: {value}" for name, value in extra]
     lines += ["Content-Length: 0", "", ""]
     return "\r\n".join(lines).encode()
 

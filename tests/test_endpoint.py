@@ -155,7 +155,6 @@ async def test_retransmission_gets_cached_response_and_reaches_app_once() -> Non
 @pytest.mark.parametrize(
     ("method", "extra", "status", "header"),
     [
-        ("OPTIONS", "", 200, "Allow"),
         ("INVITE", "", 405, "Allow"),
         ("BYE", "", 405, "Allow"),
         ("FROBNICATE", "", 501, None),
@@ -168,13 +167,27 @@ async def test_stack_answers(method: str, extra: str, status: int, header: str |
     try:
         port = server.local_peers["udp"].port
         raw = _raw_request(method, port, extra=extra)
-        if method == "OPTIONS":
-            raw = raw.replace(b"sip:bob@", b"sip:")
         [response] = await _udp_exchange(port, raw)
         assert response.status == status
         if header:
             assert response.header(header)
         assert recorder.seen == []
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("uri", [b"sip:bob@", b"sip:"])
+async def test_options_reach_the_application(uri: bytes) -> None:
+    # RFC 3261 11.2: only the application knows which Request-URIs it serves, the gateway's
+    # own address (no user part) included.
+    recorder = Recorder(200)
+    server = await _endpoint(recorder)
+    try:
+        port = server.local_peers["udp"].port
+        raw = _raw_request("OPTIONS", port).replace(b"sip:bob@", uri)
+        [response] = await _udp_exchange(port, raw)
+        assert response.status == 200
+        assert [r.request.method for r in recorder.seen] == ["OPTIONS"]
     finally:
         await server.close()
 
@@ -357,3 +370,30 @@ async def test_tls_message_round_trip_and_connection_reuse(
 async def test_tls_listener_without_certificate_is_refused() -> None:
     with pytest.raises(LocalError):
         await _endpoint(Recorder(), ("tls:127.0.0.1:0",))
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_admission_refuses_before_the_application(transport: str) -> None:
+    # A source the application's admission check refuses gets 503 with the Retry-After it gives,
+    # without its request being parsed, matched or handed over; responses are never refused.
+    asked: list[str] = []
+
+    def admit(host: str, now: float) -> int | None:
+        asked.append(host)
+        return 7 if len(asked) > 1 else None
+
+    recorder = Recorder(202)
+    server = await _endpoint(recorder, admit=admit)
+    client = await _endpoint(Recorder(200), admit=lambda host, now: 1)
+    try:
+        peer = server.local_peers[transport]
+        first = await client.request(_message(peer), peer)  # type: ignore[arg-type]
+        second = await client.request(_message(peer), peer)  # type: ignore[arg-type]
+        assert (first.status, second.status) == (202, 503)
+        assert second.header("Retry-After") == "7"
+        assert len(recorder.seen) == 1
+        assert asked == ["127.0.0.1", "127.0.0.1"]
+        assert server.stats.rejected == 1
+    finally:
+        await client.close()
+        await server.close()

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from structlog.testing import capture_logs
 
+from component.addresses import AddressBook
 from component.errors import Refusal, not_found
+from component.settings import Settings
 from component.sip.gate import SipGate
+from component.sip.ratelimit import SourceBuckets
 from component.store import StoreUnavailable
 from component.values import SipAnswer, SipText
 from sipside.errors import PeerError
 from sipside.message import SipRequest
+from sipside.peer import Peer
+
+BOOK = AddressBook.from_settings(Settings())
+SOURCE = Peer("udp", "127.0.0.1", 5060)
 
 
 class FakeIncoming:
-    def __init__(self, request: SipRequest) -> None:
+    def __init__(self, request: SipRequest, source: Peer = SOURCE) -> None:
         self.request = request
+        self.source = source
         self.answered = False
         self.responses: list[tuple[int, dict[str, str]]] = []
 
@@ -62,15 +71,21 @@ class Presence:
 
 
 def _request(
-    method: str, *, to_tag: str | None = None, ctype: str = "text/plain", body: bytes = b"hi"
+    method: str,
+    *,
+    to_tag: str | None = None,
+    ctype: str = "text/plain",
+    body: bytes = b"hi",
+    uri: str = "sip:bob*xmpp.test@jabber.sip.test",
+    sender: str = "alice",
 ) -> SipRequest:
-    to = "<sip:bob*xmpp.test@jabber.sip.test>" + (f";tag={to_tag}" if to_tag else "")
+    to = f"<{uri}>" + (f";tag={to_tag}" if to_tag else "")
     return SipRequest(
         method,
-        "sip:bob*xmpp.test@jabber.sip.test",
+        uri,
         (
             ("Via", "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK1"),
-            ("From", '"Alice" <sip:alice@sip.test>;tag=a'),
+            ("From", f'"Alice" <sip:{sender}@sip.test>;tag=a'),
             ("To", to),
             ("Call-ID", "c1"),
             ("CSeq", f"1 {method}"),
@@ -82,7 +97,7 @@ def _request(
 
 def _gate() -> tuple[SipGate, Core, Presence]:
     core, presence = Core(), Presence()
-    return SipGate(core, presence), core, presence
+    return SipGate(core, presence, book=BOOK), core, presence
 
 
 def test_message_reaches_core_with_decoded_text() -> None:
@@ -126,7 +141,7 @@ async def test_stopping_refuses_new_work_but_lets_in_dialog_requests_through() -
 
 @pytest.mark.parametrize(("method", "status"), [("PUBLISH", 489), ("REGISTER", 405)])
 def test_presence_methods_without_presence(method: str, status: int) -> None:
-    gate = SipGate(Core())
+    gate = SipGate(Core(), book=BOOK)
     incoming = FakeIncoming(_request(method))
     gate.handle(incoming)  # type: ignore[arg-type]
     assert incoming.responses[0][0] == status
@@ -212,7 +227,7 @@ async def test_slow_path_answers_when_done(
 
 async def test_overload_refuses_before_starting_work() -> None:
     core, presence = Core(), Presence()
-    gate = SipGate(core, presence, max_pending=1)
+    gate = SipGate(core, presence, book=BOOK, max_pending=1)
     core.now = None
     first, second = FakeIncoming(_request("MESSAGE")), FakeIncoming(_request("MESSAGE"))
     gate.handle(first)  # type: ignore[arg-type]
@@ -220,3 +235,143 @@ async def test_overload_refuses_before_starting_work() -> None:
     assert second.responses == [(503, {"Retry-After": "5"})]
     await gate.drain(5.0)
     assert first.responses == [(202, {})]
+
+
+# --- OPTIONS (RFC 3261 11.2) and 405 (21.4.6) ---------------------------------------------------
+
+OPTIONS_CASES = [
+    # the gateway itself: keep-alive probes name no user
+    ("sip:jabber.sip.test", 200),
+    ("sip:127.0.0.1:5070", 200),
+    # addresses it serves: jdomain, occupant, alias, registrar
+    ("sip:alice*xmpp.test@jabber.sip.test", 200),
+    ("sip:nick*room*conference.xmpp.test@jabber.sip.test", 200),
+    ("sip:%23chan*irc.example.net@irc.xmpp.test", 200),
+    ("sip:jabber_gateway@sip.test", 200),
+    ("sip:" + "a" * 1000 + "*xmpp.test@jabber.sip.test", 200),
+    # invalid addresses of its domains (hostile ones too): not found here
+    ("sip:*xmpp.test@jabber.sip.test", 404),
+    ("sip:al%22ice*xmpp.test@jabber.sip.test", 404),
+    ("sip:a%00b*xmpp.test@jabber.sip.test", 404),
+    ("sip:bob%07*xmpp.test@jabber.sip.test", 404),
+    ("sip:bob%E2%80%AE*xmpp.test@jabber.sip.test", 404),
+    ("sip:bob%ff*xmpp.test@jabber.sip.test", 404),
+    ("sip:" + "a" * 1100 + "*xmpp.test@jabber.sip.test", 404),
+    ("sip:alice*xmpp..test@jabber.sip.test", 404),
+    # home users are the proxy's; other domains are not relayed (DESIGN 3.4)
+    ("sip:alice@sip.test", 404),
+    ("sip:alice@elsewhere.example", 403),
+]
+
+
+@pytest.mark.parametrize(("uri", "status"), OPTIONS_CASES)
+def test_options_answers_for_what_the_uri_addresses(uri: str, status: int) -> None:
+    gate, core, presence = _gate()
+    incoming = FakeIncoming(_request("OPTIONS", uri=uri, body=b""))
+    gate.handle(incoming)  # type: ignore[arg-type]
+    [(answered, headers)] = incoming.responses
+    assert answered == status
+    if status == 200:
+        assert headers["Allow"] == "MESSAGE, SUBSCRIBE, NOTIFY, PUBLISH, REGISTER, OPTIONS"
+        assert headers["Accept"] == "text/plain, message/cpim, text/html"
+    else:
+        assert "Warning" in headers
+    assert core.seen == [] and presence.handled == []
+
+
+@pytest.mark.parametrize(
+    ("method", "presence"), [("NOTIFY", False), ("REGISTER", False), ("INFO", True)]
+)
+def test_every_405_carries_allow(method: str, presence: bool) -> None:
+    gate = _gate()[0] if presence else SipGate(Core(), book=BOOK)
+    incoming = FakeIncoming(_request(method))
+    gate.handle(incoming)  # type: ignore[arg-type]
+    [(status, headers)] = incoming.responses
+    assert status == 405
+    assert headers["Allow"] == gate.allow
+    assert method not in headers["Allow"].split(", ")
+
+
+def test_without_presence_options_allows_what_is_not_405() -> None:
+    bare = SipGate(Core(), book=BOOK)
+    options = FakeIncoming(_request("OPTIONS", body=b""))
+    bare.handle(options)  # type: ignore[arg-type]
+    assert options.responses[0][1]["Allow"] == "MESSAGE, SUBSCRIBE, PUBLISH, OPTIONS"
+
+
+# --- per-source rate limit (DESIGN 8) -----------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _limited_gate(rate: float = 1.0, burst: int = 2) -> tuple[SipGate, Core, Clock]:
+    clock = Clock()
+    gate = SipGate(
+        Core(),
+        Presence(),
+        book=BOOK,
+        rate=SourceBuckets(rate, burst, log_every=5),
+        proxies=frozenset({"10.0.0.1"}),
+        clock=clock,
+    )
+    return gate, cast(Core, gate.messages), clock
+
+
+def _send(gate: SipGate, source: str, *, sender: str = "alice", to_tag: str | None = None) -> int:
+    request = _request("MESSAGE", to_tag=to_tag, sender=sender)
+    incoming = FakeIncoming(request, Peer("udp", source, 5060))
+    gate.handle(incoming)  # type: ignore[arg-type]
+    return incoming.responses[0][0] if incoming.responses else 0
+
+
+def test_flooding_address_is_refused_before_parsing_and_others_are_not() -> None:
+    gate, _, _ = _limited_gate()
+    with capture_logs() as logs:
+        flood = [gate.admit_source("192.0.2.7", 0.0) for _ in range(12)]
+        other = [gate.admit_source("192.0.2.8", 0.0) for _ in range(2)]
+    assert flood == [None, None] + [1] * 10  # 1 request/s: a token back within a second
+    assert other == [None, None]
+    assert gate.refusals["rate_limited"] == 10
+    lines = [e for e in logs if e["event"] == "sip_request_rate_limited"]
+    assert [e["refused"] for e in lines] == [1, 6]  # one line per 5 refusals
+    assert {e["source"] for e in lines} == {"192.0.2.7"}
+    assert [gate.admit_source("192.0.2.7", 1.0) for _ in range(2)] == [None, 1]
+    # the proxy's address is never refused here: its senders are limited one by one
+    assert {gate.admit_source("10.0.0.1", 0.0) for _ in range(10)} == {None}
+    assert SipGate(Core(), book=BOOK).admit_source("192.0.2.7", 0.0) is None  # no limit set
+
+
+def test_sender_behind_the_proxy_gets_503_with_retry_after() -> None:
+    gate, core, clock = _limited_gate(rate=0.25, burst=1)
+    with capture_logs() as logs:
+        assert _send(gate, "10.0.0.1") == 202
+        incoming = FakeIncoming(_request("MESSAGE"), Peer("udp", "10.0.0.1", 5060))
+        gate.handle(incoming)  # type: ignore[arg-type]
+    [(status, headers)] = incoming.responses
+    assert (status, headers["Retry-After"]) == (503, "4")
+    assert "too many requests" in headers["Warning"]
+    assert len(core.seen) == 1 and gate.refusals["rate_limited"] == 1
+    [line] = [e for e in logs if e["event"] == "sip_request_rate_limited"]
+    assert (line["source"], line["call_id"]) == ("sip:alice@sip.test", "c1")
+    clock.now = 4.0
+    assert _send(gate, "10.0.0.1") == 202
+
+
+def test_behind_the_proxy_each_sender_has_its_own_bucket() -> None:
+    gate, _, _ = _limited_gate(burst=1)
+    assert [_send(gate, "10.0.0.1", sender="alice") for _ in range(2)] == [202, 503]
+    assert _send(gate, "10.0.0.1", sender="bob") == 202
+
+
+async def test_in_dialog_requests_are_not_limited() -> None:
+    gate, _, _ = _limited_gate(burst=1)
+    statuses = [_send(gate, "10.0.0.1", to_tag="t1") for _ in range(5)]
+    await gate.drain(5.0)
+    assert gate.refusals["rate_limited"] == 0
+    assert statuses.count(503) == 0

@@ -1,0 +1,286 @@
+"""Per-source fairness of the SIP edge: one source floods, another's latency is measured.
+
+Run ``python -m bench.fairness [--flood 2000] [--probes 400] [--rate 200] [--rounds 1]``. For
+each row it starts the gateway's SIP edge in its own process: the endpoint, the gate and the
+real message router, whose XMPP port checks and formats every stanza as the link does but
+writes it nowhere (the XMPP server's share is not what this measures). Then, on loopback:
+
+- the probe source (127.0.0.2) sends one MESSAGE every 1/``--rate`` s, ``--probes`` in all,
+  and measures each one's time from sending to its final response;
+- in the flood rows, a third process (127.0.0.1) sends ``--flood`` MESSAGEs at
+  ``--flood-rate`` a second (above what the edge can answer), once a quarter of the probes
+  have been sent, and counts the answers it gets.
+
+Rows: without the flood and with it, with the per-source limit off and on (``limits.sip_rate``
+and ``limits.sip_burst``: their defaults unless ``--sip-rate`` and ``--sip-burst`` say). The
+table gives the probe's p50/p99/max latency and how many probes went unanswered (UDP: the
+kernel drops what overflows the socket buffer; a real client would retransmit after T1), and
+the flood's answers by status. Every row is bounded in count and time. The issue's target:
+the probe's p99 with the flood at most 2x its p99 without it, or 5 ms if that is more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import structlog
+
+from bench.load import percentile
+from component.addresses import AddressBook
+from component.messaging.router import MessageRouter
+from component.settings import LimitSettings, Settings
+from component.sip.gate import SipGate
+from component.sip.ratelimit import SourceBuckets
+from component.values import ChatMessage
+from component.xmpp.stanzas import format_message, outbound_jids
+from sipside.endpoint import Endpoint
+
+HOST = "127.0.0.1"
+PROBE_HOST = "127.0.0.2"
+FLOOD_HOST = "127.0.0.1"
+ANSWER_WAIT = 3.0  # seconds to wait for the last answers of a row
+
+
+class FormattingXmpp:
+    """The XMPP port of the bench: the link's checks and formatting, no socket."""
+
+    def __init__(self, component: str) -> None:
+        self.component = component
+        self.written = 0
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    def send_message(self, msg: ChatMessage) -> bool:
+        outbound_jids(msg.sender, msg.recipient, self.component)
+        self.written += len(format_message(msg))
+        return True
+
+
+async def serve(port_file: str, limits: LimitSettings | None) -> None:
+    """The SIP edge in this process until stdin closes; its port goes to ``port_file``."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    settings = Settings()
+    book = AddressBook.from_settings(settings)
+    none = cast(Any, None)  # ports the SIP -> XMPP hot path never touches
+    router = MessageRouter(
+        book,
+        cast(Any, FormattingXmpp(settings.xmpp.component)),
+        none,
+        none,
+        none,
+        clock=time.time,
+        delay_time=30.0,
+    )
+    rate = SourceBuckets(limits.sip_rate, limits.sip_burst) if limits else None
+    gate = SipGate(router, book=book, rate=rate, max_pending=100000)
+    endpoint = Endpoint([f"udp:{HOST}:0"], gate.handle, admit=gate.admit_source)
+    await endpoint.start()
+    with open(port_file, "w") as out:
+        out.write(str(endpoint.local_peers["udp"].port))
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.read)
+    await endpoint.close()
+
+
+def message(source: str, n: int, tag: str) -> bytes:
+    """A MESSAGE from ``source`` with its own branch, Call-ID and From tag."""
+    body = b"Hello Bob, are you there this time?"
+    return (
+        f"MESSAGE sip:bob*xmpp.test@jabber.sip.test SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {source}:5999;branch=z9hG4bK{tag}{n};rport\r\n"
+        "Max-Forwards: 70\r\n"
+        f'From: "Dave" <sip:dave{tag}@sip.test>;tag={tag}{n}\r\n'
+        "To: <sip:bob*xmpp.test@jabber.sip.test>\r\n"
+        f"Call-ID: {tag}-{n}@bench.test\r\n"
+        f"CSeq: 1 MESSAGE\r\n"
+        "Content-Type: text/plain\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def answer_of(data: bytes) -> tuple[str, int]:
+    """(Call-ID, status) of a response datagram."""
+    status = int(data[8:11])
+    start = data.index(b"\r\nCall-ID: ") + 11
+    return data[start : data.index(b"\r\n", start)].decode(), status
+
+
+def flood(port: int, count: int, rate: float) -> None:
+    """Send ``count`` MESSAGEs from FLOOD_HOST at ``rate`` a second (in bursts of 20); print
+    the answers by status as JSON."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((FLOOD_HOST, 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    data = [message(FLOOD_HOST, n, "flood") for n in range(count)]
+    start = time.perf_counter()
+    for n, item in enumerate(data):
+        if n % 20 == 0:
+            time.sleep(max(0.0, start + n / rate - time.perf_counter()))
+        sock.sendto(item, (HOST, port))
+    statuses: Counter[int] = Counter()
+    sock.settimeout(ANSWER_WAIT)
+    try:
+        while sum(statuses.values()) < count:
+            statuses[answer_of(sock.recv(65535))[1]] += 1
+    except TimeoutError:
+        pass
+    print(json.dumps({str(k): v for k, v in sorted(statuses.items())}))
+
+
+@dataclass
+class Row:
+    """One row's figures."""
+
+    name: str
+    latencies: list[float]
+    lost: int
+    flood: dict[str, int]
+
+
+class Probe(asyncio.DatagramProtocol):
+    """The measured source: sends on a steady clock, matches answers by Call-ID."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, float] = {}
+        self.latencies: list[float] = []
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        call_id, status = answer_of(data)
+        start = self.sent.pop(call_id, None) if status >= 200 else None
+        if start is not None:
+            self.latencies.append(time.perf_counter() - start)
+
+
+async def run_row(name: str, limited: bool, flooded_row: bool, args: argparse.Namespace) -> Row:
+    """Start the edge, probe it (and flood it), stop it."""
+    workdir = Path(tempfile.mkdtemp(prefix="fairness-"))
+    port_file = workdir / "port"
+    limit = ["--limited", "--sip-rate", str(args.sip_rate), "--sip-burst", str(args.sip_burst)]
+    limit = limit if limited else []
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bench.fairness", "--serve", str(port_file), *limit],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (port_file.exists() and port_file.read_text()):
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the SIP edge did not start")
+            await asyncio.sleep(0.05)
+        port = int(port_file.read_text())
+        loop = asyncio.get_running_loop()
+        transport, probe = await loop.create_datagram_endpoint(Probe, local_addr=(PROBE_HOST, 0))
+        flooder: subprocess.Popen[bytes] | None = None
+        start = loop.time()
+        for n in range(args.probes):
+            await asyncio.sleep(max(0.0, start + n / args.rate - loop.time()))
+            if flooded_row and n == args.probes // 4:
+                flood_args = ["--flood", str(args.flood), "--flood-rate", str(args.flood_rate)]
+                flooder = subprocess.Popen(
+                    [sys.executable, "-m", "bench.fairness", "--flood-to", str(port), *flood_args],
+                    stdout=subprocess.PIPE,
+                )
+            data = message(PROBE_HOST, n, "probe")
+            probe.sent[f"probe-{n}@bench.test"] = time.perf_counter()
+            transport.sendto(data, (HOST, port))
+        await asyncio.sleep(min(ANSWER_WAIT, 0.5))
+        transport.close()
+        flooded: dict[str, int] = {}
+        if flooder is not None:
+            out, _ = await loop.run_in_executor(None, lambda: flooder.communicate(timeout=30))
+            flooded = json.loads(out)
+        return Row(name, probe.latencies, len(probe.sent), flooded)
+    finally:
+        if server.stdin is not None:
+            server.stdin.close()
+        server.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.2f}"
+
+
+def print_table(rows: list[Row], args: argparse.Namespace) -> None:
+    """The table, one line per row."""
+    print(
+        f"probe: {args.probes} MESSAGEs at {args.rate:g}/s from {PROBE_HOST}; "
+        f"flood: {args.flood} MESSAGEs at {args.flood_rate:g}/s from {FLOOD_HOST}; "
+        f"limit: sip_rate {args.sip_rate:g}/s, sip_burst {args.sip_burst}"
+    )
+    head = f"{'row':<24} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'lost':>5}  flood answers"
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        flood = ", ".join(f"{k}: {v}" for k, v in row.flood.items()) or "-"
+        lat = row.latencies
+        print(
+            f"{row.name:<24} {ms(percentile(lat, 0.5)):>8} {ms(percentile(lat, 0.99)):>8} "
+            f"{ms(max(lat) if lat else None):>8} {row.lost:>5}  {flood}"
+        )
+
+
+ROWS = [  # name, limit on, flood
+    ("limit off, no flood", False, False),
+    ("limit off, flood", False, True),
+    ("limit on, no flood", True, False),
+    ("limit on, flood", True, True),
+]
+
+
+async def bench(args: argparse.Namespace) -> list[Row]:
+    """Every row, ``--rounds`` times each, in turn."""
+    rows = []
+    for _ in range(args.rounds):
+        for name, limited, flooded in ROWS:
+            rows.append(await run_row(name, limited, flooded, args))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the table (or run one of the helper processes)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--flood", type=int, default=2000, help="requests of the flood")
+    parser.add_argument(
+        "--flood-rate", type=float, default=20000.0, help="flood requests per second"
+    )
+    parser.add_argument("--probes", type=int, default=400, help="requests of the probe source")
+    parser.add_argument("--rate", type=float, default=200.0, help="probe requests per second")
+    parser.add_argument("--rounds", type=int, default=1, help="times to run every row")
+    defaults = LimitSettings()
+    parser.add_argument("--sip-rate", type=float, default=defaults.sip_rate, help="limits.sip_rate")
+    parser.add_argument(
+        "--sip-burst", type=int, default=defaults.sip_burst, help="limits.sip_burst"
+    )
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--limited", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--flood-to", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        limits = LimitSettings(sip_rate=args.sip_rate, sip_burst=args.sip_burst)
+        asyncio.run(serve(args.serve, limits if args.limited else None))
+        return 0
+    if args.flood_to:
+        flood(args.flood_to, args.flood, args.flood_rate)
+        return 0
+    print_table(asyncio.run(bench(args)), args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
