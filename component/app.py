@@ -20,7 +20,7 @@ from component.rooms.model import RoomsConfig
 from component.rooms.ports import StoredMemberships
 from component.runtime.presence_driver import CoreSerial, PresenceDriver
 from component.runtime.rooms_driver import RoomsDriver
-from component.runtime.signal import UserOnlineSignal
+from component.runtime.signal import UserOnlineSignal, UserStateSignal
 from component.runtime.sweeps import sweep_queue
 from component.runtime.tasks import TaskOwner
 from component.settings import Settings
@@ -77,6 +77,7 @@ class Gateway:
         )
         # DESIGN 5.4: presence tells whoever listens that a SIP user came online.
         self.user_online = UserOnlineSignal()
+        self.user_state = UserStateSignal()
         # DESIGN 5: presence both ways. The serialised driver comes first (the SIP side runs
         # requests and transactions through it); the SIP side builds the presence core with
         # itself as the core's SIP port; the driver then drives both.
@@ -93,6 +94,7 @@ class Gateway:
                 xmpp=self.xmpp,
                 store=store,
                 user_online=self.user_online,
+                user_state=self.user_state,
                 sip_server=settings.presence.sip_server,
                 priority=settings.xmpp.priority,
             ),
@@ -104,6 +106,21 @@ class Gateway:
             sip=self.sip_side,
             sweep_interval=settings.timers.sleep_time,
         )
+        # DESIGN 6: chat rooms. The core and its driver; messaging hands it MESSAGEs to room
+        # and occupant addresses, the XMPP link the rooms' stanzas (given to its run()), and
+        # presence tells it the SIP users' state (5.4).
+        self.rooms = RoomsDriver(
+            RoomsCore(self.book, _rooms_config(settings)),
+            book=self.book,
+            xmpp=self.xmpp,
+            sip=self.sip_side,
+            store=store,
+            memberships=StoredMemberships(store),
+            clock=time.time,
+            delay_time=settings.timers.delay_time,
+        )
+        self.user_state.connect(self.rooms)
+        self.user_online.connect(self.rooms.user_online)
         # DESIGN 4: messaging, with presence's registrar commands (5.4); it listens for users
         # coming online to retry what waits for them.
         limits = settings.limits
@@ -118,25 +135,9 @@ class Gateway:
             max_inflight=limits.workers * limits.max_jobs,
             queue=limits.queue,
             per_recipient=limits.queue_per_recipient,
+            rooms=self.rooms,
         )
         self.user_online.connect(self.router.user_online)
-        # DESIGN 6: chat rooms. The core and its driver; messaging hands it MESSAGEs to room
-        # and occupant addresses, the XMPP link the rooms' stanzas, presence the SIP users'
-        # state (5.4).
-        self.rooms = RoomsDriver(
-            RoomsCore(self.book, _rooms_config(settings)),
-            book=self.book,
-            xmpp=self.xmpp,
-            sip=self.sip_side,
-            store=store,
-            memberships=StoredMemberships(store),
-            clock=time.time,
-            delay_time=settings.timers.delay_time,
-        )
-        self.router.rooms = self.rooms
-        self.xmpp.rooms = self.rooms
-        self.presence.users.state_listener = self.rooms
-        self.user_online.connect(self.rooms.user_online)
         # Last, the SIP gate routes requests to both; run() starts the endpoint with it.
         self.sipgate = SipGate(
             self.router,
@@ -185,7 +186,7 @@ class Gateway:
         await self.endpoint.start(self.sipgate.handle)
         await self.presence_driver.start()
         await self.rooms.start()
-        link = asyncio.create_task(self.xmpp.run())
+        link = asyncio.create_task(self.xmpp.run(self.rooms))
         sweeper = asyncio.create_task(
             sweep_queue(
                 self.router,

@@ -21,6 +21,7 @@ from component.ports import SipPort
 from component.presence.core import HELP_TEXT, PresenceCore
 from component.presence.translate import xmpp_for_pidf
 from component.runtime.presence_driver import CoreSerial, PresenceDriver
+from component.runtime.signal import UserStateSignal
 from component.sip.answers import refuse
 from component.sip.deadlines import DeadlineHeap
 from component.sip.dialog_state import CSEQ_RESERVE
@@ -255,6 +256,7 @@ def presence_side(
             xmpp=xmpp,
             store=store,
             user_online=online,
+            user_state=UserStateSignal(),
             sip_server=sip_server,
             priority=9,
         )

@@ -62,8 +62,9 @@ class MessageRouter:
     """Routes chat messages both ways and keeps the promise that nothing accepted is lost.
 
     Implements the ``UserOnline`` port: a SIP user coming online gets what waits for them.
-    ``max_inflight`` bounds the MESSAGEs in flight, ``queue`` the XMPP messages waiting for
-    their turn, ``per_recipient`` the stored messages for one recipient (DESIGN 8).
+    ``rooms`` takes MESSAGEs to room addresses first (DESIGN 6). ``max_inflight`` bounds the
+    MESSAGEs in flight, ``queue`` the XMPP messages waiting for their turn, ``per_recipient``
+    the stored messages for one recipient (DESIGN 8).
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class MessageRouter:
         *,
         clock: Clock,
         delay_time: float,
+        rooms: RoomTexts | None = None,
         instance: str = "",
         max_inflight: int = 20,
         queue: int = 10_000,
@@ -119,9 +121,9 @@ class MessageRouter:
             relayed=self._track,
             new_id=self._new_id,
         )
-        # DESIGN 6: set once the chat rooms are built; MESSAGEs to room and occupant
-        # addresses go there, and only what the rooms pass back is one-to-one chat.
-        self.rooms: RoomTexts | None = None
+        # DESIGN 6: MESSAGEs to room and occupant addresses go to the chat rooms; only what
+        # they pass back is one-to-one chat. None: a gateway without rooms (tests).
+        self.rooms = rooms
         self.counters.update(requeued=0, unconfirmed_dropped=0)  # DESIGN 8: link lost
 
     # --- SIP -> XMPP (DESIGN 4.1) ---------------------------------------------------------------

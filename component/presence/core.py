@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from component.addresses import AddressBook, AddressError, bare_jid
 from component.logs import get_logger
-from component.ports import SipPort, UserOnline, XmppPort
+from component.ports import SipPort, UserOnline, UserStateListener, XmppPort
 from component.presence.approvals import Ports
 from component.presence.sip_users import HELP_TEXT, SipUsers, UserState
 from component.presence.sip_watches_xmpp import SipWatchers
@@ -48,11 +48,14 @@ class PresenceCore:
         xmpp: XmppPort,
         store: StorePort,
         user_online: UserOnline,
+        user_state: UserStateListener,
         sip_server: bool = True,
         priority: int = 9,
     ) -> None:
         ports = Ports(book, sip, xmpp, store)
-        self.users = SipUsers(ports, priority=priority, user_online=user_online)
+        self.users = SipUsers(
+            ports, priority=priority, user_online=user_online, user_state=user_state
+        )
         self.sip_watchers = SipWatchers(ports)
         self.xmpp_watchers = XmppWatchers(ports, users=self.users, sip_server=sip_server)
 

@@ -54,7 +54,14 @@ _COMMAND_REPLY = {
 class SipUsers:
     """The presence SIP users show on XMPP, and who gets told of it (DESIGN 5.4)."""
 
-    def __init__(self, ports: Ports, *, priority: int, user_online: UserOnline) -> None:
+    def __init__(
+        self,
+        ports: Ports,
+        *,
+        priority: int,
+        user_online: UserOnline,
+        user_state: UserStateListener,
+    ) -> None:
         self.book, self.xmpp, self.store = ports.book, ports.xmpp, ports.store
         self.priority = priority
         self.user_online = user_online
@@ -62,8 +69,8 @@ class SipUsers:
         # in every NOTIFY to every watcher, and a write that changes nothing is skipped.
         self._remembered: dict[str, XmppPresence] = {}
         self._reannounce: deque[tuple[str, tuple[str, bool]]] = deque()
-        # DESIGN 6: chat rooms show the SIP users' state; set once the rooms are built.
-        self.state_listener: UserStateListener | None = None
+        # DESIGN 6: chat rooms show the SIP users' state.
+        self.user_state = user_state
 
     # --- what SIP said ------------------------------------------------------------------
 
@@ -201,10 +208,8 @@ class SipUsers:
                 send_presence(self.xmpp, self.presence_to(sip_jid, approval.xmpp_jid, state))
 
     def _tell_state(self, sip_jid: str, state: XmppPresence) -> None:
-        listener = self.state_listener
-        if listener is not None:
-            aor = self.book.sip_uri_for_component_jid(sip_jid)
-            listener.user_state(aor, state.available, state.show, state.status)
+        aor = self.book.sip_uri_for_component_jid(sip_jid)
+        self.user_state.user_state(aor, state.available, state.show, state.status)
 
     def presence_to(self, sip_jid: str, watcher: str, state: XmppPresence) -> Presence:
         """The ``<presence>`` that shows ``state`` of a SIP user to one XMPP watcher."""

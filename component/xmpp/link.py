@@ -152,8 +152,8 @@ class XmppLink:
         self._id_prefix = "sx" + secrets.token_hex(4) + "-"
         self._ids = itertools.count(1)
         self._pending: dict[str, tuple[str, asyncio.Future[ET.Element]]] = {}
-        # Chat rooms (DESIGN 6): set once the rooms driver is built; stanzas of rooms that SIP
-        # users are in, and invitations, go there instead of to messaging and presence.
+        # Chat rooms (DESIGN 6), given to run(): stanzas of rooms that SIP users are in, and
+        # invitations, go there instead of to messaging and presence.
         self.rooms: RoomStanzas | None = None
         # DESIGN 8: the barrier pings the component's own domain. The server routes that iq back
         # to us, so it exists on every server and needs no answer: its arrival is the proof.
@@ -184,10 +184,15 @@ class XmppLink:
         """:meth:`run` has returned after :meth:`stop`."""
         return self.state is LinkState.STOPPED
 
-    async def run(self) -> None:
-        """Keep the link up until :meth:`stop`; after any loss, reconnect after a backoff."""
+    async def run(self, rooms: RoomStanzas | None = None) -> None:
+        """Keep the link up until :meth:`stop`; after any loss, reconnect after a backoff.
+
+        ``rooms`` takes the chat-room stanzas (the rooms are built after the link, which they
+        send through).
+        """
         if self.state is not LinkState.IDLE:
             raise LocalError("XmppLink.run() called twice")
+        self.rooms = rooms
         while not self._stopping:
             self._attempt = asyncio.ensure_future(self._connect_once())
             try:
