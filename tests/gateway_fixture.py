@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,8 @@ from component.app import Gateway
 from component.settings import Settings
 from component.store import upgrade
 from component.store.store import Store
+from tests.harness.kamailio import KamailioServer
+from tests.harness.ports import free_port
 from tests.harness.values import COMPONENT_DOMAIN, COMPONENT_SECRET, JDOMAIN, LOOPBACK, SIP_DOMAIN
 
 
@@ -86,3 +90,34 @@ def prepared_db(tmp_path: Path) -> str:
     url = f"sqlite:///{tmp_path / 'gateway.db'}"
     upgrade(url)
     return url
+
+
+@contextlib.asynccontextmanager
+async def gateway_behind_kamailio(
+    tmp_path: Path,
+    xmpp_port: int,
+    kamailio_factory: Callable[..., KamailioServer],
+    **sections: dict[str, Any],
+) -> AsyncIterator[tuple[RunningGateway, KamailioServer]]:
+    """Kamailio in front of a running gateway whose component connects to ``xmpp_port``."""
+    sip_port = free_port()
+    kamailio = kamailio_factory(sip_port)
+    settings = gateway_settings(
+        xmpp_port=xmpp_port,
+        sip_port=sip_port,
+        proxy=kamailio.uri,
+        db_url=prepared_db(tmp_path),
+        **sections,
+    )
+    running = RunningGateway(settings)
+    await running.start()
+    try:
+        yield running, kamailio
+    finally:
+        await running.stop()
+
+
+def component_jid(sip_uri: str) -> str:
+    """The component JID of a home SIP user (DESIGN 3.1)."""
+    user = sip_uri.split(":", 1)[1].split("@", 1)[0]
+    return f"{user}@{COMPONENT_DOMAIN}"

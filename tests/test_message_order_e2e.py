@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import XMPP_PASSWORD
-from tests.gateway_fixture import RunningGateway, gateway_settings, prepared_db, wait_until
+from tests.gateway_fixture import RunningGateway, component_jid, gateway_behind_kamailio, wait_until
 from tests.harness.kamailio import KamailioServer
 from tests.harness.pjsip import PjsipAgent, SipAccount
-from tests.harness.ports import free_port
 from tests.harness.xmppclient import XmppClient
 from tests.harness.xmppserver import XmppServer
 
@@ -27,19 +26,9 @@ _numbers = itertools.count(1)
 async def world(
     tmp_path: Path, prosody: XmppServer, kamailio_factory: Callable[..., KamailioServer]
 ) -> AsyncIterator[tuple[RunningGateway, KamailioServer]]:
-    """Kamailio (no copied REGISTERs) in front of a gateway connected to Prosody."""
-    sip_port = free_port()
-    kamailio = kamailio_factory(sip_port)
-    settings = gateway_settings(
-        xmpp_port=prosody.component_port,
-        sip_port=sip_port,
-        proxy=kamailio.uri,
-        db_url=prepared_db(tmp_path),
-    )
-    running = RunningGateway(settings)
-    await running.start()
-    yield running, kamailio
-    await running.stop()
+    """Kamailio in front of a running gateway connected to the XMPP server under test."""
+    async with gateway_behind_kamailio(tmp_path, prosody.component_port, kamailio_factory) as w:
+        yield w
 
 
 @pytest.fixture
@@ -52,8 +41,7 @@ async def bob(prosody: XmppServer) -> AsyncIterator[XmppClient]:
 
 
 def _component_jid(account: SipAccount) -> str:
-    user = account.uri.split(":", 1)[1].split("@", 1)[0]
-    return f"{user}@sip.xmpp.test"
+    return component_jid(account.uri)
 
 
 def _errors(client: XmppClient) -> list[str]:

@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.gateway_fixture import RunningGateway, gateway_settings, prepared_db, wait_until
+from tests.gateway_fixture import RunningGateway, component_jid, gateway_behind_kamailio, wait_until
 from tests.harness.kamailio import KamailioServer
 from tests.harness.pjsip import PjsipAgent, SipAccount
-from tests.harness.ports import free_port
 from tests.harness.xmppclient import XmppClient
 from tests.harness.xmppserver import XmppServer
 
@@ -30,18 +29,8 @@ async def world(
     kamailio_factory: Callable[..., KamailioServer],
 ) -> AsyncIterator[tuple[RunningGateway, KamailioServer]]:
     """Kamailio in front of a running gateway connected to the XMPP server under test."""
-    sip_port = free_port()
-    kamailio = kamailio_factory(sip_port)
-    settings = gateway_settings(
-        xmpp_port=xmpp_server.component_port,
-        sip_port=sip_port,
-        proxy=kamailio.uri,
-        db_url=prepared_db(tmp_path),
-    )
-    running = RunningGateway(settings)
-    await running.start()
-    yield running, kamailio
-    await running.stop()
+    async with gateway_behind_kamailio(tmp_path, xmpp_server.component_port, kamailio_factory) as w:
+        yield w
 
 
 async def _sip_user(
@@ -51,8 +40,7 @@ async def _sip_user(
 
 
 def _component_jid(account: SipAccount) -> str:
-    user = account.uri.split(":", 1)[1].split("@", 1)[0]
-    return f"{user}@sip.xmpp.test"
+    return component_jid(account.uri)
 
 
 def _sip_uri_of(client: XmppClient) -> str:

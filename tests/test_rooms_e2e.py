@@ -19,10 +19,9 @@ from typing import Any
 import pytest
 from slixmpp import JID
 
-from tests.gateway_fixture import RunningGateway, gateway_settings, prepared_db, wait_until
+from tests.gateway_fixture import RunningGateway, gateway_behind_kamailio, wait_until
 from tests.harness.kamailio import KamailioServer
 from tests.harness.pjsip import PjsipAgent, ReceivedMessage, SipAccount
-from tests.harness.ports import free_port
 from tests.harness.values import COMPONENT_DOMAIN, JDOMAIN, MUC_DOMAIN, SIP_DOMAIN
 from tests.harness.xmppclient import XmppClient
 from tests.harness.xmppserver import XmppServer
@@ -43,18 +42,8 @@ async def world(
     kamailio_factory: Callable[..., KamailioServer],
 ) -> AsyncIterator[World]:
     """Kamailio in front of a running gateway connected to the XMPP server under test."""
-    sip_port = free_port()
-    kamailio = kamailio_factory(sip_port)
-    settings = gateway_settings(
-        xmpp_port=xmpp_server.component_port,
-        sip_port=sip_port,
-        proxy=kamailio.uri,
-        db_url=prepared_db(tmp_path),
-    )
-    running = RunningGateway(settings)
-    await running.start()
-    yield running, kamailio
-    await running.stop()
+    async with gateway_behind_kamailio(tmp_path, xmpp_server.component_port, kamailio_factory) as w:
+        yield w
 
 
 # --- addresses ------------------------------------------------------------------------------
@@ -183,6 +172,19 @@ async def _join(account: SipAccount, room: str, nick: str) -> ReceivedMessage:
     return await _notice(account, f"{room} as {nick}")
 
 
+async def _alice_and_bob_in_a_room(
+    world: World, agent: PjsipAgent, xmpp_client_factory: ClientFactory
+) -> tuple[SipAccount, XmppClient, str]:
+    """A new room with bob (XMPP) in it, and alice (SIP) joined as alice."""
+    _, kamailio = world
+    alice = await _sip_user(agent, kamailio)
+    bob = await xmpp_client_factory("bob")
+    room = _room()
+    await bob.join_room(room, "bob")
+    await _join(alice, room, "alice")
+    return alice, bob, room
+
+
 # --- the tests --------------------------------------------------------------------------------
 
 
@@ -213,12 +215,7 @@ async def test_join_talk_both_ways_without_echo(
 async def test_private_messages_both_ways(
     world: World, pjsip_agent: PjsipAgent, xmpp_client_factory: ClientFactory
 ) -> None:
-    _, kamailio = world
-    alice = await _sip_user(pjsip_agent, kamailio)
-    bob = await xmpp_client_factory("bob")
-    room = _room()
-    await bob.join_room(room, "bob")
-    await _join(alice, room, "alice")
+    alice, bob, room = await _alice_and_bob_in_a_room(world, pjsip_agent, xmpp_client_factory)
     status = await alice.send_message(_occupant_uri(room, "bob"), "psst bob")
     assert status.code == 202
     while True:
@@ -251,12 +248,7 @@ async def test_nick_conflict_is_told(
 async def test_commands_who_topic_nick_leave(
     world: World, pjsip_agent: PjsipAgent, xmpp_client_factory: ClientFactory
 ) -> None:
-    _, kamailio = world
-    alice = await _sip_user(pjsip_agent, kamailio)
-    bob = await xmpp_client_factory("bob")
-    room = _room()
-    await bob.join_room(room, "bob")
-    await _join(alice, room, "alice")
+    alice, bob, room = await _alice_and_bob_in_a_room(world, pjsip_agent, xmpp_client_factory)
     assert (await alice.send_message(_room_uri(room), "/who")).code == 202
     who = await _notice(alice, f"In {room}")
     assert "alice" in who.body and "bob" in who.body
@@ -308,12 +300,7 @@ def _direct_invite(room: str, reason: str) -> ET.Element:
 async def test_order_kept_over_a_burst_of_50(
     world: World, pjsip_agent: PjsipAgent, xmpp_client_factory: ClientFactory
 ) -> None:
-    _, kamailio = world
-    alice = await _sip_user(pjsip_agent, kamailio)
-    bob = await xmpp_client_factory("bob")
-    room = _room()
-    await bob.join_room(room, "bob")
-    await _join(alice, room, "alice")
+    alice, bob, room = await _alice_and_bob_in_a_room(world, pjsip_agent, xmpp_client_factory)
     for n in range(50):
         bob.send_groupchat(room, f"burst {n}")
     bodies = []

@@ -6,7 +6,7 @@ each to the part that decides: ``SipWatchers`` (SIP users watching XMPP entities
 ``XmppWatchers`` (XMPP users watching SIP users, 5.3) and ``SipUsers`` (the SIP users' own
 state, 5.4). It acts through ports only: ``SipPort``, ``XmppPort``, the store, and
 ``UserOnline``. SIP dialogs, their timers and their persistence are the SIP adapter's
-(``component.sip.presence``); the asyncio driving is ``component.runtime.presence_driver``'s.
+(``component.sip.side``); the asyncio driving is ``component.runtime.presence_driver``'s.
 """
 
 from __future__ import annotations

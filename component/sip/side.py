@@ -33,7 +33,7 @@ from component.values import SipSubscription, SubscribeOutcome, Watch
 from sipside.message import SipRequest
 from sipside.pidf import PresenceDocument
 
-log = get_logger("component.sip.presence")
+log = get_logger("component.sip")
 
 __all__ = ["PRESENCE_METHODS", "TIMER_BATCH", "Incoming", "ResumeState", "SipSide"]
 
