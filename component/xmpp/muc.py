@@ -185,10 +185,11 @@ def service_info(domain: str, iq: ET.Element) -> ServiceInfo:
 # --- outbound ------------------------------------------------------------------------------------
 
 
-def format_invitation(sender: str, room: str, invitee: str, reason: str | None) -> str:
-    """A XEP-0045 7.8.2 mediated invitation, sent to the room."""
+def format_invitation(sender: str, room: str, invitee: str, reason: str | None, msg_id: str) -> str:
+    """A XEP-0045 7.8.2 mediated invitation, sent to the room; its error comes back with
+    ``msg_id``."""
     return (
-        f'<message from="{attr_escape(sender)}" to="{attr_escape(room)}">'
+        f'<message from="{attr_escape(sender)}" to="{attr_escape(room)}"{attr("id", msg_id)}>'
         f'<x xmlns="{NS_MUC_USER}"><invite{attr("to", invitee)}>{elem("reason", reason)}'
         "</invite></x></message>"
     )
