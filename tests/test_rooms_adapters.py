@@ -159,6 +159,24 @@ def test_direct_and_mediated_invitations() -> None:
         "Join us",
         "cauldronburn",
     )
+    # A room passing a mediated invitation on may add a XEP-0249 element (Prosody does): the
+    # mediated one names the inviter and the reason, so it wins.
+    both = parse_invitation(
+        _element(
+            f'<message from="{ROOM}" to="{ME}"><x xmlns="jabber:x:conference" jid="{ROOM}"/>'
+            '<x xmlns="http://jabber.org/protocol/muc#user">'
+            '<invite from="crone1@shakespeare.lit/desktop"><reason>Join us</reason></invite>'
+            "</x></message>"
+        ),
+        ROOM,
+        ME,
+    )
+    assert both is not None
+    assert (both.inviter, both.reason, both.mediated) == (
+        "crone1@shakespeare.lit/desktop",
+        "Join us",
+        True,
+    )
     plain = _element(
         f'<message from="{ROOM}/bob" to="{ME}" type="groupchat"><body>x</body></message>'
     )

@@ -298,6 +298,13 @@ def test_not_acceptable_for_a_groupchat_rejoins_quietly() -> None:
 # --- invitations -----------------------------------------------------------------------------
 
 
+def test_a_mediated_invitation_from_an_occupant_jid_names_the_nick() -> None:
+    gw = Gateway()
+    inv = RoomInvitation(ROOM, f"{ROOM}/bob", "alice@sip.xmpp.test", "hi", mediated=True)
+    [notice] = gw.core.on_invitation(inv, gw.now)
+    assert notice.text.startswith(f"bob in {ROOM} invites you to the room {ROOM}")
+
+
 @pytest.mark.parametrize("mediated", [False, True])
 def test_invitations_reach_the_sip_user_from_the_room_address(mediated: bool) -> None:
     gw = Gateway()

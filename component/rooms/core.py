@@ -369,7 +369,10 @@ class RoomsCore:
             return []
         room = bare(inv.room)
         inviter = bare(inv.inviter)
-        if inviter.partition("@")[2] == self.book.component:
+        if inviter == room:
+            # A semi-anonymous room names the inviter by occupant JID: the nick is all we have.
+            inviter = f"{resource(inv.inviter) or 'someone'} in {room}"
+        elif inviter.partition("@")[2] == self.book.component:
             with contextlib.suppress(AddressError):
                 inviter = self.book.sip_uri_for_component_jid(inviter)
         try:
