@@ -26,6 +26,7 @@ from tests.test_rooms_e2e import (
     ClientFactory,
     World,
     _addr,
+    _alice_and_bob_in_a_room,
     _component_jid,
     _configure,
     _display,
@@ -183,12 +184,7 @@ async def test_a_refused_invite_is_told_with_the_reason(
 async def test_away_and_dnd_are_shown_in_the_room(
     world: World, pjsip_agent: PjsipAgent, xmpp_client_factory: ClientFactory
 ) -> None:
-    _, kamailio = world
-    alice = await _sip_user(pjsip_agent, kamailio)
-    bob = await xmpp_client_factory("bob")
-    room = _room()
-    await bob.join_room(room, "bob")
-    await _join(alice, room, "alice")
+    alice, bob, room = await _alice_and_bob_in_a_room(world, pjsip_agent, xmpp_client_factory)
     await _occupant_presence(bob, room, "alice")
     for command, show, status in [
         ("away gone fishing", "away", "gone fishing"),
@@ -202,12 +198,8 @@ async def test_away_and_dnd_are_shown_in_the_room(
 async def test_offline_member_stays_and_gets_room_messages_when_back(
     world: World, pjsip_agent: PjsipAgent, xmpp_client_factory: ClientFactory
 ) -> None:
-    running, kamailio = world
-    alice = await _sip_user(pjsip_agent, kamailio)
-    bob = await xmpp_client_factory("bob")
-    room = _room()
-    await bob.join_room(room, "bob")
-    await _join(alice, room, "alice")
+    running, _ = world
+    alice, bob, room = await _alice_and_bob_in_a_room(world, pjsip_agent, xmpp_client_factory)
     await _occupant_presence(bob, room, "alice")
     # REGISTER with Expires 0, copied to the gateway: alice is offline, shown as extended away
     assert (await alice.unregister()).code == 200
