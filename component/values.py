@@ -149,11 +149,8 @@ class ServiceInfo:
 
 @dataclass(frozen=True, slots=True)
 class Membership:
-    """A SIP user's seat in a room, as stored to rejoin after a restart (DESIGN 6).
-
-    The password is kept in memory (a password room cannot be rejoined without it); the store
-    does not keep it.
-    """
+    """A SIP user's seat in a room, as stored to rejoin after a restart (DESIGN 6); the
+    password too, since a password room cannot be rejoined without it."""
 
     aor: str
     room: str

@@ -159,6 +159,24 @@ def test_direct_and_mediated_invitations() -> None:
         "Join us",
         "cauldronburn",
     )
+    # A room passing a mediated invitation on may add a XEP-0249 element (Prosody does): the
+    # mediated one names the inviter and the reason, so it wins.
+    both = parse_invitation(
+        _element(
+            f'<message from="{ROOM}" to="{ME}"><x xmlns="jabber:x:conference" jid="{ROOM}"/>'
+            '<x xmlns="http://jabber.org/protocol/muc#user">'
+            '<invite from="crone1@shakespeare.lit/desktop"><reason>Join us</reason></invite>'
+            "</x></message>"
+        ),
+        ROOM,
+        ME,
+    )
+    assert both is not None
+    assert (both.inviter, both.reason, both.mediated) == (
+        "crone1@shakespeare.lit/desktop",
+        "Join us",
+        True,
+    )
     plain = _element(
         f'<message from="{ROOM}/bob" to="{ME}" type="groupchat"><body>x</body></message>'
     )
@@ -190,7 +208,8 @@ def test_outbound_room_stanzas() -> None:
     )
     out = ET.fromstring(groupchat)
     assert out.find("{urn:xmpp:sid:0}origin-id").get("id") == "m1"  # type: ignore[union-attr]
-    invite = ET.fromstring(format_invitation(ME, ROOM, "bob@xmpp.test", "come & see"))
+    invite = ET.fromstring(format_invitation(ME, ROOM, "bob@xmpp.test", "come & see", "i1"))
+    assert invite.get("id") == "i1"  # the room's error for it comes back with this id
     item = invite.find(
         "{http://jabber.org/protocol/muc#user}x/{http://jabber.org/protocol/muc#user}invite"
     )
@@ -201,12 +220,17 @@ def test_outbound_room_stanzas() -> None:
     assert (owner.get("type"), form is not None and form.get("type")) == ("set", "submit")
 
 
-async def test_memberships_are_kept_without_passwords() -> None:
+async def test_memberships_are_kept_with_their_passwords() -> None:
     store = MemoryStore()
     seats = StoredMemberships(store)
     await seats.save_membership(Membership("sip:alice@sip.test", ROOM, "alice", "secret"))
-    await seats.save_membership(Membership("sip:alice@sip.test", ROOM, "alison", "secret"))
-    assert await seats.list_memberships() == [Membership("sip:alice@sip.test", ROOM, "alison")]
+    await seats.save_membership(Membership("sip:alice@sip.test", ROOM, "alison", "s3cret"))
+    await seats.save_membership(Membership("sip:bob@sip.test", ROOM, "bob"))
+    assert await seats.list_memberships() == [
+        Membership("sip:alice@sip.test", ROOM, "alison", "s3cret"),
+        Membership("sip:bob@sip.test", ROOM, "bob"),
+    ]
+    assert await seats.delete_membership("sip:bob@sip.test", ROOM)
     assert await seats.delete_membership("sip:alice@sip.test", ROOM)
     assert not await seats.delete_membership("sip:alice@sip.test", ROOM)
     assert await seats.list_memberships() == []

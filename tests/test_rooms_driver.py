@@ -50,7 +50,9 @@ class FakeXmpp:
         self.sent.append(presence)
         return True
 
-    def send_invitation(self, sender: str, room: str, invitee: str, reason: str | None) -> bool:
+    def send_invitation(
+        self, sender: str, room: str, invitee: str, reason: str | None, msg_id: str
+    ) -> bool:
         return True
 
     def configure_instant_room(self, sender: str, room: str) -> bool:
@@ -142,3 +144,26 @@ async def test_an_offline_sip_users_room_messages_are_queued_in_order() -> None:
     assert {q.extra.get("room") for q in queued} == {ROOM}
     # only the first was tried: the rest went straight to the queue behind it
     assert [body for _, body, _ in sip.texts if body.startswith("bob: ")] == ["bob: m0"]
+    assert {q.extra.get("from_display") for q in queued} == {"bob"}  # the speaker, for later
+
+
+async def test_back_online_room_messages_stay_behind_those_still_queued() -> None:
+    sip = FakeSip(status=480)
+    driver, xmpp, store = await _driver(sip)
+    await _joined(driver, xmpp)
+    driver.on_room_message(RoomMessage(f"{ROOM}/bob", ALICE_JID, "m0"))
+    await asyncio.sleep(0.05)
+    sip.status = 200
+    driver.user_online(ALICE)
+    # m0 still waits in the queue (messaging has not delivered it yet): m1 goes behind it
+    driver.on_room_message(RoomMessage(f"{ROOM}/bob", ALICE_JID, "m1"))
+    await asyncio.sleep(0.05)
+    waiting = await store.messages_for_recipient(ALICE)
+    assert [q.body for q in waiting] == ["bob: m0", "bob: m1"]
+    # once the queue holds none of alice's room messages, they go out directly again
+    for q in await store.claim_messages_for_recipient(ALICE, time.time(), "test"):
+        await store.mark_delivered(q.id, time.time())
+    driver.on_room_message(RoomMessage(f"{ROOM}/bob", ALICE_JID, "m2"))
+    await driver.stop(timeout=5)
+    assert [body for _, body, _ in sip.texts if body.startswith("bob: ")] == ["bob: m0", "bob: m2"]
+    assert await store.messages_for_recipient(ALICE) == []

@@ -141,8 +141,48 @@ def test_invite_sends_a_mediated_invitation(address: str, invitee: str) -> None:
     gw = Gateway()
     gw.join()
     effects = gw.sip(f"/invite {address} come and see")
-    assert of(SendInvitation, effects) == [SendInvitation(ALICE_JID, ROOM, invitee, "come and see")]
+    [invitation] = of(SendInvitation, effects)
+    assert invitation == SendInvitation(ALICE_JID, ROOM, invitee, invitation.id, "come and see")
     assert notices(effects) == [f"Invitation to {ROOM} sent to {address}."]
+
+
+@pytest.mark.parametrize(
+    ("condition", "text", "words"),
+    [
+        ("not-allowed", "Invitations are not allowed in this conference", "does not let you"),
+        ("forbidden", None, "does not let you invite"),
+        ("jid-malformed", None, "carol@xmpp.test is not a valid address there"),
+        ("item-not-found", None, "carol@xmpp.test is not a valid address there"),
+        ("remote-server-not-found", None, "carol@xmpp.test could not be reached"),
+        ("resource-constraint", None, "resource constraint"),
+    ],
+)
+def test_a_refused_invitation_is_told_with_the_reason(
+    condition: str, text: str | None, words: str
+) -> None:
+    gw = Gateway()
+    gw.join()
+    [invitation] = of(SendInvitation, gw.sip("/invite carol@xmpp.test come"))
+    err = StanzaError(ROOM, ALICE_JID, invitation.id, condition, text=text)
+    effects = gw.core.on_message_error(err, gw.now)
+    [notice] = notices(effects)
+    assert notice.startswith(f"Your invitation of carol@xmpp.test to {ROOM} was refused: ")
+    assert words in notice
+    assert text is None or f"({text})" in notice
+    assert presences(effects) == []  # no rejoin: the seat is fine
+    assert gw.seat_state() is SeatState.JOINED
+    # a second error with that id is no news
+    assert gw.core.on_message_error(err, gw.now) == []
+
+
+def test_an_invitation_refused_as_not_acceptable_does_not_rejoin() -> None:
+    gw = Gateway()
+    gw.join()
+    [invitation] = of(SendInvitation, gw.sip("/invite carol@xmpp.test"))
+    err = StanzaError(ROOM, ALICE_JID, invitation.id, "not-acceptable")
+    effects = gw.core.on_message_error(err, gw.now)
+    assert "was refused: not acceptable" in notices(effects)[0]
+    assert presences(effects) == []
 
 
 @pytest.mark.parametrize(
@@ -258,6 +298,13 @@ def test_not_acceptable_for_a_groupchat_rejoins_quietly() -> None:
 # --- invitations -----------------------------------------------------------------------------
 
 
+def test_a_mediated_invitation_from_an_occupant_jid_names_the_nick() -> None:
+    gw = Gateway()
+    inv = RoomInvitation(ROOM, f"{ROOM}/bob", "alice@sip.xmpp.test", "hi", mediated=True)
+    [notice] = gw.core.on_invitation(inv, gw.now)
+    assert notice.text.startswith(f"bob in {ROOM} invites you to the room {ROOM}")
+
+
 @pytest.mark.parametrize("mediated", [False, True])
 def test_invitations_reach_the_sip_user_from_the_room_address(mediated: bool) -> None:
     gw = Gateway()
@@ -336,6 +383,31 @@ def test_restore_rejoins_quietly_with_the_same_nick() -> None:
     effects += gw.advance(10)
     assert effects == []  # no notice, no history, no new row
     assert gw.seat_state() is SeatState.JOINED
+
+
+def test_the_password_is_stored_with_the_seat_and_again_when_it_changes() -> None:
+    gw = Gateway()
+    gw.sip("/join alice s3cret")
+    effects = gw.presence(self_presence("alice"))
+    stored = Membership(ALICE, ROOM, "alice", "s3cret")
+    assert of(SaveMembership, effects) == [SaveMembership(stored)]
+    # a rejoin with the same nick and password writes nothing
+    gw.core.link_down(gw.now)
+    gw.core.link_up(gw.now)
+    assert of(SaveMembership, gw.presence(self_presence("alice"))) == []
+    # a /join with a new password while detached: written once it worked
+    gw.core.link_down(gw.now)
+    gw.sip("/join alice n3w")
+    [join] = presences(gw.core.link_up(gw.now))
+    assert join.muc_password == "n3w"
+    effects = gw.presence(self_presence("alice"))
+    assert of(SaveMembership, effects) == [SaveMembership(Membership(ALICE, ROOM, "alice", "n3w"))]
+
+
+def test_a_restored_seat_with_a_password_is_not_written_again() -> None:
+    gw = Gateway()
+    gw.core.restore([Membership(ALICE, ROOM, "alice", "pw")], gw.now)
+    assert of(SaveMembership, gw.presence(self_presence("alice"))) == []
 
 
 def test_restore_before_the_link_is_up_waits_for_it() -> None:

@@ -233,7 +233,10 @@ class DurableQueue:
             await self.store.reschedule(queued.id, next_at, "xmpp link down")
             return next_at
         status = await self.sip.send_text(
-            from_uri=str(extra.get("from_uri")), to_uri=queued.recipient, body=queued.body
+            from_uri=str(extra.get("from_uri")),
+            to_uri=queued.recipient,
+            body=queued.body,
+            from_display=extra.get("from_display"),  # a room message's speaker (DESIGN 6)
         )
         if status < 300:
             await self.store.mark_delivered(queued.id, now)

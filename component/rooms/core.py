@@ -30,7 +30,6 @@ from component.rooms.model import (
     RoomPresence,
     RoomsConfig,
     SeatKey,
-    SendInvitation,
     ServiceInfo,
     ServiceKind,
     SipUserState,
@@ -307,10 +306,7 @@ class RoomsCore:
         except AddressError as exc:
             return [Notice(seat.key.aor, f"Cannot invite {address}: {exc.text}.")]
         text = f"Invitation to {seat.room} sent to {address}."
-        return [
-            SendInvitation(seat.occupant_jid, seat.room, invitee, reason),
-            Notice(seat.key.aor, text),
-        ]
+        return [seat.invite(invitee, address, reason), Notice(seat.key.aor, text)]
 
     def _invitee_jid(self, address: str) -> str:
         """``/invite`` takes a SIP URI (a home user or a jdomain address) or a bare JID."""
@@ -352,8 +348,14 @@ class RoomsCore:
         seat = self.seats.get(key) if key is not None else None
         if seat is None or err.id is None or not seat.is_own(err.id):
             return []
+        said = seat.sent.get(err.id) == "message"
         effects = seat.on_error(err.id, err.condition, err.text)
-        if err.condition == "not-acceptable" and resource(err.sender) is None and self.link_is_up:
+        if (
+            said
+            and err.condition == "not-acceptable"
+            and resource(err.sender) is None
+            and self.link_is_up
+        ):
             # XEP-0045 7.4: the room does not know us (it restarted): rejoin quietly.
             effects += seat.join(self._user(seat.key.aor), now, silent=True)
         return effects
@@ -367,7 +369,10 @@ class RoomsCore:
             return []
         room = bare(inv.room)
         inviter = bare(inv.inviter)
-        if inviter.partition("@")[2] == self.book.component:
+        if inviter == room:
+            # A semi-anonymous room names the inviter by occupant JID: the nick is all we have.
+            inviter = f"{resource(inv.inviter) or 'someone'} in {room}"
+        elif inviter.partition("@")[2] == self.book.component:
             with contextlib.suppress(AddressError):
                 inviter = self.book.sip_uri_for_component_jid(inviter)
         try:

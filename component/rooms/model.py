@@ -75,11 +75,16 @@ class SendMessage:
 
 @dataclass(frozen=True, slots=True)
 class SendInvitation:
-    """A XEP-0045 7.8.2 mediated invitation: ``<message to=room><x muc#user><invite to=...>``."""
+    """A XEP-0045 7.8.2 mediated invitation: ``<message to=room><x muc#user><invite to=...>``.
+
+    ``id`` is the message's id: the room's error for it (not allowed, a bad invitee) comes back
+    with it and is told to the SIP user.
+    """
 
     sender: str
     room: str
     invitee: str
+    id: str
     reason: str | None = None
 
 

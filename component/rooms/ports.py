@@ -30,19 +30,20 @@ class RoomStore(Protocol):
 
 
 class StoredMemberships:
-    """``RoomStore`` on the store port's membership records.
-
-    Passwords are not stored: a password room rejoined after a restart fails with the notice
-    that says so, and the user joins again with ``/join nick password``.
-    """
+    """``RoomStore`` on the store port's membership records, room passwords included (a
+    password room is rejoined after a restart with the password the user joined with)."""
 
     def __init__(self, store: StorePort) -> None:
         self.store = store
 
     async def save_membership(self, membership: Membership) -> None:
-        """Insert or replace the seat (nick included)."""
+        """Insert or replace the seat (nick and password included)."""
         record = RoomMembership(
-            membership.aor, membership.room, membership.nick, MembershipState.JOINED
+            membership.aor,
+            membership.room,
+            membership.nick,
+            MembershipState.JOINED,
+            membership.password,
         )
         await self.store.save_membership(record)
 
@@ -51,5 +52,8 @@ class StoredMemberships:
         return await self.store.remove_membership(aor, room)
 
     async def list_memberships(self) -> list[Membership]:
-        """Every stored seat, without passwords."""
-        return [Membership(m.sip_aor, m.room_jid, m.nick) for m in await self.store.memberships()]
+        """Every stored seat."""
+        return [
+            Membership(m.sip_aor, m.room_jid, m.nick, m.password)
+            for m in await self.store.memberships()
+        ]

@@ -33,6 +33,7 @@ from component.rooms.model import (
     RoomsConfig,
     SaveMembership,
     SeatKey,
+    SendInvitation,
     SendMessage,
     SendPresence,
     SendSip,
@@ -44,6 +45,7 @@ from component.values import ChatMessage, Presence, SipText
 
 _SENT_IDS = 256  # reflections and errors arrive within seconds; enough for any burst
 OFFLINE_STATUS = "offline (messages are kept)"
+_INVITATION = "invitation for "  # what ``sent`` holds for a /invite, before the address
 
 
 class SeatState(enum.Enum):
@@ -89,7 +91,9 @@ class Seat:
         self.config = config
         self.book = book
         self.new_id = new_id
-        self.stored = stored  # a membership row exists for this seat
+        # The membership row as last written (None: no row), so a changed nick or password
+        # is written again.
+        self.saved: Membership | None = self.membership() if stored else None
         self.state = SeatState.DETACHED
         self.silent = True  # the current join was not asked for by the user
         self.roster: dict[str, Occupant] = {}
@@ -130,6 +134,19 @@ class Seat:
     def membership(self) -> Membership:
         """The stored form of this seat."""
         return Membership(self.key.aor, self.room, self.nick, self.password)
+
+    @property
+    def stored(self) -> bool:
+        """True while a membership row exists for this seat."""
+        return self.saved is not None
+
+    def _save(self) -> list[Effect]:
+        """Write the seat if its stored form changed (first join, nick, password)."""
+        current = self.membership()
+        if current == self.saved:
+            return []
+        self.saved = current
+        return [SaveMembership(current)]
 
     @property
     def deadline(self) -> float | None:
@@ -231,6 +248,12 @@ class Seat:
             )
         ]
 
+    def invite(self, invitee: str, address: str, reason: str | None) -> SendInvitation:
+        """``/invite`` (XEP-0045 7.8.2): a mediated invitation through the room; ``address`` is
+        how the user wrote the invitee, for the notice if the room refuses it."""
+        msg_id = self._remember(f"{_INVITATION}{address}")
+        return SendInvitation(self.occupant_jid, self.room, invitee, msg_id, reason)
+
     def set_topic(self, subject: str) -> list[Effect]:
         """``/topic text`` (XEP-0045 8.1): a groupchat message with only a subject."""
         return [self._send(None, "groupchat", self.room, "topic change", subject=subject)]
@@ -245,10 +268,7 @@ class Seat:
         html: str | None = None,
         subject: str | None = None,
     ) -> SendMessage:
-        msg_id = self.new_id()
-        self.sent[msg_id] = what
-        if len(self.sent) > _SENT_IDS:
-            self.sent.popitem(last=False)
+        msg_id = self._remember(what)
         return SendMessage(
             ChatMessage(
                 sender=self.occupant_jid,
@@ -261,6 +281,14 @@ class Seat:
             )
         )
 
+    def _remember(self, what: str) -> str:
+        """A new stanza id, remembered with what it was sent for."""
+        msg_id = self.new_id()
+        self.sent[msg_id] = what
+        if len(self.sent) > _SENT_IDS:
+            self.sent.popitem(last=False)
+        return msg_id
+
     def is_own(self, msg_id: str | None) -> bool:
         """True for the id of a stanza this seat sent (and still remembers)."""
         return msg_id is not None and msg_id in self.sent
@@ -268,6 +296,11 @@ class Seat:
     def on_error(self, msg_id: str, condition: str, text: str | None) -> list[Effect]:
         """The room refused something we sent (XEP-0045 7.4, 7.5, 8.1): tell the user."""
         what = self.sent.pop(msg_id, "message")
+        if what.startswith(_INVITATION):
+            invitee = what.removeprefix(_INVITATION)
+            return [
+                Notice(self.key.aor, texts.invitation_refused(self.room, invitee, condition, text))
+            ]
         detail = f" ({text})" if text else ""
         if condition == "forbidden" and what == "topic change":
             why = "you may not change the topic here"
@@ -327,9 +360,7 @@ class Seat:
             if self._created:
                 # XEP-0045 10.1.2: a new room stays locked until its owner accepts a config.
                 effects.append(ConfigureInstantRoom(self.occupant_jid, self.room))
-            if not self.stored or nick != old:
-                effects.append(SaveMembership(self.membership()))
-                self.stored = True
+            effects += self._save()
             if joining_silently:
                 if self._nick_assigned:
                     effects.append(Notice(self.key.aor, texts.nick_forced(self.room, nick)))
@@ -378,9 +409,7 @@ class Seat:
             return []
         self.nick = new
         text = texts.nick_changed(self.room, new) if asked else texts.nick_forced(self.room, new)
-        effects: list[Effect] = [SaveMembership(self.membership()), Notice(self.key.aor, text)]
-        self.stored = True
-        return effects
+        return [*self._save(), Notice(self.key.aor, text)]
 
     def _on_error(self, condition: str, text: str | None, now: float) -> list[Effect]:
         if self.state is SeatState.JOINED and self.requested_nick:
@@ -415,9 +444,9 @@ class Seat:
         return [Notice(self.key.aor, why), *self._forget(), *self._fail_pending(why)]
 
     def _forget(self) -> list[Effect]:
-        if not self.stored:
+        if self.saved is None:
             return []
-        self.stored = False
+        self.saved = None
         return [DeleteMembership(self.key.aor, self.room)]
 
     def _fail_pending(self, why: str) -> list[Effect]:

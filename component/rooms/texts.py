@@ -182,6 +182,21 @@ def invitation(
     )
 
 
+def invitation_refused(room: str, invitee: str, condition: str, text: str | None) -> str:
+    """The room (or its service) refused a SIP user's ``/invite`` (XEP-0045 7.8.2)."""
+    match condition:
+        case "forbidden" | "not-allowed" | "not-authorized":
+            why = "the room does not let you invite (it may allow only moderators or members)"
+        case "jid-malformed" | "item-not-found" | "bad-request":
+            why = f"{invitee} is not a valid address there"
+        case "remote-server-not-found" | "remote-server-timeout" | "service-unavailable":
+            why = f"{invitee} could not be reached"
+        case _:
+            why = condition.replace("-", " ")
+    detail = f" ({text})" if text else ""
+    return f"Your invitation of {invitee} to {room} was refused: {why}{detail}."
+
+
 def not_member(room: str) -> str:
     """A room message or command that needs a seat, from someone without one."""
     return f"You are not in {room}. Send /join to join it."

@@ -8,7 +8,8 @@ the core gave them. Stanzas are written at once; what must be awaited goes to ow
   one MESSAGE in flight at a time, so a room's messages reach the user in the room's order
   (DESIGN 4.2: the proxy reorders transactions in flight to one user). A room message the user
   cannot take now (offline, DESIGN 4.2) goes to the retry queue, and so does every later one
-  for that user until they come online again, so the queue keeps the order too.
+  for that user until they are back and the queue holds none of their room messages any more,
+  so the order is kept across the queue too.
 - Memberships are written by one store worker, in order.
 - Service discovery runs as owned queries; the answer goes back into the core.
 - One timer task sleeps until the core's next deadline or until a call may have moved it.
@@ -79,8 +80,10 @@ class RoomsXmpp(Protocol):
         """Write a presence; False when the link is down."""
         ...
 
-    def send_invitation(self, sender: str, room: str, invitee: str, reason: str | None) -> bool:
-        """Write a mediated invitation; False when the link is down."""
+    def send_invitation(
+        self, sender: str, room: str, invitee: str, reason: str | None, msg_id: str
+    ) -> bool:
+        """Write a mediated invitation with id ``msg_id``; False when the link is down."""
         ...
 
     def configure_instant_room(self, sender: str, room: str) -> bool:
@@ -126,6 +129,8 @@ class RoomsDriver:
         self._tasks = TaskOwner("rooms_task_failed")
         self._lanes: dict[str, deque[_Outgoing]] = {}
         self._offline: set[str] = set()  # SIP users whose room messages go to the queue
+        # Back online, but room messages may still wait in the queue: later ones go behind.
+        self._returning: set[str] = set()
         self._states: dict[str, SipUserState] = {}
         self._writes: deque[Effect] = deque()
         self._writer: asyncio.Task[None] | None = None
@@ -152,8 +157,8 @@ class RoomsDriver:
             case SendMessage(message):
                 # XEP-0359: the room keeps the origin-id when it reflects our message.
                 self.xmpp.send_message(replace(message, origin_id=message.id))
-            case SendInvitation(sender, room, invitee, reason):
-                self.xmpp.send_invitation(sender, room, invitee, reason)
+            case SendInvitation(sender, room, invitee, msg_id, reason):
+                self.xmpp.send_invitation(sender, room, invitee, reason, msg_id)
             case ConfigureInstantRoom(sender, room):
                 self.xmpp.configure_instant_room(sender, room)
             case DiscoverService(domain):
@@ -208,7 +213,7 @@ class RoomsDriver:
 
     async def _send_one(self, aor: str, item: _Outgoing) -> None:
         text = item.text
-        if item.room is not None and aor in self._offline:
+        if item.room is not None and await self._keeps_waiting(aor):
             await self._store(item)
             return
         status = await self.sip.send_text(
@@ -221,6 +226,27 @@ class RoomsDriver:
             await self._store(item)
             return
         log.info("room_message_undelivered", sip_uri=aor, room=item.room, status=status)
+
+    async def _keeps_waiting(self, aor: str) -> bool:
+        """Whether a room message for ``aor`` goes to the queue rather than out now: the user
+        is offline, or is back while earlier room messages still wait there."""
+        if aor in self._offline:
+            return True
+        if aor not in self._returning:
+            return False
+        try:
+            waiting = await self.store.messages_for_recipient(aor)
+        except StoreUnavailable:
+            return False
+        if any(queued.extra.get("room") for queued in waiting):
+            return True
+        self._returning.discard(aor)
+        return False
+
+    def _back_online(self, aor: str) -> None:
+        if aor in self._offline:
+            self._offline.discard(aor)
+            self._returning.add(aor)
 
     async def _is_offline(self, status: int, aor: str) -> bool:
         # DESIGN 4.2: 480/408/503, and a 404 for a user seen before, mean "not now".
@@ -246,7 +272,11 @@ class RoomsDriver:
                     created_at=now,
                     deliver_by=now + self.delay_time,
                     next_attempt_at=now + 5.0,
-                    extra={"from_uri": text.from_uri, "room": item.room},
+                    extra={
+                        "from_uri": text.from_uri,
+                        "from_display": text.from_display,
+                        "room": item.room,
+                    },
                 )
             )
         except StoreUnavailable as exc:
@@ -346,9 +376,13 @@ class RoomsDriver:
     # --- SIP users' presence, the link ------------------------------------------------------
 
     def user_state(self, aor: str, online: bool, show: str | None, status: str | None) -> None:
-        """``UserStateListener``: the rooms show the SIP user's state (DESIGN 5.4, 6)."""
+        """``UserStateListener``: the rooms show the SIP user's state (DESIGN 5.4, 6).
+
+        Offline changes no delivery by itself: a user who is out of reach answers so, and then
+        their room messages wait in the queue (``_send_one``).
+        """
         if online:
-            self._offline.discard(aor)
+            self._back_online(aor)
         state = SipUserState(aor, online, show, status)
         if self._states.get(aor) == state:
             return  # a refresh that changes nothing: the rooms saw it already
@@ -356,9 +390,9 @@ class RoomsDriver:
         self._call(lambda now: self.core.on_user_state(state, now))
 
     def user_online(self, aor: str) -> None:
-        """``UserOnline``: room messages go to the user directly again (the queue is flushed by
-        messaging)."""
-        self._offline.discard(aor)
+        """``UserOnline``: room messages go to the user directly again once the queue, which
+        messaging flushes now, holds none of theirs."""
+        self._back_online(aor)
 
     def on_link(self, up: bool) -> None:
         """The XMPP link came up (rejoin every seat) or went down (seats wait, detached)."""

@@ -225,6 +225,8 @@ class RoomMembershipRow(SQLModel, table=True):
     room_jid: str = _address(primary_key=True, index=True)
     nick: str = _address(nullable=False)
     state: MembershipState = Field(sa_type=EnumText(MembershipState), nullable=False)
+    # Kept in clear: the gateway must present it again to rejoin (XEP-0045 7.2.5).
+    password: str | None = Field(default=None, sa_type=Text, nullable=True)
 
 
 class TransportStatusRow(SQLModel, table=True):

@@ -199,7 +199,7 @@ class StorePort(Protocol):
         ...
 
     async def save_membership(self, membership: RoomMembership) -> None:
-        """Insert or replace a SIP user's seat in a room."""
+        """Insert or replace a SIP user's seat in a room (nick and room password included)."""
         ...
 
     async def remove_membership(self, sip_aor: str, room_jid: str) -> bool:

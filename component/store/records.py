@@ -209,12 +209,17 @@ class Publication:
 
 @dataclass(frozen=True, slots=True)
 class RoomMembership:
-    """A SIP user's seat in a chat room, kept so the gateway rejoins after a restart."""
+    """A SIP user's seat in a chat room, kept so the gateway rejoins after a restart.
+
+    ``password`` is the room password the user joined with: a password room cannot be rejoined
+    without it.
+    """
 
     sip_aor: str
     room_jid: str
     nick: str
     state: MembershipState
+    password: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

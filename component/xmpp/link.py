@@ -402,11 +402,13 @@ class XmppLink:
             return ServiceInfo(domain, ServiceKind.UNREACHABLE, exc.condition)
         return service_info(domain, reply)
 
-    def send_invitation(self, sender: str, room: str, invitee: str, reason: str | None) -> bool:
+    def send_invitation(
+        self, sender: str, room: str, invitee: str, reason: str | None, msg_id: str
+    ) -> bool:
         """A XEP-0045 7.8.2 mediated invitation through ``room``; False when the link is down."""
         self._checked(sender, room, "message")
         self._checked(sender, invitee, "message")
-        return self._write(format_invitation(sender, room, invitee, reason))
+        return self._write(format_invitation(sender, room, invitee, reason, msg_id))
 
     def configure_instant_room(self, sender: str, room: str) -> bool:
         """Unlock a room we just created with its default configuration (XEP-0045 10.1.2).

@@ -137,33 +137,33 @@ def parse_room_message(xml: ET.Element, sender: str, recipient: str) -> RoomMess
 
 def parse_invitation(xml: ET.Element, sender: str, recipient: str) -> RoomInvitation | None:
     """A XEP-0249 direct or XEP-0045 7.8.2 mediated invitation in a ``<message>``, else None."""
-    direct = xml.find(f"{{{NS_CONFERENCE}}}x")
-    if direct is not None:
-        room = _valid_jid(direct.get("jid"))
-        if room is None:
-            return None
-        return RoomInvitation(
-            room=room,
-            inviter=sender,
-            invitee=recipient,
-            reason=direct.get("reason"),
-            password=direct.get("password"),
-        )
+    # Mediated first: a room that passes an invitation on (Prosody) may add a XEP-0249 element
+    # for older clients, which names neither the inviter nor the reason.
     x = xml.find(f"{{{NS_MUC_USER}}}x")
-    if x is None:
+    invite = x.find(f"{{{NS_MUC_USER}}}invite") if x is not None else None
+    if x is not None and invite is not None:
+        reason = invite.find(f"{{{NS_MUC_USER}}}reason")
+        password = x.find(f"{{{NS_MUC_USER}}}password")
+        return RoomInvitation(
+            room=sender.split("/", 1)[0],
+            inviter=_valid_jid(invite.get("from")) or sender,
+            invitee=recipient,
+            reason=reason.text if reason is not None else None,
+            password=password.text if password is not None else None,
+            mediated=True,
+        )
+    direct = xml.find(f"{{{NS_CONFERENCE}}}x")
+    if direct is None:
         return None
-    invite = x.find(f"{{{NS_MUC_USER}}}invite")
-    if invite is None:
+    room = _valid_jid(direct.get("jid"))
+    if room is None:
         return None
-    reason = invite.find(f"{{{NS_MUC_USER}}}reason")
-    password = x.find(f"{{{NS_MUC_USER}}}password")
     return RoomInvitation(
-        room=sender.split("/", 1)[0],
-        inviter=_valid_jid(invite.get("from")) or sender,
+        room=room,
+        inviter=sender,
         invitee=recipient,
-        reason=reason.text if reason is not None else None,
-        password=password.text if password is not None else None,
-        mediated=True,
+        reason=direct.get("reason"),
+        password=direct.get("password"),
     )
 
 
@@ -185,10 +185,11 @@ def service_info(domain: str, iq: ET.Element) -> ServiceInfo:
 # --- outbound ------------------------------------------------------------------------------------
 
 
-def format_invitation(sender: str, room: str, invitee: str, reason: str | None) -> str:
-    """A XEP-0045 7.8.2 mediated invitation, sent to the room."""
+def format_invitation(sender: str, room: str, invitee: str, reason: str | None, msg_id: str) -> str:
+    """A XEP-0045 7.8.2 mediated invitation, sent to the room; its error comes back with
+    ``msg_id``."""
     return (
-        f'<message from="{attr_escape(sender)}" to="{attr_escape(room)}">'
+        f'<message from="{attr_escape(sender)}" to="{attr_escape(room)}"{attr("id", msg_id)}>'
         f'<x xmlns="{NS_MUC_USER}"><invite{attr("to", invitee)}>{elem("reason", reason)}'
         "</invite></x></message>"
     )
