@@ -8,6 +8,8 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
+
 from component.addresses import AddressBook
 from component.rooms.core import RoomsCore
 from component.rooms.ports import StoredMemberships
@@ -131,8 +133,9 @@ async def test_room_messages_reach_the_sip_user_in_order() -> None:
     assert all(display == "bob" for _, body, display in sip.texts if body.startswith("bob: "))
 
 
-async def test_an_offline_sip_users_room_messages_are_queued_in_order() -> None:
-    sip = FakeSip(status=480)
+@pytest.mark.parametrize("status", [480, 404])  # a member who unregistered: 404 at the proxy
+async def test_an_offline_sip_users_room_messages_are_queued_in_order(status: int) -> None:
+    sip = FakeSip(status=status)
     driver, xmpp, store = await _driver(sip)
     await _joined(driver, xmpp)
     for n in range(5):
@@ -167,3 +170,16 @@ async def test_back_online_room_messages_stay_behind_those_still_queued() -> Non
     await driver.stop(timeout=5)
     assert [body for _, body, _ in sip.texts if body.startswith("bob: ")] == ["bob: m0", "bob: m2"]
     assert await store.messages_for_recipient(ALICE) == []
+
+
+async def test_a_member_who_says_offline_gets_room_messages_queued_without_a_try() -> None:
+    sip = FakeSip()
+    driver, xmpp, store = await _driver(sip)
+    await _joined(driver, xmpp)
+    driver.user_state(ALICE, False, None, None)  # the `offline` command, or REGISTER expiry
+    for n in range(3):
+        driver.on_room_message(RoomMessage(f"{ROOM}/bob", ALICE_JID, f"m{n}"))
+    await driver.stop(timeout=5)
+    assert not [body for _, body, _ in sip.texts if body.startswith("bob: ")]  # none tried
+    queued = await store.claim_messages_for_recipient(ALICE, time.time(), "test")
+    assert [q.body for q in queued] == [f"bob: m{n}" for n in range(3)]

@@ -221,7 +221,10 @@ class RoomsDriver:
         )
         if status < 300:
             return
-        if item.room is not None and await self._is_offline(status, aor):
+        # DESIGN 4.2: 480/408/503, and a 404 for a user seen before, mean "not now". A room
+        # member has been seen by definition (they joined by sending a MESSAGE), and DESIGN 6
+        # keeps an offline member in the room with their room messages queued.
+        if item.room is not None and (status in RETRYABLE or status == 404):
             self._offline.add(aor)
             await self._store(item)
             return
@@ -247,17 +250,6 @@ class RoomsDriver:
         if aor in self._offline:
             self._offline.discard(aor)
             self._returning.add(aor)
-
-    async def _is_offline(self, status: int, aor: str) -> bool:
-        # DESIGN 4.2: 480/408/503, and a 404 for a user seen before, mean "not now".
-        if status in RETRYABLE:
-            return True
-        if status != 404:
-            return False
-        try:
-            return await self.store.user_seen_before(aor)
-        except StoreUnavailable:
-            return False
 
     async def _store(self, item: _Outgoing) -> None:
         text, now = item.text, self.clock()
@@ -378,11 +370,14 @@ class RoomsDriver:
     def user_state(self, aor: str, online: bool, show: str | None, status: str | None) -> None:
         """``UserStateListener``: the rooms show the SIP user's state (DESIGN 5.4, 6).
 
-        Offline changes no delivery by itself: a user who is out of reach answers so, and then
-        their room messages wait in the queue (``_send_one``).
+        A user who goes offline (REGISTER expiry, the ``offline`` command, a closed PUBLISH)
+        stays a member, and their room messages wait in the queue until they are back; one
+        who is out of reach without saying so answers so, with the same result (``_send_one``).
         """
         if online:
             self._back_online(aor)
+        else:
+            self._offline.add(aor)
         state = SipUserState(aor, online, show, status)
         if self._states.get(aor) == state:
             return  # a refresh that changes nothing: the rooms saw it already
