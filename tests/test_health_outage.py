@@ -8,7 +8,7 @@ import pytest
 from component.errors import Refusal
 from component.runtime.presence_driver import CoreSerial, PresenceDriver
 from component.sip.gate import RETRY_LATER, SipGate
-from component.store import StoreUnavailable
+from component.store import SipWatcherSubscription, StoreUnavailable
 from component.store.memory import MemoryStore
 from component.values import ChatMessage, Presence
 from tests import test_sipgate as sipgate
@@ -22,6 +22,7 @@ from tests.test_presence import (
     pidf_body,
     publish,
     register,
+    subscribe_request,
 )
 
 
@@ -112,3 +113,29 @@ async def test_gate_counts_store_refusals_as_it_answers_them() -> None:
     for incoming in answered:
         assert incoming.responses == [(503, {"Retry-After": str(RETRY_LATER)})]
     assert gate.refusals["store_unavailable"] == 3
+
+
+class WatcherWritesFail(MemoryStore):
+    """Reads work, storing a SIP watcher's dialog does not (a lock held elsewhere)."""
+
+    fail = True
+
+    async def save_sip_watcher_subscription(self, sub: SipWatcherSubscription) -> None:
+        if self.fail:
+            raise StoreUnavailable("database is locked")
+        await super().save_sip_watcher_subscription(sub)
+
+
+async def test_subscribe_is_answered_202_only_once_its_dialog_is_stored() -> None:
+    store = WatcherWritesFail()
+    w = build(store)
+    incoming = FakeIncoming(subscribe_request())
+    with pytest.raises(StoreUnavailable):
+        await w.side.on_request(incoming, T0)
+    assert incoming.responses == []  # the gate answers 503 + Retry-After
+    assert w.side.watches.dialogs == {}  # nothing half-made is kept
+    store.fail = False
+    again = FakeIncoming(subscribe_request(call_id="c2"))
+    await w.side.on_request(again, T0 + 1)
+    assert [r.status for r in again.responses] == [202]
+    assert len(await store.sip_watcher_subscriptions()) == 1
