@@ -181,7 +181,6 @@ class Store:
             return False
         if self._down or self._announced_down:
             self._down = self._announced_down = False
-            log.info("store_available")
             if self._health is not None:
                 self._health.report(Part.DATABASE, True, "answered a probe")
         return True
@@ -223,11 +222,10 @@ class Store:
             raise
 
     def _announce_down(self, error: StoreUnavailable) -> None:
-        """Log and report the outage once (on the loop thread)."""
+        """Report the outage to ``health`` once (on the loop thread); health logs it."""
         if self._announced_down or self._closed:
             return
         self._announced_down = True
-        log.warning("store_unavailable", error=str(error))
         if self._health is not None:
             self._health.report(Part.DATABASE, False, str(error))
 
