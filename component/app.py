@@ -12,12 +12,15 @@ from typing import Any
 
 from component import __version__
 from component.addresses import AddressBook
+from component.http.status import GatewayMetrics, StatusServer
 from component.logs import get_logger
 from component.messaging.router import MessageRouter
+from component.ports import Part
 from component.presence.core import PresenceCore
 from component.rooms.core import RoomsCore
 from component.rooms.model import RoomsConfig
 from component.rooms.ports import StoredMemberships
+from component.runtime.health import Health, watch_database
 from component.runtime.presence_driver import CoreSerial, PresenceDriver
 from component.runtime.rooms_driver import RoomsDriver
 from component.runtime.signal import UserOnlineSignal, UserStateSignal
@@ -45,11 +48,21 @@ class Gateway:
     Built in dependency order, each piece with its collaborators: the SIP endpoint and what
     sends through it, the XMPP link, presence, messaging, and last the SIP gate that routes
     requests to both; :meth:`run` starts the endpoint with the gate as its request handler.
+    ``health`` is the state ``store`` was opened to report into; the SIP listeners and the XMPP
+    link report into it here, and ``metrics.listen`` serves it.
     """
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, health: Health) -> None:
         self.settings = settings
         self.store = store
+        self.health = health
+        self.metrics = GatewayMetrics(health)
+        address = settings.metrics.address
+        self.status = (
+            None
+            if address is None
+            else StatusServer(health, self.metrics, host=address[0], port=address[1])
+        )
         self.book = AddressBook.from_settings(settings)
         sip = settings.sip
         self.endpoint = Endpoint(
@@ -104,6 +117,7 @@ class Gateway:
             self.presence_serial,
             core=self.presence,
             sip=self.sip_side,
+            xmpp=self.xmpp,
             sweep_interval=settings.timers.sleep_time,
         )
         # DESIGN 6: chat rooms. The core and its driver; messaging hands it MESSAGEs to room
@@ -174,6 +188,7 @@ class Gateway:
         self._own(self.router.requeue_unconfirmed(messages))
 
     def _on_link(self, up: bool) -> None:
+        self.health.report(Part.XMPP, up, "component stream " + ("up" if up else "down"))
         self.presence_driver.on_link(up)
         self.rooms.on_link(up)
         if up:
@@ -184,6 +199,9 @@ class Gateway:
     async def run(self) -> None:
         """Serve until ``stop()``; then drain and close."""
         await self.endpoint.start(self.sipgate.handle)
+        self.health.report(Part.SIP, True, "listening")
+        if self.status is not None:
+            await self.status.start()
         await self.presence_driver.start()
         await self.rooms.start()
         link = asyncio.create_task(self.xmpp.run(self.rooms))
@@ -195,6 +213,7 @@ class Gateway:
                 clock=time.time,
             )
         )
+        database = asyncio.create_task(watch_database(self.store))
         log.info(
             "gateway_started",
             component=self.settings.xmpp.component,
@@ -215,11 +234,15 @@ class Gateway:
             await self.router.drain(timeout=10.0)
             await self._tasks.wait(timeout=10.0)
             sweeper.cancel()
+            database.cancel()
             await self.xmpp.stop()
             await self._tasks.wait(timeout=5.0)  # what the closing link left unconfirmed
             link.cancel()
-            await asyncio.gather(link, sweeper, return_exceptions=True)
+            await asyncio.gather(link, sweeper, database, return_exceptions=True)
             await self.endpoint.close()
+            self.health.report(Part.SIP, False, "closed")
+            if self.status is not None:
+                await self.status.close()
             await self.store.release_claims(self.router.instance, time.time())
             log.info("gateway_stopped")
 
@@ -242,12 +265,13 @@ def _rooms_config(settings: Settings) -> RoomsConfig:
 
 async def serve(settings: Settings) -> int:
     """Open the store (refusing a schema not at head), run the gateway until a signal."""
+    health = Health()
     try:
-        store = await Store.open(settings.database.url)
+        store = await Store.open(settings.database.url, health=health)
     except StoreNotAtHead as exc:
         log.error("database_not_at_head", error=str(exc))
         return 2
-    gateway = Gateway(settings, store)
+    gateway = Gateway(settings, store, health)
     # Start-up objects (modules, settings, caches) live for the whole run: keep them out of the
     # collector's scans, and collect the young generation less often on the per-message path.
     gc.freeze()

@@ -7,6 +7,7 @@ implement them. Only our frozen values (``component.values``) cross them.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from typing import Protocol
 
@@ -193,4 +194,20 @@ class RoomTexts(Protocol):
 
     async def settle_text(self, msg: SipText) -> bool:
         """For a waiting ``msg``: True when the rooms took it, False when it is chat after all."""
+        ...
+
+
+class Part(enum.StrEnum):
+    """A part of the gateway whose state the health endpoint reports (DESIGN 9)."""
+
+    DATABASE = "database"
+    XMPP = "xmpp"
+    SIP = "sip"
+
+
+class HealthReport(Protocol):
+    """Where adapters and features report a part going down or coming back up."""
+
+    def report(self, part: Part, up: bool, detail: str = "") -> None:
+        """``part`` is up (True) or down (False); ``detail`` says why, for the log."""
         ...

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from component.app import Gateway
+from component.runtime.health import Health
 from component.settings import Settings
 from component.store import upgrade
 from component.store.store import Store
@@ -53,13 +54,15 @@ class RunningGateway:
     settings: Settings
     gateway: Gateway | None = None
     store: Store | None = None
+    health: Health | None = None
     task: asyncio.Task[None] | None = None
     history: list[Gateway] = field(default_factory=list)
 
     async def start(self, timeout: float = 20.0) -> Gateway:
         """Open the store, run the gateway and wait for its XMPP link."""
-        self.store = await Store.open(self.settings.database.url)
-        self.gateway = Gateway(self.settings, self.store)
+        self.health = Health()
+        self.store = await Store.open(self.settings.database.url, health=self.health)
+        self.gateway = Gateway(self.settings, self.store, self.health)
         self.history.append(self.gateway)
         self.task = asyncio.create_task(self.gateway.run())
         await wait_until(lambda: self.gateway is not None and self.gateway.xmpp.connected, timeout)

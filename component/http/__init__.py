@@ -1,1 +1,1 @@
-"""Metrics and health endpoints (DESIGN 9): not built yet."""
+"""Metrics and health endpoints (DESIGN 9): ``status`` serves ``/health`` and ``/metrics``."""

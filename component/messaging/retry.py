@@ -122,7 +122,9 @@ class DurableQueue:
             try:
                 return await self.store.user_seen_before(aor)
             except StoreUnavailable:
-                return False
+                # Unknown without the store: treated as "not now", so storing it is tried
+                # and, the store being down, the sender is told to retry (resource-constraint).
+                return True
         return False
 
     async def saw_user(self, aor: str) -> None:

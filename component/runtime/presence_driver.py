@@ -25,10 +25,13 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
+from component.errors import busy
 from component.logs import get_logger
+from component.ports import XmppPort
 from component.presence.core import PresenceCore
 from component.runtime.tasks import TaskOwner
 from component.sip.side import ResumeState, SipSide
+from component.store import StoreUnavailable
 from component.values import Presence, SipText
 
 log = get_logger("component.runtime.presence_driver")
@@ -37,6 +40,10 @@ __all__ = ["CoreSerial", "PresenceDriver"]
 
 _MAX_SLEEP = 60.0  # re-check at least this often, so a missed wake-up costs little
 _DROP_LOG_EVERY = 1000  # a flood of dropped stanzas logs one line per this many
+_STORE_RETRY = 30  # seconds: a stanza refused because the store is down (resource-constraint)
+# Stanzas whose handling changes stored state: refused with an error when the store is down.
+# Plain availability is not (its sender sends it again on the next change).
+_ANSWERED_WHEN_DOWN = frozenset({"subscribe", "subscribed", "unsubscribe", "unsubscribed", "probe"})
 _LINK_UP_BATCH = 50  # SIP users re-announced per call into the core after the link came up
 
 Work = Callable[[float], Awaitable[Any]]
@@ -133,7 +140,8 @@ class CoreSerial:
 class PresenceDriver:
     """Drives presence: the timer, the sweep, XMPP stanzas, link up, commands, start and stop.
 
-    Implements ``component.ports.RegistrarCommands`` for messaging.
+    Implements ``component.ports.RegistrarCommands`` for messaging. ``xmpp`` answers a
+    subscription stanza with an error when the store is down (DESIGN 8).
     """
 
     def __init__(
@@ -142,12 +150,14 @@ class PresenceDriver:
         *,
         core: PresenceCore,
         sip: SipSide,
+        xmpp: XmppPort | None = None,
         sweep_interval: float = 20.0,
         max_queued_presence: int = 50_000,
     ) -> None:
         self.serial = serial
         self.core = core
         self.sip = sip
+        self.xmpp = xmpp
         self.sweep_interval = sweep_interval
         self.max_queued_presence = max_queued_presence
         self._loops: list[asyncio.Task[None]] = []
@@ -204,8 +214,17 @@ class PresenceDriver:
             presence = self._stanzas.popleft()
             try:
                 await self.serial.call(self._presence_work(presence))
+            except StoreUnavailable:
+                self._refuse_store_down(presence)
             except Exception:
                 log.exception("presence_stanza_failed", jid=presence.sender, type=presence.type)
+
+    def _refuse_store_down(self, presence: Presence) -> None:
+        """A stanza that needed the store while it is down: an error stanza, not silence."""
+        if self.xmpp is None or presence.type not in _ANSWERED_WHEN_DOWN:
+            return
+        refusal = busy("the gateway cannot store this now; try again later", _STORE_RETRY)
+        self.xmpp.refuse(presence, refusal)
 
     def _presence_work(self, presence: Presence) -> Work:
         return lambda now: self.core.on_presence(presence, now)
@@ -280,6 +299,8 @@ class PresenceDriver:
             try:
                 # A batch per call: the lock goes round between batches (see handle_timer).
                 await self.serial.call(self.sip.handle_timer)
+            except StoreUnavailable:
+                await asyncio.sleep(1.0)  # the health state logged it; try again shortly
             except Exception:
                 log.exception("presence_timer_failed")
                 await asyncio.sleep(1.0)  # do not spin on a persistent fault
@@ -289,5 +310,7 @@ class PresenceDriver:
             await asyncio.sleep(self.sweep_interval)
             try:
                 await self.serial.call(self.core.sweep)
+            except StoreUnavailable:
+                continue  # the health state logged it; the next sweep tries again
             except Exception:
                 log.exception("presence_sweep_failed")

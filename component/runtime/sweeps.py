@@ -7,7 +7,7 @@ import asyncio
 from component.logs import get_logger
 from component.messaging.router import MessageRouter
 from component.ports import Clock
-from component.store import StorePort
+from component.store import StorePort, StoreUnavailable
 
 log = get_logger("component.runtime.sweeps")
 
@@ -24,6 +24,9 @@ async def sweep_queue(
     while True:
         try:
             await router.retry_due()
+        except StoreUnavailable as exc:
+            # The health state logs the outage once; the next sweep after it tries again.
+            log.debug("queue_sweep_skipped", reason=str(exc))
         except Exception:
             log.exception("queue_sweep_failed")
         await asyncio.sleep(interval)

@@ -260,10 +260,11 @@ class SipGate:
             if not incoming.answered:
                 refuse(incoming, exc)
             return
-        except StoreUnavailable as exc:
-            log.warning("sip_request_refused", call_id=call_id, reason=str(exc))
+        except StoreUnavailable:
+            # DESIGN 8: acceptance needed a write the database could not take; the health
+            # state logs the outage once, so this is counted and logged one in LOG_EVERY.
             if not incoming.answered:
-                refuse(incoming, busy("", RETRY_LATER))
+                self._refuse_busy(incoming, "store_unavailable", RETRY_LATER)
             return
         except Exception:
             log.exception("sip_request_failed", call_id=call_id)

@@ -17,7 +17,7 @@ from component.store import StorePort
 from component.values import Registration, SipUserPublished, SipUserUnpublished
 from sipside import pidf
 from sipside.dialog import address_uri
-from sipside.message import make_response
+from sipside.message import SipResponse, make_response
 from sipside.publication import (
     Publication,
     PublicationChanged,
@@ -56,10 +56,13 @@ class Publications:
         if request.body:
             # Hostile or malformed PIDF is refused before the compositor keeps it (DESIGN 5.1).
             pidf.decode(request.body, request.header("Content-Type"))
+        # DESIGN 8: the 2xx goes out once the publication is stored; a store that is down
+        # raises StoreUnavailable before it, and the gate answers 503 instead.
+        answers: list[SipResponse] = []
         for effect in self.publications.handle_publish(request, now, entity=aor):
             match effect:
                 case SendResponse(response):
-                    incoming.send(response)
+                    answers.append(response)
                 case PublicationChanged(pub, previous, changed):
                     await self._save(pub, previous)
                     if changed:
@@ -67,6 +70,8 @@ class Publications:
                         await self.events.published(SipUserPublished(aor, document), now)
                 case PublicationRemoved(pub, _):
                     await self._gone(pub, now)
+        for response in answers:
+            incoming.send(response)
 
     async def on_register(self, incoming: Answerable, now: float) -> None:
         """A third-party REGISTER: answered here, then told to presence (DESIGN 5.4)."""
@@ -86,8 +91,9 @@ class Publications:
         headers = [("Expires", str(expires))]
         if contact is not None:
             headers.append(("Contact", f"<{contact}>;expires={expires}"))
-        incoming.send(make_response(request, 200, headers=headers))
+        # Stored first: a 200 is never given for a registration the store did not take.
         await self.events.registered(Registration(aor, contact, expires), now)
+        incoming.send(make_response(request, 200, headers=headers))
 
     async def _save(self, pub: Publication, previous: str | None) -> None:
         if previous is not None:

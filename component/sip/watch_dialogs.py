@@ -28,7 +28,7 @@ from component.sip.dialog_state import (
     snapshot_from_json,
     snapshot_json,
 )
-from component.store import SipWatcherSubscription, SubscriptionState
+from component.store import SipWatcherSubscription, StoreUnavailable, SubscriptionState
 from component.values import Watch, WatchRequest
 from sipside import pidf
 from sipside.dialog import DialogId, address_uri
@@ -142,13 +142,17 @@ class WatchDialogs:
             return
         dialog = WatchDialog(notifier, answer.watch, answer.watcher_uri)
         self._add(dialog)
+        try:
+            await self._run(dialog, effects, now, incoming)
+        except StoreUnavailable:
+            self._remove(dialog.notifier.dialog.id)  # refused (503): the watcher tries again
+            raise
         log.info(
             "sip_watcher_subscribed",
             sip_uri=answer.watcher_uri,
             jid=answer.watch.target_jid,
             approved=answer.approved,
         )
-        await self._run(dialog, effects, now, incoming)
         if notifier.state is not NotifierState.TERMINATED:  # not a fetch (Expires: 0)
             await self.events.watch_started(answer, now)
 
@@ -236,17 +240,36 @@ class WatchDialogs:
         incoming: Answerable | None = None,
     ) -> None:
         ended = False
+        responses: list[SipResponse] = []
+        requests: list[SipRequest] = []
         for effect in effects:
             match effect:
                 case SendResponse(response):
                     if incoming is not None:
-                        incoming.send(response)
+                        responses.append(response)
                 case SendRequest(request) if dialog is not None:
-                    self._send(dialog.notifier.dialog.id, request)
+                    requests.append(request)
                 case SubscriptionEnded(reason):
                     ended = True
                     if dialog is not None:
                         log.info("sip_watcher_ended", sip_uri=dialog.watcher_aor, reason=reason)
+        if incoming is None:
+            self._send_all(dialog, requests)  # our own NOTIFYs go out even if storing fails
+        # DESIGN 8: a SUBSCRIBE is answered (and its first NOTIFY sent) once its dialog is
+        # stored; a store that is down raises here and the gate answers 503 instead.
+        await self._persist(dialog, ended)
+        if incoming is not None:
+            for response in responses:
+                incoming.send(response)
+            self._send_all(dialog, requests)
+
+    def _send_all(self, dialog: WatchDialog | None, requests: list[SipRequest]) -> None:
+        for request in requests:
+            assert dialog is not None
+            self._send(dialog.notifier.dialog.id, request)
+
+    async def _persist(self, dialog: WatchDialog | None, ended: bool) -> None:
+        """Store (or delete) ``dialog`` after its effects, when its stored form changed."""
         if dialog is None:
             return
         key = dialog.notifier.dialog.id
@@ -260,7 +283,7 @@ class WatchDialogs:
         # The body is not needed: ``restore`` rebuilds it from the target's stored presence.
         if not needs_saving(dialog.saved, snap, ignore=("body",)):
             return  # e.g. the 2xx to a NOTIFY, or a NOTIFY within the CSeq reserve
-        dialog.saved = saved = reserved(snap)
+        saved = reserved(snap)
         await self.store.save_sip_watcher_subscription(
             SipWatcherSubscription(
                 dialog_id=_dialog_key(key),
@@ -271,6 +294,7 @@ class WatchDialogs:
                 expires_at=dialog.notifier.expires_at,
             )
         )
+        dialog.saved = saved  # only once written: a failed write is tried again next time
 
     def _send(self, key: DialogId, request: SipRequest) -> None:
         cseq = request.cseq[0]

@@ -7,6 +7,10 @@ pool shared by a few threads. Database errors are translated here, once, into ``
 
 A call whose awaiting task is cancelled still finishes on the worker thread: a message whose
 ``enqueue_message`` was cancelled may be stored all the same (at-least-once, never lost).
+
+A call that finds the database unavailable marks the store down (and tells ``health``): from
+then on calls fail at once with ``StoreUnavailable``, queued ones included, instead of each
+waiting for a dead server or a held lock, until :meth:`Store.probe` finds it answering again.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 import structlog
 from sqlalchemy import Engine, create_engine, event, exc, make_url
 from sqlalchemy.orm import Session
+
+from component.ports import HealthReport, Part
 
 from . import migrate, ops, queue
 from .port import StorePort
@@ -106,10 +112,21 @@ class Store:
     Open with ``await Store.open(url)``; ``await close()`` when done. Times are POSIX seconds.
     """
 
-    def __init__(self, engine: Engine, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        executor: ThreadPoolExecutor,
+        *,
+        health: HealthReport | None = None,
+        busy_timeout: float = 10.0,
+    ) -> None:
         self._engine = engine
         self._executor = executor
         self._closed = False
+        self._health = health
+        self._busy_timeout = busy_timeout
+        self._down = False  # set on the worker thread by the call that found it gone
+        self._announced_down = False
 
     @classmethod
     async def open(
@@ -119,8 +136,11 @@ class Store:
         threads: int | None = None,
         check_schema: bool = True,
         busy_timeout: float = 10.0,
+        health: HealthReport | None = None,
     ) -> Store:
-        """Connect to ``url``; unless ``check_schema`` is off, refuse a schema not at head."""
+        """Connect to ``url``; unless ``check_schema`` is off, refuse a schema not at head.
+
+        ``health`` hears when the database goes away and when it answers again."""
         is_sqlite = make_url(url).get_backend_name() == "sqlite"
         if threads is None:
             threads = 1 if is_sqlite else 4
@@ -128,7 +148,7 @@ class Store:
             raise ValueError("SQLite stores use exactly one worker thread")
         executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store")
         engine = create_store_engine(url, threads, busy_timeout)
-        store = cls(engine, executor)
+        store = cls(engine, executor, health=health, busy_timeout=busy_timeout)
         try:
             if check_schema:
                 await store._call(functools.partial(migrate.check_at_head, engine))
@@ -138,7 +158,32 @@ class Store:
             await store.close()
             raise
         log.info("store_opened", url=engine.url.render_as_string(hide_password=True))
+        if health is not None:
+            health.report(Part.DATABASE, True, "opened")
         return store
+
+    @property
+    def down(self) -> bool:
+        """True while calls fail at once: the database did not answer and no probe has since."""
+        return self._down
+
+    async def probe(self) -> bool:
+        """One trivial query (SQLite: take and drop the write lock); True when it answered.
+
+        A store that was down is up again once this answers; one that was up and does not
+        answer is marked down.
+        """
+        try:
+            await self._call(
+                functools.partial(_probe, self._engine, min(self._busy_timeout, 1.0)), probe=True
+            )
+        except StoreUnavailable:
+            return False
+        if self._down or self._announced_down:
+            self._down = self._announced_down = False
+            if self._health is not None:
+                self._health.report(Part.DATABASE, True, "answered a probe")
+        return True
 
     async def close(self) -> None:
         """Finish queued calls, then release the worker thread and connections."""
@@ -149,12 +194,40 @@ class Store:
         await loop.run_in_executor(self._executor, self._engine.dispose)
         self._executor.shutdown(wait=True)
 
-    async def _call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the worker thread, translating database errors."""
+    async def _call(self, fn: Callable[[], T], *, probe: bool = False) -> T:
+        """Run ``fn`` on the worker thread, translating database errors; while the store is
+        down, only a ``probe`` reaches the database."""
         if self._closed:
             raise StoreUnavailable("store is closed")
+        if self._down and not probe:
+            raise StoreUnavailable("database down; waiting for it to answer")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(_translated, fn))
+        try:
+            return await loop.run_in_executor(
+                self._executor, functools.partial(self._on_worker, fn, probe)
+            )
+        except StoreUnavailable as error:
+            self._announce_down(error)
+            raise
+
+    def _on_worker(self, fn: Callable[[], T], probe: bool) -> T:
+        # Calls queued behind the one that found the database gone fail here at once: the
+        # flag is set on this thread, before the next queued call starts.
+        if self._down and not probe:
+            raise StoreUnavailable("database down; waiting for it to answer")
+        try:
+            return _translated(fn)
+        except StoreUnavailable:
+            self._down = True
+            raise
+
+    def _announce_down(self, error: StoreUnavailable) -> None:
+        """Report the outage to ``health`` once (on the loop thread); health logs it."""
+        if self._announced_down or self._closed:
+            return
+        self._announced_down = True
+        if self._health is not None:
+            self._health.report(Part.DATABASE, False, str(error))
 
     async def _run(
         self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs
@@ -225,6 +298,23 @@ def _implements_port(store: Store) -> StorePort:
 def _ping(engine: Engine) -> None:
     with engine.connect() as connection:
         connection.exec_driver_sql("SELECT 1")
+
+
+def _probe(engine: Engine, lock_timeout: float) -> None:
+    """SELECT 1; on SQLite the write lock too, which another process may hold (WAL lets reads
+    through a lock that stops every write)."""
+    with engine.connect() as connection:
+        if engine.dialect.name != "sqlite":
+            connection.exec_driver_sql("SELECT 1")
+            return
+        run = connection.exec_driver_sql
+        busy = run("PRAGMA busy_timeout").scalar_one()
+        run(f"PRAGMA busy_timeout = {int(lock_timeout * 1000)}")
+        try:
+            run("BEGIN IMMEDIATE")
+            run("ROLLBACK")
+        finally:
+            run(f"PRAGMA busy_timeout = {int(busy)}")
 
 
 def _in_transaction(

@@ -1,0 +1,126 @@
+"""The health and metrics endpoints (DESIGN 9), served on ``metrics.listen`` by aiohttp.
+
+``GET /health`` answers 200 with each part's state when every part is up, 503 naming the parts
+that are down; ``GET /metrics`` is the Prometheus text exposition of the gateway's own registry
+(never prometheus-client's global one, so two gateways in one process do not share gauges).
+The server runs on the gateway's event loop; it reads the health state and changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+
+from component.logs import get_logger
+from component.ports import Part
+
+log = get_logger("component.http.status")
+
+#: Gauge name and help of each part: 1 while it is up, 0 while it is down.
+_UP_GAUGES: dict[Part, tuple[str, str]] = {
+    Part.DATABASE: ("sipxmpp_database_up", "Whether the database answers (1) or not (0)."),
+    Part.XMPP: ("sipxmpp_xmpp_link_up", "Whether the XMPP component link is up (1) or not (0)."),
+    Part.SIP: ("sipxmpp_sip_up", "Whether the SIP listeners are open (1) or not (0)."),
+}
+
+
+class HealthState(Protocol):
+    """What the endpoints read of the health state (``component.runtime.health.Health``)."""
+
+    def states(self) -> Mapping[Part, bool]:
+        """Each part and whether it is up."""
+        ...
+
+    def detail(self, part: Part) -> str:
+        """What was said when ``part`` last changed state."""
+        ...
+
+
+class GatewayMetrics:
+    """The gateway's Prometheus registry: one up/down gauge per part, read at scrape time."""
+
+    def __init__(self, health: HealthState) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        for part, (name, doc) in _UP_GAUGES.items():
+            gauge = Gauge(name, doc, registry=self.registry)
+            gauge.set_function(_UpValue(health, part))
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+class _UpValue:
+    """1.0 while ``part`` is up, else 0.0 (a gauge's function)."""
+
+    def __init__(self, health: HealthState, part: Part) -> None:
+        self.health, self.part = health, part
+
+    def __call__(self) -> float:
+        return 1.0 if self.health.states().get(self.part, False) else 0.0
+
+
+def health_body(health: HealthState) -> tuple[int, dict[str, object]]:
+    """The status and JSON body of ``GET /health``: 200 when all parts are up, else 503."""
+    states = health.states()
+    down = [str(part) for part, up in states.items() if not up]
+    parts = {
+        str(part): {"state": "up" if up else "down", "detail": health.detail(part)}
+        for part, up in states.items()
+    }
+    return (503 if down else 200), {
+        "status": "down" if down else "up",
+        "down": down,
+        "parts": parts,
+    }
+
+
+class StatusServer:
+    """``/health`` and ``/metrics`` on ``host:port`` (port 0: any free one, see :attr:`port`)."""
+
+    def __init__(
+        self, health: HealthState, metrics: GatewayMetrics, *, host: str, port: int
+    ) -> None:
+        self.health = health
+        self.metrics = metrics
+        self.host = host
+        self._port = port
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        self._site: web.TCPSite | None = None
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the one the kernel chose when 0 was asked)."""
+        for address in self._runner.addresses if self._site is not None else ():
+            return int(address[1])
+        return self._port
+
+    async def start(self) -> None:
+        """Listen; raises OSError when the address cannot be bound."""
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.host, self._port)
+        await self._site.start()
+        log.info("status_server_started", host=self.host, port=self.port)
+
+    async def close(self) -> None:
+        """Stop listening and close open connections."""
+        await self._runner.cleanup()
+        self._site = None
+
+    async def _health(self, _request: web.Request) -> web.Response:
+        status, body = health_body(self.health)
+        return web.json_response(body, status=status)
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+
+__all__ = ["GatewayMetrics", "HealthState", "StatusServer", "health_body"]
