@@ -364,6 +364,11 @@ class RoomsDriver:
         """The XMPP link came up (rejoin every seat) or went down (seats wait, detached)."""
         self._call(self.core.link_up if up else self.core.link_down)
 
+    def transport_changed(self, domain: str, up: bool) -> None:
+        """A transport went down (its seats wait, members are told) or came back (rejoined)."""
+        core = self.core
+        self._call(lambda now: (core.transport_up if up else core.transport_down)(domain, now))
+
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
