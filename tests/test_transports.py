@@ -124,7 +124,7 @@ def test_sip_health_changes_presence_only_on_a_change() -> None:
 
 
 def test_chatter_burst_becomes_one_notice_after_quiet() -> None:
-    buffer = ChatterBuffer(quiet=2.0)
+    buffer = ChatterBuffer(quiet=2.0, window=3.0)
     server = f"127.0.0.1@{IRC}"
     for i, line in enumerate(["Connecting to 127.0.0.1:6697", "Connected to IRC server.", "MOTD"]):
         buffer.add(ALICE, server, line, T0 + i)
@@ -231,6 +231,7 @@ class World:
             clock=lambda: self.now,
             rooms=self.rooms,
             chatter_quiet=0.05,
+            chatter_window=0.05,
         )
 
 
@@ -378,3 +379,13 @@ def test_rooms_on_a_transport_that_goes_down_and_comes_back() -> None:
     joins = [e.presence for e in up if isinstance(e, SendPresence)]
     assert [(p.recipient, p.muc) for p in joins] == [(f"{CHANNEL}/alice", True)]
     assert seat.state is SeatState.REJOINING
+
+
+def test_chatter_gap_inside_the_window_stays_one_burst() -> None:
+    buffer = ChatterBuffer(quiet=1.0, window=5.0)
+    buffer.add(ALICE, IRC, "Connected to IRC server.", T0)
+    assert buffer.due(T0 + 2.0) == []  # quiet for longer than `quiet`, but inside the window
+    buffer.add(ALICE, IRC, "MOTD", T0 + 3.0)
+    assert buffer.due(T0 + 4.9) == []
+    (notice,) = buffer.due(T0 + 5.0)
+    assert notice.text == f"{IRC} says: Connected to IRC server. ... MOTD"

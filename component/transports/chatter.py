@@ -3,8 +3,10 @@
 biboumi reports every step of an IRC connection (each port tried, "Connected to IRC server.",
 the server's MOTD) as chat messages from ``server@<transport>``: a dozen MESSAGEs per join if
 relayed. Messages from a transport JID whose localpart has no alias delimiter (the transport or
-one of its servers, not a person or a channel) are held here instead; once ``quiet`` seconds pass
-without another from the same sender to the same user, one notice sums them up.
+one of its servers, not a person or a channel) are held here instead. A burst lasts at least
+``window`` seconds from its first message (a connection's steps and the MOTD come seconds
+apart) and ends once ``quiet`` seconds pass without another from the same sender to the same
+user; then one notice sums it up.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class _Burst:
     first: str
     last: str
     count: int
+    began: float
     until: float
 
 
@@ -35,7 +38,8 @@ class ChatterNotice:
 class ChatterBuffer:
     """Bursts of status messages per (SIP user, transport sender), until they go quiet."""
 
-    quiet: float = 2.0
+    quiet: float = 3.0
+    window: float = 10.0
     _bursts: dict[tuple[str, str], _Burst] = field(default_factory=dict)
 
     def add(self, aor: str, sender: str, body: str, now: float) -> None:
@@ -43,9 +47,11 @@ class ChatterBuffer:
         line = " ".join(body.split())[:MAX_SHOWN]
         burst = self._bursts.get((aor, sender))
         if burst is None:
-            self._bursts[(aor, sender)] = _Burst(line, line, 1, now + self.quiet)
+            until = now + max(self.quiet, self.window)
+            self._bursts[(aor, sender)] = _Burst(line, line, 1, now, until)
             return
-        burst.last, burst.count, burst.until = line, burst.count + 1, now + self.quiet
+        burst.last, burst.count = line, burst.count + 1
+        burst.until = max(burst.began + self.window, now + self.quiet)
 
     @property
     def deadline(self) -> float | None:

@@ -93,7 +93,8 @@ class Transports:
         store: StorePort,
         clock: Clock,
         rooms: TransportRooms | None = None,
-        chatter_quiet: float = 2.0,
+        chatter_quiet: float = 3.0,
+        chatter_window: float = 10.0,
     ) -> None:
         self.board = board
         self.health = health
@@ -105,7 +106,7 @@ class Transports:
         self.store = store
         self.clock = clock
         self.rooms = rooms
-        self.chatter = ChatterBuffer(quiet=chatter_quiet)
+        self.chatter = ChatterBuffer(quiet=chatter_quiet, window=chatter_window)
         self._alias_delimiters = dict(book.aliases)
         self._tasks = TaskOwner("transport_task_failed")
         self._loops: list[asyncio.Task[None]] = []
@@ -118,7 +119,12 @@ class Transports:
         await asyncio.gather(self.check_transports(), self.check_proxy())
 
     async def check_transports(self) -> None:
-        """disco#info to every transport domain; a transport that does not answer is down."""
+        """disco#info to every transport domain; a transport that does not answer is down.
+
+        Not while the XMPP link is down: then nothing answers, and that says nothing of them.
+        """
+        if not self.xmpp.connected:
+            return
         timeout = max(self.board.check_time * 0.8, 0.5)
         infos = await asyncio.gather(
             *(self.probe.discover_service(d, timeout) for d in self.board.domains)

@@ -124,12 +124,13 @@ class IrcClient:
         """Every PRIVMSG heard so far."""
         return [ln for ln in self.lines if ln.command == "PRIVMSG"]
 
-    async def wait_for(self, match: object, timeout: float) -> IrcLine:
-        """The first line (heard before or after the call) for which ``match(line)`` is true."""
+    async def wait_for(self, match: object, timeout: float, since: int = 0) -> IrcLine:
+        """The first line from ``self.lines[since]`` on (heard before or after the call) for
+        which ``match(line)`` is true."""
         assert callable(match)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        seen = 0
+        seen = since
         while True:
             for line in self.lines[seen:]:
                 if match(line):
