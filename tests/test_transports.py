@@ -13,7 +13,7 @@ from component.errors import Refusal
 from component.rooms.core import RoomsCore
 from component.rooms.model import DiscoverService, Notice, RoomPresence, SendPresence, ServiceInfo
 from component.rooms.seat import SeatState
-from component.store import ApprovalDirection, TransportStatus
+from component.store import ApprovalDirection, ApprovalState, RosterApproval, TransportStatus
 from component.store.memory import MemoryStore
 from component.transports.board import (
     CameUp,
@@ -389,3 +389,26 @@ def test_chatter_gap_inside_the_window_stays_one_burst() -> None:
     assert buffer.due(T0 + 4.9) == []
     (notice,) = buffer.due(T0 + 5.0)
     assert notice.text == f"{IRC} says: Connected to IRC server. ... MOTD"
+
+
+async def test_no_probe_while_the_xmpp_link_is_down_and_link_up_shows_the_gateway() -> None:
+    w = World()
+    w.xmpp.connected = False
+    w.probe.down.add(IRC)  # what a probe would say with no link: it must not be asked
+    await w.service.check_once()
+    assert w.probe.asked == [] and not w.board.is_down(IRC)
+    assert w.proxy.calls  # the SIP side is checked regardless
+    await w.store.save_approval(
+        RosterApproval(
+            "sip.xmpp.test",
+            "carol@xmpp.test",
+            ApprovalDirection.XMPP_WATCHES_SIP,
+            ApprovalState.APPROVED,
+            T0,
+        )
+    )
+    w.xmpp.presences.clear()
+    w.xmpp.connected = True
+    w.service.on_link(True)
+    await w.service.stop()
+    assert [(p.recipient, p.show) for p in w.xmpp.presences] == [("carol@xmpp.test", None)]
