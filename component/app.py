@@ -11,7 +11,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from component import __version__
-from component.addresses import AddressBook
+from component.addresses import AddressBook, bare_jid
 from component.http.status import GatewayMetrics, StatusServer
 from component.logs import get_logger
 from component.messaging.router import MessageRouter
@@ -34,6 +34,9 @@ from component.sip.side import SipSide
 from component.sip.transactions import ClientTransactions
 from component.store import StoreNotAtHead
 from component.store.store import Store
+from component.transports.board import TransportBoard
+from component.transports.health import SipHealth
+from component.transports.service import TransportGuard, Transports
 from component.values import ChatMessage, Presence, StanzaError
 from component.xmpp.link import XmppLink
 from sipside.endpoint import Endpoint
@@ -74,6 +77,8 @@ class Gateway:
             tls_key=sip.tls_key or None,
             user_agent=f"sipxmpp/{__version__}",
         )
+        # DESIGN 9: the alias transports' states, listed in the component domain's disco#items.
+        self.transport_board = TransportBoard(sip.aliases, check_time=settings.timers.check_time)
         xmpp = settings.xmpp
         self.xmpp = XmppLink(
             component=xmpp.component,
@@ -87,6 +92,7 @@ class Gateway:
             on_unconfirmed=self._on_unconfirmed,
             version=__version__,
             gateway_jid_for=self._jid_for_prompt,
+            disco_items=self.transport_board.disco_items,
         )
         # DESIGN 5.4: presence tells whoever listens that a SIP user came online.
         self.user_online = UserOnlineSignal()
@@ -95,11 +101,12 @@ class Gateway:
         # requests and transactions through it); the SIP side builds the presence core with
         # itself as the core's SIP port; the driver then drives both.
         self.presence_serial = CoreSerial(clock=time.time)
+        self.sip_sender = SipSender(self.endpoint)
         self.sip_side = SipSide(
             self.book,
             driver=self.presence_serial,
             transactions=ClientTransactions(self.endpoint, self.presence_serial),
-            sender=SipSender(self.endpoint),
+            sender=self.sip_sender,
             store=store,
             presence=lambda sip_port: PresenceCore(
                 self.book,
@@ -152,9 +159,23 @@ class Gateway:
             rooms=self.rooms,
         )
         self.user_online.connect(self.router.user_online)
+        # DESIGN 3.3, 9: transports probed every check_time, the SIP proxy with OPTIONS; a
+        # MESSAGE to a transport that is down is refused before messaging sees it.
+        self.transports = Transports(
+            self.transport_board,
+            SipHealth(sip.proxy),
+            book=self.book,
+            xmpp=self.xmpp,
+            probe=self.xmpp,
+            proxy=self.sip_sender,
+            notices=self.router,
+            store=store,
+            clock=time.time,
+            rooms=self.rooms,
+        )
         # Last, the SIP gate routes requests to both; run() starts the endpoint with it.
         self.sipgate = SipGate(
-            self.router,
+            TransportGuard(self.router, self.transports),
             self.sip_side,
             book=self.book,
             rate=SourceBuckets(limits.sip_rate, limits.sip_burst),
@@ -173,6 +194,8 @@ class Gateway:
     # --- XMPP callbacks (synchronous; slow work becomes an owned task) --------------------------
 
     def _on_xmpp_message(self, msg: ChatMessage) -> None:
+        if self.transports.takes_message(msg):
+            return  # a transport's status chatter, summed up in one notice (DESIGN 3.3)
         self._own(self.router.on_xmpp_message(msg))
 
     def _on_xmpp_error(self, err: StanzaError) -> None:
@@ -181,6 +204,9 @@ class Gateway:
             self._own(pending)
 
     def _on_xmpp_presence(self, presence: Presence) -> None:
+        if bare_jid(presence.recipient) == self.book.component:
+            self.transports.on_gateway_presence(presence)  # the gateway's own domain (DESIGN 9)
+            return
         self.presence_driver.on_presence(presence)
 
     def _on_unconfirmed(self, messages: list[ChatMessage]) -> None:
@@ -191,6 +217,7 @@ class Gateway:
         self.health.report(Part.XMPP, up, "component stream " + ("up" if up else "down"))
         self.presence_driver.on_link(up)
         self.rooms.on_link(up)
+        self.transports.on_link(up)
         if up:
             self._own(self.router.retry_due())
 
@@ -204,6 +231,7 @@ class Gateway:
             await self.status.start()
         await self.presence_driver.start()
         await self.rooms.start()
+        await self.transports.start()
         link = asyncio.create_task(self.xmpp.run(self.rooms))
         sweeper = asyncio.create_task(
             sweep_queue(
@@ -230,6 +258,7 @@ class Gateway:
             # closed, it would read "endpoint closed" as a peer's timeout and end subscriptions.
             await self.presence_driver.stop(timeout=5.0)
             await self.rooms.stop(timeout=5.0)
+            await self.transports.stop(timeout=5.0)
             await self.sipgate.drain(timeout=10.0)
             await self.router.drain(timeout=10.0)
             await self._tasks.wait(timeout=10.0)

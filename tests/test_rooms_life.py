@@ -550,10 +550,12 @@ def test_addresses_that_cannot_be_mapped_are_refused() -> None:
         gw.sip("hi", to="sip:a*b*c@elsewhere.org")
 
 
-def test_transport_and_domain_addresses_are_not_rooms() -> None:
+def test_transport_addresses_ask_disco_of_themselves_and_domains_are_not_rooms() -> None:
     gw = Gateway()
+    # DESIGN 3.3: a transport hosts rooms and people under one domain; its answer for the
+    # address itself decides (tests/test_transports.py follows both outcomes).
     to = "sip:%23chan*irc.example.net@irc.xmpp.test"
-    assert gw.sip("hi", to=to) == [PassToChat(SipText(ALICE, to, "hi"))]
+    assert gw.sip("hi", to=to) == [DiscoverService("#chan%irc.example.net@irc.xmpp.test")]
     to = "sip:xmpp.test@jabber.sip.test"
     assert gw.sip("hi", to=to) == [PassToChat(SipText(ALICE, to, "hi"))]
 

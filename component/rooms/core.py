@@ -109,9 +109,11 @@ class RoomsCore:
             target = self.book.xmpp_target_for_sip_uri(msg.to_uri)
         except AddressError as exc:
             raise Refusal(exc.sip_status, exc.sip_reason, exc.xmpp_condition, exc.text) from None
-        if target.transport is not None or "@" not in target.jid:
+        if "@" not in target.jid:
             return [PassToChat(msg)]
-        domain = target.jid.partition("@")[2]
+        # DESIGN 3.3: a transport hosts rooms and people under one domain (biboumi's
+        # #chan%server and nick%server), so disco#info on the address itself tells them apart.
+        domain = target.jid if target.transport is not None else target.jid.partition("@")[2]
         if SeatKey(aor, target.jid) in self.seats:
             return self._dispatch(msg, aor, target, ServiceKind.MUC, now, deferred=False)
         kind = self.services.kind(domain, now)
@@ -447,6 +449,34 @@ class RoomsCore:
                 seat.silent = True
             seat.detach()
         return []
+
+    # --- transports going down and coming back (DESIGN 9) -----------------------------------
+
+    def _seats_on(self, domain: str) -> list[Seat]:
+        return [seat for seat in self.seats.values() if seat.room.partition("@")[2] == domain]
+
+    def transport_down(self, domain: str, now: float) -> list[Effect]:
+        """A transport stopped answering: its seats wait detached; each member is told once."""
+        told: dict[str, list[str]] = {}
+        for seat in self._seats_on(domain):
+            if seat.state in (SeatState.JOINED, SeatState.REJOINING):
+                seat.silent = True
+            seat.detach()
+            told.setdefault(seat.key.aor, []).append(seat.room)
+        return [Notice(aor, texts.transport_down(domain, rooms)) for aor, rooms in told.items()]
+
+    def transport_up(self, domain: str, now: float) -> list[Effect]:
+        """A transport answers again: its seats are rejoined, and each member is told."""
+        effects: list[Effect] = []
+        told: dict[str, list[str]] = {}
+        for seat in self._seats_on(domain):
+            if seat.state is SeatState.DETACHED and self.link_is_up:
+                effects += seat.join(self._user(seat.key.aor), now, silent=True)
+                told.setdefault(seat.key.aor, []).append(seat.room)
+        notices: list[Effect] = [
+            Notice(aor, texts.transport_up(domain, rooms)) for aor, rooms in told.items()
+        ]
+        return notices + effects
 
     # --- timers -----------------------------------------------------------------------------
 

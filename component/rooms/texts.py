@@ -210,3 +210,16 @@ def message_not_sent(room: str, why: str) -> str:
 def not_a_room_service(domain: str) -> str:
     """Disco said ``domain`` hosts no chat rooms (DESIGN 3.2)."""
     return f"{domain} is not a chat room service."
+
+
+def transport_down(domain: str, rooms: list[str]) -> str:
+    """A transport hosting the user's rooms stopped answering (DESIGN 9)."""
+    return (
+        f"The transport {domain} is down: you are out of {', '.join(sorted(rooms))} until it is "
+        "back, then the gateway rejoins you."
+    )
+
+
+def transport_up(domain: str, rooms: list[str]) -> str:
+    """A transport is back; the user's rooms on it are being rejoined (DESIGN 9)."""
+    return f"The transport {domain} is back up: rejoining {', '.join(sorted(rooms))}."

@@ -298,12 +298,12 @@ class RoomsDriver:
         self._call(lambda now: self.core.on_service_info(info, now))
 
     def take_text(self, msg: SipText) -> bool | None:
-        """``RoomTexts``: a MESSAGE to a jdomain address through the room core."""
+        """``RoomTexts``: a MESSAGE to a jdomain or transport address through the room core."""
         try:
             target = self.book.classify_request_uri(msg.to_uri)
         except AddressError:
             return False  # messaging refuses it with the right words
-        if not isinstance(target, XmppTarget) or target.transport is not None:
+        if not isinstance(target, XmppTarget):
             return False
         effects = self.core.on_sip_text(msg, self.clock())
         passed = any(isinstance(e, PassToChat) and e.text is msg for e in effects)
@@ -392,6 +392,11 @@ class RoomsDriver:
     def on_link(self, up: bool) -> None:
         """The XMPP link came up (rejoin every seat) or went down (seats wait, detached)."""
         self._call(self.core.link_up if up else self.core.link_down)
+
+    def transport_changed(self, domain: str, up: bool) -> None:
+        """A transport went down (its seats wait, members are told) or came back (rejoined)."""
+        core = self.core
+        self._call(lambda now: (core.transport_up if up else core.transport_down)(domain, now))
 
     # --- lifecycle ----------------------------------------------------------------------------
 

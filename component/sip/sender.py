@@ -11,7 +11,7 @@ from component.logs import get_logger
 from sipside.endpoint import Endpoint, make_request
 from sipside.errors import TransactionTimeout, TransportError
 from sipside.headers import quote_warning
-from sipside.message import new_call_id, new_tag
+from sipside.message import SipRequest, new_call_id, new_tag
 
 log = get_logger("component.sip.sender")
 
@@ -46,6 +46,21 @@ class SipSender:
             headers=[("Content-Type", "text/plain; charset=UTF-8")],
             body=body.encode("utf-8"),
         )
+        return await self._final_status(request, to_uri)
+
+    async def options(self, uri: str, from_uri: str) -> int:
+        """OPTIONS to ``uri`` (RFC 3261 11), a health check; the final status as for MESSAGE."""
+        request = make_request(
+            "OPTIONS",
+            uri,
+            from_=f"<{from_uri}>;tag={new_tag()}",
+            to=f"<{uri}>",
+            call_id=new_call_id(),
+            headers=[("Accept", "application/sdp")],
+        )
+        return await self._final_status(request, uri)
+
+    async def _final_status(self, request: SipRequest, to_uri: str) -> int:
         try:
             response = await self.endpoint.request(request)
         except TransactionTimeout:

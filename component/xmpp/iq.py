@@ -122,6 +122,8 @@ class IqResponder:
     gateway_jid_for: Callable[[str], str] | None = None
     gateway_desc: str = "Enter the SIP address of the person you want to contact."
     gateway_prompt: str = "SIP address"
+    #: (JID, name) of the items the component domain lists (the alias transports, DESIGN 9).
+    disco_items: Callable[[], list[tuple[str, str]]] | None = None
     _domain_disco: str = field(init=False, default="")
     _user_disco: str = field(init=False, default="")
     _ua_disco: str = field(init=False, default="")
@@ -161,7 +163,13 @@ class IqResponder:
             assert payload is not None
             if payload.get("node"):
                 raise Rejected("item-not-found", "cancel", "no such node")
-            return _query_text(NS_DISCO_ITEMS)  # XEP-0030 4: no items to list
+            if not at_domain or self.disco_items is None:
+                return _query_text(NS_DISCO_ITEMS)  # XEP-0030 4: no items to list
+            items = "".join(
+                f'<item jid="{attr_escape(jid)}"{attr("name", name)}/>'
+                for jid, name in self.disco_items()
+            )
+            return _query_text(NS_DISCO_ITEMS, items)
         if type_ == "get" and tag == f"{{{NS_VERSION}}}query":
             inner = f"<name>sipxmpp</name><version>{text_escape(self.version)}</version>"
             return _query_text(NS_VERSION, inner)

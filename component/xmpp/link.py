@@ -108,6 +108,7 @@ class XmppLink:
         gateway_jid_for: Callable[[str], str] | None = None,
         gateway_desc: str = "Enter the SIP address of the person you want to contact.",
         gateway_prompt: str = "SIP address",
+        disco_items: Callable[[], list[tuple[str, str]]] | None = None,
         connect_timeout: float = 10.0,
         handshake_timeout: float = 10.0,
         on_unconfirmed: Callable[[list[ChatMessage]], None] = lambda msgs: None,
@@ -139,6 +140,7 @@ class XmppLink:
             gateway_jid_for=gateway_jid_for,
             gateway_desc=gateway_desc,
             gateway_prompt=gateway_prompt,
+            disco_items=disco_items,
         )
         self._stream: Stream | None = None
         self._attempt: asyncio.Future[bool] | None = None
