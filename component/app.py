@@ -13,6 +13,7 @@ from typing import Any
 from component import __version__
 from component.addresses import AddressBook
 from component.logs import get_logger
+from component.messaging.notifications import Notifications
 from component.messaging.router import MessageRouter
 from component.presence.core import PresenceCore
 from component.rooms.core import RoomsCore
@@ -21,7 +22,7 @@ from component.rooms.ports import StoredMemberships
 from component.runtime.presence_driver import CoreSerial, PresenceDriver
 from component.runtime.rooms_driver import RoomsDriver
 from component.runtime.signal import UserOnlineSignal, UserStateSignal
-from component.runtime.sweeps import sweep_queue
+from component.runtime.sweeps import sweep_chat_states, sweep_queue
 from component.runtime.tasks import TaskOwner
 from component.settings import Settings
 from component.sip.gate import SipGate, proxy_hosts
@@ -86,7 +87,7 @@ class Gateway:
             self.book,
             driver=self.presence_serial,
             transactions=ClientTransactions(self.endpoint, self.presence_serial),
-            sender=SipSender(self.endpoint),
+            sender=SipSender(self.endpoint, cache_time=settings.timers.cache_time),
             store=store,
             presence=lambda sip_port: PresenceCore(
                 self.book,
@@ -124,6 +125,16 @@ class Gateway:
         # DESIGN 4: messaging, with presence's registrar commands (5.4); it listens for users
         # coming online to retry what waits for them.
         limits = settings.limits
+        timers = settings.timers
+        # DESIGN 4.3: typing and receipts; message ids kept while a notification can come (the
+        # message may wait delay_time, a read marker come cache_time after that).
+        self.notifications = Notifications(
+            self.book,
+            self.xmpp,
+            self.sip_side,
+            clock=time.time,
+            keep=timers.delay_time + timers.cache_time,
+        )
         self.router = MessageRouter(
             self.book,
             self.xmpp,
@@ -136,6 +147,7 @@ class Gateway:
             queue=limits.queue,
             per_recipient=limits.queue_per_recipient,
             rooms=self.rooms,
+            notifications=self.notifications,
         )
         self.user_online.connect(self.router.user_online)
         # Last, the SIP gate routes requests to both; run() starts the endpoint with it.
@@ -195,6 +207,7 @@ class Gateway:
                 clock=time.time,
             )
         )
+        typing = asyncio.create_task(sweep_chat_states(self.notifications))
         log.info(
             "gateway_started",
             component=self.settings.xmpp.component,
@@ -215,10 +228,11 @@ class Gateway:
             await self.router.drain(timeout=10.0)
             await self._tasks.wait(timeout=10.0)
             sweeper.cancel()
+            typing.cancel()
             await self.xmpp.stop()
             await self._tasks.wait(timeout=5.0)  # what the closing link left unconfirmed
             link.cancel()
-            await asyncio.gather(link, sweeper, return_exceptions=True)
+            await asyncio.gather(link, sweeper, typing, return_exceptions=True)
             await self.endpoint.close()
             await self.store.release_claims(self.router.instance, time.time())
             log.info("gateway_stopped")
