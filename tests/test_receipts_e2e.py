@@ -44,6 +44,16 @@ async def world(
         yield w
 
 
+@pytest.fixture
+async def carol(world: tuple[RunningGateway, KamailioServer]) -> AsyncIterator[RawUser]:
+    """A SIP user on a raw UDP socket, registered at Kamailio."""
+    user = await RawUser.register(world[1])
+    try:
+        yield user
+    finally:
+        user.close()
+
+
 class RawUser:
     """A SIP user agent on a raw UDP socket, registered at Kamailio: it sees every byte."""
 
@@ -197,115 +207,93 @@ async def test_typing_both_ways_with_pjsip(
 
 
 async def test_lapsed_sip_typing_is_paused(
-    world: tuple[RunningGateway, KamailioServer], xmpp_client_factory: ClientFactory
+    carol: RawUser, xmpp_client_factory: ClientFactory
 ) -> None:
-    _, kamailio = world
-    carol = await RawUser.register(kamailio)
-    try:
-        bob = await xmpp_client_factory("bob")
-        body = (
-            b"<?xml version='1.0' encoding='UTF-8'?>"
-            b"<isComposing xmlns='urn:ietf:params:xml:ns:im-iscomposing'>"
-            b"<state>active</state><refresh>1</refresh></isComposing>"
-        )
-        carol.send(
-            "MESSAGE", _uri_of(bob), body=body, content_type="application/im-iscomposing+xml"
-        )
-        assert (await carol.response()).status == 200
-        sender = component_jid(carol.uri)
-        await _stanza(bob, sender, lambda m: _child(m, NS_STATES, "composing") is not None)
-        # no refresh within 1 s: the gateway says paused
-        paused = await _stanza(bob, sender, lambda m: _child(m, NS_STATES, "paused") is not None)
-        assert not paused["body"]
-    finally:
-        carol.close()
+    bob = await xmpp_client_factory("bob")
+    body = (
+        b"<?xml version='1.0' encoding='UTF-8'?>"
+        b"<isComposing xmlns='urn:ietf:params:xml:ns:im-iscomposing'>"
+        b"<state>active</state><refresh>1</refresh></isComposing>"
+    )
+    carol.send("MESSAGE", _uri_of(bob), body=body, content_type="application/im-iscomposing+xml")
+    assert (await carol.response()).status == 200
+    sender = component_jid(carol.uri)
+    await _stanza(bob, sender, lambda m: _child(m, NS_STATES, "composing") is not None)
+    # no refresh within 1 s: the gateway says paused
+    paused = await _stanza(bob, sender, lambda m: _child(m, NS_STATES, "paused") is not None)
+    assert not paused["body"]
 
 
 # --- receipts and read markers -------------------------------------------------------------------
 
 
 async def test_receipt_and_read_marker_xmpp_to_sip(
-    world: tuple[RunningGateway, KamailioServer], xmpp_client_factory: ClientFactory
+    carol: RawUser, xmpp_client_factory: ClientFactory
 ) -> None:
-    _, kamailio = world
-    carol = await RawUser.register(kamailio)
-    try:
-        bob = await xmpp_client_factory("bob")
-        carol_jid = component_jid(carol.uri)
-        sent_id = _send(
-            bob,
-            carol_jid,
-            "did you read this?",
-            f"<request xmlns='{NS_RECEIPTS}'/>",
-            f"<markable xmlns='{NS_MARKERS}'/>",
+    bob = await xmpp_client_factory("bob")
+    carol_jid = component_jid(carol.uri)
+    sent_id = _send(
+        bob,
+        carol_jid,
+        "did you read this?",
+        f"<request xmlns='{NS_RECEIPTS}'/>",
+        f"<markable xmlns='{NS_MARKERS}'/>",
+    )
+    got = await carol.message()
+    wrapper = _cpim(got)
+    assert wrapper.text() == "did you read this?"
+    request = imdn.requested(wrapper)
+    assert request is not None
+    assert request.notifications == {"positive-delivery", "negative-delivery", "display"}
+    for status, name in (
+        (imdn.Disposition.DELIVERED, "received"),
+        (imdn.Disposition.DISPLAYED, "displayed"),
+    ):
+        note = _notification(wrapper, status, carol.uri, _uri_of(bob))
+        carol.send("MESSAGE", _uri_of(bob), body=note, content_type="message/cpim")
+        assert (await carol.response()).status == 200
+        ns = NS_RECEIPTS if name == "received" else NS_MARKERS
+        marker = await _stanza(
+            bob, carol_jid, lambda m, ns=ns, name=name: _child(m, ns, name) is not None
         )
-        got = await carol.message()
-        wrapper = _cpim(got)
-        assert wrapper.text() == "did you read this?"
-        request = imdn.requested(wrapper)
-        assert request is not None
-        assert request.notifications == {"positive-delivery", "negative-delivery", "display"}
-        for status, name in (
-            (imdn.Disposition.DELIVERED, "received"),
-            (imdn.Disposition.DISPLAYED, "displayed"),
-        ):
-            note = _notification(wrapper, status, carol.uri, _uri_of(bob))
-            carol.send("MESSAGE", _uri_of(bob), body=note, content_type="message/cpim")
-            assert (await carol.response()).status == 200
-            ns = NS_RECEIPTS if name == "received" else NS_MARKERS
-            marker = await _stanza(
-                bob, carol_jid, lambda m, ns=ns, name=name: _child(m, ns, name) is not None
-            )
-            assert _child(marker, ns, name).get("id") == sent_id  # type: ignore[union-attr]
-            assert not marker["body"]
-    finally:
-        carol.close()
+        assert _child(marker, ns, name).get("id") == sent_id  # type: ignore[union-attr]
+        assert not marker["body"]
 
 
 async def test_receipt_and_read_marker_sip_to_xmpp(
-    world: tuple[RunningGateway, KamailioServer], xmpp_client_factory: ClientFactory
+    carol: RawUser, xmpp_client_factory: ClientFactory
 ) -> None:
-    _, kamailio = world
-    carol = await RawUser.register(kamailio)
-    try:
-        bob = await xmpp_client_factory("bob")
-        when = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
-        headers = imdn.request_headers(
-            "carol-msg-1", when, ("positive-delivery", "negative-delivery", "display")
+    bob = await xmpp_client_factory("bob")
+    when = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    headers = imdn.request_headers(
+        "carol-msg-1", when, ("positive-delivery", "negative-delivery", "display")
+    )
+    wrapped = cpim.wrap(carol.uri, _uri_of(bob), b"please confirm", extra_headers=headers)
+    carol.send("MESSAGE", _uri_of(bob), body=cpim.build(wrapped), content_type="message/cpim")
+    assert (await carol.response()).status == 202
+    msg = await _stanza(bob, component_jid(carol.uri), lambda m: bool(m["body"]))
+    assert msg["body"] == "please confirm"
+    assert _child(msg, NS_RECEIPTS, "request") is not None
+    assert _child(msg, NS_MARKERS, "markable") is not None
+    for ns, name, disposition in (
+        (NS_RECEIPTS, "received", imdn.Disposition.DELIVERED),
+        (NS_MARKERS, "displayed", imdn.Disposition.DISPLAYED),
+    ):
+        _send(bob, str(msg["from"]), None, f"<{name} xmlns='{ns}' id='{msg['id']}'/>")
+        got = await carol.message()
+        wrapper = _cpim(got)
+        # from the address the original was sent to
+        assert wrapper.sender() == _uri_of(bob)
+        assert _uri_of(bob) in (got.header("From") or "")
+        note = imdn.decode_notification(wrapper.body, wrapper.content_type)
+        assert (note.message_id, note.date_time, note.status) == (
+            "carol-msg-1",
+            when,
+            disposition,
         )
-        wrapped = cpim.wrap(
-            carol.uri, _uri_of(bob), b"please confirm", extra_headers=headers
-        )
-        carol.send("MESSAGE", _uri_of(bob), body=cpim.build(wrapped), content_type="message/cpim")
-        assert (await carol.response()).status == 202
-        msg = await _stanza(bob, component_jid(carol.uri), lambda m: bool(m["body"]))
-        assert msg["body"] == "please confirm"
-        assert _child(msg, NS_RECEIPTS, "request") is not None
-        assert _child(msg, NS_MARKERS, "markable") is not None
-        for ns, name, disposition in (
-            (NS_RECEIPTS, "received", imdn.Disposition.DELIVERED),
-            (NS_MARKERS, "displayed", imdn.Disposition.DISPLAYED),
-        ):
-            _send(bob, str(msg["from"]), None, f"<{name} xmlns='{ns}' id='{msg['id']}'/>")
-            got = await carol.message()
-            wrapper = _cpim(got)
-            # from the address the original was sent to
-            assert wrapper.sender() == _uri_of(bob)
-            assert _uri_of(bob) in (got.header("From") or "")
-            note = imdn.decode_notification(wrapper.body, wrapper.content_type)
-            assert (note.message_id, note.date_time, note.status) == (
-                "carol-msg-1",
-                when,
-                disposition,
-            )
-    finally:
-        carol.close()
 
 
-async def test_negative_receipts(
-    world: tuple[RunningGateway, KamailioServer], xmpp_client_factory: ClientFactory
-) -> None:
-    _, kamailio = world
+async def test_negative_receipts(carol: RawUser, xmpp_client_factory: ClientFactory) -> None:
     bob = await xmpp_client_factory("bob")
     # an unregistered SIP user: the final SIP failure is an error stanza for the receipt request
     sent_id = _send(
@@ -314,49 +302,40 @@ async def test_negative_receipts(
     err = await _stanza(bob, "never-registered@sip.xmpp.test", lambda m: m["type"] == "error")
     assert err["id"] == sent_id and err["error"]["condition"] == "item-not-found"
     # a registered one whose client says failed: an error stanza too
-    carol = await RawUser.register(kamailio)
-    try:
-        carol_jid = component_jid(carol.uri)
-        sent_id = _send(bob, carol_jid, "this fails", f"<request xmlns='{NS_RECEIPTS}'/>")
-        wrapper = _cpim(await carol.message())
-        note = _notification(wrapper, imdn.Disposition.FAILED, carol.uri, _uri_of(bob))
-        carol.send("MESSAGE", _uri_of(bob), body=note, content_type="message/cpim")
-        assert (await carol.response()).status == 200
-        err = await _stanza(bob, carol_jid, lambda m: m["type"] == "error")
-        assert err["id"] == sent_id and err["error"]["condition"] == "recipient-unavailable"
-    finally:
-        carol.close()
+    carol_jid = component_jid(carol.uri)
+    sent_id = _send(bob, carol_jid, "this fails", f"<request xmlns='{NS_RECEIPTS}'/>")
+    wrapper = _cpim(await carol.message())
+    note = _notification(wrapper, imdn.Disposition.FAILED, carol.uri, _uri_of(bob))
+    carol.send("MESSAGE", _uri_of(bob), body=note, content_type="message/cpim")
+    assert (await carol.response()).status == 200
+    err = await _stanza(bob, carol_jid, lambda m: m["type"] == "error")
+    assert err["id"] == sent_id and err["error"]["condition"] == "recipient-unavailable"
 
 
 async def test_415_falls_back_to_plain_text_and_is_remembered(
-    world: tuple[RunningGateway, KamailioServer], xmpp_client_factory: ClientFactory
+    carol: RawUser, xmpp_client_factory: ClientFactory
 ) -> None:
-    _, kamailio = world
-    carol = await RawUser.register(kamailio)
-    try:
-        bob = await xmpp_client_factory("bob")
-        carol_jid = component_jid(carol.uri)
-        refuse = (415, "Unsupported Media Type", "Accept: text/plain")
-        _send(bob, carol_jid, "first", f"<request xmlns='{NS_RECEIPTS}'/>")
-        assert (await carol.message(answer=refuse)).header("Content-Type") == "message/cpim"
-        again = await carol.message()
-        assert (again.header("Content-Type") or "").startswith("text/plain")
-        assert again.body == "first"  # the same message at once, nothing lost
-        _send(bob, carol_jid, "second", f"<request xmlns='{NS_RECEIPTS}'/>")
-        second = await carol.message()
-        assert (second.header("Content-Type") or "").startswith("text/plain")
-        assert second.body == "second"
-        # isComposing refused once: no more typing to that client
-        _send(bob, carol_jid, None, f"<composing xmlns='{NS_STATES}'/>")
-        typing = await carol.message(answer=refuse)
-        assert typing.header("Content-Type") == "application/im-iscomposing+xml"
-        _send(bob, carol_jid, None, f"<paused xmlns='{NS_STATES}'/>")
-        _send(bob, carol_jid, None, f"<composing xmlns='{NS_STATES}'/>")
-        bob.send_chat(carol_jid, "third")
-        third = await carol.message()
-        assert third.body == "third"  # the typing in between never reached the client
-    finally:
-        carol.close()
+    bob = await xmpp_client_factory("bob")
+    carol_jid = component_jid(carol.uri)
+    refuse = (415, "Unsupported Media Type", "Accept: text/plain")
+    _send(bob, carol_jid, "first", f"<request xmlns='{NS_RECEIPTS}'/>")
+    assert (await carol.message(answer=refuse)).header("Content-Type") == "message/cpim"
+    again = await carol.message()
+    assert (again.header("Content-Type") or "").startswith("text/plain")
+    assert again.body == "first"  # the same message at once, nothing lost
+    _send(bob, carol_jid, "second", f"<request xmlns='{NS_RECEIPTS}'/>")
+    second = await carol.message()
+    assert (second.header("Content-Type") or "").startswith("text/plain")
+    assert second.body == "second"
+    # isComposing refused once: no more typing to that client
+    _send(bob, carol_jid, None, f"<composing xmlns='{NS_STATES}'/>")
+    typing = await carol.message(answer=refuse)
+    assert typing.header("Content-Type") == "application/im-iscomposing+xml"
+    _send(bob, carol_jid, None, f"<paused xmlns='{NS_STATES}'/>")
+    _send(bob, carol_jid, None, f"<composing xmlns='{NS_STATES}'/>")
+    bob.send_chat(carol_jid, "third")
+    third = await carol.message()
+    assert third.body == "third"  # the typing in between never reached the client
 
 
 # --- corrections and late messages ---------------------------------------------------------------
@@ -387,24 +366,19 @@ async def test_correction_reaches_sip_as_text_that_says_so(
 
 
 async def test_late_message_carries_its_original_time(
-    world: tuple[RunningGateway, KamailioServer], xmpp_client_factory: ClientFactory
+    carol: RawUser, xmpp_client_factory: ClientFactory
 ) -> None:
-    _, kamailio = world
-    carol = await RawUser.register(kamailio)
-    try:
-        bob = await xmpp_client_factory("bob")
-        _send(bob, component_jid(carol.uri), "written before you came back")
-        first = await carol.message(answer=(480, "Temporarily Unavailable", ""))
-        assert (first.header("Content-Type") or "").startswith("text/plain")
-        first_seen = datetime.datetime.now(datetime.UTC)
-        late = await carol.message(timeout=30)  # the retry queue's next attempt
-        late_seen = datetime.datetime.now(datetime.UTC)
-        wrapper = _cpim(late)
-        assert wrapper.text() == "written before you came back"
-        written = wrapper.date_time()
-        assert written is not None
-        # the time it was written (before the first attempt), not the time of the retry
-        assert written <= first_seen
-        assert late_seen - written > datetime.timedelta(seconds=1)
-    finally:
-        carol.close()
+    bob = await xmpp_client_factory("bob")
+    _send(bob, component_jid(carol.uri), "written before you came back")
+    first = await carol.message(answer=(480, "Temporarily Unavailable", ""))
+    assert (first.header("Content-Type") or "").startswith("text/plain")
+    first_seen = datetime.datetime.now(datetime.UTC)
+    late = await carol.message(timeout=30)  # the retry queue's next attempt
+    late_seen = datetime.datetime.now(datetime.UTC)
+    wrapper = _cpim(late)
+    assert wrapper.text() == "written before you came back"
+    written = wrapper.date_time()
+    assert written is not None
+    # the time it was written (before the first attempt), not the time of the retry
+    assert written <= first_seen
+    assert late_seen - written > datetime.timedelta(seconds=1)
