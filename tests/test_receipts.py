@@ -466,3 +466,18 @@ def test_format_markable_and_displayed() -> None:
     shown = format_message(ChatMessage(ALICE_JID, BOB, None, id="j", displayed_for="i"))
     assert '<displayed xmlns="urn:xmpp:chat-markers:0" id="i"/>' in shown
     assert "<body" not in shown
+
+
+async def test_unconfirmed_after_link_loss_keeps_receipt_request_typing_dropped(
+    world: World,
+) -> None:
+    _answer(world, _sip("lost?", imdn=ImdnAsk("imdn-9", 1.0, delivery=True, display=True)))
+    _answer(world, _sip(composing=Composing(True, 30)))
+    written = list(world.xmpp.sent)
+    world.xmpp.sent.clear()
+    await world.router.requeue_unconfirmed(written)  # the link went away before the ping
+    world.clock.now += 1
+    await world.router.retry_due()
+    [again] = world.xmpp.sent
+    assert (again.id, again.body) == (written[0].id, "lost?")
+    assert again.receipt_request and again.markable

@@ -55,13 +55,17 @@ async def carol(world: tuple[RunningGateway, KamailioServer]) -> AsyncIterator[R
 
 
 class RawUser:
-    """A SIP user agent on a raw UDP socket, registered at Kamailio: it sees every byte."""
+    """A SIP user agent on a raw UDP socket, registered at Kamailio: it sees every byte, and
+    answers OPTIONS with an Accept that lists CPIM and isComposing (RFC 3261 11.2)."""
+
+    ACCEPT = "Accept: text/plain, message/cpim, application/im-iscomposing+xml"
 
     def __init__(self, peer: RawSipPeer, kamailio: KamailioServer, user: str) -> None:
         self.peer = peer
         self.proxy = (LOOPBACK, kamailio.port)
         self.uri = f"sip:{user}@{SIP_DOMAIN}"
         self._stash: list[RawSip] = []
+        self.options = 0  # OPTIONS answered
 
     @classmethod
     async def register(cls, kamailio: KamailioServer) -> RawUser:
@@ -104,9 +108,13 @@ class RawUser:
         deadline = loop.time() + timeout
         while True:
             msg = await self.peer.next(max(deadline - loop.time(), 0.01))
-            if wanted(msg):
+            if msg.method == "OPTIONS":
+                self.options += 1
+                self.peer.send(msg.response(200, "OK", self.ACCEPT), msg.source)
+            elif wanted(msg):
                 return msg
-            self._stash.append(msg)
+            else:
+                self._stash.append(msg)
 
     async def response(self, timeout: float = 10.0) -> RawSip:
         """The next final response."""
@@ -382,3 +390,19 @@ async def test_late_message_carries_its_original_time(
     # the time it was written (before the first attempt), not the time of the retry
     assert written <= first_seen
     assert late_seen - written > datetime.timedelta(seconds=1)
+
+
+async def test_client_without_cpim_gets_plain_text_for_receipt_requests(
+    world: tuple[RunningGateway, KamailioServer],
+    pjsip_agent: PjsipAgent,
+    xmpp_client_factory: ClientFactory,
+) -> None:
+    """PJSIP takes any body and would show a CPIM wrapper as text; its OPTIONS Accept lacks
+    message/cpim, so a receipt request reaches it as plain text (receipts quietly off)."""
+    _, kamailio = world
+    alice = await pjsip_agent.add_account(f"alice{next(_users)}", kamailio)
+    bob = await xmpp_client_factory("bob")
+    _send(bob, component_jid(alice.uri), "receipt please", f"<request xmlns='{NS_RECEIPTS}'/>")
+    got = await alice.next_message()
+    assert got.body == "receipt please"
+    assert got.content_type.startswith("text/plain")

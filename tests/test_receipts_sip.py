@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from component.sip.bodies import decode_body
-from component.sip.media import MediaRefusals, accepts
+from component.sip.media import MediaSupport, accepts
 from component.sip.sender import SipSender
 from component.values import Composing, ImdnAsk, ImdnNews, ImdnStatus
 from sipside import cpim, imdn, iscomposing
@@ -105,30 +105,51 @@ def test_accepts(accept: str | None, media: str, ok: bool) -> None:
     assert accepts(accept, media) is ok
 
 
-def test_refusals_expire_and_are_bounded() -> None:
-    memory = MediaRefusals(600.0, max_entries=2)
-    memory.remember("sip:a@x", "message/cpim", 0.0)
-    assert memory.refuses("sip:a@x", "message/cpim", 599.0)
-    assert not memory.refuses("sip:a@x", "message/cpim", 600.0)
+def test_support_expires_and_is_bounded() -> None:
+    memory = MediaSupport(600.0, max_entries=2)
+    memory.remember("sip:a@x", "message/cpim", False, 0.0)
+    assert memory.takes("sip:a@x", "message/cpim", 599.0) is False
+    assert memory.takes("sip:a@x", "message/cpim", 600.0) is None
     for n in range(3):
-        memory.remember(f"sip:{n}@x", "message/cpim", 1.0)
-    assert len(memory) == 2 and not memory.refuses("sip:0@x", "message/cpim", 2.0)
+        memory.remember(f"sip:{n}@x", "message/cpim", True, 1.0)
+    assert len(memory) == 2 and memory.takes("sip:0@x", "message/cpim", 2.0) is None
+    assert memory.takes("sip:2@x", "message/cpim", 2.0) is True
 
 
 # --- MESSAGEs out --------------------------------------------------------------------------------
 
 
-class FakeEndpoint:
-    """Answers each request with the next scripted (status, headers); records the requests."""
+EVERYTHING = "text/plain, message/cpim, application/im-iscomposing+xml"
 
-    def __init__(self, *answers: tuple[int, tuple[tuple[str, str], ...]]) -> None:
+
+class FakeEndpoint:
+    """Answers each MESSAGE with the next scripted (status, headers), OPTIONS with ``options``
+    (status, Accept); records the requests."""
+
+    def __init__(
+        self,
+        *answers: tuple[int, tuple[tuple[str, str], ...]],
+        options: tuple[int, str | None] = (200, EVERYTHING),
+    ) -> None:
         self.answers = list(answers)
+        self.options = options
         self.requests: list[SipRequest] = []
 
     async def request(self, request: SipRequest) -> SipResponse:
         self.requests.append(request)
+        if request.method == "OPTIONS":
+            status, accept = self.options
+            return SipResponse(status, "X", () if accept is None else (("Accept", accept),))
         status, headers = self.answers.pop(0) if self.answers else (200, ())
         return SipResponse(status, "X", headers)
+
+    @property
+    def messages(self) -> list[SipRequest]:
+        return [r for r in self.requests if r.method == "MESSAGE"]
+
+    @property
+    def probes(self) -> int:
+        return sum(r.method == "OPTIONS" for r in self.requests)
 
 
 class Clock:
@@ -143,7 +164,7 @@ def _sender(endpoint: FakeEndpoint, clock: Clock) -> SipSender:
 
 
 def _content_types(endpoint: FakeEndpoint) -> list[str | None]:
-    return [r.header("Content-Type") for r in endpoint.requests]
+    return [r.header("Content-Type") for r in endpoint.messages]
 
 
 async def test_imdn_request_goes_in_cpim() -> None:
@@ -153,7 +174,7 @@ async def test_imdn_request_goes_in_cpim() -> None:
         from_uri="sip:b*x@j", to_uri="sip:alice@sip.test", body="héllo", imdn=ask
     )
     assert status == 200
-    [request] = endpoint.requests
+    [request] = endpoint.messages
     assert request.header("Content-Type") == "message/cpim"
     parsed = cpim.parse(request.body)
     assert parsed.text() == "héllo"
@@ -167,7 +188,7 @@ async def test_late_text_carries_its_datetime() -> None:
     await _sender(endpoint, Clock()).send_text(
         from_uri="sip:b*x@j", to_uri="sip:alice@sip.test", body="late", sent_at=WHEN.timestamp()
     )
-    parsed = cpim.parse(endpoint.requests[0].body)
+    parsed = cpim.parse(endpoint.messages[0].body)
     assert parsed.date_time() == WHEN and parsed.text() == "late"
     assert imdn.requested(parsed) is None
 
@@ -179,7 +200,7 @@ async def test_415_to_cpim_resends_plain_and_remembers_for_cache_time() -> None:
     args: dict[str, Any] = {"from_uri": "sip:b*x@j", "to_uri": "sip:alice@sip.test"}
     assert await sender.send_text(body="one", imdn=ask, **args) == 200
     assert _content_types(endpoint) == ["message/cpim", "text/plain; charset=UTF-8"]
-    assert endpoint.requests[1].body == b"one"  # the same text, nothing lost
+    assert endpoint.messages[1].body == b"one"  # the same text, nothing lost
     clock.now += 599
     await sender.send_text(body="two", imdn=ask, **args)
     assert _content_types(endpoint)[2:] == ["text/plain; charset=UTF-8"]
@@ -189,7 +210,7 @@ async def test_415_to_cpim_resends_plain_and_remembers_for_cache_time() -> None:
         )
         == 415
     )  # receipts quietly off for that client: nothing sent
-    assert len(endpoint.requests) == 3
+    assert len(endpoint.messages) == 3 and endpoint.probes == 1
     clock.now += 1  # cache_time over: CPIM is tried again
     await sender.send_text(body="three", imdn=ask, **args)
     assert _content_types(endpoint)[3:] == ["message/cpim"]
@@ -200,7 +221,7 @@ async def test_415_that_accepts_cpim_is_not_a_media_refusal() -> None:
     status = await _sender(endpoint, Clock()).send_text(
         from_uri="sip:b*x@j", to_uri="sip:alice@sip.test", body="x", imdn=ImdnAsk("o", 1.0)
     )
-    assert status == 415 and len(endpoint.requests) == 1
+    assert status == 415 and len(endpoint.messages) == 1
 
 
 async def test_415_to_iscomposing_stops_typing_to_that_client() -> None:
@@ -209,7 +230,7 @@ async def test_415_to_iscomposing_stops_typing_to_that_client() -> None:
     args: dict[str, Any] = {"from_uri": "sip:b*x@j", "to_uri": "sip:alice@sip.test"}
     assert await sender.send_composing(active=True, refresh=60, **args) == 415
     assert await sender.send_composing(active=False, refresh=None, **args) == 415
-    assert len(endpoint.requests) == 1
+    assert len(endpoint.messages) == 1
     # text and CPIM still go to that client
     await sender.send_text(body="x", imdn=ImdnAsk("o", 1.0), **args)
     assert _content_types(endpoint)[1:] == ["message/cpim"]
@@ -228,7 +249,7 @@ async def test_composing_and_notification_bodies() -> None:
         sent_at=WHEN.timestamp(),
         status=ImdnStatus.DISPLAYED,
     )
-    typing, note = endpoint.requests
+    typing, note = endpoint.messages
     doc = iscomposing.decode(typing.body, typing.header("Content-Type"))
     assert (doc.state, doc.refresh) == (iscomposing.ComposingState.ACTIVE, 60)
     wrapper = cpim.parse(note.body)
@@ -240,3 +261,41 @@ async def test_composing_and_notification_bodies() -> None:
         WHEN,
         imdn.Disposition.DISPLAYED,
     )
+
+
+@pytest.mark.parametrize(
+    ("options", "cpim_ok", "typing_ok", "remembered"),
+    [
+        ((200, EVERYTHING), True, True, True),
+        # PJSIP's answer: it takes isComposing, and shows CPIM as raw text, so gets none
+        ((200, "application/sdp, text/plain, application/im-iscomposing+xml"), False, True, True),
+        ((200, None), False, False, True),  # says nothing of what it takes: plain only
+        ((405, None), False, False, True),  # no OPTIONS: plain only
+        ((404, None), False, False, False),  # offline now: plain this time, asked again later
+        ((408, None), False, False, False),
+    ],
+)
+async def test_options_decides_cpim_and_typing(
+    options: tuple[int, str | None], cpim_ok: bool, typing_ok: bool, remembered: bool
+) -> None:
+    endpoint, clock = FakeEndpoint(options=options), Clock()
+    sender = _sender(endpoint, clock)
+    args: dict[str, Any] = {"from_uri": "sip:b*x@j", "to_uri": "sip:alice@sip.test"}
+    for body in ("one", "two"):
+        await sender.send_text(body=body, imdn=ImdnAsk("o", 1.0), **args)
+    typing = await sender.send_composing(active=True, refresh=60, **args)
+    expected = "message/cpim" if cpim_ok else "text/plain; charset=UTF-8"
+    assert _content_types(endpoint)[:2] == [expected, expected]
+    assert (typing != 415) is typing_ok
+    assert endpoint.probes == (1 if remembered else 3)
+    clock.now += 600  # cache_time over: asked again
+    await sender.send_text(body="three", imdn=ImdnAsk("o", 1.0), **args)
+    assert endpoint.probes == (2 if remembered else 4)
+
+
+async def test_plain_text_needs_no_probe() -> None:
+    endpoint = FakeEndpoint(options=(200, "text/plain"))
+    await _sender(endpoint, Clock()).send_text(
+        from_uri="sip:b*x@j", to_uri="sip:alice@sip.test", body="plain"
+    )
+    assert endpoint.probes == 0 and endpoint.messages[0].body == b"plain"

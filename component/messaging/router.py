@@ -449,6 +449,8 @@ class MessageRouter:
                 "html": msg.html,
                 "id": msg.id,
                 "stamp": msg.delay_stamp,
+                "receipt": msg.receipt_request,
+                "markable": msg.markable,
             }
             message = NewMessage(
                 MessageDirection.SIP_TO_XMPP,

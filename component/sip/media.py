@@ -1,11 +1,13 @@
-"""What each SIP client turned down (DESIGN 4.3): CPIM and isComposing, remembered a while.
+"""What each SIP client takes beyond plain text (DESIGN 4.3): CPIM and isComposing.
 
-A client that answers 415 to ``message/cpim`` (with an ``Accept`` that lacks it) gets its
-messages as ``text/plain`` from then on, and one that answers 415 to
-``application/im-iscomposing+xml`` gets no typing notifications, each for ``cache_time``
-seconds: long enough not to pay a 415 per message, short enough that a client that was
-upgraded or re-registered with another device is tried again. Bounded: the oldest entries go
-first when ``max_entries`` is reached.
+Many SIP clients take any MESSAGE body and show it as it is, so sending CPIM or isComposing to
+a client that does not understand them puts raw headers or XML on its screen. The gateway
+asks first: an OPTIONS to the recipient (RFC 3261 11), whose ``Accept`` lists what it takes,
+and sends CPIM or isComposing only to a client that lists them. A 415 (with an ``Accept``
+that lacks the type) says the same after the fact. Either answer is remembered for
+``cache_time`` seconds: long enough not to ask per message, short enough that a client that
+was upgraded or re-registered from another device is asked again. Bounded: the oldest entries
+go first when ``max_entries`` is reached.
 """
 
 from __future__ import annotations
@@ -38,32 +40,32 @@ def accepts(accept: str | None, media: str) -> bool:
     return False
 
 
-class MediaRefusals:
-    """(recipient AOR, media type) pairs a recipient refused, each until its expiry time."""
+class MediaSupport:
+    """(recipient AOR, media type) -> whether the recipient takes it, each until its expiry."""
 
     def __init__(self, cache_time: float, max_entries: int = MAX_ENTRIES) -> None:
         self.cache_time = cache_time
         self.max_entries = max_entries
-        self._until: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._known: OrderedDict[tuple[str, str], tuple[float, bool]] = OrderedDict()
 
-    def refuses(self, aor: str, media: str, now: float) -> bool:
-        """True while ``aor`` is known not to take ``media``."""
+    def takes(self, aor: str, media: str, now: float) -> bool | None:
+        """True or False while known; None when it is not (never asked, or forgotten)."""
         key = (aor, media)
-        until = self._until.get(key)
-        if until is None:
-            return False
-        if until <= now:
-            del self._until[key]
-            return False
-        return True
+        known = self._known.get(key)
+        if known is None:
+            return None
+        if known[0] <= now:
+            del self._known[key]
+            return None
+        return known[1]
 
-    def remember(self, aor: str, media: str, now: float) -> None:
-        """``aor`` answered 415 to ``media``: send it none for ``cache_time``."""
+    def remember(self, aor: str, media: str, takes: bool, now: float) -> None:
+        """What ``aor`` said of ``media``, for ``cache_time``."""
         key = (aor, media)
-        self._until.pop(key, None)
-        self._until[key] = now + self.cache_time
-        while len(self._until) > self.max_entries:
-            self._until.popitem(last=False)
+        self._known.pop(key, None)
+        self._known[key] = (now + self.cache_time, takes)
+        while len(self._known) > self.max_entries:
+            self._known.popitem(last=False)
 
     def __len__(self) -> int:
-        return len(self._until)
+        return len(self._known)

@@ -3,9 +3,9 @@
 Requests go through the proxy (``sip.proxy``); the features see only the final status. Text is
 ``text/plain``, or CPIM (RFC 3862) when it carries an IMDN request or the time it was written
 (DESIGN 4.3); typing is an RFC 3994 isComposing body; notifications are RFC 5438 IMDN in CPIM.
-A recipient that answers 415 to CPIM gets the same text again as ``text/plain`` at once, and
-:class:`~component.sip.media.MediaRefusals` remembers it (and a 415 to isComposing) for
-``cache_time``.
+CPIM and isComposing go only to a client whose OPTIONS ``Accept`` lists them (see
+:mod:`component.sip.media`); one that answers 415 to CPIM anyway gets the same text again as
+``text/plain`` at once. Both answers are remembered for ``cache_time``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from component.logs import get_logger
-from component.sip.media import MediaRefusals, accepts
+from component.sip.media import MediaSupport, accepts
 from component.values import ImdnAsk, ImdnStatus
 from sipside import cpim, imdn, iscomposing
 from sipside.endpoint import Endpoint, make_request
@@ -28,8 +28,10 @@ from sipside.message import SipResponse, new_call_id, new_tag
 log = get_logger("component.sip.sender")
 
 PLAIN = "text/plain; charset=UTF-8"
-#: Status the features see for what was not sent because the recipient refuses its media.
+#: Status the features see for what was not sent because the recipient does not take it.
 NOT_SENT = 415
+CPIM = cpim.CPIM_CONTENT_TYPE
+TYPING = iscomposing.ISCOMPOSING_CONTENT_TYPE
 
 _DISPOSITIONS = {
     ImdnStatus.DELIVERED: (imdn.NotificationKind.DELIVERY, imdn.Disposition.DELIVERED),
@@ -83,7 +85,7 @@ class SipSender:
     ) -> None:
         self.endpoint = endpoint
         self.clock = clock
-        self.refusals = MediaRefusals(cache_time)
+        self.support = MediaSupport(cache_time)
 
     async def send_text(
         self,
@@ -97,13 +99,11 @@ class SipSender:
     ) -> int:
         """A MESSAGE through the proxy; the final status, 408/503 for timeouts/failures.
 
-        With ``imdn`` or ``sent_at`` the text goes in CPIM, unless the recipient refuses CPIM:
-        then, and after a 415 that says so, as plain text (receipts quietly off, DESIGN 4.3).
+        With ``imdn`` or ``sent_at`` the text goes in CPIM to a recipient that takes CPIM, else
+        as plain text (receipts quietly off, DESIGN 4.3); so after a 415 to CPIM.
         """
         payload = body.encode("utf-8")
-        if (imdn is None and sent_at is None) or self.refusals.refuses(
-            to_uri, cpim.CPIM_CONTENT_TYPE, self.clock()
-        ):
+        if (imdn is None and sent_at is None) or not await self._takes(from_uri, to_uri, CPIM):
             return _status(await self._send(from_uri, to_uri, PLAIN, payload, from_display))
         headers: tuple[tuple[str, str], ...]
         if imdn is not None:
@@ -115,10 +115,10 @@ class SipSender:
             assert sent_at is not None
             headers = (("DateTime", cpim.format_datetime(_utc(sent_at))),)
         wrapped = cpim.build(cpim.wrap(from_uri, to_uri, payload, PLAIN, headers))
-        answer = await self._send(from_uri, to_uri, cpim.CPIM_CONTENT_TYPE, wrapped, from_display)
-        if _refused(answer, cpim.CPIM_CONTENT_TYPE):
-            self.refusals.remember(to_uri, cpim.CPIM_CONTENT_TYPE, self.clock())
-            log.info("sip_media_refused", sip_uri=to_uri, media=cpim.CPIM_CONTENT_TYPE)
+        answer = await self._send(from_uri, to_uri, CPIM, wrapped, from_display)
+        if _refused(answer, CPIM):
+            self.support.remember(to_uri, CPIM, False, self.clock())
+            log.info("sip_media_refused", sip_uri=to_uri, media=CPIM)
             return _status(await self._send(from_uri, to_uri, PLAIN, payload, from_display))
         return _status(answer)
 
@@ -126,23 +126,23 @@ class SipSender:
         self, *, from_uri: str, to_uri: str, active: bool, refresh: int | None
     ) -> int:
         """RFC 3994 isComposing, active with ``refresh`` or idle; 415 unsent for a client
-        that refused it within ``cache_time``."""
-        media = iscomposing.ISCOMPOSING_CONTENT_TYPE
-        if self.refusals.refuses(to_uri, media, self.clock()):
+        that does not take it."""
+        if not await self._takes(from_uri, to_uri, TYPING):
             return NOT_SENT
         state = iscomposing.ComposingState.ACTIVE if active else iscomposing.ComposingState.IDLE
         doc = iscomposing.IsComposing(state, refresh if active else None, "text/plain")
-        answer = await self._send(from_uri, to_uri, media, iscomposing.encode(doc), None)
-        if _refused(answer, media):
-            self.refusals.remember(to_uri, media, self.clock())
-            log.info("sip_media_refused", sip_uri=to_uri, media=media)
+        answer = await self._send(from_uri, to_uri, TYPING, iscomposing.encode(doc), None)
+        if _refused(answer, TYPING):
+            self.support.remember(to_uri, TYPING, False, self.clock())
+            log.info("sip_media_refused", sip_uri=to_uri, media=TYPING)
         return _status(answer)
 
     async def send_notification(
         self, *, from_uri: str, to_uri: str, message_id: str, sent_at: float, status: ImdnStatus
     ) -> int:
-        """An RFC 5438 notification in CPIM, from the address the message was sent to."""
-        if self.refusals.refuses(to_uri, cpim.CPIM_CONTENT_TYPE, self.clock()):
+        """An RFC 5438 notification in CPIM, from the address the message was sent to; its
+        recipient asked for it in CPIM, so it takes CPIM unless it said otherwise since."""
+        if self.support.takes(to_uri, CPIM, self.clock()) is False:
             return NOT_SENT
         kind, disposition = _DISPOSITIONS[status]
         note = imdn.DispositionNotification(
@@ -152,20 +152,52 @@ class SipSender:
             note, from_uri, to_uri, secrets.token_hex(8), _utc(self.clock())
         )
         body = cpim.build(message)
-        answer = await self._send(from_uri, to_uri, cpim.CPIM_CONTENT_TYPE, body, None)
+        answer = await self._send(from_uri, to_uri, CPIM, body, None)
         return _status(answer)
+
+    async def _takes(self, from_uri: str, to_uri: str, media: str) -> bool:
+        """Whether ``to_uri`` takes ``media``: known, or asked with an OPTIONS (RFC 3261 11).
+
+        The answer's Accept is remembered for both media types. An answer that says nothing
+        of the recipient (404 or 480 while it is offline, a timeout) is not remembered, and
+        the message goes as plain text.
+        """
+        known = self.support.takes(to_uri, media, self.clock())
+        if known is not None:
+            return known
+        answer = await self._request("OPTIONS", from_uri, to_uri, [], b"", None)
+        if isinstance(answer, int) or (answer.status >= 300 and answer.status not in (405, 501)):
+            return False
+        accept = answer.header("Accept") if answer.status < 300 else ""
+        now = self.clock()
+        for kind in (CPIM, TYPING):
+            self.support.remember(to_uri, kind, accept is not None and accepts(accept, kind), now)
+        log.info("sip_media_probed", sip_uri=to_uri, status=answer.status, accept=accept)
+        return bool(self.support.takes(to_uri, media, now))
 
     async def _send(
         self, from_uri: str, to_uri: str, content_type: str, body: bytes, display: str | None
     ) -> SipResponse | int:
+        headers = [("Content-Type", content_type)]
+        return await self._request("MESSAGE", from_uri, to_uri, headers, body, display)
+
+    async def _request(
+        self,
+        method: str,
+        from_uri: str,
+        to_uri: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        display: str | None,
+    ) -> SipResponse | int:
         shown = f'"{quote_warning(display)}" ' if display else ""
         request = make_request(
-            "MESSAGE",
+            method,
             to_uri,
             from_=f"{shown}<{from_uri}>;tag={new_tag()}",
             to=f"<{to_uri}>",
             call_id=new_call_id(),
-            headers=[("Content-Type", content_type)],
+            headers=headers,
             body=body,
         )
         try:
