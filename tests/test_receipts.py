@@ -3,6 +3,7 @@ fake XMPP link and a recording SIP side, on the in-memory store and a fake clock
 
 from __future__ import annotations
 
+import asyncio
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
@@ -481,3 +482,48 @@ async def test_unconfirmed_after_link_loss_keeps_receipt_request_typing_dropped(
     [again] = world.xmpp.sent
     assert (again.id, again.body) == (written[0].id, "lost?")
     assert again.receipt_request and again.markable
+
+
+async def test_sip_refresh_is_capped(world: World) -> None:
+    _answer(world, _sip(composing=Composing(True, 99_999)))
+    world.clock.now += 300  # MAX_REFRESH: typing is not kept for a day
+    await world.router.notes.expire()
+    assert [m.chat_state for m in world.xmpp.sent] == ["composing", "paused"]
+
+
+class SlowSip(RecordingSip):
+    """Holds each isComposing until the test releases it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def send_composing(
+        self, *, from_uri: str, to_uri: str, active: bool, refresh: int | None
+    ) -> int:
+        status = await super().send_composing(
+            from_uri=from_uri, to_uri=to_uri, active=active, refresh=refresh
+        )
+        await self.release.wait()
+        return status
+
+
+@pytest.mark.parametrize(("first", "sent"), [(200, [True, False]), (415, [True])])
+async def test_states_while_one_is_in_flight_keep_only_the_latest(
+    memory_store: MemoryStore, first: int, sent: list[bool]
+) -> None:
+    xmpp, sip = FakeXmpp(), SlowSip()
+    sip.statuses = [first]
+    router = MessageRouter(
+        BOOK, xmpp, sip, memory_store, FakeCommands(), clock=Clock(), delay_time=90
+    )
+    states = ["composing", "paused", "composing", "paused"]
+    tasks = [
+        asyncio.create_task(router.on_xmpp_message(ChatMessage(BOB, ALICE_JID, None, chat_state=s)))
+        for s in states
+    ]
+    await asyncio.sleep(0)
+    sip.release.set()
+    await asyncio.gather(*tasks)
+    # the first in flight; of the three that came meanwhile only the last one, once answered
+    assert [s.active for s in sip.sent] == sent

@@ -55,6 +55,8 @@ V = TypeVar("V")
 TYPING_REFRESH = 60
 #: RFC 3994 3.3: an ``active`` without ``refresh`` lapses after 120 s.
 DEFAULT_REFRESH = 120
+#: A longer ``refresh`` from a SIP client is cut to this: typing is kept only so long.
+MAX_REFRESH = 300
 MAX_ENTRIES = 50_000
 _QUOTE = 60  # characters of the corrected message quoted in a correction
 _IMDN_ID = re.compile(r"[\x21-\x7e]{1,256}")  # RFC 5438 Message-ID: visible ASCII
@@ -164,6 +166,8 @@ class Notifications:
         # Who was told "typing", until when: (from, to) as that side names them.
         self.typing_to_sip: dict[tuple[str, str], float] = {}
         self.typing_to_xmpp: dict[tuple[str, str], float] = {}
+        # Pairs with a state in flight to SIP -> the state waiting for it to be answered.
+        self._inflight: dict[tuple[str, str], bool | None] = {}
         self._prefix = os.urandom(4).hex()
         self._ids = 0
         self.counters = {"chat_states": 0, "receipts": 0, "dropped": 0}
@@ -196,7 +200,7 @@ class Notifications:
         assert msg.composing is not None
         pair, now = (sender, recipient), self.clock()
         if msg.composing.active:
-            refresh = msg.composing.refresh or DEFAULT_REFRESH
+            refresh = min(msg.composing.refresh or DEFAULT_REFRESH, MAX_REFRESH)
             self.typing_to_xmpp[pair] = now + refresh
             self._state_to_xmpp(pair, "composing")
         elif self.typing_to_xmpp.pop(pair, None) is not None:
@@ -268,6 +272,23 @@ class Notifications:
             await self._state_to_sip(pair, active=False)
 
     async def _state_to_sip(self, pair: tuple[str, str], *, active: bool) -> None:
+        """One state in flight per pair: a state that comes meanwhile replaces any that waits
+        (only the latest is news), and goes once the one in flight is answered, never before
+        it (a proxy's workers reorder requests in flight at once)."""
+        if pair in self._inflight:
+            self._inflight[pair] = active
+            return
+        self._inflight[pair] = None
+        try:
+            wanted: bool | None = active
+            while wanted is not None:
+                if not await self._send_state(pair, active=wanted):
+                    break  # what waited is dropped too
+                wanted, self._inflight[pair] = self._inflight[pair], None
+        finally:
+            del self._inflight[pair]
+
+    async def _send_state(self, pair: tuple[str, str], *, active: bool) -> bool:
         from_uri, to_uri = pair
         status = await self.sip.send_composing(
             from_uri=from_uri,
@@ -277,11 +298,12 @@ class Notifications:
         )
         if status < 300:
             self.counters["chat_states"] += 1
-            return
+            return True
         # Never queued, never retried: a client that takes no typing (415) hears no more of
         # it (the SIP side remembers that), and stale typing is noise.
         self.counters["dropped"] += 1
         self.typing_to_sip.pop(pair, None)
+        return False
 
     async def _xmpp_marker(self, msg: ChatMessage) -> None:
         """``<received/>`` or ``<displayed/>`` for a message from SIP: an IMDN back to its

@@ -19,7 +19,8 @@ from typing import Protocol
 from component.logs import get_logger
 from component.sip.media import MediaSupport, accepts
 from component.values import ImdnAsk, ImdnStatus
-from sipside import cpim, imdn, iscomposing
+from sipside import cpim, iscomposing
+from sipside import imdn as rfc5438
 from sipside.endpoint import Endpoint, make_request
 from sipside.errors import TransactionTimeout, TransportError
 from sipside.headers import quote_warning
@@ -34,9 +35,9 @@ CPIM = cpim.CPIM_CONTENT_TYPE
 TYPING = iscomposing.ISCOMPOSING_CONTENT_TYPE
 
 _DISPOSITIONS = {
-    ImdnStatus.DELIVERED: (imdn.NotificationKind.DELIVERY, imdn.Disposition.DELIVERED),
-    ImdnStatus.FAILED: (imdn.NotificationKind.DELIVERY, imdn.Disposition.FAILED),
-    ImdnStatus.DISPLAYED: (imdn.NotificationKind.DISPLAY, imdn.Disposition.DISPLAYED),
+    ImdnStatus.DELIVERED: (rfc5438.NotificationKind.DELIVERY, rfc5438.Disposition.DELIVERED),
+    ImdnStatus.FAILED: (rfc5438.NotificationKind.DELIVERY, rfc5438.Disposition.FAILED),
+    ImdnStatus.DISPLAYED: (rfc5438.NotificationKind.DISPLAY, rfc5438.Disposition.DISPLAYED),
 }
 
 
@@ -145,10 +146,10 @@ class SipSender:
         if self.support.takes(to_uri, CPIM, self.clock()) is False:
             return NOT_SENT
         kind, disposition = _DISPOSITIONS[status]
-        note = imdn.DispositionNotification(
+        note = rfc5438.DispositionNotification(
             message_id, _utc(sent_at), kind, disposition, recipient_uri=from_uri
         )
-        message = imdn.notification_message(
+        message = rfc5438.notification_message(
             note, from_uri, to_uri, secrets.token_hex(8), _utc(self.clock())
         )
         body = cpim.build(message)
@@ -215,7 +216,7 @@ def imdn_request_headers(
     """CPIM headers of a message with its IMDN identity (and DateTime), asking ``notify``."""
     if not notify:
         return (("DateTime", cpim.format_datetime(_utc(sent_at))),)
-    return imdn.request_headers(message_id, _utc(sent_at), notify)
+    return rfc5438.request_headers(message_id, _utc(sent_at), notify)
 
 
 def _status(answer: SipResponse | int) -> int:
