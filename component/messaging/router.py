@@ -366,12 +366,14 @@ class MessageRouter:
                     self._idle.set()
 
     async def _send_to_sip(self, pair: Pair, outgoing: _Outgoing) -> None:
-        msg, to_uri = outgoing.msg, outgoing.to_uri
+        msg, from_uri, to_uri = outgoing.msg, outgoing.from_uri, outgoing.to_uri
         if self.queue.holds(pair):
             # An earlier message of this conversation waits in the store: this one waits too.
             await self._store_for_sip(outgoing, "behind a stored message")
             return
-        status = await self._send_text(outgoing)
+        status = await self.sip.send_text(
+            from_uri=from_uri, to_uri=to_uri, body=msg.body or "", imdn=outgoing.ask
+        )
         if status < 300:
             self.counters["xmpp_to_sip"] += 1
             log.info("message_relayed", jid=msg.sender, sip_uri=to_uri, status=status)
@@ -390,15 +392,6 @@ class MessageRouter:
             condition=refusal.xmpp_condition,
         )
         self.xmpp.refuse(msg, refusal)
-
-    async def _send_text(self, outgoing: _Outgoing) -> int:
-        """The MESSAGE of an XMPP message; in CPIM with its IMDN request when it asked one."""
-        msg, from_uri, to_uri = outgoing.msg, outgoing.from_uri, outgoing.to_uri
-        if outgoing.ask is None:
-            return await self.sip.send_text(from_uri=from_uri, to_uri=to_uri, body=msg.body or "")
-        return await self.sip.send_text(
-            from_uri=from_uri, to_uri=to_uri, body=msg.body or "", imdn=outgoing.ask
-        )
 
     async def _store_for_sip(self, outgoing: _Outgoing, reason: str) -> None:
         msg, from_uri, to_uri = outgoing.msg, outgoing.from_uri, outgoing.to_uri
