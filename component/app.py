@@ -129,7 +129,6 @@ class Gateway:
         # DESIGN 4.3: typing and receipts; message ids kept while a notification can come (the
         # message may wait delay_time, a read marker come cache_time after that).
         self.notifications = Notifications(
-            self.book,
             self.xmpp,
             self.sip_side,
             clock=time.time,

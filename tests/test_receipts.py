@@ -323,6 +323,7 @@ async def test_sip_imdn_failed_is_an_error_stanza(world: World) -> None:
         ALICE_JID,
         "recipient-unavailable",
     )
+    assert err.text == "alice@sip.test reports the message was not delivered"
     assert world.xmpp.sent == []
 
 

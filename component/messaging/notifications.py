@@ -31,7 +31,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
-from component.addresses import AddressBook, bare_jid
+from component.addresses import bare_jid
 from component.errors import Refusal
 from component.logs import get_logger
 from component.ports import Clock, SipPort, XmppPort
@@ -147,7 +147,6 @@ class Notifications:
 
     def __init__(
         self,
-        book: AddressBook,
         xmpp: XmppPort,
         sip: SipPort,
         *,
@@ -155,7 +154,6 @@ class Notifications:
         keep: float,
         typing_refresh: int = TYPING_REFRESH,
     ) -> None:
-        self.book = book
         self.xmpp = xmpp
         self.sip = sip
         self.clock = clock
@@ -193,7 +191,7 @@ class Notifications:
         if msg.composing is not None:
             return self._sip_composing(msg, recipient, sender)
         if msg.notification is not None:
-            self._sip_notification(msg.notification, msg.from_uri, msg.to_uri)
+            self._sip_notification(msg.notification, msg.from_uri)
         return OK
 
     def _sip_composing(self, msg: SipText, recipient: str, sender: str) -> SipAnswer:
@@ -215,7 +213,7 @@ class Notifications:
         else:
             self.counters["dropped"] += 1
 
-    def _sip_notification(self, news: ImdnNews, from_uri: str, to_uri: str) -> None:
+    def _sip_notification(self, news: ImdnNews, from_uri: str) -> None:
         """The SIP recipient's IMDN about a message from XMPP: a receipt, a marker, an error."""
         now = self.clock()
         key = (from_uri, news.message_id)
@@ -227,7 +225,7 @@ class Notifications:
         if news.status is ImdnStatus.FAILED:
             self.from_xmpp.pop(key, now)
             stub = ChatMessage(sent.xmpp_sender, sender, None, id=sent.stanza_id)
-            self.xmpp.refuse(stub, _not_delivered(to_uri))
+            self.xmpp.refuse(stub, _not_delivered(from_uri))
             return
         if news.status is ImdnStatus.DELIVERED and sent.ask.delivery:
             receipt = ChatMessage(

@@ -128,7 +128,7 @@ class MessageRouter:
         # they pass back is one-to-one chat. None: a gateway without rooms (tests).
         self.rooms = rooms
         # DESIGN 4.3: typing, receipts and read markers; ids kept at least delay_time.
-        self.notes = notifications or Notifications(book, xmpp, sip, clock=clock, keep=delay_time)
+        self.notes = notifications or Notifications(xmpp, sip, clock=clock, keep=delay_time)
         self.counters.update(requeued=0, unconfirmed_dropped=0)  # DESIGN 8: link lost
 
     # --- SIP -> XMPP (DESIGN 4.1) ---------------------------------------------------------------
