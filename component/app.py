@@ -14,6 +14,7 @@ from component import __version__
 from component.addresses import AddressBook, bare_jid
 from component.http.status import GatewayMetrics, StatusServer
 from component.logs import get_logger
+from component.messaging.notifications import Notifications
 from component.messaging.router import MessageRouter
 from component.ports import Part
 from component.presence.core import PresenceCore
@@ -24,7 +25,7 @@ from component.runtime.health import Health, watch_database
 from component.runtime.presence_driver import CoreSerial, PresenceDriver
 from component.runtime.rooms_driver import RoomsDriver
 from component.runtime.signal import UserOnlineSignal, UserStateSignal
-from component.runtime.sweeps import sweep_queue
+from component.runtime.sweeps import sweep_chat_states, sweep_queue
 from component.runtime.tasks import TaskOwner
 from component.settings import Settings
 from component.sip.gate import SipGate, proxy_hosts
@@ -101,7 +102,7 @@ class Gateway:
         # requests and transactions through it); the SIP side builds the presence core with
         # itself as the core's SIP port; the driver then drives both.
         self.presence_serial = CoreSerial(clock=time.time)
-        self.sip_sender = SipSender(self.endpoint)
+        self.sip_sender = SipSender(self.endpoint, cache_time=settings.timers.cache_time)
         self.sip_side = SipSide(
             self.book,
             driver=self.presence_serial,
@@ -145,6 +146,15 @@ class Gateway:
         # DESIGN 4: messaging, with presence's registrar commands (5.4); it listens for users
         # coming online to retry what waits for them.
         limits = settings.limits
+        timers = settings.timers
+        # DESIGN 4.3: typing and receipts; message ids kept while a notification can come (the
+        # message may wait delay_time, a read marker come cache_time after that).
+        self.notifications = Notifications(
+            self.xmpp,
+            self.sip_side,
+            clock=time.time,
+            keep=timers.delay_time + timers.cache_time,
+        )
         self.router = MessageRouter(
             self.book,
             self.xmpp,
@@ -157,6 +167,7 @@ class Gateway:
             queue=limits.queue,
             per_recipient=limits.queue_per_recipient,
             rooms=self.rooms,
+            notifications=self.notifications,
         )
         self.user_online.connect(self.router.user_online)
         # DESIGN 3.3, 9: transports probed every check_time, the SIP proxy with OPTIONS; a
@@ -242,6 +253,7 @@ class Gateway:
             )
         )
         database = asyncio.create_task(watch_database(self.store))
+        typing = asyncio.create_task(sweep_chat_states(self.notifications))
         log.info(
             "gateway_started",
             component=self.settings.xmpp.component,
@@ -264,10 +276,11 @@ class Gateway:
             await self._tasks.wait(timeout=10.0)
             sweeper.cancel()
             database.cancel()
+            typing.cancel()
             await self.xmpp.stop()
             await self._tasks.wait(timeout=5.0)  # what the closing link left unconfirmed
             link.cancel()
-            await asyncio.gather(link, sweeper, database, return_exceptions=True)
+            await asyncio.gather(link, sweeper, database, typing, return_exceptions=True)
             await self.endpoint.close()
             self.health.report(Part.SIP, False, "closed")
             if self.status is not None:

@@ -14,6 +14,8 @@ from typing import Protocol
 from component.errors import Refusal
 from component.values import (
     ChatMessage,
+    ImdnAsk,
+    ImdnStatus,
     Presence,
     PresenceServerNews,
     Registration,
@@ -65,9 +67,32 @@ class SipPort(Protocol):
     SIP user."""
 
     async def send_text(
-        self, *, from_uri: str, to_uri: str, body: str, from_display: str | None = None
+        self,
+        *,
+        from_uri: str,
+        to_uri: str,
+        body: str,
+        from_display: str | None = None,
+        imdn: ImdnAsk | None = None,
+        sent_at: float | None = None,
     ) -> int:
-        """Send a MESSAGE; the final status (408 for a timeout, 503 for a transport failure)."""
+        """Send a MESSAGE; the final status (408 for a timeout, 503 for a transport failure).
+
+        ``imdn`` asks the recipient for notifications, ``sent_at`` says when it was written
+        (DESIGN 4.3); a recipient that takes neither gets the plain text."""
+        ...
+
+    async def send_composing(
+        self, *, from_uri: str, to_uri: str, active: bool, refresh: int | None
+    ) -> int:
+        """Tell ``to_uri`` that ``from_uri`` is typing (for ``refresh`` s) or stopped (RFC 3994);
+        the final status, 415 when the recipient takes no typing notifications."""
+        ...
+
+    async def send_notification(
+        self, *, from_uri: str, to_uri: str, message_id: str, sent_at: float, status: ImdnStatus
+    ) -> int:
+        """An RFC 5438 notification about ``message_id`` to its sender ``to_uri``."""
         ...
 
     async def notify_watch(self, watch: Watch, document: PresenceDocument, now: float) -> None:

@@ -33,6 +33,10 @@ class ChatMessage:
     delay_stamp: str | None = None  # XEP-0203 stamp (ISO 8601) for stored messages
     delay_from: str | None = None
     origin_id: str | None = None  # XEP-0359, kept by a room when it reflects a message
+    markable: bool = False  # XEP-0333 <markable/>
+    displayed_for: str | None = None  # XEP-0333 <displayed id=.../>
+    replaces: str | None = None  # XEP-0308 <replace id=.../>: corrects that message
+    link: str | None = None  # XEP-0066 <x xmlns="jabber:x:oob"><url> (XEP-0363 uploads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +176,46 @@ class SipText:
     call_id: str | None = None
     from_display: str | None = None
     html: str | None = None
+    composing: Composing | None = None  # an RFC 3994 isComposing body instead of text
+    imdn: ImdnAsk | None = None  # the CPIM wrapper asked for notifications (RFC 5438)
+    notification: ImdnNews | None = None  # an RFC 5438 notification instead of text
+    sent_at: float | None = None  # CPIM DateTime, seconds since the epoch
+
+
+@dataclass(frozen=True, slots=True)
+class Composing:
+    """An RFC 3994 composing indication: ``active`` (typing, for ``refresh`` seconds) or idle."""
+
+    active: bool
+    refresh: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImdnAsk:
+    """A message's RFC 5438 identity and the notifications its sender wants (DESIGN 4.3)."""
+
+    message_id: str
+    sent_at: float | None  # CPIM DateTime, which a notification must repeat
+    delivery: bool = True  # positive-delivery, negative-delivery (XEP-0184)
+    display: bool = False  # display (XEP-0333 markable)
+
+
+class ImdnStatus(enum.Enum):
+    """What an RFC 5438 notification says of a message (its status element)."""
+
+    DELIVERED = "delivered"
+    DISPLAYED = "displayed"
+    FAILED = "failed"  # failed, forbidden, error
+    PROCESSED = "processed"  # processed, stored: never asked for, so dropped
+
+
+@dataclass(frozen=True, slots=True)
+class ImdnNews:
+    """An RFC 5438 notification about ``message_id``, sent at ``sent_at``."""
+
+    message_id: str
+    status: ImdnStatus
+    sent_at: float
 
 
 @dataclass(frozen=True, slots=True)

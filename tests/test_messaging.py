@@ -9,7 +9,7 @@ from component.errors import Refusal
 from component.messaging.router import MessageRouter
 from component.store import MessageDirection
 from component.store.memory import MemoryStore
-from component.values import ChatMessage, Presence, SipAnswer, SipText, StanzaError
+from component.values import ChatMessage, ImdnAsk, Presence, SipAnswer, SipText, StanzaError
 from component.xmpp.stanzas import error_for
 
 BOOK = AddressBook(
@@ -67,7 +67,14 @@ class FakeSip:
         self.sent: list[tuple[str, str, str, str | None]] = []
 
     async def send_text(
-        self, *, from_uri: str, to_uri: str, body: str, from_display: str | None = None
+        self,
+        *,
+        from_uri: str,
+        to_uri: str,
+        body: str,
+        from_display: str | None = None,
+        imdn: ImdnAsk | None = None,
+        sent_at: float | None = None,
     ) -> int:
         self.sent.append((from_uri, to_uri, body, from_display))
         return self.statuses.pop(0) if self.statuses else 200

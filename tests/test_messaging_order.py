@@ -11,7 +11,7 @@ import pytest
 from component.messaging.conversations import Conversations, QueueFull
 from component.messaging.router import MessageRouter
 from component.store.memory import MemoryStore
-from component.values import ChatMessage, SipText
+from component.values import ChatMessage, ImdnAsk, SipText
 from tests.test_messaging import BOOK, Clock, FakeCommands, FakeXmpp
 
 ALICE = "sip:alice@sip.test"
@@ -42,7 +42,14 @@ class ScriptedSip:
         self._random = random.Random(seed)
 
     async def send_text(
-        self, *, from_uri: str, to_uri: str, body: str, from_display: str | None = None
+        self,
+        *,
+        from_uri: str,
+        to_uri: str,
+        body: str,
+        from_display: str | None = None,
+        imdn: ImdnAsk | None = None,
+        sent_at: float | None = None,
     ) -> int:
         pair = (from_uri, to_uri)
         self.sent.append((from_uri, to_uri, body))

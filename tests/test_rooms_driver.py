@@ -18,6 +18,7 @@ from component.store import MessageDirection
 from component.store.memory import MemoryStore
 from component.values import (
     ChatMessage,
+    ImdnAsk,
     Presence,
     RoomMessage,
     RoomPresence,
@@ -75,7 +76,14 @@ class FakeSip:
         self.texts: list[tuple[str, str, str | None]] = []
 
     async def send_text(
-        self, *, from_uri: str, to_uri: str, body: str, from_display: str | None = None
+        self,
+        *,
+        from_uri: str,
+        to_uri: str,
+        body: str,
+        from_display: str | None = None,
+        imdn: ImdnAsk | None = None,
+        sent_at: float | None = None,
     ) -> int:
         await asyncio.sleep(0.001 * (len(self.texts) % 3))  # answers take uneven time
         self.texts.append((from_uri, body, from_display))

@@ -273,7 +273,9 @@ def test_options_answers_for_what_the_uri_addresses(uri: str, status: int) -> No
     assert answered == status
     if status == 200:
         assert headers["Allow"] == "MESSAGE, SUBSCRIBE, NOTIFY, PUBLISH, REGISTER, OPTIONS"
-        assert headers["Accept"] == "text/plain, message/cpim, text/html"
+        assert headers["Accept"] == (
+            "text/plain, message/cpim, text/html, application/im-iscomposing+xml"
+        )
     else:
         assert "Warning" in headers
     assert core.seen == [] and presence.handled == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
@@ -119,6 +120,8 @@ MESSAGES = [
         receipt_for="r-9",
         delay_stamp="2026-01-02T03:04:05Z",
         delay_from="sip.xmpp.test",
+        markable=True,
+        displayed_for="d-3",
     ),
     ChatMessage("alice@sip.xmpp.test/sip", "room@conference.xmpp.test", None, chat_state="paused"),
     ChatMessage("alice@sip.xmpp.test", "room@conference.xmpp.test", "line1\nline2\r\n\tx"),
@@ -129,7 +132,9 @@ MESSAGES = [
 @pytest.mark.parametrize("msg", MESSAGES)
 def test_message_round_trip(msg: ChatMessage) -> None:
     text = format_message(msg)
-    assert parse_message(_element(text), msg.sender, msg.recipient) == msg
+    # Every message we send carries its id as XEP-0359 origin-id too (DESIGN 8).
+    expected = dataclasses.replace(msg, origin_id=msg.origin_id or msg.id)
+    assert parse_message(_element(text), msg.sender, msg.recipient) == expected
 
 
 @pytest.mark.parametrize(

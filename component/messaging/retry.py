@@ -25,7 +25,7 @@ from component.store import (
     StorePort,
     StoreUnavailable,
 )
-from component.values import ChatMessage
+from component.values import ChatMessage, ImdnAsk
 
 log = get_logger("component.messaging")
 
@@ -92,8 +92,15 @@ class DurableQueue:
         self.counters["queued"] += 1
         return None
 
-    def for_sip(self, msg: ChatMessage, from_uri: str, to_uri: str, reason: str) -> NewMessage:
-        """The stored form of an XMPP message to a SIP user."""
+    def for_sip(
+        self,
+        msg: ChatMessage,
+        from_uri: str,
+        to_uri: str,
+        reason: str,
+        ask: ImdnAsk | None = None,
+    ) -> NewMessage:
+        """The stored form of an XMPP message to a SIP user, with its IMDN request."""
         now = self.clock()
         return NewMessage(
             MessageDirection.XMPP_TO_SIP,
@@ -109,6 +116,7 @@ class DurableQueue:
                 "to_jid": msg.recipient,
                 "id": msg.id,
                 "reason": reason,
+                "imdn": None if ask is None else [ask.message_id, ask.delivery, ask.display],
             },
         )
 
@@ -223,6 +231,8 @@ class DurableQueue:
                 body=queued.body,
                 id=extra.get("id") or self._new_id(),  # a re-send keeps its id (DESIGN 8)
                 html=extra.get("html"),
+                receipt_request=bool(extra.get("receipt")),
+                markable=bool(extra.get("markable")),
                 delay_stamp=extra.get("stamp") or _stamp(queued.created_at),
                 delay_from=self.book.component,
             )
@@ -234,11 +244,16 @@ class DurableQueue:
             next_at = min(now + LINK_RETRY, queued.deliver_by)
             await self.store.reschedule(queued.id, next_at, "xmpp link down")
             return next_at
+        # DESIGN 4.3: late, so the SIP user sees when it was written (CPIM DateTime).
+        imdn = extra.get("imdn")
+        ask = None if not imdn else ImdnAsk(str(imdn[0]), queued.created_at, *map(bool, imdn[1:]))
         status = await self.sip.send_text(
             from_uri=str(extra.get("from_uri")),
             to_uri=queued.recipient,
             body=queued.body,
             from_display=extra.get("from_display"),  # a room message's speaker (DESIGN 6)
+            imdn=ask,
+            sent_at=queued.created_at,
         )
         if status < 300:
             await self.store.mark_delivered(queued.id, now)

@@ -16,7 +16,7 @@ import itertools
 import os
 from collections import OrderedDict
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from component.addresses import (
     AddressBook,
@@ -29,11 +29,12 @@ from component.addresses import (
 from component.errors import Refusal, busy, not_found, refusal_for_sip_status
 from component.logs import get_logger
 from component.messaging.conversations import Conversations, Pair, QueueFull
+from component.messaging.notifications import Notifications
 from component.messaging.retry import RETRY_AFTER, DurableQueue
 from component.ports import Clock, RegistrarCommands, RoomTexts, SipPort, XmppPort
 from component.runtime.tasks import TaskOwner
 from component.store import MessageDirection, NewMessage, StorePort, StoreUnavailable
-from component.values import ChatMessage, SipAnswer, SipText, StanzaError
+from component.values import ChatMessage, ImdnAsk, SipAnswer, SipText, StanzaError
 
 log = get_logger("component.messaging")
 
@@ -53,9 +54,10 @@ class _Sent:
 class _Outgoing:
     """An XMPP message waiting for its turn, with the SIP addresses it goes between."""
 
-    msg: ChatMessage
+    msg: ChatMessage  # its body the SIP text (corrections and links said in words)
     from_uri: str
     to_uri: str
+    ask: ImdnAsk | None = None  # the IMDN request it carries (DESIGN 4.3)
 
 
 class MessageRouter:
@@ -82,6 +84,7 @@ class MessageRouter:
         max_inflight: int = 20,
         queue: int = 10_000,
         per_recipient: int = 100,
+        notifications: Notifications | None = None,
     ) -> None:
         self.book = book
         self.xmpp = xmpp
@@ -124,6 +127,8 @@ class MessageRouter:
         # DESIGN 6: MESSAGEs to room and occupant addresses go to the chat rooms; only what
         # they pass back is one-to-one chat. None: a gateway without rooms (tests).
         self.rooms = rooms
+        # DESIGN 4.3: typing, receipts and read markers; ids kept at least delay_time.
+        self.notes = notifications or Notifications(xmpp, sip, clock=clock, keep=delay_time)
         self.counters.update(requeued=0, unconfirmed_dropped=0)  # DESIGN 8: link lost
 
     # --- SIP -> XMPP (DESIGN 4.1) ---------------------------------------------------------------
@@ -131,6 +136,8 @@ class MessageRouter:
     def answer_now(self, msg: SipText) -> SipAnswer | None:
         """The hot path: 202 once ``msg`` is written to a live XMPP stream, or a raised Refusal;
         None when the answer must wait (:meth:`answer_later`)."""
+        if msg.composing is not None or msg.notification is not None:
+            return self._not_text(msg)
         if self.rooms is not None:
             taken = self.rooms.take_text(msg)
             if taken is None:
@@ -159,6 +166,14 @@ class MessageRouter:
             return ACCEPTED
         return await self._store_for_xmpp(msg, stanza)
 
+    def _not_text(self, msg: SipText) -> SipAnswer:
+        """Typing or an IMDN notification (DESIGN 4.3): relayed now or dropped, never stored."""
+        route = self._route(msg)
+        if route is None:
+            return SipAnswer(200, "OK")  # typing to the registrar: nobody to tell
+        target, sender = route
+        return self.notes.on_sip(msg, target.full_jid, f"{sender}/sip")
+
     async def _taken_by_rooms(self, msg: SipText) -> bool:
         """A MESSAGE that waited for service discovery: True when it turned out a room's."""
         rooms = self.rooms
@@ -175,13 +190,14 @@ class MessageRouter:
         return target, self.book.jid_for_sip_uri(msg.from_uri)
 
     def _stanza(self, msg: SipText, target: XmppTarget, sender: str) -> ChatMessage:
-        return ChatMessage(
+        stanza = ChatMessage(
             sender=f"{sender}/sip",
             recipient=target.full_jid,
             body=msg.body,
             id=self._new_id(),
             html=msg.html,
         )
+        return self.notes.dress(msg, stanza)
 
     def _relay(self, msg: SipText, stanza: ChatMessage) -> bool:
         if not self.xmpp.send_message(stanza):
@@ -204,7 +220,13 @@ class MessageRouter:
             created_at=now,
             deliver_by=now + self.delay_time,
             next_attempt_at=now,
-            extra={"from_jid": stanza.sender, "html": msg.html},
+            extra={
+                "from_jid": stanza.sender,
+                "html": msg.html,
+                "id": stanza.id,
+                "receipt": stanza.receipt_request,
+                "markable": stanza.markable,
+            },
         )
         refusal = await self.queue.put(message)
         if refusal is not None:
@@ -242,8 +264,12 @@ class MessageRouter:
             sent.popitem(last=False)
 
     def on_xmpp_error(self, err: StanzaError) -> Awaitable[None] | None:
-        """An error came back for a stanza we sent: tell the SIP sender (DESIGN 4.1, 4.4)."""
+        """An error came back for a stanza we sent: tell the SIP sender (DESIGN 4.1, 4.4), and
+        send the IMDN ``failed`` it asked for (4.3)."""
         sent = self._sent.pop(err.id, None) if err.id else None
+        failed = self.notes.on_xmpp_error(err)
+        if failed is not None:
+            self._tasks.own(self.notes.tell_failed(failed))
         if sent is None:
             log.info("xmpp_error_unmatched", jid=err.sender, condition=err.condition)
             return None
@@ -273,17 +299,22 @@ class MessageRouter:
         if msg.type == "groupchat":
             self.refuse_groupchat_to_person(msg)
             return
-        if msg.body is None:
-            return
+        text = self.notes.text_of(msg)
         try:
             to_uri = self.book.sip_uri_for_component_jid(bare_jid(msg.recipient))
             from_uri = self.book.sip_uri_for_jid(msg.sender)
         except AddressError as exc:
             self._refuse(msg, exc, "bad address")
             return
+        if text is None:
+            # DESIGN 4.3: a chat state, a receipt or a read marker; never queued.
+            await self.notes.on_xmpp(msg, from_uri, to_uri)
+            return
         pair = (bare_jid(msg.sender), to_uri)
+        ask = self.notes.ask_for(msg, from_uri, to_uri)
+        outgoing = _Outgoing(replace(msg, body=text), from_uri, to_uri, ask)
         try:
-            starts = self.conversations.offer(pair, _Outgoing(msg, from_uri, to_uri))
+            starts = self.conversations.offer(pair, outgoing)
         except QueueFull:
             waiting = self.conversations.waiting
             refusal = busy(f"gateway busy: {waiting} messages wait, try again", RETRY_AFTER)
@@ -340,7 +371,9 @@ class MessageRouter:
             # An earlier message of this conversation waits in the store: this one waits too.
             await self._store_for_sip(outgoing, "behind a stored message")
             return
-        status = await self.sip.send_text(from_uri=from_uri, to_uri=to_uri, body=msg.body or "")
+        status = await self.sip.send_text(
+            from_uri=from_uri, to_uri=to_uri, body=msg.body or "", imdn=outgoing.ask
+        )
         if status < 300:
             self.counters["xmpp_to_sip"] += 1
             log.info("message_relayed", jid=msg.sender, sip_uri=to_uri, status=status)
@@ -362,7 +395,8 @@ class MessageRouter:
 
     async def _store_for_sip(self, outgoing: _Outgoing, reason: str) -> None:
         msg, from_uri, to_uri = outgoing.msg, outgoing.from_uri, outgoing.to_uri
-        refusal = await self.queue.put(self.queue.for_sip(msg, from_uri, to_uri, reason))
+        stored = self.queue.for_sip(msg, from_uri, to_uri, reason, outgoing.ask)
+        refusal = await self.queue.put(stored)
         if refusal is not None:
             self._refuse(msg, refusal, f"not stored ({reason})")
             return
@@ -408,6 +442,8 @@ class MessageRouter:
                 "html": msg.html,
                 "id": msg.id,
                 "stamp": msg.delay_stamp,
+                "receipt": msg.receipt_request,
+                "markable": msg.markable,
             }
             message = NewMessage(
                 MessageDirection.SIP_TO_XMPP,

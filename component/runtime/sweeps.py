@@ -1,10 +1,12 @@
-"""Periodic sweeps (DESIGN 8, 10 ``sleep_time``): the message queue retried and expired."""
+"""Periodic sweeps (DESIGN 8, 10 ``sleep_time``): the message queue retried and expired; typing
+that nobody refreshed ended (DESIGN 4.3)."""
 
 from __future__ import annotations
 
 import asyncio
 
 from component.logs import get_logger
+from component.messaging.notifications import Notifications
 from component.messaging.router import MessageRouter
 from component.ports import Clock
 from component.store import StorePort, StoreUnavailable
@@ -29,4 +31,17 @@ async def sweep_queue(
             log.debug("queue_sweep_skipped", reason=str(exc))
         except Exception:
             log.exception("queue_sweep_failed")
+        await asyncio.sleep(interval)
+
+
+async def sweep_chat_states(notes: Notifications, *, interval: float = 1.0) -> None:
+    """Until cancelled: every ``interval`` seconds, end the typing whose refresh ran out.
+
+    A second is fine-grained enough: RFC 3994 refresh intervals are tens of seconds.
+    """
+    while True:
+        try:
+            await notes.expire()
+        except Exception:
+            log.exception("chat_state_sweep_failed")
         await asyncio.sleep(interval)

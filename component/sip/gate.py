@@ -249,6 +249,10 @@ class SipGate:
             call_id=request.call_id,
             from_display=from_addr.display or None,
             html=decoded.html,
+            composing=decoded.composing,
+            imdn=decoded.imdn,
+            notification=decoded.notification,
+            sent_at=decoded.sent_at,
         )
 
     async def _finish(self, incoming: IncomingRequest, work: Awaitable[SipAnswer | None]) -> None:

@@ -29,7 +29,7 @@ from component.sip.sender import TextSender
 from component.sip.transactions import Sends, Serial
 from component.sip.watch_dialogs import Answerable, WatchDialogs
 from component.store import StorePort, XmppWatcherSubscription
-from component.values import SipSubscription, SubscribeOutcome, Watch
+from component.values import ImdnAsk, ImdnStatus, SipSubscription, SubscribeOutcome, Watch
 from sipside.message import SipRequest
 from sipside.pidf import PresenceDocument
 
@@ -164,11 +164,39 @@ class SipSide:
     # --- SipPort ------------------------------------------------------------------------
 
     async def send_text(
-        self, *, from_uri: str, to_uri: str, body: str, from_display: str | None = None
+        self,
+        *,
+        from_uri: str,
+        to_uri: str,
+        body: str,
+        from_display: str | None = None,
+        imdn: ImdnAsk | None = None,
+        sent_at: float | None = None,
     ) -> int:
         """See ``SipPort``: a MESSAGE through the proxy, its final status."""
         return await self.sender.send_text(
-            from_uri=from_uri, to_uri=to_uri, body=body, from_display=from_display
+            from_uri=from_uri,
+            to_uri=to_uri,
+            body=body,
+            from_display=from_display,
+            imdn=imdn,
+            sent_at=sent_at,
+        )
+
+    async def send_composing(
+        self, *, from_uri: str, to_uri: str, active: bool, refresh: int | None
+    ) -> int:
+        """See ``SipPort``."""
+        return await self.sender.send_composing(
+            from_uri=from_uri, to_uri=to_uri, active=active, refresh=refresh
+        )
+
+    async def send_notification(
+        self, *, from_uri: str, to_uri: str, message_id: str, sent_at: float, status: ImdnStatus
+    ) -> int:
+        """See ``SipPort``."""
+        return await self.sender.send_notification(
+            from_uri=from_uri, to_uri=to_uri, message_id=message_id, sent_at=sent_at, status=status
         )
 
     async def notify_watch(self, watch: Watch, document: PresenceDocument, now: float) -> None:

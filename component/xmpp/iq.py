@@ -17,6 +17,7 @@ from component.xmpp.stanzas import (
     MAX_PROMPT,
     NS_CHATSTATES,
     NS_COMPONENT,
+    NS_MARKERS,
     NS_RECEIPTS,
     NS_XHTML_IM,
     Rejected,
@@ -99,6 +100,7 @@ _COMMON_FEATURES = (
     NS_VERSION,
     NS_CHATSTATES,
     NS_RECEIPTS,
+    NS_MARKERS,
     NS_XHTML_IM,
 )
 

@@ -36,6 +36,9 @@ NS_DELAY = "urn:xmpp:delay"
 NS_MUC = "http://jabber.org/protocol/muc"
 NS_MUC_USER = "http://jabber.org/protocol/muc#user"
 NS_SID = "urn:xmpp:sid:0"  # XEP-0359 stanza ids (origin-id)
+NS_MARKERS = "urn:xmpp:chat-markers:0"  # XEP-0333
+NS_CORRECT = "urn:xmpp:message-correct:0"  # XEP-0308
+NS_OOB = "jabber:x:oob"  # XEP-0066, the link XEP-0363 uploads are shared by
 _XHTML_PREFIX = "{" + NS_XHTML + "}"
 
 #: Bodies longer than this (characters) are refused with not-acceptable, both ways.
@@ -173,6 +176,10 @@ def format_message(msg: ChatMessage) -> str:
         parts.append(f'<request xmlns="{NS_RECEIPTS}"/>')
     if msg.receipt_for is not None:
         parts.append(f'<received xmlns="{NS_RECEIPTS}"{attr("id", msg.receipt_for)}/>')
+    if msg.markable:
+        parts.append(f'<markable xmlns="{NS_MARKERS}"/>')
+    if msg.displayed_for is not None:
+        parts.append(f'<displayed xmlns="{NS_MARKERS}"{attr("id", msg.displayed_for)}/>')
     if msg.origin_id is not None:
         parts.append(f'<origin-id xmlns="{NS_SID}"{attr("id", msg.origin_id)}/>')
     if msg.delay_stamp is not None:
@@ -321,7 +328,13 @@ _MESSAGE_CHILDREN: dict[str, str] = {
     f"{{{NS_RECEIPTS}}}received": "received",
     f"{{{NS_DELAY}}}delay": "delay",
     **{f"{{{NS_CHATSTATES}}}{s}": "state" for s in CHAT_STATES},
+    f"{{{NS_MARKERS}}}markable": "markable",
+    f"{{{NS_MARKERS}}}displayed": "displayed",
+    f"{{{NS_CORRECT}}}replace": "replace",
+    f"{{{NS_OOB}}}x": "oob",
+    f"{{{NS_SID}}}origin-id": "origin",
 }
+_OOB_URL = f"{{{NS_OOB}}}url"
 _PRESENCE_CHILDREN: dict[str, str] = {
     **dict.fromkeys(_local_tags("show"), "show"),
     **dict.fromkeys(_local_tags("status"), "status"),
@@ -357,7 +370,8 @@ def parse_error(xml: ET.Element, kind: str, sender: str, recipient: str) -> Stan
 def parse_message(xml: ET.Element, sender: str, recipient: str) -> ChatMessage:
     """The ChatMessage of an inbound non-error ``<message>``; Rejected if the body is too long."""
     body = thread = subject = html = state = receipt_for = stamp = delay_from = None
-    request = False
+    displayed = replaces = link = origin = None
+    request = markable = False
     kinds = _MESSAGE_CHILDREN
     for child in xml:
         kind = kinds.get(child.tag)
@@ -378,6 +392,17 @@ def parse_message(xml: ET.Element, sender: str, recipient: str) -> ChatMessage:
             receipt_for = child.get("id")
         elif kind == "delay":
             stamp, delay_from = child.get("stamp"), child.get("from")
+        elif kind == "markable":
+            markable = True
+        elif kind == "displayed":
+            displayed = child.get("id")
+        elif kind == "replace":
+            replaces = child.get("id")
+        elif kind == "origin":
+            origin = child.get("id")
+        elif kind == "oob" and link is None:
+            url = child.find(_OOB_URL)
+            link = (url.text or "").strip() or None if url is not None else None
         elif kind == "html":
             for part in child:
                 if part.tag == _XHTML_BODY:
@@ -402,6 +427,11 @@ def parse_message(xml: ET.Element, sender: str, recipient: str) -> ChatMessage:
         receipt_for=receipt_for,
         delay_stamp=stamp,
         delay_from=delay_from,
+        origin_id=origin,
+        markable=markable,
+        displayed_for=displayed,
+        replaces=replaces,
+        link=link,
     )
 
 

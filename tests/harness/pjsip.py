@@ -92,6 +92,7 @@ class SipAccount:
         self.reg_states: asyncio.Queue[RegState] = asyncio.Queue()
         self.messages: asyncio.Queue[ReceivedMessage] = asyncio.Queue()
         self.buddy_states: asyncio.Queue[BuddyState] = asyncio.Queue()
+        self.typings: asyncio.Queue[tuple[str, bool]] = asyncio.Queue()  # (from URI, typing)
         # MESSAGE statuses come back per destination in send order (PJSIP keeps no id we could
         # pass through), so each destination has a FIFO of waiting futures.
         self.pending: defaultdict[str, deque[asyncio.Future[MessageStatus]]] = defaultdict(deque)
@@ -120,6 +121,14 @@ class SipAccount:
     async def next_message(self, timeout: float = 10.0) -> ReceivedMessage:
         """The next MESSAGE received by this account."""
         return await asyncio.wait_for(self.messages.get(), timeout)
+
+    async def send_typing(self, to: str, typing: bool) -> None:
+        """Send an RFC 3994 isComposing (active or idle) to ``to``."""
+        await self.agent.call("send_typing", acc=self.index, to=to, typing=typing)
+
+    async def next_typing(self, timeout: float = 10.0) -> tuple[str, bool]:
+        """The next typing indication received: (from URI, typing)."""
+        return await asyncio.wait_for(self.typings.get(), timeout)
 
     async def next_reg_state(self, timeout: float = 10.0) -> RegState:
         """The next registration outcome."""
@@ -242,6 +251,8 @@ class PjsipAgent:
                     headers=tuple((k, v) for k, v in msg["headers"]),
                 )
             )
+        elif event == "typing":
+            acc.typings.put_nowait((msg["from"], msg["typing"]))
         elif event == "message_status":
             waiting = acc.pending.get(msg["to"])
             if waiting:

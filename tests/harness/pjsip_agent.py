@@ -7,11 +7,12 @@ console output goes to stderr so stdout carries only the protocol.
 Commands (each with an "id", answered by {"reply": id, "ok": ..., ...}):
   add_account {user, domain, proxy, transport: udp|tcp, register, publish, expires}
   send_message {acc, to, body, content_type}       -> later event message_status
+  send_typing {acc, to, typing: bool}              (RFC 3994 isComposing)
   subscribe / unsubscribe {acc, uri}               -> later events buddy_state
   publish {acc, status: online|away|busy|offline, note}
   register / unregister {acc}                      -> later event reg_state
   quit
-Events: reg_state, message, message_status, buddy_state, log.
+Events: reg_state, message, message_status, typing, buddy_state, log.
 """
 
 from __future__ import annotations
@@ -150,6 +151,16 @@ class Account(pj.Account):  # type: ignore[misc]
             }
         )
 
+    def onTypingIndication(self, prm: Any) -> None:
+        emit(
+            {
+                "event": "typing",
+                "acc": self.index,
+                "from": prm.fromUri,
+                "typing": bool(prm.isTyping),
+            }
+        )
+
     def onInstantMessageStatus(self, prm: Any) -> None:
         emit(
             {
@@ -259,6 +270,10 @@ class Agent:
                 hdr.hValue = value
                 prm.txOption.headers.append(hdr)
             acc.buddy(cmd["to"]).sendInstantMessage(prm)
+        elif op == "send_typing":
+            prm = pj.SendTypingIndicationParam()
+            prm.isTyping = bool(cmd["typing"])
+            acc.buddy(cmd["to"]).sendTypingIndication(prm)
         elif op == "subscribe":
             acc.buddy(cmd["uri"]).subscribePresence(True)
         elif op == "unsubscribe":
