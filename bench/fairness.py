@@ -41,9 +41,9 @@ import structlog
 from bench.load import percentile
 from component.addresses import AddressBook
 from component.messaging.router import MessageRouter
+from component.ratelimit import SourceBuckets
 from component.settings import LimitSettings, Settings
 from component.sip.gate import SipGate
-from component.sip.ratelimit import SourceBuckets
 from component.values import ChatMessage
 from component.xmpp.stanzas import format_message, outbound_jids
 from sipside.endpoint import Endpoint

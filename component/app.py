@@ -15,6 +15,7 @@ from component.addresses import AddressBook
 from component.logs import get_logger
 from component.messaging.router import MessageRouter
 from component.presence.core import PresenceCore
+from component.ratelimit import SourceBuckets
 from component.rooms.core import RoomsCore
 from component.rooms.model import RoomsConfig
 from component.rooms.ports import StoredMemberships
@@ -25,7 +26,6 @@ from component.runtime.sweeps import sweep_queue
 from component.runtime.tasks import TaskOwner
 from component.settings import Settings
 from component.sip.gate import SipGate, proxy_hosts
-from component.sip.ratelimit import SourceBuckets
 from component.sip.sender import SipSender
 from component.sip.side import SipSide
 from component.sip.transactions import ClientTransactions
@@ -61,7 +61,7 @@ class Gateway:
             tls_key=sip.tls_key or None,
             user_agent=f"sipxmpp/{__version__}",
         )
-        xmpp = settings.xmpp
+        xmpp, limits = settings.xmpp, settings.limits
         self.xmpp = XmppLink(
             component=xmpp.component,
             host=xmpp.host,
@@ -74,6 +74,7 @@ class Gateway:
             on_unconfirmed=self._on_unconfirmed,
             version=__version__,
             gateway_jid_for=self._jid_for_prompt,
+            rate=SourceBuckets(limits.xmpp_rate, limits.xmpp_burst),
         )
         # DESIGN 5.4: presence tells whoever listens that a SIP user came online.
         self.user_online = UserOnlineSignal()
@@ -123,7 +124,6 @@ class Gateway:
         self.user_online.connect(self.rooms.user_online)
         # DESIGN 4: messaging, with presence's registrar commands (5.4); it listens for users
         # coming online to retry what waits for them.
-        limits = settings.limits
         self.router = MessageRouter(
             self.book,
             self.xmpp,

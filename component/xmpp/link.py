@@ -34,9 +34,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from component.addresses import Jid
-from component.errors import Refusal
+from component.errors import Refusal, busy
 from component.logs import get_logger
 from component.ports import RoomStanzas
+from component.ratelimit import SourceBuckets
 from component.values import ChatMessage, Presence, ServiceInfo, ServiceKind, StanzaError
 from component.xmpp.acks import AckBarrier
 from component.xmpp.backoff import Backoff
@@ -115,6 +116,7 @@ class XmppLink:
         ack_delay: float = 0.05,
         ping_timeout: float = 15.0,
         clock: Callable[[], float] = time.time,
+        rate: SourceBuckets | None = None,
     ) -> None:
         domain = jid_or_none(component)
         if domain is None or domain.local or domain.resource:
@@ -140,6 +142,8 @@ class XmppLink:
             gateway_desc=gateway_desc,
             gateway_prompt=gateway_prompt,
         )
+        # DESIGN 8: each sender's stanzas (by bare JID) take a token before any work is done.
+        self._rate = rate
         self._stream: Stream | None = None
         self._attempt: asyncio.Future[bool] | None = None
         self._handshake: asyncio.Future[bool] | None = None
@@ -446,6 +450,8 @@ class XmppLink:
     def _dispatch(self, kind: str, xml: ET.Element) -> None:
         """Route one inbound stanza; called by the stream for each top-level element."""
         self.stats.stanzas_in += 1
+        if self._rate is not None and not self._admitted(kind, xml):
+            return
         stype = xml.get("type")
         sender = jid_or_none(xml.get("from") or "")
         recipient = jid_or_none(xml.get("to") or "")
@@ -469,6 +475,35 @@ class XmppLink:
         except Refusal as exc:
             self._reject_in(kind, xml, exc.xmpp_condition)
             self._reply_error(kind, xml, dst, src, exc)
+
+    def _admitted(self, kind: str, xml: ET.Element) -> bool:
+        """Take a token for the stanza's sender (its bare JID, cut from the raw attribute);
+        a sender with none left gets ``resource-constraint`` (type wait), counted and logged.
+
+        Our own barrier pings, routed back by the server, are never limited.
+        """
+        assert self._rate is not None
+        raw = xml.get("from") or ""
+        source = raw.partition("/")[0]
+        if source == self.component:
+            return True
+        verdict = self._rate.take(source, self._clock())
+        if verdict.admitted:
+            return True
+        self.stats.rate_limited += 1
+        if verdict.log:
+            log.warning(
+                "xmpp_stanza_rate_limited",
+                kind=kind,
+                sender=source[:120],
+                refused=verdict.refused,
+                total=self.stats.rate_limited,
+            )
+        sender, recipient = jid_or_none(raw), jid_or_none(xml.get("to") or "")
+        if sender is not None and recipient is not None and recipient.domain == self.component:
+            refusal = busy("too many stanzas from this sender", verdict.retry_after)
+            self._reply_error(kind, xml, recipient.full, sender.full, refusal)
+        return False
 
     def _room_stanza(self, kind: str, xml: ET.Element, src: str, dst: str) -> bool:
         """Hand a chat-room stanza to the rooms (DESIGN 6); False when it is none of theirs."""
