@@ -38,6 +38,10 @@ from sipside.timers import TimerConfig
 
 log = get_logger("component.app")
 
+# Seconds from SIGTERM to the XMPP link's close: the in-flight work's share of the 10 s a
+# stopping gateway has (DESIGN 8); closing the link and the endpoint take the rest.
+STOP_BUDGET = 6.0
+
 
 class Gateway:
     """One running gateway: SIP endpoint, XMPP link, store and the features between them.
@@ -204,16 +208,24 @@ class Gateway:
             await self._stopping.wait()
         finally:
             log.info("gateway_stopping")
-            # DESIGN 8 SIGTERM: stop accepting (503), drain what is in flight, persist the rest.
+            # DESIGN 8 SIGTERM: stop accepting (503, resource-constraint), drain what is in
+            # flight, persist the rest; all of it within STOP_BUDGET.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + STOP_BUDGET
+
+            def left(most: float) -> float:
+                return max(min(most, deadline - loop.time()), 0.1)
+
             self.sipgate.accepting = False
+            self.router.stop_accepting()
             # Presence first, while the endpoint, the link and the store are all still up: it
             # takes no new work and lets its transactions finish. Stopped after the endpoint
             # closed, it would read "endpoint closed" as a peer's timeout and end subscriptions.
-            await self.presence_driver.stop(timeout=5.0)
-            await self.rooms.stop(timeout=5.0)
-            await self.sipgate.drain(timeout=10.0)
-            await self.router.drain(timeout=10.0)
-            await self._tasks.wait(timeout=10.0)
+            await self.presence_driver.stop(timeout=left(2.0))
+            await self.rooms.stop(timeout=left(2.0))
+            await self.sipgate.drain(timeout=left(3.0))
+            await self.router.drain(timeout=left(3.0))
+            await self._tasks.wait(timeout=left(1.0))
             sweeper.cancel()
             await self.xmpp.stop()
             await self._tasks.wait(timeout=5.0)  # what the closing link left unconfirmed

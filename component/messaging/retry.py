@@ -73,17 +73,22 @@ class DurableQueue:
         """Whether earlier messages of ``pair`` wait in the store: then new ones wait too."""
         return pair in self._held
 
-    async def put(self, message: NewMessage) -> Refusal | None:
-        """Store ``message``; the refusal for its sender when it can't be (cap, store down)."""
+    async def put(self, message: NewMessage, *, capped: bool = True) -> Refusal | None:
+        """Store ``message``; the refusal for its sender when it can't be (cap, store down).
+
+        ``capped=False`` for messages already taken in, stored only because the gateway
+        stops (DESIGN 8): the per-recipient cap is for new ones.
+        """
         try:
-            waiting = await self.store.messages_for_recipient(message.recipient)
-            if len(waiting) >= self.per_recipient:
-                who = _readable(message.recipient)
-                return busy(
-                    f"{len(waiting)} messages already wait for {who}, the most kept for one "
-                    "recipient; this one was not queued",
-                    RETRY_AFTER,
-                )
+            if capped:
+                waiting = await self.store.messages_for_recipient(message.recipient)
+                if len(waiting) >= self.per_recipient:
+                    who = _readable(message.recipient)
+                    return busy(
+                        f"{len(waiting)} messages already wait for {who}, the most kept for "
+                        "one recipient; this one was not queued",
+                        RETRY_AFTER,
+                    )
             await self.store.enqueue_message(message)
         except StoreUnavailable:
             return busy("the message store is unavailable", RETRY_AFTER)
