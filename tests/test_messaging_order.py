@@ -320,6 +320,35 @@ async def test_drain_lets_what_is_in_flight_finish_first(store: MemoryStore) -> 
     assert [m.body for m in await store.messages_for_recipient("sip:carol@sip.test")] == ["y"]
 
 
+async def test_after_a_restart_what_the_last_run_stored_goes_first(store: MemoryStore) -> None:
+    xmpp, sip, clock = FakeXmpp(), ScriptedSip(), Clock()
+    sip.gate = asyncio.Event()
+    before = _router(store, sip, xmpp, clock, max_inflight=1)
+    first = asyncio.ensure_future(before.on_xmpp_message(_from_bob("alice@sip.xmpp.test", "a")[0]))
+    await asyncio.sleep(0)
+    for msg in _from_bob("alice@sip.xmpp.test", "b", "c"):
+        await before.on_xmpp_message(msg)
+    sip.gate.set()
+    await before.drain(5)  # a answered; b and c stored for the next run
+    await asyncio.wait_for(first, timeout=30)
+    # The same store, a new process, whose cap b and c fill: d is refused (the cap), and e,
+    # refused too, does not overtake them either.
+    after = _router(store, sip, xmpp, clock, per_recipient=2)
+    await _burst(after, _from_bob("alice@sip.xmpp.test", "d", "e"))
+    assert [(e.condition, e.id) for e in xmpp.errors] == [
+        ("resource-constraint", "id-d"),
+        ("resource-constraint", "id-e"),
+    ]
+    assert sip.bodies_to(ALICE) == ["a"]
+    clock.now += 10
+    await after.retry_due()
+    await after.settle(5)
+    assert sip.bodies_to(ALICE) == list("abc")
+    # and once the store is empty, the conversation goes straight through again
+    await _burst(after, _from_bob("alice@sip.xmpp.test", "g"))
+    assert sip.bodies_to(ALICE)[-1] == "g" and await store.messages_for_recipient(ALICE) == []
+
+
 async def test_after_sigterm_new_messages_are_refused_and_counted(store: MemoryStore) -> None:
     xmpp, sip = FakeXmpp(), ScriptedSip()
     router = _router(store, sip, xmpp, Clock())

@@ -350,7 +350,7 @@ class MessageRouter:
 
     async def _send_to_sip(self, pair: Pair, outgoing: _Outgoing) -> None:
         msg, from_uri, to_uri = outgoing.msg, outgoing.from_uri, outgoing.to_uri
-        if self.queue.holds(pair):
+        if self.queue.holds(pair) or await self.queue.stored_earlier(pair):
             # An earlier message of this conversation waits in the store: this one waits too.
             await self._store_for_sip(outgoing, "behind a stored message")
             return
