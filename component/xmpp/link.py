@@ -72,6 +72,9 @@ from component.xmpp.stanzas import (
     parse_message,
     parse_presence,
 )
+from component.xmpp.stanzas import (
+    attr as format_attr,
+)
 from component.xmpp.stream import LinkState, LinkStats, Stream, attr
 from sipside.errors import LocalError
 
@@ -86,6 +89,9 @@ __all__ = [
 ]
 
 log = get_logger("component.xmpp")
+
+_ID_MARK = "sipxmpp-id"  # where a cached error reply takes the refused stanza's id
+_MAX_FLOOD_REPLIES = 1000
 
 
 class XmppLink:
@@ -144,6 +150,7 @@ class XmppLink:
         )
         # DESIGN 8: each sender's stanzas (by bare JID) take a token before any work is done.
         self._rate = rate
+        self._flood_replies: dict[tuple[str, str, str], tuple[str, str]] = {}
         self._stream: Stream | None = None
         self._attempt: asyncio.Future[bool] | None = None
         self._handshake: asyncio.Future[bool] | None = None
@@ -499,11 +506,33 @@ class XmppLink:
                 refused=verdict.refused,
                 total=self.stats.rate_limited,
             )
-        sender, recipient = jid_or_none(raw), jid_or_none(xml.get("to") or "")
-        if sender is not None and recipient is not None and recipient.domain == self.component:
-            refusal = busy("too many stanzas from this sender", verdict.retry_after)
-            self._reply_error(kind, xml, recipient.full, sender.full, refusal)
+        # RFC 6120 8.3.1: errors and results are never answered. The server checked both
+        # addresses before routing the stanza here; the reply only has to come from our own
+        # domain (a foreign from would close the stream). Refusing must cost less than what it
+        # saves: no JID parsing, and the error is formatted once per sender and address.
+        to = xml.get("to") or ""
+        if (
+            raw
+            and xml.get("type") not in ("error", "result")
+            and to.partition("/")[0].rpartition("@")[2] == self.component
+        ):
+            head, tail = self._flood_reply(kind, to, raw, verdict.retry_after)
+            if self._write(head + format_attr("id", xml.get("id")) + tail):
+                self.stats.errors_out += 1
         return False
+
+    def _flood_reply(self, kind: str, to: str, sender: str, retry_after: int) -> tuple[str, str]:
+        """The ``resource-constraint`` error for a flooded stanza, split where its id goes."""
+        key = (kind, to, sender)
+        reply = self._flood_replies.get(key)
+        if reply is None:
+            refusal = busy("too many stanzas from this sender", retry_after)
+            err = error_for(refusal, kind, sender=to, recipient=sender, id_=_ID_MARK)
+            head, _, tail = format_error(err).partition(format_attr("id", _ID_MARK))
+            if len(self._flood_replies) >= _MAX_FLOOD_REPLIES:
+                self._flood_replies.clear()
+            reply = self._flood_replies[key] = (head, tail)
+        return reply
 
     def _room_stanza(self, kind: str, xml: ET.Element, src: str, dst: str) -> bool:
         """Hand a chat-room stanza to the rooms (DESIGN 6); False when it is none of theirs."""
