@@ -1,9 +1,12 @@
-"""Per-source fairness of the SIP edge: one source floods, another's latency is measured.
+"""Per-source fairness of both edges: one source floods, another's latency is measured.
 
-Run ``python -m bench.fairness [--flood 2000] [--probes 400] [--rate 200] [--rounds 1]``. For
-each row it starts the gateway's SIP edge in its own process: the endpoint, the gate and the
-real message router, whose XMPP port checks and formats every stanza as the link does but
-writes it nowhere (the XMPP server's share is not what this measures). Then, on loopback:
+Run ``python -m bench.fairness [--side both|sip|xmpp] [--flood 2000] [--probes 400]
+[--rate 200] [--rounds 1]``.
+
+SIP side: for each row it starts the gateway's SIP edge in its own process: the endpoint, the
+gate and the real message router, whose XMPP port checks and formats every stanza as the link
+does but writes it nowhere (the XMPP server's share is not what this measures). Then, on
+loopback:
 
 - the probe source (127.0.0.2) sends one MESSAGE every 1/``--rate`` s, ``--probes`` in all,
   and measures each one's time from sending to its final response;
@@ -15,16 +18,29 @@ Rows: without the flood and with it, with the per-source limit off and on (``lim
 and ``limits.sip_burst``: their defaults unless ``--sip-rate`` and ``--sip-burst`` say). The
 table gives the probe's p50/p99/max latency and how many probes went unanswered (UDP: the
 kernel drops what overflows the socket buffer; a real client would retransmit after T1), and
-the flood's answers by status. Every row is bounded in count and time. The issue's target:
-the probe's p99 with the flood at most 2x its p99 without it, or 5 ms if that is more.
+the flood's answers by status.
+
+XMPP side: the gateway's XMPP link (the real ``XmppLink``, its per-sender limit
+``limits.xmpp_rate`` / ``xmpp_burst`` on or off) runs in its own process with the real message
+router, whose SIP port answers every MESSAGE 200 at once; this process plays the XMPP server
+on the component stream. The probe sender sends a XEP-0199 ping to the component every
+1/``--xmpp-probe-rate`` s (the link answers it itself) and measures each round trip; in the
+flood rows, another sender's ``--flood`` chat messages to a SIP user are written to the same
+stream (as a server multiplexes every sender onto it) at ``--xmpp-flood-rate``, and their
+error replies are counted by condition.
+
+Every row is bounded in count and time. The issue's target: the probe's p99 with the flood at
+most 2x its p99 without it, or 5 ms if that is more.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import re
 import shutil
 import socket
 import subprocess
@@ -41,10 +57,12 @@ import structlog
 from bench.load import percentile
 from component.addresses import AddressBook
 from component.messaging.router import MessageRouter
+from component.ratelimit import SourceBuckets
 from component.settings import LimitSettings, Settings
 from component.sip.gate import SipGate
-from component.sip.ratelimit import SourceBuckets
+from component.store.memory import MemoryStore
 from component.values import ChatMessage
+from component.xmpp.link import XmppLink
 from component.xmpp.stanzas import format_message, outbound_jids
 from sipside.endpoint import Endpoint
 
@@ -212,17 +230,187 @@ async def run_row(name: str, limited: bool, flooded_row: bool, args: argparse.Na
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+# --- the XMPP side ---------------------------------------------------------------------------
+
+COMPONENT = "sip.xmpp.test"
+PROBE_JID = "probe@xmpp.test/bench"
+FLOOD_JID = "flood@xmpp.test/bench"
+
+
+class AnsweringSip:
+    """The SIP port of the XMPP rows: every MESSAGE answered 200 on the next loop turn."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    async def send_text(
+        self, *, from_uri: str, to_uri: str, body: str, from_display: str | None = None
+    ) -> int:
+        self.sent += 1
+        await asyncio.sleep(0)
+        return 200
+
+
+async def serve_xmpp(port: int, limits: LimitSettings | None) -> None:
+    """The gateway's XMPP edge in this process, connected to the bench's server at ``port``,
+    until stdin closes."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    settings = Settings()
+    book = AddressBook.from_settings(settings)
+    none = cast(Any, None)  # ports these messages never reach (commands, notices)
+    tasks: set[asyncio.Task[None]] = set()
+    routed: list[MessageRouter] = []
+
+    def on_message(msg: ChatMessage) -> None:
+        task = asyncio.ensure_future(routed[0].on_xmpp_message(msg))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    rate = SourceBuckets(limits.xmpp_rate, limits.xmpp_burst) if limits else None
+    link = XmppLink(
+        component=COMPONENT,
+        host=HOST,
+        port=port,
+        secret="bench",
+        on_message=on_message,
+        on_error=lambda err: None,
+        on_presence=lambda presence: None,
+        rate=rate,
+    )
+    router = MessageRouter(
+        book, link, cast(Any, AnsweringSip()), MemoryStore(), none, clock=time.time, delay_time=30.0
+    )
+    routed.append(router)
+    running = asyncio.ensure_future(link.run())
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.read)
+    await link.stop()
+    await asyncio.gather(running, return_exceptions=True)
+
+
+_START_TAG = re.compile(rb"<((?:iq|message|presence) [^>]*)>")
+_ATTR = re.compile(rb'(\w+)="([^"]*)"')
+_CONDITION = re.compile(rb'<error type="\w+"><([a-z-]+) ')
+_STREAM = (
+    "<?xml version='1.0'?><stream:stream xmlns='jabber:component:accept'"
+    f" xmlns:stream='http://etherx.jabber.org/streams' id='bench' from='{COMPONENT}'>"
+)
+
+
+class XmppServerSide:
+    """The server end of the component stream: writes the senders' stanzas, reads replies."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, float] = {}
+        self.latencies: list[float] = []
+        self.errors: Counter[str] = Counter()
+        self.writer: asyncio.StreamWriter | None = None
+        self.ready = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b">")
+        writer.write(_STREAM.encode())
+        await reader.readuntil(b"</handshake>")
+        writer.write(b"<handshake/>")
+        self.writer = writer
+        self.ready.set()
+        # The replies are scanned, not parsed: this process's own cost must not be what the
+        # probe measures. Every start tag the link writes is complete before its next '>'.
+        rest = b""
+        while data := await reader.read(65536):
+            data = rest + data
+            cut = data.rfind(b">") + 1
+            self.received(data[:cut])
+            rest = data[cut:]
+            if b"</stream:stream>" in data:
+                writer.write(b"</stream:stream>")
+                break
+        writer.close()
+        self.closed.set()
+
+    def received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        for tag in _START_TAG.findall(data):
+            attrs = dict(_ATTR.findall(tag))
+            kind = tag.split(b" ", 1)[0]
+            if kind == b"iq" and attrs.get(b"to") == attrs.get(b"from") == COMPONENT.encode():
+                assert self.writer is not None  # the link's own barrier ping: routed back
+                self.writer.write(b"<" + tag + b'><ping xmlns="urn:xmpp:ping"/></iq>')
+                continue
+            start = self.sent.pop(attrs.get(b"id", b"").decode(), None)
+            if start is not None and attrs.get(b"type") == b"result":
+                self.latencies.append(now - start)
+        for condition in _CONDITION.findall(data):
+            self.errors[condition.decode()] += 1
+
+    def probe(self, n: int) -> None:
+        assert self.writer is not None
+        iq_id = f"probe-{n}"
+        self.sent[iq_id] = time.perf_counter()
+        self.writer.write(
+            f"<iq type='get' id='{iq_id}' from='{PROBE_JID}' to='{COMPONENT}'>"
+            "<ping xmlns='urn:xmpp:ping'/></iq>".encode()
+        )
+
+    async def flood(self, count: int, rate: float) -> None:
+        assert self.writer is not None
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for n in range(count):
+            if n % 20 == 0:
+                await asyncio.sleep(max(0.0, start + n / rate - loop.time()))
+            self.writer.write(
+                f"<message type='chat' id='flood-{n}' from='{FLOOD_JID}'"
+                f" to='alice@{COMPONENT}'><body>Hello Alice, are you there this time?</body>"
+                "</message>".encode()
+            )
+
+
+async def run_xmpp_row(
+    name: str, limited: bool, flooded_row: bool, args: argparse.Namespace
+) -> Row:
+    """Serve the component stream, start the XMPP edge, probe it (and flood it), stop it."""
+    side = XmppServerSide()
+    server = await asyncio.start_server(side.serve, HOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    limit = ["--xmpp-rate", str(args.xmpp_rate), "--xmpp-burst", str(args.xmpp_burst)]
+    argv = ["--serve-xmpp", str(port), *(["--limited", *limit] if limited else [])]
+    edge = subprocess.Popen([sys.executable, "-m", "bench.fairness", *argv], stdin=subprocess.PIPE)
+    try:
+        await asyncio.wait_for(side.ready.wait(), 20)
+        await asyncio.sleep(0.2)  # the link is up once the handshake is answered
+        loop = asyncio.get_running_loop()
+        flooding: asyncio.Task[None] | None = None
+        start = loop.time()
+        for n in range(args.probes):
+            await asyncio.sleep(max(0.0, start + n / args.xmpp_probe_rate - loop.time()))
+            if flooded_row and n == args.probes // 4:
+                flooding = asyncio.ensure_future(side.flood(args.flood, args.xmpp_flood_rate))
+            side.probe(n)
+        if flooding is not None:
+            await flooding
+        deadline = loop.time() + ANSWER_WAIT
+        while side.sent and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        return Row(name, side.latencies, len(side.sent), dict(side.errors))
+    finally:
+        if edge.stdin is not None:
+            edge.stdin.close()
+        edge.wait(timeout=20)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(side.closed.wait(), 5)
+        server.close()
+
+
 def ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.2f}"
 
 
-def print_table(rows: list[Row], args: argparse.Namespace) -> None:
+def print_table(rows: list[Row], title: str) -> None:
     """The table, one line per row."""
-    print(
-        f"probe: {args.probes} MESSAGEs at {args.rate:g}/s from {PROBE_HOST}; "
-        f"flood: {args.flood} MESSAGEs at {args.flood_rate:g}/s from {FLOOD_HOST}; "
-        f"limit: sip_rate {args.sip_rate:g}/s, sip_burst {args.sip_burst}"
-    )
+    print(title)
     head = f"{'row':<24} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'lost':>5}  flood answers"
     print(head)
     print("-" * len(head))
@@ -243,12 +431,12 @@ ROWS = [  # name, limit on, flood
 ]
 
 
-async def bench(args: argparse.Namespace) -> list[Row]:
-    """Every row, ``--rounds`` times each, in turn."""
+async def bench(args: argparse.Namespace, run: Any) -> list[Row]:
+    """Every row, ``--rounds`` times each, in turn, with ``run`` (one side's row)."""
     rows = []
     for _ in range(args.rounds):
         for name, limited, flooded in ROWS:
-            rows.append(await run_row(name, limited, flooded, args))
+            rows.append(await run(name, limited, flooded, args))
     return rows
 
 
@@ -267,18 +455,59 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sip-burst", type=int, default=defaults.sip_burst, help="limits.sip_burst"
     )
+    parser.add_argument(
+        "--xmpp-rate", type=float, default=defaults.xmpp_rate, help="limits.xmpp_rate"
+    )
+    parser.add_argument(
+        "--xmpp-burst", type=int, default=defaults.xmpp_burst, help="limits.xmpp_burst"
+    )
+    parser.add_argument(
+        "--xmpp-probe-rate",
+        type=float,
+        default=50.0,
+        help="probe pings per second (below limits.xmpp_rate: the probe is well-behaved)",
+    )
+    parser.add_argument(
+        "--xmpp-flood-rate",
+        type=float,
+        default=5000.0,
+        help="flood stanzas per second on the component stream",
+    )
+    parser.add_argument("--side", choices=["both", "sip", "xmpp"], default="both")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-xmpp", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--limited", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--flood-to", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    limits = LimitSettings(
+        sip_rate=args.sip_rate,
+        sip_burst=args.sip_burst,
+        xmpp_rate=args.xmpp_rate,
+        xmpp_burst=args.xmpp_burst,
+    )
     if args.serve:
-        limits = LimitSettings(sip_rate=args.sip_rate, sip_burst=args.sip_burst)
         asyncio.run(serve(args.serve, limits if args.limited else None))
+        return 0
+    if args.serve_xmpp:
+        asyncio.run(serve_xmpp(args.serve_xmpp, limits if args.limited else None))
         return 0
     if args.flood_to:
         flood(args.flood_to, args.flood, args.flood_rate)
         return 0
-    print_table(asyncio.run(bench(args)), args)
+    if args.side in ("both", "sip"):
+        print_table(
+            asyncio.run(bench(args, run_row)),
+            f"SIP: probe {args.probes} MESSAGEs at {args.rate:g}/s from {PROBE_HOST}; "
+            f"flood {args.flood} MESSAGEs at {args.flood_rate:g}/s from {FLOOD_HOST}; "
+            f"limit: sip_rate {args.sip_rate:g}/s, sip_burst {args.sip_burst}",
+        )
+    if args.side in ("both", "xmpp"):
+        print_table(
+            asyncio.run(bench(args, run_xmpp_row)),
+            f"XMPP: probe {args.probes} pings at {args.xmpp_probe_rate:g}/s from {PROBE_JID}; "
+            f"flood {args.flood} messages at {args.xmpp_flood_rate:g}/s from {FLOOD_JID}; "
+            f"limit: xmpp_rate {args.xmpp_rate:g}/s, xmpp_burst {args.xmpp_burst}",
+        )
     return 0
 
 

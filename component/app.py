@@ -18,6 +18,7 @@ from component.messaging.notifications import Notifications
 from component.messaging.router import MessageRouter
 from component.ports import Part
 from component.presence.core import PresenceCore
+from component.ratelimit import SourceBuckets
 from component.rooms.core import RoomsCore
 from component.rooms.model import RoomsConfig
 from component.rooms.ports import StoredMemberships
@@ -29,7 +30,6 @@ from component.runtime.sweeps import sweep_chat_states, sweep_queue
 from component.runtime.tasks import TaskOwner
 from component.settings import Settings
 from component.sip.gate import SipGate, proxy_hosts
-from component.sip.ratelimit import SourceBuckets
 from component.sip.sender import SipSender
 from component.sip.side import SipSide
 from component.sip.transactions import ClientTransactions
@@ -44,6 +44,10 @@ from sipside.endpoint import Endpoint
 from sipside.timers import TimerConfig
 
 log = get_logger("component.app")
+
+# Seconds from SIGTERM to the XMPP link's close: the in-flight work's share of the 10 s a
+# stopping gateway has (DESIGN 8); closing the link and the endpoint take the rest.
+STOP_BUDGET = 6.0
 
 
 class Gateway:
@@ -80,7 +84,7 @@ class Gateway:
         )
         # DESIGN 9: the alias transports' states, listed in the component domain's disco#items.
         self.transport_board = TransportBoard(sip.aliases, check_time=settings.timers.check_time)
-        xmpp = settings.xmpp
+        xmpp, limits = settings.xmpp, settings.limits
         self.xmpp = XmppLink(
             component=xmpp.component,
             host=xmpp.host,
@@ -94,6 +98,7 @@ class Gateway:
             version=__version__,
             gateway_jid_for=self._jid_for_prompt,
             disco_items=self.transport_board.disco_items,
+            rate=SourceBuckets(limits.xmpp_rate, limits.xmpp_burst),
         )
         # DESIGN 5.4: presence tells whoever listens that a SIP user came online.
         self.user_online = UserOnlineSignal()
@@ -145,7 +150,6 @@ class Gateway:
         self.user_online.connect(self.rooms.user_online)
         # DESIGN 4: messaging, with presence's registrar commands (5.4); it listens for users
         # coming online to retry what waits for them.
-        limits = settings.limits
         timers = settings.timers
         # DESIGN 4.3: typing and receipts; message ids kept while a notification can come (the
         # message may wait delay_time, a read marker come cache_time after that).
@@ -263,17 +267,25 @@ class Gateway:
             await self._stopping.wait()
         finally:
             log.info("gateway_stopping")
-            # DESIGN 8 SIGTERM: stop accepting (503), drain what is in flight, persist the rest.
+            # DESIGN 8 SIGTERM: stop accepting (503, resource-constraint), drain what is in
+            # flight, persist the rest; all of it within STOP_BUDGET.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + STOP_BUDGET
+
+            def left(most: float) -> float:
+                return max(min(most, deadline - loop.time()), 0.1)
+
             self.sipgate.accepting = False
+            self.router.stop_accepting()
             # Presence first, while the endpoint, the link and the store are all still up: it
             # takes no new work and lets its transactions finish. Stopped after the endpoint
             # closed, it would read "endpoint closed" as a peer's timeout and end subscriptions.
-            await self.presence_driver.stop(timeout=5.0)
-            await self.rooms.stop(timeout=5.0)
-            await self.transports.stop(timeout=5.0)
-            await self.sipgate.drain(timeout=10.0)
-            await self.router.drain(timeout=10.0)
-            await self._tasks.wait(timeout=10.0)
+            await self.presence_driver.stop(timeout=left(2.0))
+            await self.rooms.stop(timeout=left(2.0))
+            await self.transports.stop(timeout=left(1.0))
+            await self.sipgate.drain(timeout=left(3.0))
+            await self.router.drain(timeout=left(3.0))
+            await self._tasks.wait(timeout=left(1.0))
             sweeper.cancel()
             database.cancel()
             typing.cancel()

@@ -432,7 +432,8 @@ class LimitSettings(_Section):
     """``[limits]``: SIP transactions in flight (workers x max_jobs), then bounded queues.
 
     ``sip_rate`` and ``sip_burst``: the token bucket of each SIP source (address, or sender
-    behind the proxy): requests per second, and how many may come at once.
+    behind the proxy): requests per second, and how many may come at once. ``xmpp_rate`` and
+    ``xmpp_burst``: the same for the stanzas of each XMPP sender (bare JID).
     """
 
     workers: Count = 2
@@ -443,6 +444,8 @@ class LimitSettings(_Section):
     queue_per_recipient: Count = 100
     sip_rate: Annotated[float, AfterValidator(_check_rate)] = 100.0
     sip_burst: Count = 50
+    xmpp_rate: Annotated[float, AfterValidator(_check_rate)] = 100.0
+    xmpp_burst: Count = 500
 
 
 class PresenceSettings(_Section):

@@ -40,7 +40,12 @@ def gateway_settings(
         "timers": {"sleep_time": 1.0, "delay_time": 30.0},
         # The per-source rate limit has tests of its own; bursts sent on purpose here must
         # not turn into refusals.
-        "limits": {"sip_rate": 100000.0, "sip_burst": 100000},
+        "limits": {
+            "sip_rate": 100000.0,
+            "sip_burst": 100000,
+            "xmpp_rate": 100000.0,
+            "xmpp_burst": 100000,
+        },
     }
     for name, overrides in sections.items():
         values.setdefault(name, {}).update(overrides)

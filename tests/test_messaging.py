@@ -225,7 +225,7 @@ async def test_404_for_user_seen_before_means_offline(store: MemoryStore) -> Non
     assert xmpp.errors == []
     # the user comes online (the UserOnline port): delivered at once, as the router's own work
     router.user_online("sip:alice@sip.test")
-    await router.drain(5.0)
+    await router.settle(5.0)
     assert [s[2] for s in sip.sent] == ["hello", "hello"]
     waiting = await store.messages_for_recipient("sip:alice@sip.test")
     assert waiting == []

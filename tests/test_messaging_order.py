@@ -84,7 +84,7 @@ async def _burst(router: MessageRouter, messages: list[ChatMessage]) -> None:
     """As the XMPP adapter hands them over: one task per stanza, started in stream order."""
     tasks = [asyncio.ensure_future(router.on_xmpp_message(m)) for m in messages]
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
-    await router.drain(30)
+    await router.settle(30)
 
 
 def _from_bob(to: str, *bodies: str, sender: str = "bob@xmpp.test/phone") -> list[ChatMessage]:
@@ -160,7 +160,7 @@ async def test_only_a_full_queue_refuses_and_each_refusal_is_counted(store: Memo
     assert router.counters["refused"] == 2
     sip.gate.set()
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
-    await router.drain(30)
+    await router.settle(30)
     assert sip.bodies_to(ALICE) == list("abcd")
 
 
@@ -179,7 +179,7 @@ async def test_a_stored_message_is_not_overtaken_by_later_ones(store: MemoryStor
     await _burst(router, _from_bob("alice@sip.xmpp.test", "c1", sender="carol@xmpp.test/x"))
     assert sip.bodies_to(ALICE, "sip:carol*xmpp.test@jabber.sip.test") == ["c1"]
     router.user_online(ALICE)
-    await router.drain(30)
+    await router.settle(30)
     assert sip.bodies_to(ALICE, "sip:bob*xmpp.test@jabber.sip.test") == list("1223456")
     # 5 got a final 403 on its retry: its sender is told, and 6 still went after it
     assert [(e.condition, e.id) for e in xmpp.errors] == [("forbidden", "id-5")]
@@ -286,16 +286,101 @@ async def test_expiry_tells_the_xmpp_sender_why(store: MemoryStore) -> None:
 async def test_drain_stores_what_still_waits(store: MemoryStore) -> None:
     xmpp, sip = FakeXmpp(), ScriptedSip()
     sip.gate = asyncio.Event()
-    router = _router(store, sip, xmpp, Clock(), max_inflight=1)
+    # The per-recipient cap is for new messages: what was taken in is stored whatever it says.
+    router = _router(store, sip, xmpp, Clock(), max_inflight=1, per_recipient=1)
     first = asyncio.ensure_future(router.on_xmpp_message(_from_bob("alice@sip.xmpp.test", "a")[0]))
     await asyncio.sleep(0)  # "a" takes its place in line, and the one slot
     for msg in _from_bob("alice@sip.xmpp.test", "b", "c"):
         await router.on_xmpp_message(msg)  # waits behind "a": returns at once
-    await router.drain(0.01)  # "a" never answers: b and c are stored, in order
-    assert [m.body for m in await store.messages_for_recipient(ALICE)] == ["b", "c"]
+    await router.drain(0.01)  # "a" has no answer: stored first (at-least-once), then b and c
+    assert [m.body for m in await store.messages_for_recipient(ALICE)] == ["a", "b", "c"]
     sip.gate.set()
     await asyncio.wait_for(first, timeout=30)
+    assert sip.bodies_to(ALICE) == ["a"]  # nothing more went: b and c wait for the next start
+    assert xmpp.errors == [] and router.counters["queued"] == 3
+
+
+async def test_drain_lets_what_is_in_flight_finish_first(store: MemoryStore) -> None:
+    xmpp, sip = FakeXmpp(), ScriptedSip({"a": [480]})
+    sip.gate = asyncio.Event()
+    router = _router(store, sip, xmpp, Clock(), max_inflight=2)
+    tasks = [
+        asyncio.ensure_future(router.on_xmpp_message(m))
+        for m in _from_bob("alice@sip.xmpp.test", *"abc")
+        + _from_bob("carol@sip.xmpp.test", "x", "y")
+    ]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    drained = asyncio.ensure_future(router.drain(30))
+    await asyncio.sleep(0)
+    sip.gate.set()  # a (480: stored) and x (200) answer; nothing new starts
+    await asyncio.wait_for(drained, timeout=30)
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+    assert sip.bodies_to(ALICE) == ["a"] and sip.bodies_to("sip:carol@sip.test") == ["x"]
+    # each conversation's order holds in the store: a (answered 480) before b and c
+    stored = await store.messages_for_recipient(ALICE)
+    assert [(m.body, m.extra["reason"]) for m in stored] == [
+        ("a", "SIP 480"),
+        ("b", "gateway stopping"),
+        ("c", "gateway stopping"),
+    ]
+    assert [m.body for m in await store.messages_for_recipient("sip:carol@sip.test")] == ["y"]
+
+
+async def test_after_a_restart_what_the_last_run_stored_goes_first(store: MemoryStore) -> None:
+    xmpp, sip, clock = FakeXmpp(), ScriptedSip(), Clock()
+    sip.gate = asyncio.Event()
+    before = _router(store, sip, xmpp, clock, max_inflight=1)
+    first = asyncio.ensure_future(before.on_xmpp_message(_from_bob("alice@sip.xmpp.test", "a")[0]))
+    await asyncio.sleep(0)
+    for msg in _from_bob("alice@sip.xmpp.test", "b", "c"):
+        await before.on_xmpp_message(msg)
+    sip.gate.set()
+    await before.drain(5)  # a answered; b and c stored for the next run
+    await asyncio.wait_for(first, timeout=30)
+    # The same store, a new process, whose cap b and c fill: d is refused (the cap), and e,
+    # refused too, does not overtake them either.
+    after = _router(store, sip, xmpp, clock, per_recipient=2)
+    await _burst(after, _from_bob("alice@sip.xmpp.test", "d", "e"))
+    assert [(e.condition, e.id) for e in xmpp.errors] == [
+        ("resource-constraint", "id-d"),
+        ("resource-constraint", "id-e"),
+    ]
     assert sip.bodies_to(ALICE) == ["a"]
+    clock.now += 10
+    await after.retry_due()
+    await after.settle(5)
+    assert sip.bodies_to(ALICE) == list("abc")
+    # and once the store is empty, the conversation goes straight through again
+    await _burst(after, _from_bob("alice@sip.xmpp.test", "g"))
+    assert sip.bodies_to(ALICE)[-1] == "g" and await store.messages_for_recipient(ALICE) == []
+
+
+async def test_after_sigterm_new_messages_are_refused_and_counted(store: MemoryStore) -> None:
+    xmpp, sip = FakeXmpp(), ScriptedSip()
+    router = _router(store, sip, xmpp, Clock())
+    router.stop_accepting()
+    await router.on_xmpp_message(_from_bob("alice@sip.xmpp.test", "late")[0])
+    assert [(e.condition, e.type, e.id) for e in xmpp.errors] == [
+        ("resource-constraint", "wait", "id-late")
+    ]
+    assert "stopping" in (xmpp.errors[0].text or "")
+    assert sip.sent == [] and router.counters["refused"] == 1
+
+
+async def test_a_user_shown_online_is_seen_so_a_later_404_is_retried(store: MemoryStore) -> None:
+    # DESIGN 4.2: the presence server's NOTIFY (or a PUBLISH) tells messaging the user is online.
+    xmpp, clock = FakeXmpp(), Clock()
+    sip = ScriptedSip({"x": [404]})
+    router = _router(store, sip, xmpp, clock)
+    router.user_online(ALICE)
+    await router.settle(5)
+    seen = await store.seen_user(ALICE)
+    assert seen is not None and not seen.online  # seen, yet not taken for registered
+    await _burst(router, _from_bob("alice@sip.xmpp.test", "x"))
+    assert xmpp.errors == []
+    [waiting] = await store.messages_for_recipient(ALICE)
+    assert waiting.body == "x"
 
 
 def test_bench_counts_per_conversation_inversions() -> None:

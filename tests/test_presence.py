@@ -549,8 +549,11 @@ async def test_xmpp_watcher_kamailio_flow(w: World) -> None:
         Presence(sender=ALICE_JID, recipient=BOB, type="subscribed"),
         Presence(sender=f"{ALICE_JID}/sip", recipient=BOB, type="unavailable", priority=9),
     ]
+    assert w.online == []  # unavailable: nothing to tell messaging
     body = pidf_body("open", "in a meeting", "meeting")
     assert await deliver(w, notify_for(subscribe, "active;expires=3500", body, 2), T0 + 2) == 200
+    # DESIGN 4.2: shown online by the presence server, so seen (a later 404 means offline).
+    assert w.online == [ALICE_AOR]
     [presence] = w.xmpp.take()
     assert (presence.type, presence.show, presence.status, presence.priority) == (
         None,
@@ -748,6 +751,7 @@ async def test_publish_sets_state_and_removal_falls_back(w: World) -> None:
     assert ok.status == 200 and etag
     [p] = w.xmpp.take()
     assert (p.type, p.show, p.status) == (None, "away", "out")
+    assert w.online == [ALICE_AOR]  # seen by messaging too, and its queue retried
     assert [pub.etag for pub in await w.store.publications_of(ALICE_AOR)] == [etag]
     # Removal: nothing published; the user was seen by the PUBLISH -> available.
     removal = FakeIncoming(
@@ -1302,6 +1306,7 @@ async def test_xmpp_watcher_repeated_notify_writes_nothing(
         request = notify_for(subscribe, f"active;expires={600 - cseq}", pidf_body(), cseq)
         assert await deliver(w, request, T0 + cseq) == 200
     assert writes == Counter()
+    assert w.online == [ALICE_AOR]  # told once, not on every repeat
     changed = notify_for(subscribe, "active;expires=590", pidf_body("closed"), 9)
     assert await deliver(w, changed, T0 + 10) == 200
     assert writes["save_presence"] == 1

@@ -1,10 +1,10 @@
-"""The per-source token buckets (component.sip.ratelimit), driven by a hand-held clock."""
+"""The per-source token buckets (component.ratelimit), driven by a hand-held clock."""
 
 from __future__ import annotations
 
 import pytest
 
-from component.sip.ratelimit import SourceBuckets
+from component.ratelimit import SourceBuckets
 
 # (rate, burst, [(source, now), ...], expected admitted flags)
 CASES = {

@@ -9,9 +9,9 @@ from structlog.testing import capture_logs
 
 from component.addresses import AddressBook
 from component.errors import Refusal, not_found
+from component.ratelimit import SourceBuckets
 from component.settings import Settings
 from component.sip.gate import SipGate
-from component.sip.ratelimit import SourceBuckets
 from component.store import StoreUnavailable
 from component.values import SipAnswer, SipText
 from sipside.errors import PeerError

@@ -24,6 +24,7 @@ from slixmpp.exceptions import IqError
 
 from component.addresses import AddressError, Jid
 from component.errors import Refusal, busy, not_found, refusal_for_sip_status
+from component.ratelimit import SourceBuckets
 from component.values import ChatMessage, Presence, StanzaError
 from component.xmpp.iq import NS_GATEWAY, IqResponder
 from component.xmpp.link import Backoff, DiscoInfo, LinkState, QueryFailed, XmppLink
@@ -687,6 +688,49 @@ async def test_scripted_foreign_sender_is_refused_and_link_stays(scripted: Scrip
         got = await scripted.next_stanza()
         assert got.tag == f"{{{NS}}}presence" and link.connected
         assert link.stats.rejected_out == 2 and link.stats.stanzas_out == 1
+
+
+async def test_scripted_flooding_sender_is_limited_before_parsing(
+    scripted: ScriptedServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Three stanzas at once per sender, and (at this rate) no refill within the test.
+    rec = Recorder()
+    link = _link(scripted.port, rec, rate=SourceBuckets(0.001, 3))
+    async with running(link):
+        await rec.wait_link([True])
+        flood = "".join(
+            f"<message from='mal@xmpp.test/r{n % 2}' to='alice@{DOMAIN}' type='chat' id='f{n}'>"
+            f"<body>f{n}</body></message>"
+            for n in range(10)
+        )
+        calm = "".join(
+            f"<message from='bob@xmpp.test/r' to='alice@{DOMAIN}' type='chat' id='b{n}'>"
+            f"<body>b{n}</body></message>"
+            for n in range(2)
+        )
+        # An error over the limit is dropped, never answered (RFC 6120 8.3.1).
+        bounced = (
+            f"<message from='mal@xmpp.test/r' to='alice@{DOMAIN}' type='error' id='e'>"
+            "<error type='cancel'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"
+            "</error></message>"
+        )
+        scripted.push(flood + calm + bounced)
+        got = [await asyncio.wait_for(rec.messages.get(), 5) for _ in range(5)]
+        replies = [await scripted.next_stanza() for _ in range(7)]
+        # The link's own barrier pings come back from the component domain: never limited.
+        assert link.send_message(ChatMessage(f"alice@{DOMAIN}/sip", "bob@xmpp.test", "x"))
+        await _until(lambda: link.confirmations.barrier.confirmed == 1)
+    assert [m.body for m in got] == ["f0", "f1", "f2", "b0", "b1"]
+    summary = {(r.get("id"), r.get("from"), r.get("to"), _condition(r)) for r in replies}
+    assert summary == {
+        (f"f{n}", f"alice@{DOMAIN}", f"mal@xmpp.test/r{n % 2}", "resource-constraint")
+        for n in range(3, 10)
+    }
+    assert {r.find(f"{{{NS}}}error").get("type") for r in replies} == {"wait"}  # type: ignore[union-attr]
+    assert rec.errors.empty() and scripted.stanzas.qsize() == 1  # only the message "x"
+    assert link.stats.rate_limited == 8 and link.stats.errors_out == 7
+    # One log line for the run, not one per stanza.
+    assert capsys.readouterr().out.count("xmpp_stanza_rate_limited") == 1
 
 
 async def test_scripted_queries(scripted: ScriptedServer) -> None:

@@ -36,6 +36,7 @@ class Conversations(Generic[T]):
         self._queues: dict[Pair, deque[T]] = {}
         self._busy: set[Pair] = set()
         self._ready: deque[Pair] = deque()
+        self._paused = False
 
     @property
     def inflight(self) -> int:
@@ -65,6 +66,10 @@ class Conversations(Generic[T]):
             self._ready.append(pair)
         return self._fill()
 
+    def pause(self) -> None:
+        """Start nothing more: what waits stays until :meth:`take_waiting` (stopping)."""
+        self._paused = True
+
     def take_waiting(self) -> list[tuple[Pair, T]]:
         """Remove and return every waiting item, each pair's in order (to persist them)."""
         taken = [(pair, item) for pair, queue in self._queues.items() for item in queue]
@@ -75,7 +80,7 @@ class Conversations(Generic[T]):
 
     def _fill(self) -> list[tuple[Pair, T]]:
         starts: list[tuple[Pair, T]] = []
-        while self._ready and len(self._busy) < self.max_inflight:
+        while self._ready and len(self._busy) < self.max_inflight and not self._paused:
             pair = self._ready.popleft()
             queue = self._queues[pair]
             item = queue.popleft()

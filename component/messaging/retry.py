@@ -63,30 +63,59 @@ class DurableQueue:
         self._relayed = relayed
         self._new_id = new_id
         # Messages this process stored and not yet finished, per conversation: while a
-        # conversation has any, its new messages are stored behind them.
+        # conversation has any, its new messages are stored behind them. ``_mine``: their ids
+        # (what an earlier run stored does not count here; see ``stored_earlier``).
         self._held: dict[Pair, int] = {}
+        self._mine: set[int] = set()
+        # Conversations asked about messages an earlier run stored, and those found with some:
+        # held until a retry pass has sent all of them.
+        self._checked: set[Pair] = set()
+        self._earlier: set[Pair] = set()
         self._seen: set[str] = set()
 
     # --- storing --------------------------------------------------------------------------
 
     def holds(self, pair: Pair) -> bool:
         """Whether earlier messages of ``pair`` wait in the store: then new ones wait too."""
-        return pair in self._held
+        return pair in self._held or pair in self._earlier
 
-    async def put(self, message: NewMessage) -> Refusal | None:
-        """Store ``message``; the refusal for its sender when it can't be (cap, store down)."""
+    async def stored_earlier(self, pair: Pair) -> bool:
+        """Whether messages of ``pair`` that an earlier run stored (one stopped by SIGTERM)
+        still wait; asked once per conversation and run, before its first message goes."""
+        if pair in self._checked:
+            return False
         try:
-            waiting = await self.store.messages_for_recipient(message.recipient)
-            if len(waiting) >= self.per_recipient:
-                who = _readable(message.recipient)
-                return busy(
-                    f"{len(waiting)} messages already wait for {who}, the most kept for one "
-                    "recipient; this one was not queued",
-                    RETRY_AFTER,
-                )
-            await self.store.enqueue_message(message)
+            waiting = await self.store.messages_for_recipient(pair[1])
+        except StoreUnavailable:
+            return False
+        if len(self._checked) >= _MAX_SEEN:
+            self._checked.clear()
+        self._checked.add(pair)
+        if any(pair_of(queued) == pair for queued in waiting):
+            self._earlier.add(pair)
+            return True
+        return False
+
+    async def put(self, message: NewMessage, *, capped: bool = True) -> Refusal | None:
+        """Store ``message``; the refusal for its sender when it can't be (cap, store down).
+
+        ``capped=False`` for messages already taken in, stored only because the gateway
+        stops (DESIGN 8): the per-recipient cap is for new ones.
+        """
+        try:
+            if capped:
+                waiting = await self.store.messages_for_recipient(message.recipient)
+                if len(waiting) >= self.per_recipient:
+                    who = _readable(message.recipient)
+                    return busy(
+                        f"{len(waiting)} messages already wait for {who}, the most kept for "
+                        "one recipient; this one was not queued",
+                        RETRY_AFTER,
+                    )
+            stored = await self.store.enqueue_message(message)
         except StoreUnavailable:
             return busy("the message store is unavailable", RETRY_AFTER)
+        self._mine.add(stored.id)
         pair = pair_of(message)
         self._held[pair] = self._held.get(pair, 0) + 1
         self.counters["queued"] += 1
@@ -179,21 +208,28 @@ class DurableQueue:
         )
         await self._attempt_all(claimed, again=True)
 
-    async def _attempt_all(self, claimed: Iterable[QueuedMessage], *, again: bool) -> None:
-        """Each conversation's messages in the order they came, one after the other."""
+    async def _attempt_all(self, claimed: Iterable[QueuedMessage], *, again: bool) -> bool:
+        """Each conversation's messages in the order they came, one after the other; False
+        when one of them had to wait."""
         by_pair: dict[Pair, list[QueuedMessage]] = {}
         for queued in sorted(claimed, key=lambda m: m.id):
             by_pair.setdefault(pair_of(queued), []).append(queued)
-        cleared: set[str] = set()
+        cleared: dict[str, set[Pair]] = {}
+        went = True
         for pair, messages in by_pair.items():
-            if await self._attempt_pair(messages) and self.holds(pair):
-                cleared.add(messages[0].recipient)
-        # Messages stored behind these while they were being sent: their turn is now.
-        for recipient in cleared if again else ():
+            if not await self._attempt_pair(messages):
+                went = False
+            elif self.holds(pair):
+                cleared.setdefault(messages[0].recipient, set()).add(pair)
+        # Messages stored behind these while they were being sent: their turn is now. Once
+        # all of them went, nothing an earlier run stored holds these conversations any more.
+        for recipient, pairs in cleared.items() if again else ():
             more = await self.store.claim_messages_for_recipient(
                 recipient, self.clock(), self.instance
             )
-            await self._attempt_all(more, again=False)
+            if await self._attempt_all(more, again=False):
+                self._earlier -= pairs
+        return went
 
     async def _attempt_pair(self, messages: list[QueuedMessage]) -> bool:
         """Try one conversation's claimed messages in order; False when one had to wait."""
@@ -311,6 +347,9 @@ class DurableQueue:
         self.xmpp.refuse(queued_stanza(queued), refusal)
 
     def _finished(self, queued: QueuedMessage) -> None:
+        if queued.id not in self._mine:
+            return  # stored by an earlier run: it never held anything in this one
+        self._mine.discard(queued.id)
         pair = pair_of(queued)
         left = self._held.get(pair, 0) - 1
         if left > 0:

@@ -110,6 +110,12 @@ class MessageRouter:
         )
         self._idle = asyncio.Event()
         self._idle.set()
+        # The MESSAGE in flight per conversation (to store it if it has no answer by the end
+        # of a drain), whether XMPP messages are still taken in (not after SIGTERM), and the
+        # conversations whose MESSAGE in flight was stored unanswered when the drain ended.
+        self._inflight: dict[Pair, _Outgoing] = {}
+        self._accepting = True
+        self._abandoned: set[Pair] = set()
         self.queue = DurableQueue(
             book,
             xmpp,
@@ -300,6 +306,12 @@ class MessageRouter:
             self.refuse_groupchat_to_person(msg)
             return
         text = self.notes.text_of(msg)
+        if not self._accepting:
+            if text is not None:
+                # DESIGN 8 SIGTERM: the sender is told to try again, as SIP senders get 503;
+                # a chat state or a receipt is never kept for later (DESIGN 4.3).
+                self._refuse(msg, busy("gateway stopping, try again", RETRY_AFTER), "stopping")
+            return
         try:
             to_uri = self.book.sip_uri_for_component_jid(bare_jid(msg.recipient))
             from_uri = self.book.sip_uri_for_jid(msg.sender)
@@ -356,24 +368,33 @@ class MessageRouter:
             (pair, outgoing), *others = starts
             for other in others:
                 self._tasks.own(self._take_turns([other]))
+            self._inflight[pair] = outgoing
             try:
                 await self._send_to_sip(pair, outgoing)
             except Exception:
                 log.exception("message_send_failed", jid=outgoing.msg.sender, sip_uri=pair[1])
             finally:
+                self._inflight.pop(pair, None)
                 starts = self.conversations.done(pair)
-                if not self.conversations.inflight and not self.conversations.waiting:
+                # Idle: nothing in flight, and nothing waiting that may still start.
+                conversations = self.conversations
+                if not conversations.inflight and not (conversations.waiting and self._accepting):
                     self._idle.set()
 
     async def _send_to_sip(self, pair: Pair, outgoing: _Outgoing) -> None:
         msg, from_uri, to_uri = outgoing.msg, outgoing.from_uri, outgoing.to_uri
-        if self.queue.holds(pair):
+        if self.queue.holds(pair) or await self.queue.stored_earlier(pair):
             # An earlier message of this conversation waits in the store: this one waits too.
             await self._store_for_sip(outgoing, "behind a stored message")
             return
         status = await self.sip.send_text(
             from_uri=from_uri, to_uri=to_uri, body=msg.body or "", imdn=outgoing.ask
         )
+        if pair in self._abandoned:
+            # Stored unanswered when the drain ended: the stored copy is its fate now.
+            self._abandoned.discard(pair)
+            log.info("message_answered_after_drain", jid=msg.sender, sip_uri=to_uri, status=status)
+            return
         if status < 300:
             self.counters["xmpp_to_sip"] += 1
             log.info("message_relayed", jid=msg.sender, sip_uri=to_uri, status=status)
@@ -393,10 +414,12 @@ class MessageRouter:
         )
         self.xmpp.refuse(msg, refusal)
 
-    async def _store_for_sip(self, outgoing: _Outgoing, reason: str) -> None:
+    async def _store_for_sip(
+        self, outgoing: _Outgoing, reason: str, *, capped: bool = True
+    ) -> None:
         msg, from_uri, to_uri = outgoing.msg, outgoing.from_uri, outgoing.to_uri
         stored = self.queue.for_sip(msg, from_uri, to_uri, reason, outgoing.ask)
-        refusal = await self.queue.put(stored)
+        refusal = await self.queue.put(stored, capped=capped)
         if refusal is not None:
             self._refuse(msg, refusal, f"not stored ({reason})")
             return
@@ -419,8 +442,15 @@ class MessageRouter:
         return await self.queue.retry_due(limit)
 
     def user_online(self, aor: str) -> None:
-        """The ``UserOnline`` port: retry what waits for ``aor`` now, as owned work."""
-        self._tasks.own(self.flush_recipient(aor))
+        """The ``UserOnline`` port: ``aor`` is seen (a later 404 means offline, DESIGN 4.2),
+        and what waits for them is retried now, as owned work."""
+        self._tasks.own(self._came_online(aor))
+
+    async def _came_online(self, aor: str) -> None:
+        # Whoever said so (a REGISTER, a PUBLISH, the presence server's NOTIFY, a command),
+        # the user exists: recorded as seen, not as registered (see DurableQueue.saw_user).
+        await self.queue.saw_user(aor)
+        await self.flush_recipient(aor)
 
     async def flush_recipient(self, recipient: str) -> None:
         """A SIP user came online: retry what waits for them at once (DESIGN 8)."""
@@ -480,15 +510,43 @@ class MessageRouter:
         except AddressError:
             return None
 
-    async def drain(self, timeout: float) -> None:
-        """SIGTERM: let the waiting messages go within ``timeout``, then store the rest."""
+    async def settle(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) until nothing is in flight or waits and no owned work is
+        left; unlike :meth:`drain`, the router keeps taking messages."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        await self._tasks.wait(timeout)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), max(deadline - loop.time(), 0.0))
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        await self._tasks.wait(max(deadline - loop.time(), 0.0))
+
+    def stop_accepting(self) -> None:
+        """SIGTERM (DESIGN 8): XMPP messages from now on get ``resource-constraint``."""
+        self._accepting = False
+
+    async def drain(self, timeout: float) -> None:
+        """SIGTERM (DESIGN 8): nothing new starts; the MESSAGEs in flight get ``timeout`` for
+        their final answer; then what is still unanswered and everything that waits in memory
+        is stored, each conversation in order, for the next start to send.
+
+        What waited was taken in already, so the per-recipient cap does not refuse it. A
+        MESSAGE stored unanswered may have arrived (at-least-once, like the XMPP link's).
+        """
+        self._accepting = False
+        self.conversations.pause()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        stored = 0
+        for pair, outgoing in list(self._inflight.items()):
+            self._abandoned.add(pair)
+            await self._store_for_sip(outgoing, "gateway stopping, unanswered", capped=False)
+            stored += 1
         for _, outgoing in self.conversations.take_waiting():
-            await self._store_for_sip(outgoing, "gateway stopping")
+            await self._store_for_sip(outgoing, "gateway stopping", capped=False)
+            stored += 1
+        log.info("messages_drained", stored=stored, unanswered=len(self._abandoned))
+        await self._tasks.wait(max(deadline - loop.time(), 0.0))
 
     def _new_id(self) -> str:
         return f"sx{self._prefix}{next(self._ids)}"

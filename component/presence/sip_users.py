@@ -93,7 +93,10 @@ class SipUsers:
         match news:
             case SipUserPublished(aor, document):
                 await self.store.mark_user_seen(aor, now)
-                await self.announce(jid, self.state_from_document(document), now)
+                state = self.state_from_document(document)
+                await self.announce(jid, state, now)
+                if state.available:
+                    self.shown_online(jid)
             case SipUserUnpublished(_, document, remaining) if remaining:
                 await self.announce(jid, self.state_from_document(document), now)
             case SipUserUnpublished(aor):
@@ -179,10 +182,11 @@ class SipUsers:
         seen = await self.store.seen_user(aor)
         return self.plain_state(seen is not None and seen.online)
 
-    async def remember(self, sip_jid: str, state: XmppPresence, now: float) -> None:
-        """Store ``state`` as the SIP user's last known presence (answers probes, DESIGN 8)."""
+    async def remember(self, sip_jid: str, state: XmppPresence, now: float) -> bool:
+        """Store ``state`` as the SIP user's last known presence (answers probes, DESIGN 8);
+        False when it is what was stored already."""
         if self._remembered.get(sip_jid) == state:
-            return
+            return False
         await self.store.save_presence(
             PresenceRecord(
                 sip_jid,
@@ -195,6 +199,12 @@ class SipUsers:
             )
         )
         self._remembered[sip_jid] = state  # only once written: a failed write is retried
+        return True
+
+    def shown_online(self, sip_jid: str) -> None:
+        """A PUBLISH or the presence server shows the SIP user available: messaging records
+        them as seen (a later 404 means offline, DESIGN 4.2) and retries what waits for them."""
+        self.user_online.user_online(self.book.sip_uri_for_component_jid(sip_jid))
 
     async def announce(self, sip_jid: str, state: XmppPresence, now: float) -> None:
         """Remember ``state`` and send it to every approved XMPP watcher of ``sip_jid``."""

@@ -97,8 +97,10 @@ class XmppWatchers:
             case SubscriptionActive(bob, sip_jid, document):
                 await self._grant(bob, sip_jid, now)
                 state = self.users.state_from_document(document)
-                await self.users.remember(sip_jid, state, now)
+                changed = await self.users.remember(sip_jid, state, now)
                 send_presence(self.xmpp, self.users.presence_to(sip_jid, bob, state))
+                if changed and state.available:
+                    self.users.shown_online(sip_jid)
             case SubscriptionPending():
                 pass  # RFC 6665 4.1.3: not decided yet; Bob waits (DESIGN 5.3)
             case SubscriptionRefused(bob, sip_jid):

@@ -4,7 +4,7 @@ The endpoint hands every request to :meth:`SipGate.handle`. A MESSAGE becomes a 
 the message core, which answers at once on the hot path (202 once written to the XMPP stream)
 or later; SUBSCRIBE, NOTIFY, PUBLISH and REGISTER go to the presence side, which answers them
 itself; OPTIONS is answered here, from what the Request-URI addresses. Before any of that, a
-source over its rate limit gets 503 (:mod:`component.sip.ratelimit`). Whatever either raises
+source over its rate limit gets 503 (:mod:`component.ratelimit`). Whatever either raises
 (a core ``Refusal``, a peer's ``PeerError``) becomes a response here, through
 :mod:`component.sip.answers`; anything unexpected becomes 500 with a log line.
 """
@@ -20,10 +20,10 @@ from typing import Protocol
 from component.addresses import AddressBook, AddressError, HomeUser, sip_user_and_host
 from component.errors import Refusal, busy, not_found
 from component.logs import get_logger
+from component.ratelimit import SourceBuckets
 from component.runtime.tasks import TaskOwner
 from component.sip.answers import refuse, send_answer, warning
 from component.sip.bodies import ACCEPT, UnsupportedMediaType, decode_body
-from component.sip.ratelimit import SourceBuckets
 from component.store import StoreUnavailable
 from component.values import SipAnswer, SipText
 from sipside.endpoint import ANSWERED_METHODS, IncomingRequest

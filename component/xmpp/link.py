@@ -34,9 +34,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from component.addresses import Jid
-from component.errors import Refusal
+from component.errors import Refusal, busy
 from component.logs import get_logger
 from component.ports import RoomStanzas
+from component.ratelimit import SourceBuckets
 from component.values import ChatMessage, Presence, ServiceInfo, ServiceKind, StanzaError
 from component.xmpp.acks import AckBarrier
 from component.xmpp.backoff import Backoff
@@ -71,6 +72,9 @@ from component.xmpp.stanzas import (
     parse_message,
     parse_presence,
 )
+from component.xmpp.stanzas import (
+    attr as format_attr,
+)
 from component.xmpp.stream import LinkState, LinkStats, Stream, attr
 from sipside.errors import LocalError
 
@@ -85,6 +89,9 @@ __all__ = [
 ]
 
 log = get_logger("component.xmpp")
+
+_ID_MARK = "sipxmpp-id"  # where a cached error reply takes the refused stanza's id
+_MAX_FLOOD_REPLIES = 1000
 
 
 class XmppLink:
@@ -116,6 +123,7 @@ class XmppLink:
         ack_delay: float = 0.05,
         ping_timeout: float = 15.0,
         clock: Callable[[], float] = time.time,
+        rate: SourceBuckets | None = None,
     ) -> None:
         domain = jid_or_none(component)
         if domain is None or domain.local or domain.resource:
@@ -142,6 +150,9 @@ class XmppLink:
             gateway_prompt=gateway_prompt,
             disco_items=disco_items,
         )
+        # DESIGN 8: each sender's stanzas (by bare JID) take a token before any work is done.
+        self._rate = rate
+        self._flood_replies: dict[tuple[str, str, str], tuple[str, str]] = {}
         self._stream: Stream | None = None
         self._attempt: asyncio.Future[bool] | None = None
         self._handshake: asyncio.Future[bool] | None = None
@@ -450,6 +461,8 @@ class XmppLink:
     def _dispatch(self, kind: str, xml: ET.Element) -> None:
         """Route one inbound stanza; called by the stream for each top-level element."""
         self.stats.stanzas_in += 1
+        if self._rate is not None and not self._admitted(kind, xml):
+            return
         stype = xml.get("type")
         sender = jid_or_none(xml.get("from") or "")
         recipient = jid_or_none(xml.get("to") or "")
@@ -473,6 +486,57 @@ class XmppLink:
         except Refusal as exc:
             self._reject_in(kind, xml, exc.xmpp_condition)
             self._reply_error(kind, xml, dst, src, exc)
+
+    def _admitted(self, kind: str, xml: ET.Element) -> bool:
+        """Take a token for the stanza's sender (its bare JID, cut from the raw attribute);
+        a sender with none left gets ``resource-constraint`` (type wait), counted and logged.
+
+        Our own barrier pings, routed back by the server, are never limited.
+        """
+        assert self._rate is not None
+        raw = xml.get("from") or ""
+        source = raw.partition("/")[0]
+        if source == self.component:
+            return True
+        verdict = self._rate.take(source, self._clock())
+        if verdict.admitted:
+            return True
+        self.stats.rate_limited += 1
+        if verdict.log:
+            log.warning(
+                "xmpp_stanza_rate_limited",
+                kind=kind,
+                sender=source[:120],
+                refused=verdict.refused,
+                total=self.stats.rate_limited,
+            )
+        # RFC 6120 8.3.1: errors and results are never answered. The server checked both
+        # addresses before routing the stanza here; the reply only has to come from our own
+        # domain (a foreign from would close the stream). Refusing must cost less than what it
+        # saves: no JID parsing, and the error is formatted once per sender and address.
+        to = xml.get("to") or ""
+        if (
+            raw
+            and xml.get("type") not in ("error", "result")
+            and to.partition("/")[0].rpartition("@")[2] == self.component
+        ):
+            head, tail = self._flood_reply(kind, to, raw, verdict.retry_after)
+            if self._write(head + format_attr("id", xml.get("id")) + tail):
+                self.stats.errors_out += 1
+        return False
+
+    def _flood_reply(self, kind: str, to: str, sender: str, retry_after: int) -> tuple[str, str]:
+        """The ``resource-constraint`` error for a flooded stanza, split where its id goes."""
+        key = (kind, to, sender)
+        reply = self._flood_replies.get(key)
+        if reply is None:
+            refusal = busy("too many stanzas from this sender", retry_after)
+            err = error_for(refusal, kind, sender=to, recipient=sender, id_=_ID_MARK)
+            head, _, tail = format_error(err).partition(format_attr("id", _ID_MARK))
+            if len(self._flood_replies) >= _MAX_FLOOD_REPLIES:
+                self._flood_replies.clear()
+            reply = self._flood_replies[key] = (head, tail)
+        return reply
 
     def _room_stanza(self, kind: str, xml: ET.Element, src: str, dst: str) -> bool:
         """Hand a chat-room stanza to the rooms (DESIGN 6); False when it is none of theirs."""

@@ -44,6 +44,7 @@ class LinkStats:
     errors_in: int = 0  # error stanzas received
     errors_out: int = 0  # error replies sent
     rejected_in: int = 0  # inbound stanzas refused (malformed, foreign, too big)
+    rate_limited: int = 0  # inbound stanzas refused because their sender sent too many
     rejected_out: int = 0  # outbound stanzas refused (our bug)
     connects: int = 0  # handshakes accepted
     reconnects: int = 0  # attempts scheduled after a failure or loss

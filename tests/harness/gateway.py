@@ -57,4 +57,6 @@ jids = ["admin@{xmpp.domain}"]
 [limits]
 sip_rate = 100000.0
 sip_burst = 100000
+xmpp_rate = 100000.0
+xmpp_burst = 100000
 {extra}"""

@@ -1,9 +1,10 @@
-"""Per-source rate limits on SIP requests (DESIGN 8, overload): token buckets, sans-IO.
+"""Per-source rate limits (DESIGN 8, overload): token buckets, sans-IO, for both edges.
 
-Each source gets a bucket of ``burst`` tokens that refills at ``rate`` tokens a second; a
-request takes one token, and a request that finds the bucket empty is refused (503 with
-Retry-After) before any work is done for it, so one flooding source cannot take the time the
-others' requests need. The clock is passed in (``now``, seconds); nothing here reads it.
+Each source (a SIP address or sender, an XMPP sender's bare JID) gets a bucket of ``burst``
+tokens that refills at ``rate`` tokens a second; a request or stanza takes one token, and one
+that finds the bucket empty is refused (SIP 503 with Retry-After, XMPP ``resource-constraint``)
+before any work is done for it, so one flooding source cannot take the time the others' need.
+The clock is passed in (``now``, seconds); nothing here reads it.
 
 The table is bounded: a bucket that has refilled to ``burst`` is the same as no bucket, so
 those are dropped when the table is full; if every bucket is still in use the oldest goes.
