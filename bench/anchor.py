@@ -23,11 +23,10 @@ from tests.harness.kamailio import MODULE_DIR
 from tests.harness.ports import free_port, wait_for_port
 from tests.harness.process import ServerProcess
 from tests.harness.prosody import ProsodyServer
-from tests.harness.values import COMPONENT_SECRET, LOOPBACK
+from tests.harness.values import COMPONENT_SECRET, LOOPBACK, REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 #: Where the anchor lives relative to the repository root, unless --anchor-dir says otherwise.
-DEFAULT_ANCHOR_DIR = ROOT.parent / "shared" / "anchors" / "kamailio-xmpp"
+DEFAULT_ANCHOR_DIR = REPO_ROOT.parent / "shared" / "anchors" / "kamailio-xmpp"
 CONFIG_NAME = "kamailio-xmpp.cfg"
 MODULE_FILE = "xmpp.so"
 #: The module's component domain (and SIP gateway domain), beside the gateway's sip.xmpp.test.
@@ -66,6 +65,7 @@ def find_or_build(anchor_dir: Path, cache: Path) -> tuple[Anchor | None, str]:
         return None, f"Kamailio xmpp module: no build.sh in {anchor_dir}; gateway rows only"
     print(f"Kamailio xmpp module: building it once into {cache} with {script}", flush=True)
     try:
+        cache.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
             ["bash", str(script), str(cache)],
             stdin=subprocess.DEVNULL,
