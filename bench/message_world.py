@@ -218,10 +218,13 @@ class World:
         prefix: list[str] = []
         if self.profile is not None and self.profile_clock == "wall":
             prefix = ["-m", "cProfile", "-o", str(self.profile)]
+        elif self.profile is not None and self.profile_clock == "sample":
+            prefix = ["-m", "bench.sampler", str(self.profile)]
         elif self.profile is not None:
             prefix = ["-m", "bench.load", "profile-gateway", str(self.profile)]
-        # bench.load's profiler calls the CLI itself; python -m cProfile takes -m component.
-        component = [] if prefix[1:2] == ["bench.load"] else ["-m", "component"]
+        # bench.load's and bench.sampler's profilers call the CLI themselves; python -m cProfile
+        # takes -m component.
+        component = ["-m", "component"] if prefix[1:2] == ["cProfile"] else []
         with (self.workdir / "gateway.log").open("wb") as log:
             self.gateway = subprocess.Popen(
                 [sys.executable, *prefix, *component, "run", "-c", str(config)],

@@ -29,8 +29,9 @@ arrived) and an overall timeout. Latency is send to arrival on this process's cl
 message is read from /proc for the gateway, Prosody, Kamailio (all its processes), the module's
 Kamailio (all its processes) and this process; the gateway's RSS is read after each gateway
 row. A second table puts each load's gateway row beside the module's with the ratio
-gateway/module. ``--profile FILE`` runs the gateway under cProfile and prints its hot spots at
-the end (the timings of that run are distorted).
+gateway/module. ``--profile FILE`` runs the gateway under cProfile (or, with ``--profile-clock
+sample``, the sampling profiler of ``bench.sampler``) and prints its hot spots at the end (the
+timings of a cProfile run are distorted).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ from bench.message_world import (
     CountedRow,
     World,
 )
+from bench.sampler import report as sampler_report
 from bench.sipp import SippLoad, run_sipp, sipp_available
 from sipside.errors import SipError
 from tests.harness import process
@@ -195,6 +197,11 @@ def row_specs(args: argparse.Namespace, module: bool) -> list[RowSpec]:
             specs += [steady(p) for p in elements] + [full(p) for p in elements]
         elements = PAIRS[1] if module else PAIRS[1][:1]
         specs += [full(p, 1) for p in elements]
+    if args.paths in ("to-xmpp", "to-sip"):
+        # One direction of the gateway alone, straight at it or through Kamailio to SIP: for
+        # profiling (--profile) one direction at a time.
+        path = SIP_AT_GATEWAY if args.paths == "to-xmpp" else PAIRS[1][0]
+        specs += [steady(path), full(path)]
     if args.paths in ("all", "gateway", "burst") and args.burst:
         # The whole burst at once: the window is the burst.
         burst = args.burst
@@ -361,9 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--paths",
-        choices=["all", "gateway", "direct", "burst", "sipp"],
+        choices=["all", "gateway", "direct", "burst", "sipp", "to-xmpp", "to-sip"],
         default="all",
-        help="which rows to run (gateway: the gateway's and the module's)",
+        help="which rows to run (gateway: the gateway's and the module's; to-xmpp, to-sip: the "
+        "gateway's straight SIP -> XMPP or relayed XMPP -> SIP rows alone, e.g. to profile)",
     )
     parser.add_argument(
         "--burst", type=int, default=200, help="one XMPP user's burst to SIP (0: no burst row)"
@@ -387,12 +395,13 @@ def main(argv: list[str] | None = None) -> int:
         "../shared/anchors/kamailio-xmpp from the repository root)",
     )
     parser.add_argument("--no-module", action="store_true", help="leave Kamailio's xmpp module out")
-    parser.add_argument("--profile", metavar="FILE", help="run the gateway under cProfile")
+    parser.add_argument("--profile", metavar="FILE", help="run the gateway under a profiler")
     parser.add_argument(
         "--profile-clock",
-        choices=["cpu", "wall"],
+        choices=["cpu", "wall", "sample"],
         default="cpu",
-        help="cpu: main-thread CPU time (default); wall: plain python -m cProfile",
+        help="cpu: cProfile on main-thread CPU time (default); wall: plain python -m cProfile; "
+        "sample: bench.sampler, stacks sampled every 2 ms of CPU (shares without call bias)",
     )
     args = parser.parse_args(argv)
     for name, full, quick in (
@@ -437,7 +446,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\nSIPp straight at each element")
         print(format_sipp(sipp))
     print(machine_line())
-    if args.profile:
+    if args.profile and args.profile_clock == "sample":
+        # Shares of all samples (warm-ups too), in CPU per message of the measured rows.
+        handled = sum(r.delivered for r in rows)
+        cpu = sum(r.cpu.gateway for r in rows)
+        print(sampler_report(Path(args.profile), messages=handled, cpu_seconds=cpu))
+    elif args.profile:
         print(profile_summary(Path(args.profile)))
     return 0
 
