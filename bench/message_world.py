@@ -224,7 +224,9 @@ class World:
             prefix = ["-m", "bench.load", "profile-gateway", str(self.profile)]
         # bench.load's and bench.sampler's profilers call the CLI themselves; python -m cProfile
         # takes -m component.
-        component = ["-m", "component"] if prefix[1:2] == ["cProfile"] else []
+        component = (
+            [] if prefix[1:2] in (["bench.load"], ["bench.sampler"]) else ["-m", "component"]
+        )
         with (self.workdir / "gateway.log").open("wb") as log:
             self.gateway = subprocess.Popen(
                 [sys.executable, *prefix, *component, "run", "-c", str(config)],
