@@ -22,9 +22,10 @@ from collections import Counter
 from pathlib import Path
 from types import FrameType
 
-# Seconds of CPU time between samples. Signals of one kind do not queue: one that arrives before
-# the handler has run for the last is lost, and the handler runs only between bytecodes, so at
-# short intervals long C calls (select, sendto) lose samples. At 2 ms they rarely do.
+# Seconds of CPU time between samples asked for. The kernel drives ITIMER_PROF from its
+# scheduler tick, so samples come at most once a tick (4 ms at HZ=250: about half of those asked
+# for at 2 ms); they are still spread over CPU time without regard to what runs, and the shares
+# are what the report uses, scaled by CPU per message measured from /proc.
 INTERVAL = 0.002
 Frame = tuple[str, int, str]  # file, first line, function
 
@@ -94,7 +95,7 @@ def report(path: Path, top: int = 30, messages: int = 0, cpu_seconds: float = 0.
             inclusive[name] += count
     if total == 0:
         return "no samples"
-    lines = [f"{total} samples in the event loop, one per {interval * 1e3:g} ms of gateway CPU"]
+    lines = [f"{total} samples in the event loop (asked for every {interval * 1e3:g} ms of CPU)"]
     per_message = cpu_seconds / messages * 1e6 if messages and cpu_seconds else 0.0
     if per_message:
         lines[0] += f"; {per_message:.0f} us of gateway CPU per message over {messages}"
