@@ -32,6 +32,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from sipside.endpoint import Endpoint, make_request
 from sipside.message import SipRequest, new_call_id, new_tag
+from sipside.peer import Peer
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -195,6 +196,7 @@ class CpuSnapshot:
     prosody: float
     kamailio: float
     bench: float
+    module: float = 0.0  # all processes of the Kamailio running the xmpp module (bench.anchor)
 
     def minus(self, other: CpuSnapshot) -> CpuSnapshot:
         """The CPU used between ``other`` and this snapshot."""
@@ -203,6 +205,7 @@ class CpuSnapshot:
             self.prosody - other.prosody,
             self.kamailio - other.kamailio,
             self.bench - other.bench,
+            self.module - other.module,
         )
 
 
@@ -451,8 +454,11 @@ def message_xml(to: str, stanza_id: str, body: str) -> str:
 # --- SIP users ---------------------------------------------------------------------------------
 
 
-async def register_user(endpoint: Endpoint, user: str, domain: str, expires: int = 3600) -> None:
-    """REGISTER ``sip:user@domain`` at the endpoint's outbound proxy, Contact = this endpoint."""
+async def register_user(
+    endpoint: Endpoint, user: str, domain: str, expires: int = 3600, registrar: Peer | None = None
+) -> None:
+    """REGISTER ``sip:user@domain`` at ``registrar`` (default: the endpoint's outbound proxy),
+    Contact = this endpoint."""
     aor = f"sip:{user}@{domain}"
     request = make_request(
         "REGISTER",
@@ -462,7 +468,7 @@ async def register_user(endpoint: Endpoint, user: str, domain: str, expires: int
         call_id=new_call_id(),
         headers=[("Contact", f"<{endpoint.contact_for('udp', user)}>"), ("Expires", str(expires))],
     )
-    response = await endpoint.request(request)
+    response = await endpoint.request(request, registrar)
     if response.status != 200:
         raise ConnectionError(f"REGISTER {aor} got {response.status} {response.reason}")
 

@@ -9,8 +9,10 @@ password are redacted before rendering, wherever they come from.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any, TextIO, cast
 
@@ -28,14 +30,19 @@ _LEVELS = {
 }
 
 
-@functools.lru_cache(maxsize=1024)
-def _is_secret_name(key: str) -> bool:
-    return key.lower().endswith(_SECRET_WORDS)
+# key -> "is it a secret's name"; event keys come from a small fixed vocabulary, so this stays
+# small, and a plain dict lookup is what redacting costs per key (it runs for every event).
+_SECRET_KEYS: dict[object, bool] = {}
+_SECRET_KEYS_MAX = 1024
 
 
 def _is_secret_key(key: object) -> bool:
-    # Event keys come from a small fixed vocabulary, so the answer is cached per key name.
-    return isinstance(key, str) and _is_secret_name(key)
+    secret = _SECRET_KEYS.get(key)
+    if secret is None:
+        secret = isinstance(key, str) and key.lower().endswith(_SECRET_WORDS)
+        if len(_SECRET_KEYS) < _SECRET_KEYS_MAX:
+            _SECRET_KEYS[key] = secret
+    return secret
 
 
 def _redact(value: Any) -> Any:
@@ -46,12 +53,55 @@ def _redact(value: Any) -> Any:
 
 def redact_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     """Processor: replace the value of any key named ``*secret``/``*password`` (also nested)."""
+    secret_keys = _SECRET_KEYS
     for key, value in event_dict.items():
-        if _is_secret_key(key):
+        secret = secret_keys.get(key)
+        if secret is None:
+            secret = _is_secret_key(key)
+        if secret:
             event_dict[key] = REDACTED
         elif isinstance(value, dict):  # a plain type check: abc checks cost per key
             event_dict[key] = _redact(value)
     return event_dict
+
+
+def _when_present(key: str, processor: Processor) -> Processor:
+    """``processor``, run only for events that carry ``key`` (it leaves the others alone)."""
+
+    def run(logger: WrappedLogger, method: str, event_dict: EventDict) -> Any:
+        return processor(logger, method, event_dict) if key in event_dict else event_dict
+
+    return run
+
+
+# (whole second, its ISO text): the date and time are formatted once a second, not per event.
+_second: tuple[int, str] = (-1, "")
+
+
+def add_timestamp(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """Processor: ``timestamp`` in ISO 8601 UTC with microseconds, e.g.
+    ``2026-12-03T13:48:55.704391Z`` (what structlog's ISO TimeStamper writes, for less)."""
+    global _second
+    now = time.time()
+    whole = int(now)
+    if whole != _second[0]:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    event_dict["timestamp"] = f"{_second[1]}.{int((now - whole) * 1e6):06d}Z"
+    return event_dict
+
+
+def _json_fallback(value: object) -> object:
+    """What structlog's JSON renderer does with a value json cannot encode."""
+    custom = getattr(value, "__structlog__", None)
+    return custom() if callable(custom) else repr(value)
+
+
+# One encoder for every event: json.dumps(..., default=...) builds a new JSONEncoder per call.
+_ENCODER = json.JSONEncoder(default=_json_fallback)
+
+
+def _encode(event_dict: EventDict, **_options: Any) -> str:
+    return _ENCODER.encode(event_dict)
 
 
 def _add_stdlib_logger_name(
@@ -82,24 +132,30 @@ def configure_logging(
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_timestamp,
         redact_secrets,
     ]
     renderer: Processor
     if json:
-        renderer = structlog.processors.JSONRenderer()
+        renderer = structlog.processors.JSONRenderer(serializer=_encode)
         # No locals in tracebacks: they could hold the very secrets redacted above.
-        shared.append(
-            structlog.processors.ExceptionRenderer(
-                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
-            )
+        exceptions = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
         )
+        # It renders only events with exc_info (log.exception sets it): skip the call otherwise.
+        shared.append(_when_present("exc_info", exceptions))
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
     structlog.configure(
-        processors=[*shared, structlog.processors.StackInfoRenderer(), renderer],
+        processors=[
+            *shared,
+            _when_present("stack_info", structlog.processors.StackInfoRenderer()),
+            renderer,
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        # One output logger for the stream, not a new one built for every event; it writes each
+        # line with one write and a flush (print() writes the line and its end separately).
+        logger_factory=functools.partial(_same_logger, structlog.WriteLogger(out)),
         cache_logger_on_first_use=False,
     )
     # Libraries log through the stdlib; give them the same processors and renderer.
@@ -115,6 +171,10 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric)
+
+
+def _same_logger(logger: structlog.WriteLogger, *_args: Any) -> structlog.WriteLogger:
+    return logger
 
 
 def get_logger(name: str, **context: Any) -> FilteringBoundLogger:

@@ -1,0 +1,49 @@
+"""The UDP socket reads every datagram already queued after the one asyncio hands it, up to its
+bound, in order, without another event-loop wake-up; none is lost or read twice."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from sipside.peer import Peer
+from sipside.transport import DatagramSocket
+
+
+async def test_queued_datagrams_are_read_in_the_same_wakeup() -> None:
+    got: list[bytes] = []
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: DatagramSocket(Peer("udp", "127.0.0.1", 0), lambda data, _peer: got.append(data)),
+        local_addr=("127.0.0.1", 0),
+    )
+    port = transport.get_extra_info("sockname")[1]
+    queued = DatagramSocket.DRAIN + 10
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        for number in range(queued):
+            sender.sendto(b"%d" % number, ("127.0.0.1", port))  # queued at once on loopback
+        # What asyncio does when the socket is readable: read one and hand it over. No await
+        # since the sends, so the event loop has read nothing yet.
+        protocol.datagram_received(b"first", sender.getsockname())
+    assert got == [b"first", *(b"%d" % n for n in range(DatagramSocket.DRAIN))]
+    # The rest come through the event loop as usual, in order.
+    for _ in range(200):
+        if len(got) == queued + 1:
+            break
+        await asyncio.sleep(0.01)
+    assert got[1:] == [b"%d" % n for n in range(queued)]
+    transport.close()
+    await asyncio.sleep(0)
+    assert protocol._reader is None  # its handle on the socket is closed with the transport
+
+
+async def test_nothing_queued_reads_nothing_more() -> None:
+    got: list[bytes] = []
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: DatagramSocket(Peer("udp", "127.0.0.1", 0), lambda data, _peer: got.append(data)),
+        local_addr=("127.0.0.1", 0),
+    )
+    protocol.datagram_received(b"only", ("127.0.0.1", 9))
+    assert got == [b"only"]
+    transport.close()
