@@ -240,6 +240,7 @@ class Gateway:
 
     async def run(self) -> None:
         """Serve until ``stop()``; then drain and close."""
+        await self.router.resume()  # before any request: what an earlier run left goes first
         await self.endpoint.start(self.sipgate.handle)
         self.health.report(Part.SIP, True, "listening")
         if self.status is not None:

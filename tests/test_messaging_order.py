@@ -341,6 +341,7 @@ async def test_after_a_restart_what_the_last_run_stored_goes_first(store: Memory
     # The same store, a new process, whose cap b and c fill: d is refused (the cap), and e,
     # refused too, does not overtake them either.
     after = _router(store, sip, xmpp, clock, per_recipient=2)
+    await after.resume()
     await _burst(after, _from_bob("alice@sip.xmpp.test", "d", "e"))
     assert [(e.condition, e.id) for e in xmpp.errors] == [
         ("resource-constraint", "id-d"),
@@ -354,6 +355,41 @@ async def test_after_a_restart_what_the_last_run_stored_goes_first(store: Memory
     # and once the store is empty, the conversation goes straight through again
     await _burst(after, _from_bob("alice@sip.xmpp.test", "g"))
     assert sip.bodies_to(ALICE)[-1] == "g" and await store.messages_for_recipient(ALICE) == []
+
+
+async def test_after_a_restart_sip_to_xmpp_waits_behind_what_the_last_run_stored(
+    store: MemoryStore,
+) -> None:
+    xmpp, clock = FakeXmpp(), Clock()
+    bob = "sip:bob*xmpp.test@jabber.sip.test"
+    before = _router(store, ScriptedSip(), xmpp, clock)
+    xmpp.connected = False
+    for body in ("a", "b"):
+        assert (await before.answer_later(SipText(ALICE, bob, body))).status == 202
+    # A new process with the link up at once: "c" must not overtake a and b.
+    xmpp.connected = True
+    after = _router(store, ScriptedSip(), xmpp, clock)
+    await after.resume()
+    c = SipText(ALICE, bob, "c")
+    assert after.answer_now(c) is None  # not the hot path: the store is asked first
+    assert (await after.answer_later(c)).status == 202
+    assert xmpp.sent == []
+    await after.retry_due()
+    assert [m.body for m in xmpp.sent] == ["a", "b", "c"]
+    # nothing waits now: the hot path again; another conversation is asked once
+    assert after.answer_now(SipText(ALICE, bob, "d")) is not None
+    e = SipText("sip:carol@sip.test", bob, "e")
+    assert after.answer_now(e) is None
+    assert (await after.answer_later(e)).status == 202
+    assert after.answer_now(SipText("sip:carol@sip.test", bob, "f")) is not None
+    assert [m.body for m in xmpp.sent] == list("abcdef")
+
+
+async def test_a_fresh_start_keeps_the_hot_path(store: MemoryStore) -> None:
+    xmpp = FakeXmpp()
+    router = _router(store, ScriptedSip(), xmpp, Clock())
+    await router.resume()  # nothing waits in the store: no conversation is asked
+    assert router.answer_now(SipText(ALICE, "sip:bob*xmpp.test@jabber.sip.test", "x")) is not None
 
 
 async def test_after_sigterm_new_messages_are_refused_and_counted(store: MemoryStore) -> None:

@@ -71,6 +71,8 @@ class DurableQueue:
         # held until a retry pass has sent all of them.
         self._checked: set[Pair] = set()
         self._earlier: set[Pair] = set()
+        # No earlier run left anything waiting (``resume``): no conversation needs asking.
+        self._fresh = True
         self._seen: set[str] = set()
 
     # --- storing --------------------------------------------------------------------------
@@ -79,10 +81,24 @@ class DurableQueue:
         """Whether earlier messages of ``pair`` wait in the store: then new ones wait too."""
         return pair in self._held or pair in self._earlier
 
+    async def resume(self) -> None:
+        """At start: whether an earlier run (one stopped by SIGTERM, or whose link was down)
+        left messages waiting; only then are conversations asked (``stored_earlier``)."""
+        try:
+            counts = await self.store.counts()
+        except StoreUnavailable:
+            self._fresh = False  # unknown: ask
+            return
+        self._fresh = counts.queued + counts.inflight == 0
+
+    def unchecked(self, pair: Pair) -> bool:
+        """Whether ``pair`` may have messages an earlier run stored, not asked about yet."""
+        return not self._fresh and pair not in self._checked
+
     async def stored_earlier(self, pair: Pair) -> bool:
-        """Whether messages of ``pair`` that an earlier run stored (one stopped by SIGTERM)
-        still wait; asked once per conversation and run, before its first message goes."""
-        if pair in self._checked:
+        """Whether messages of ``pair`` that an earlier run stored still wait; asked once per
+        conversation and run, before its first message goes."""
+        if not self.unchecked(pair):
             return False
         try:
             waiting = await self.store.messages_for_recipient(pair[1])

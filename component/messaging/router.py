@@ -154,7 +154,8 @@ class MessageRouter:
         if route is None:
             return None
         stanza = self._stanza(msg, *route)
-        if self.queue.holds(_xmpp_pair(msg, stanza)):
+        pair = _xmpp_pair(msg, stanza)
+        if self.queue.holds(pair) or self.queue.unchecked(pair):
             return None
         return ACCEPTED if self._relay(msg, stanza) else None
 
@@ -168,7 +169,10 @@ class MessageRouter:
         if route is None:
             return await self._command(msg)
         stanza = self._stanza(msg, *route)
-        if not self.queue.holds(_xmpp_pair(msg, stanza)) and self._relay(msg, stanza):
+        pair = _xmpp_pair(msg, stanza)
+        if self.queue.holds(pair) or await self.queue.stored_earlier(pair):
+            return await self._store_for_xmpp(msg, stanza)  # behind what waits, in order
+        if self._relay(msg, stanza):
             return ACCEPTED
         return await self._store_for_xmpp(msg, stanza)
 
@@ -436,6 +440,11 @@ class MessageRouter:
             log.info("notice_undelivered", sip_uri=aor, status=status)
 
     # --- the queue (DESIGN 8) -------------------------------------------------------------------
+
+    async def resume(self) -> None:
+        """Before the first request: learn whether an earlier run left messages waiting, so
+        that new ones of those conversations, both ways, go behind them (DESIGN 8)."""
+        await self.queue.resume()
 
     async def retry_due(self, limit: int = 100) -> int:
         """Try every due stored message once; expire what is past ``delay_time``."""
