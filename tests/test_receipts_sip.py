@@ -13,7 +13,7 @@ from component.sip.media import MediaSupport, accepts
 from component.sip.sender import SipSender
 from component.values import Composing, ImdnAsk, ImdnNews, ImdnStatus
 from sipside import cpim, imdn, iscomposing
-from sipside.errors import PeerError
+from sipside.errors import PeerError, TransactionTimeout
 from sipside.message import SipRequest, SipResponse
 
 UTC = datetime.UTC
@@ -139,6 +139,8 @@ class FakeEndpoint:
         self.requests.append(request)
         if request.method == "OPTIONS":
             status, accept = self.options
+            if status == 0:
+                raise TransactionTimeout("no answer")  # a client or proxy that drops OPTIONS
             return SipResponse(status, "X", () if accept is None else (("Accept", accept),))
         status, headers = self.answers.pop(0) if self.answers else (200, ())
         return SipResponse(status, "X", headers)
@@ -273,6 +275,7 @@ async def test_composing_and_notification_bodies() -> None:
         ((405, None), False, False, True),  # no OPTIONS: plain only
         ((404, None), False, False, False),  # offline now: plain this time, asked again later
         ((408, None), False, False, False),
+        ((0, None), False, False, True),  # no answer at all: plain, not asked per message
     ],
 )
 async def test_options_decides_cpim_and_typing(

@@ -160,14 +160,20 @@ class SipSender:
         """Whether ``to_uri`` takes ``media``: known, or asked with an OPTIONS (RFC 3261 11).
 
         The answer's Accept is remembered for both media types. An answer that says nothing
-        of the recipient (404 or 480 while it is offline, a timeout) is not remembered, and
-        the message goes as plain text.
+        of the recipient (404 or 480 while it is offline) is not remembered, and the message
+        goes as plain text. No answer at all (a client or proxy that drops OPTIONS) is
+        remembered as plain text: asking again would cost every message a transaction timeout.
         """
         known = self.support.takes(to_uri, media, self.clock())
         if known is not None:
             return known
         answer = await self._request("OPTIONS", from_uri, to_uri, [], b"", None)
-        if isinstance(answer, int) or (answer.status >= 300 and answer.status not in (405, 501)):
+        if isinstance(answer, int):
+            for kind in (CPIM, TYPING):
+                self.support.remember(to_uri, kind, False, self.clock())
+            log.info("sip_media_probe_unanswered", sip_uri=to_uri, status=answer)
+            return False
+        if answer.status >= 300 and answer.status not in (405, 501):
             return False
         accept = answer.header("Accept") if answer.status < 300 else ""
         now = self.clock()
