@@ -89,7 +89,8 @@ async def _run(client: XmppClient, node: str, **form: str | list[str]) -> dict[s
         )
         command = reply["command"]
     notes = [text for _type, text in command["notes"]]
-    values = command["form"].get_values() if command.xml.find("{jabber:x:data}x") else {}
+    has_form = command.xml.find("{jabber:x:data}x") is not None
+    values = command["form"].get_values() if has_form else {}
     return {"status": command["status"], "notes": notes, "values": values, "iq": reply}
 
 
@@ -145,7 +146,7 @@ def _msgs(samples: dict[Any, float], direction: str, outcome: str) -> float:
 async def test_a_stranger_sees_no_commands_and_is_forbidden(
     world: World, xmpp_client_factory: ClientFactory
 ) -> None:
-    _, _, admin, _ = world
+    _, _, admin, metrics_url = world
     listed = await admin.plugin["xep_0050"].get_commands(COMPONENT_DOMAIN, timeout=15)
     nodes = {node for _jid, node, _name in listed["disco_items"]["items"]}
     assert nodes == {"stats", "user", "queue", "announce"}  # slixmpp keeps items in a set
@@ -157,6 +158,8 @@ async def test_a_stranger_sees_no_commands_and_is_forbidden(
         with pytest.raises(IqError) as refused:
             await eve.plugin["xep_0050"].send_command(COMPONENT_DOMAIN, node, timeout=15)
         assert refused.value.condition == "forbidden"
+    samples = await _scrape(metrics_url)
+    assert samples["sipxmpp_xmpp_errors_sent_total", (("condition", "forbidden"),)] == 2
 
 
 async def test_each_command_and_the_metrics_after_messages_both_ways(

@@ -130,6 +130,7 @@ async def test_counts_and_store_figures_in_the_exposition(memory_store: MemorySt
     assert value("sipxmpp_sip_requests_refused_total", reason="rate_limited") == 4
     assert value("sipxmpp_sip_transactions", kind="client") == 2
     assert value("sipxmpp_xmpp_link_state", state="up") == 1
+    assert value("sipxmpp_xmpp_link_state", state="backing_off") == 0
     assert value("sipxmpp_xmpp_link_reconnects_total") == 3
     assert value("sipxmpp_xmpp_link_up_seconds") == 30
     assert value("sipxmpp_queue_depth") == 2

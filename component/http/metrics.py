@@ -28,7 +28,7 @@ from component.logs import get_logger
 from component.ports import Clock, Outcome, Part, Way
 from component.runtime.loop_lag import LoopLag
 from component.store import StorePort, StoreUnavailable
-from component.xmpp.stream import LinkStats
+from component.xmpp.stream import LinkState, LinkStats
 from sipside.endpoint import Stats as EndpointStats
 
 log = get_logger("component.http.metrics")
@@ -249,7 +249,8 @@ def _stats_families(stats: GatewayStats) -> Iterator[Metric]:
         "The XMPP link's state (1 for the current one).",
         labels=["state"],
     )
-    link.add_metric([stats.link_state], 1.0)
+    for state in LinkState:
+        link.add_metric([state.value], 1.0 if state.value == stats.link_state else 0.0)
     yield link
     yield CounterMetricFamily(
         "sipxmpp_xmpp_link_reconnects",
