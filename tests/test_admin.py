@@ -19,6 +19,7 @@ from component.store import (
     MessageDirection,
     NewMessage,
     StorePort,
+    StoreUnavailable,
     SubscriptionState,
     XmppWatcherSubscription,
     upgrade,
@@ -434,3 +435,38 @@ async def test_cancel_and_refusals_become_errors(memory_store: MemoryStore) -> N
         iq = _iq("set", f'<command xmlns="{NS_COMMANDS}" node="nosuch"/>')
         adhoc.take(iq, "set", ADMIN, parse_jid("sip.xmpp.test"), written)
     assert unknown.value.xmpp_condition == "item-not-found"
+
+
+class BrokenStats:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def snapshot(self) -> GatewayStats:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "condition"),
+    [
+        (StoreUnavailable("database down"), "resource-constraint"),
+        (RuntimeError("our bug"), "internal-server-error"),
+    ],
+)
+async def test_a_failing_command_still_gets_an_answer(
+    memory_store: MemoryStore, error: Exception, condition: str
+) -> None:
+    desk = AdminDesk(
+        [ADMIN],
+        book=BOOK,
+        stats=BrokenStats(error),
+        store=memory_store,
+        queue=FakeQueue(),
+        notices=FakeNotices(),
+        clock=lambda: T0,
+    )
+    adhoc, written = AdhocCommands(desk), Written()
+    reply = await _take(
+        adhoc, _iq("set", f'<command xmlns="{NS_COMMANDS}" node="{STATS}"/>'), written
+    )
+    assert reply.get("type") == "error"
+    assert reply.find(f".//{{urn:ietf:params:xml:ns:xmpp-stanzas}}{condition}") is not None

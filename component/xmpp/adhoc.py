@@ -122,49 +122,41 @@ class AdhocCommands:
         write: Write,
     ) -> None:
         iq_id = iq.get("id") or ""
+        try:
+            answer = await self._answer(command, node, requester)
+        except StoreUnavailable:
+            refusal: Refusal = Rejected("resource-constraint", "wait", "the database is down")
+        except Refusal as exc:
+            refusal = exc
+        except Exception:
+            # RFC 6120 8.2.3: even our own failure gets an answer, never silence.
+            log.exception("adhoc_command_crashed", node=node, jid=requester)
+            refusal = Rejected("internal-server-error", "wait", "the command failed")
+        else:
+            write(format_iq("result", domain, requester, iq_id, answer))
+            return
+        log.info("adhoc_command_refused", jid=requester, condition=refusal.xmpp_condition)
+        err = error_for(refusal, "iq", sender=domain, recipient=requester, id_=iq_id)
+        if write(format_error(err)):
+            self.metrics.xmpp_error(err.condition)
+
+    async def _answer(self, command: ET.Element, node: str, requester: str) -> str:
+        """The ``<command/>`` answering a request: a first step, a submitted form, a cancel."""
         action = command.get("action") or "execute"
         session_id = command.get("sessionid")
-        try:
-            if session_id is None:
-                if action == "cancel":
-                    raise Rejected("bad-request", "modify", "nothing to cancel")
-                step = await self.desk.start(node, requester)
-                session_id = secrets.token_hex(8)
-            else:
-                session = self._sessions.pop(session_id, None)
-                if session != _Session(node, requester):
-                    raise Rejected("bad-request", "modify", "no such session")
-                if action == "cancel":
-                    write(
-                        format_iq(
-                            "result",
-                            domain,
-                            requester,
-                            iq_id,
-                            _command(node, session_id, "canceled"),
-                        )
-                    )
-                    return
-                if action == "prev":
-                    raise Rejected("bad-request", "modify", "these commands have one form")
-                step = await self.desk.submit(node, requester, _submitted(command))
-        except Refusal as exc:
-            self._refuse(exc, domain, requester, iq_id, write)
-            return
-        except StoreUnavailable:
-            self._refuse(
-                Rejected("resource-constraint", "wait", "the gateway's database is down"),
-                domain,
-                requester,
-                iq_id,
-                write,
-            )
-            return
-        write(
-            format_iq(
-                "result", domain, requester, iq_id, self._step(node, session_id, requester, step)
-            )
-        )
+        if session_id is None:
+            if action == "cancel":
+                raise Rejected("bad-request", "modify", "nothing to cancel")
+            step = await self.desk.start(node, requester)
+            return self._step(node, secrets.token_hex(8), requester, step)
+        if self._sessions.pop(session_id, None) != _Session(node, requester):
+            raise Rejected("bad-request", "modify", "no such session")
+        if action == "cancel":
+            return _command(node, session_id, "canceled")
+        if action == "prev":
+            raise Rejected("bad-request", "modify", "these commands have one form")
+        step = await self.desk.submit(node, requester, _submitted(command))
+        return self._step(node, session_id, requester, step)
 
     def _step(self, node: str, session_id: str, requester: str, step: Step) -> str:
         if isinstance(step, Ask):
@@ -178,14 +170,6 @@ class AdhocCommands:
             _form(step.form) if step.form is not None else ""
         )
         return _command(node, session_id, "completed", inner)
-
-    def _refuse(
-        self, refusal: Refusal, domain: str, requester: str, iq_id: str, write: Write
-    ) -> None:
-        log.info("adhoc_command_refused", jid=requester, condition=refusal.xmpp_condition)
-        err = error_for(refusal, "iq", sender=domain, recipient=requester, id_=iq_id)
-        if write(format_error(err)):
-            self.metrics.xmpp_error(err.condition)
 
     async def drain(self, timeout: float) -> None:
         """Let commands being run finish (shutdown)."""
