@@ -1,6 +1,7 @@
 """The operator's view end to end (DESIGN 9): a slixmpp admin client runs each XEP-0050 command
 on the gateway's domain, a stranger is refused, and ``/metrics`` is read over HTTP after
-messages both ways. PJSIP <-> Kamailio (copying REGISTERs) <-> gateway <-> Prosody."""
+messages both ways. PJSIP <-> Kamailio (copying REGISTERs) <-> gateway <-> Prosody and
+ejabberd."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from tests.harness.xmppserver import XmppServer
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.parametrize("xmpp_server", ["prosody"], indirect=True),
+    pytest.mark.parametrize("xmpp_server", ["prosody", "ejabberd"], indirect=True),
 ]
 
 ClientFactory = Callable[[str], Awaitable[XmppClient]]
