@@ -209,7 +209,7 @@ class Gateway:
             link=self.xmpp,
             gate=self.sipgate,
             lag=self.loop_lag,
-            transports=tuple(sorted(sip.aliases)),
+            transports=self.transport_board,
             clock=time.time,
         )
         self.commands = AdhocCommands(

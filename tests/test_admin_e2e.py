@@ -198,6 +198,9 @@ async def test_each_command_and_the_metrics_after_messages_both_ways(
     assert values["messages_xmpp_to_sip"].startswith("delivered 1, queued 2,")
     assert values["queue"].startswith("2 waiting, oldest")
     assert values["xmpp_link"].startswith("up for ")
+    # The one alias transport of the test settings, which no transport serves here.
+    [transport] = values["transports"]  # a text-multi field: a list of lines
+    assert transport.split()[:1] == ["irc.xmpp.test"]
 
     user = await _run(admin, "user", address=carol.uri.removeprefix("sip:"))
     assert user["values"]["state"] == "offline"
@@ -247,3 +250,9 @@ async def test_each_command_and_the_metrics_after_messages_both_ways(
     assert responses > before.get(("sipxmpp_sip_responses_sent_total", (("class", "2xx"),)), 0)
     assert ("sipxmpp_event_loop_lag_seconds", ()) in after
     assert ("sipxmpp_sip_transactions", (("kind", "server"),)) in after
+    states = {
+        labels: value
+        for (name, labels), value in after.items()
+        if name == "sipxmpp_transport_state"
+    }
+    assert sum(states.values()) == 1 and len(states) == 3  # one state of up, down, unknown

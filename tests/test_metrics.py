@@ -25,10 +25,10 @@ from component.store import (
     NewMessage,
     StoreCounts,
     StoreUnavailable,
-    TransportStatus,
 )
 from component.store.memory import MemoryStore
 from component.store.records import RoomMembership
+from component.transports.board import TransportBoard
 from component.values import ChatMessage, SipText
 from component.xmpp.stream import LinkState, LinkStats
 from sipside.endpoint import Stats as EndpointStats
@@ -37,6 +37,8 @@ from tests.harness.values import LOOPBACK
 from tests.test_messaging import BOOK, Clock, FakeCommands, FakeSip, FakeXmpp, _answer
 
 T0 = 1_700_000_000.0
+BOARD = TransportBoard(["irc.xmpp.test", "slack.xmpp.test"], check_time=20)
+BOARD.probed("irc.xmpp.test", "remote-server-timeout", T0)
 
 
 class FakeEndpoint:
@@ -71,7 +73,7 @@ def _readings(store: MemoryStore, metrics: GatewayMetrics, lag: LoopLag | None =
         link=FakeLink(),
         gate=FakeGate(),
         lag=lag or LoopLag(),
-        transports=("irc.xmpp.test", "slack.xmpp.test"),
+        transports=BOARD,
         clock=lambda: T0 + 30,
     )
 
@@ -104,7 +106,6 @@ async def _stocked(store: MemoryStore) -> None:
     await store.save_membership(
         RoomMembership("sip:alice@sip.test", "b@muc.test", "n", MembershipState.JOINING)
     )
-    await store.save_transport_status(TransportStatus("irc.xmpp.test", False, T0, "timeout"))
 
 
 async def test_counts_and_store_figures_in_the_exposition(memory_store: MemoryStore) -> None:
@@ -144,7 +145,7 @@ async def test_counts_and_store_figures_in_the_exposition(memory_store: MemorySt
     assert value("sipxmpp_database_up") == 1
     assert ("sipxmpp_event_loop_lag_seconds", ()) in samples
     [irc, slack] = stats.transports
-    assert (irc.state, irc.since, irc.detail) == ("down", T0, "timeout")
+    assert (irc.state, irc.since, irc.detail) == ("down", T0, "remote-server-timeout")
     assert slack.state == "unknown"
 
 
@@ -158,7 +159,8 @@ async def test_store_down_leaves_out_the_store_figures_only() -> None:
     stats = await _readings(DownStore(), metrics).snapshot()
     assert not stats.store_read
     names = {name for name, _ in _samples(metrics.exposition(stats).decode())}
-    assert "sipxmpp_messages_total" in names and "sipxmpp_sip_transactions" in names
+    assert {"sipxmpp_messages_total", "sipxmpp_sip_transactions"} <= names
+    assert "sipxmpp_transport_state" in names  # the transports' states are not the store's
     assert not names & {"sipxmpp_queue_depth", "sipxmpp_rooms", "sipxmpp_subscriptions"}
 
 

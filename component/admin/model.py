@@ -13,7 +13,8 @@ from component.ports import Outcome, Way
 
 @dataclass(frozen=True, slots=True)
 class TransportInfo:
-    """One alias transport as last probed: ``up``, ``down`` or ``unknown`` (never probed)."""
+    """One alias transport as last probed: ``up``, ``down`` or ``unknown`` (not probed yet),
+    since when, and the last probe's error."""
 
     domain: str
     state: str

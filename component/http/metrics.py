@@ -4,7 +4,8 @@
 by condition, and when the XMPP link last came up. Everything else is already counted or kept
 by its owner and read at scrape time by :class:`Readings`: SIP responses by class and the
 transactions in flight (the SIP endpoint), the SIP gate's refusals, the XMPP link's state and
-reconnects, the loop lag, and from the store the queue, subscriptions, rooms and transports.
+reconnects, the loop lag, each alias transport's probed state (``TransportBoard``), and from
+the store the queue, subscriptions and rooms.
 One :class:`~component.admin.model.GatewayStats` serves both the Prometheus exposition (here,
 with prometheus-client's metric families on a registry of the gateway's own) and the admin
 statistics command.
@@ -28,6 +29,7 @@ from component.logs import get_logger
 from component.ports import Clock, Outcome, Part, Way
 from component.runtime.loop_lag import LoopLag
 from component.store import StorePort, StoreUnavailable
+from component.transports.board import TransportState, TransportView
 from component.xmpp.stream import LinkState, LinkStats
 from sipside.endpoint import Stats as EndpointStats
 
@@ -39,7 +41,6 @@ UP_GAUGES: dict[Part, tuple[str, str]] = {
     Part.XMPP: ("sipxmpp_xmpp_link_up", "Whether the XMPP component link is up (1) or not (0)."),
     Part.SIP: ("sipxmpp_sip_up", "Whether the SIP listeners are open (1) or not (0)."),
 }
-TRANSPORT_STATES = ("up", "down", "unknown")
 
 
 class HealthState(Protocol):
@@ -116,6 +117,14 @@ class Refusals(Protocol):
         ...
 
 
+class TransportStates(Protocol):
+    """What the metrics read of the transports (``component.transports.board.TransportBoard``)."""
+
+    def views(self) -> list[TransportView]:
+        """Every alias transport's state, by domain."""
+        ...
+
+
 class Readings:
     """Reads every figure of :class:`GatewayStats` from its owner (implements ``StatsSource``)."""
 
@@ -128,7 +137,7 @@ class Readings:
         link: LinkCounts,
         gate: Refusals,
         lag: LoopLag,
-        transports: tuple[str, ...],
+        transports: TransportStates,
         clock: Clock = time.time,
     ) -> None:
         self.metrics = metrics
@@ -161,7 +170,10 @@ class Readings:
             sip_client_transactions=client,
             sip_server_transactions=server,
             loop_lag=self.lag.last,
-            transports=tuple(TransportInfo(domain, "unknown") for domain in self.transports),
+            transports=tuple(
+                TransportInfo(view.domain, view.state.value, view.since, view.last_error)
+                for view in self.transports.views()
+            ),
         )
         try:
             return await self._with_store(stats, now)
@@ -173,17 +185,6 @@ class Readings:
         counts = await store.counts()
         oldest = await store.waiting_messages(1)
         seats = await store.memberships()
-        probed = {status.domain: status for status in await store.transport_statuses()}
-        transports = []
-        for domain in self.transports:
-            status = probed.get(domain)
-            transports.append(
-                TransportInfo(domain, "unknown")
-                if status is None
-                else TransportInfo(
-                    domain, "up" if status.up else "down", status.checked_at, status.detail
-                )
-            )
         return replace(
             stats,
             queue_depth=counts.queued + counts.inflight,
@@ -192,7 +193,6 @@ class Readings:
             xmpp_watchers=counts.xmpp_watchers,
             rooms=len({seat.room_jid for seat in seats}),
             occupants=len(seats),
-            transports=tuple(transports),
         )
 
 
@@ -268,6 +268,17 @@ def _stats_families(stats: GatewayStats) -> Iterator[Metric]:
         "How late the last timer of the event loop fired.",
         value=stats.loop_lag,
     )
+    transports = GaugeMetricFamily(
+        "sipxmpp_transport_state",
+        "Each alias transport's probed state (1 for the current one).",
+        labels=["transport", "state"],
+    )
+    for transport in stats.transports:
+        for probed in TransportState:
+            transports.add_metric(
+                [transport.domain, probed.value], 1.0 if transport.state == probed.value else 0.0
+            )
+    yield transports
     if stats.store_read:
         yield from _store_families(stats)
 
@@ -294,17 +305,6 @@ def _store_families(stats: GatewayStats) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         "sipxmpp_room_occupants", "SIP users' seats in chat rooms.", value=stats.occupants
     )
-    transports = GaugeMetricFamily(
-        "sipxmpp_transport_state",
-        "Each alias transport's probed state (1 for the current one).",
-        labels=["transport", "state"],
-    )
-    for transport in stats.transports:
-        for state in TRANSPORT_STATES:
-            transports.add_metric(
-                [transport.domain, state], 1.0 if transport.state == state else 0.0
-            )
-    yield transports
 
 
 def _counter(name: str, doc: str, label: str, counts: Mapping[str, int]) -> CounterMetricFamily:

@@ -530,6 +530,7 @@ class XmppLink:
             head, tail = self._flood_reply(kind, to, raw, verdict.retry_after)
             if self._write(head + format_attr("id", xml.get("id")) + tail):
                 self.stats.errors_out += 1
+                self.metrics.xmpp_error("resource-constraint")
         return False
 
     def _flood_reply(self, kind: str, to: str, sender: str, retry_after: int) -> tuple[str, str]:
