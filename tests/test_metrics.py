@@ -50,7 +50,7 @@ class FakeEndpoint:
 class FakeLink:
     def __init__(self) -> None:
         self.state = LinkState.UP
-        self.stats = LinkStats(reconnects=3)
+        self.stats = LinkStats(reconnects=3, rate_limited=6)
 
 
 class FakeGate:
@@ -133,6 +133,7 @@ async def test_counts_and_store_figures_in_the_exposition(memory_store: MemorySt
     assert value("sipxmpp_xmpp_link_state", state="up") == 1
     assert value("sipxmpp_xmpp_link_state", state="backing_off") == 0
     assert value("sipxmpp_xmpp_link_reconnects_total") == 3
+    assert value("sipxmpp_xmpp_stanzas_rate_limited_total") == 6
     assert value("sipxmpp_xmpp_link_up_seconds") == 30
     assert value("sipxmpp_queue_depth") == 2
     assert value("sipxmpp_queue_oldest_age_seconds") == 30

@@ -43,6 +43,7 @@ class GatewayStats:
     link_state: str = "idle"
     link_up_since: float | None = None
     link_reconnects: int = 0
+    xmpp_rate_limited: int = 0  # inbound stanzas refused: their sender sent too many
     sip_client_transactions: int = 0
     sip_server_transactions: int = 0
     loop_lag: float = 0.0

@@ -167,6 +167,7 @@ class Readings:
             link_state=str(link.state.value),
             link_up_since=metrics.link_up_since,
             link_reconnects=link.stats.reconnects,
+            xmpp_rate_limited=link.stats.rate_limited,
             sip_client_transactions=client,
             sip_server_transactions=server,
             loop_lag=self.lag.last,
@@ -237,6 +238,11 @@ def _stats_families(stats: GatewayStats) -> Iterator[Metric]:
         "SIP requests refused before any work (rate limit, busy, stopping, store down).",
         "reason",
         stats.sip_refusals,
+    )
+    yield CounterMetricFamily(
+        "sipxmpp_xmpp_stanzas_rate_limited",
+        "Inbound XMPP stanzas refused because their sender sent too many.",
+        value=stats.xmpp_rate_limited,
     )
     transactions = GaugeMetricFamily(
         "sipxmpp_sip_transactions", "SIP transactions in flight.", labels=["kind"]
