@@ -12,7 +12,9 @@ from typing import Any
 
 from component import __version__
 from component.addresses import AddressBook, bare_jid
-from component.http.status import GatewayMetrics, StatusServer
+from component.admin.commands import AdminDesk
+from component.http.metrics import GatewayMetrics, Readings
+from component.http.status import StatusServer
 from component.logs import get_logger
 from component.messaging.notifications import Notifications
 from component.messaging.router import MessageRouter
@@ -23,6 +25,7 @@ from component.rooms.core import RoomsCore
 from component.rooms.model import RoomsConfig
 from component.rooms.ports import StoredMemberships
 from component.runtime.health import Health, watch_database
+from component.runtime.loop_lag import LoopLag
 from component.runtime.presence_driver import CoreSerial, PresenceDriver
 from component.runtime.rooms_driver import RoomsDriver
 from component.runtime.signal import UserOnlineSignal, UserStateSignal
@@ -39,6 +42,7 @@ from component.transports.board import TransportBoard
 from component.transports.health import SipHealth
 from component.transports.service import TransportGuard, Transports
 from component.values import ChatMessage, Presence, StanzaError
+from component.xmpp.adhoc import NS_COMMANDS, AdhocCommands
 from component.xmpp.link import XmppLink
 from sipside.endpoint import Endpoint
 from sipside.timers import TimerConfig
@@ -64,13 +68,8 @@ class Gateway:
         self.settings = settings
         self.store = store
         self.health = health
-        self.metrics = GatewayMetrics(health)
-        address = settings.metrics.address
-        self.status = (
-            None
-            if address is None
-            else StatusServer(health, self.metrics, host=address[0], port=address[1])
-        )
+        # DESIGN 9: the Metrics port the pieces count into; the rest is read at scrape time.
+        self.metrics = GatewayMetrics(health, clock=time.time)
         self.book = AddressBook.from_settings(settings)
         sip = settings.sip
         self.endpoint = Endpoint(
@@ -99,6 +98,8 @@ class Gateway:
             gateway_jid_for=self._jid_for_prompt,
             disco_items=self.transport_board.disco_items,
             rate=SourceBuckets(limits.xmpp_rate, limits.xmpp_burst),
+            disco_features=(NS_COMMANDS,),
+            metrics=self.metrics,
         )
         # DESIGN 5.4: presence tells whoever listens that a SIP user came online.
         self.user_online = UserOnlineSignal()
@@ -172,6 +173,7 @@ class Gateway:
             per_recipient=limits.queue_per_recipient,
             rooms=self.rooms,
             notifications=self.notifications,
+            metrics=self.metrics,
         )
         self.user_online.connect(self.router.user_online)
         # DESIGN 3.3, 9: transports probed every check_time, the SIP proxy with OPTIONS; a
@@ -197,6 +199,39 @@ class Gateway:
             proxies=proxy_hosts(sip.proxy),
         )
         self.endpoint.admit = self.sipgate.admit_source
+        # DESIGN 9: the figures of /metrics and of the admin statistics, read from their owners;
+        # the admin commands (XEP-0050) for admin.jids, given to the XMPP link's run().
+        self.loop_lag = LoopLag()
+        self.readings = Readings(
+            self.metrics,
+            store=store,
+            sip=self.endpoint,
+            link=self.xmpp,
+            gate=self.sipgate,
+            lag=self.loop_lag,
+            transports=self.transport_board,
+            clock=time.time,
+        )
+        self.commands = AdhocCommands(
+            AdminDesk(
+                settings.admin.jids,
+                book=self.book,
+                stats=self.readings,
+                store=store,
+                queue=self.router.queue,
+                notices=self.router,
+                clock=time.time,
+            ),
+            metrics=self.metrics,
+        )
+        address = settings.metrics.address
+        self.status = (
+            None
+            if address is None
+            else StatusServer(
+                health, self.metrics, host=address[0], port=address[1], readings=self.readings
+            )
+        )
         self._tasks = TaskOwner("gateway_task_failed")
         self._own = self._tasks.own
         self._stopping = asyncio.Event()
@@ -230,6 +265,7 @@ class Gateway:
 
     def _on_link(self, up: bool) -> None:
         self.health.report(Part.XMPP, up, "component stream " + ("up" if up else "down"))
+        self.metrics.link(up, time.time())
         self.presence_driver.on_link(up)
         self.rooms.on_link(up)
         self.transports.on_link(up)
@@ -248,7 +284,8 @@ class Gateway:
         await self.presence_driver.start()
         await self.rooms.start()
         await self.transports.start()
-        link = asyncio.create_task(self.xmpp.run(self.rooms))
+        link = asyncio.create_task(self.xmpp.run(self.rooms, self.commands))
+        lag = asyncio.create_task(self.loop_lag.run())
         sweeper = asyncio.create_task(
             sweep_queue(
                 self.router,
@@ -287,13 +324,15 @@ class Gateway:
             await self.sipgate.drain(timeout=left(3.0))
             await self.router.drain(timeout=left(3.0))
             await self._tasks.wait(timeout=left(1.0))
+            await self.commands.drain(timeout=left(1.0))
             sweeper.cancel()
             database.cancel()
             typing.cancel()
+            lag.cancel()
             await self.xmpp.stop()
             await self._tasks.wait(timeout=5.0)  # what the closing link left unconfirmed
             link.cancel()
-            await asyncio.gather(link, sweeper, database, typing, return_exceptions=True)
+            await asyncio.gather(link, sweeper, database, typing, lag, return_exceptions=True)
             await self.endpoint.close()
             self.health.report(Part.SIP, False, "closed")
             if self.status is not None:

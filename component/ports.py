@@ -236,3 +236,52 @@ class HealthReport(Protocol):
     def report(self, part: Part, up: bool, detail: str = "") -> None:
         """``part`` is up (True) or down (False); ``detail`` says why, for the log."""
         ...
+
+
+class Way(enum.StrEnum):
+    """Which way a chat message goes across the gateway (a metrics label)."""
+
+    TO_XMPP = "sip_to_xmpp"
+    TO_SIP = "xmpp_to_sip"
+
+
+class Outcome(enum.StrEnum):
+    """What became of a chat message (a metrics label): each message ends counted once as
+    delivered, failed or refused; queued counts it entering the retry queue on the way."""
+
+    DELIVERED = "delivered"
+    QUEUED = "queued"
+    FAILED = "failed"
+    REFUSED = "refused"
+
+
+class Metrics(Protocol):
+    """Where the pieces count what happens (DESIGN 9); gauges are read at scrape time instead."""
+
+    def message(self, way: Way, outcome: Outcome) -> None:
+        """One chat message went ``way`` with ``outcome``."""
+        ...
+
+    def xmpp_error(self, condition: str) -> None:
+        """One XMPP error stanza was sent, with this RFC 6120 condition."""
+        ...
+
+    def link(self, up: bool, now: float) -> None:
+        """The XMPP component link came up or went down at ``now``."""
+        ...
+
+
+class NoMetrics:
+    """A ``Metrics`` that counts nothing (tests and tools that build pieces alone)."""
+
+    def message(self, way: Way, outcome: Outcome) -> None:
+        """Nothing is counted."""
+
+    def xmpp_error(self, condition: str) -> None:
+        """Nothing is counted."""
+
+    def link(self, up: bool, now: float) -> None:
+        """Nothing is recorded."""
+
+
+NO_METRICS: Metrics = NoMetrics()

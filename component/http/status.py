@@ -1,8 +1,9 @@
 """The health and metrics endpoints (DESIGN 9), served on ``metrics.listen`` by aiohttp.
 
 ``GET /health`` answers 200 with each part's state when every part is up, 503 naming the parts
-that are down; ``GET /metrics`` is the Prometheus text exposition of the gateway's own registry
-(never prometheus-client's global one, so two gateways in one process do not share gauges).
+that are down; ``GET /metrics`` is the Prometheus text exposition of the gateway's figures
+(:mod:`component.http.metrics`), read at each scrape, on a registry of the gateway's own (never
+prometheus-client's global one, so two gateways in one process do not share gauges).
 The server runs on the gateway's event loop; it reads the health state and changes nothing.
 """
 
@@ -12,19 +13,14 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from component.admin.model import StatsSource
+from component.http.metrics import GatewayMetrics
 from component.logs import get_logger
 from component.ports import Part
 
 log = get_logger("component.http.status")
-
-#: Gauge name and help of each part: 1 while it is up, 0 while it is down.
-_UP_GAUGES: dict[Part, tuple[str, str]] = {
-    Part.DATABASE: ("sipxmpp_database_up", "Whether the database answers (1) or not (0)."),
-    Part.XMPP: ("sipxmpp_xmpp_link_up", "Whether the XMPP component link is up (1) or not (0)."),
-    Part.SIP: ("sipxmpp_sip_up", "Whether the SIP listeners are open (1) or not (0)."),
-}
 
 
 class HealthState(Protocol):
@@ -37,30 +33,6 @@ class HealthState(Protocol):
     def detail(self, part: Part) -> str:
         """What was said when ``part`` last changed state."""
         ...
-
-
-class GatewayMetrics:
-    """The gateway's Prometheus registry: one up/down gauge per part, read at scrape time."""
-
-    def __init__(self, health: HealthState) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        for part, (name, doc) in _UP_GAUGES.items():
-            gauge = Gauge(name, doc, registry=self.registry)
-            gauge.set_function(_UpValue(health, part))
-
-    def exposition(self) -> bytes:
-        """The registry in the Prometheus text format."""
-        return generate_latest(self.registry)
-
-
-class _UpValue:
-    """1.0 while ``part`` is up, else 0.0 (a gauge's function)."""
-
-    def __init__(self, health: HealthState, part: Part) -> None:
-        self.health, self.part = health, part
-
-    def __call__(self) -> float:
-        return 1.0 if self.health.states().get(self.part, False) else 0.0
 
 
 def health_body(health: HealthState) -> tuple[int, dict[str, object]]:
@@ -82,10 +54,17 @@ class StatusServer:
     """``/health`` and ``/metrics`` on ``host:port`` (port 0: any free one, see :attr:`port`)."""
 
     def __init__(
-        self, health: HealthState, metrics: GatewayMetrics, *, host: str, port: int
+        self,
+        health: HealthState,
+        metrics: GatewayMetrics,
+        *,
+        host: str,
+        port: int,
+        readings: StatsSource | None = None,
     ) -> None:
         self.health = health
         self.metrics = metrics
+        self.readings = readings
         self.host = host
         self._port = port
         app = web.Application()
@@ -118,8 +97,9 @@ class StatusServer:
         return web.json_response(body, status=status)
 
     async def _metrics(self, _request: web.Request) -> web.Response:
+        stats = None if self.readings is None else await self.readings.snapshot()
         return web.Response(
-            body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            body=self.metrics.exposition(stats), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
 

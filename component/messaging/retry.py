@@ -17,9 +17,10 @@ from component.addresses import AddressBook, AddressError, bare_jid, sip_user_an
 from component.errors import RETRYABLE, Refusal, busy, refusal_for_sip_status
 from component.logs import get_logger
 from component.messaging.conversations import Pair
-from component.ports import Clock, SipPort, XmppPort
+from component.ports import NO_METRICS, Clock, Metrics, Outcome, SipPort, Way, XmppPort
 from component.store import (
     MessageDirection,
+    MessageState,
     NewMessage,
     QueuedMessage,
     StorePort,
@@ -52,6 +53,7 @@ class DurableQueue:
         notice: Callable[[str, str], Awaitable[None]],
         relayed: Callable[[ChatMessage, str], None],
         new_id: Callable[[], str],
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.book, self.xmpp, self.sip, self.store = book, xmpp, sip, store
         self.clock = clock
@@ -62,6 +64,7 @@ class DurableQueue:
         self._notice = notice
         self._relayed = relayed
         self._new_id = new_id
+        self.metrics = metrics
         # Messages this process stored and not yet finished, per conversation: while a
         # conversation has any, its new messages are stored behind them. ``_mine``: their ids
         # (what an earlier run stored does not count here; see ``stored_earlier``).
@@ -135,6 +138,7 @@ class DurableQueue:
         pair = pair_of(message)
         self._held[pair] = self._held.get(pair, 0) + 1
         self.counters["queued"] += 1
+        self.metrics.message(Way(message.direction), Outcome.QUEUED)
         return None
 
     def for_sip(
@@ -290,6 +294,7 @@ class DurableQueue:
             )
             if self.xmpp.send_message(stanza):
                 self._relayed(stanza, queued.sender)
+                self.metrics.message(Way.TO_XMPP, Outcome.DELIVERED)
                 await self.store.mark_delivered(queued.id, now)
                 self._finished(queued)
                 return None
@@ -311,6 +316,7 @@ class DurableQueue:
             await self.store.mark_delivered(queued.id, now)
             self._finished(queued)
             self.counters["xmpp_to_sip"] += 1
+            self.metrics.message(Way.TO_SIP, Outcome.DELIVERED)
             log.info("message_delivered_late", jid=queued.sender, sip_uri=queued.recipient)
             await self.saw_user(queued.recipient)
             return None
@@ -321,6 +327,7 @@ class DurableQueue:
         await self.store.mark_failed(queued.id, f"SIP {status}", now)
         self._finished(queued)
         self.counters["failed"] += 1
+        self.metrics.message(Way.TO_SIP, Outcome.FAILED)
         refusal = refusal_for_sip_status(status)
         log.info(
             "message_rejected",
@@ -335,6 +342,7 @@ class DurableQueue:
     async def _give_up(self, queued: QueuedMessage) -> None:
         """Past ``delay_time``: the sender is told, with the reason."""
         self.counters["failed"] += 1
+        self.metrics.message(Way(queued.direction), Outcome.FAILED)
         log.info(
             "message_expired",
             sender=queued.sender,
@@ -372,6 +380,46 @@ class DurableQueue:
             self._held[pair] = left
         else:
             self._held.pop(pair, None)
+
+    # --- the operator's hand (DESIGN 9 ad-hoc commands) -----------------------------------
+
+    async def retry_now(self, message_id: int) -> bool:
+        """Make a waiting message due now and try what is due; False if it waits no more."""
+        queued = await self._waiting(message_id)
+        if queued is None:
+            return False
+        await self.store.reschedule(queued.id, self.clock(), queued.last_error)
+        await self.retry_due()
+        return True
+
+    async def drop(self, message_id: int, reason: str) -> bool:
+        """Fail a waiting message now and tell its sender ``reason``; False if it waits no more.
+
+        Nothing accepted is lost silently (DESIGN 8): the sender hears of it as of an expiry.
+        """
+        queued = await self._waiting(message_id)
+        if queued is None:
+            return False
+        await self.store.mark_failed(queued.id, reason, self.clock())
+        self._finished(queued)
+        self.metrics.message(Way(queued.direction), Outcome.FAILED)
+        self.counters["failed"] += 1
+        log.info("message_dropped", sender=queued.sender, recipient=queued.recipient, reason=reason)
+        text = f"not delivered: {reason}"
+        if queued.direction is MessageDirection.XMPP_TO_SIP:
+            self._refuse_queued(queued, unavailable(text))
+        else:
+            await self._notice(
+                queued.sender, f"Your message to {bare_jid(queued.recipient)} was {text}."
+            )
+        return True
+
+    async def _waiting(self, message_id: int) -> QueuedMessage | None:
+        """The queued (not inflight) message ``message_id``, if it still waits."""
+        for queued in await self.store.waiting_messages():
+            if queued.id == message_id:
+                return queued if queued.state is MessageState.QUEUED else None
+        return None
 
 
 def pair_of(message: NewMessage | QueuedMessage) -> Pair:

@@ -31,7 +31,17 @@ from component.logs import get_logger
 from component.messaging.conversations import Conversations, Pair, QueueFull
 from component.messaging.notifications import Notifications
 from component.messaging.retry import RETRY_AFTER, DurableQueue
-from component.ports import Clock, RegistrarCommands, RoomTexts, SipPort, XmppPort
+from component.ports import (
+    NO_METRICS,
+    Clock,
+    Metrics,
+    Outcome,
+    RegistrarCommands,
+    RoomTexts,
+    SipPort,
+    Way,
+    XmppPort,
+)
 from component.runtime.tasks import TaskOwner
 from component.store import MessageDirection, NewMessage, StorePort, StoreUnavailable
 from component.values import ChatMessage, ImdnAsk, SipAnswer, SipText, StanzaError
@@ -85,6 +95,7 @@ class MessageRouter:
         queue: int = 10_000,
         per_recipient: int = 100,
         notifications: Notifications | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.book = book
         self.xmpp = xmpp
@@ -94,6 +105,7 @@ class MessageRouter:
         self.delay_time = delay_time
         self.instance = instance or f"gw-{os.getpid()}"
         self.commands = commands
+        self.metrics = metrics  # DESIGN 9: messages each way by outcome
         self._tasks = TaskOwner("message_task_failed")
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4).hex()
@@ -129,6 +141,7 @@ class MessageRouter:
             notice=self.notice,
             relayed=self._track,
             new_id=self._new_id,
+            metrics=metrics,
         )
         # DESIGN 6: MESSAGEs to room and occupant addresses go to the chat rooms; only what
         # they pass back is one-to-one chat. None: a gateway without rooms (tests).
@@ -214,6 +227,7 @@ class MessageRouter:
             return False
         self._track(stanza, msg.from_uri)
         self.counters["sip_to_xmpp"] += 1
+        self.metrics.message(Way.TO_XMPP, Outcome.DELIVERED)
         log.info("message_relayed", call_id=msg.call_id, sip_uri=msg.from_uri, jid=stanza.recipient)
         return True
 
@@ -241,6 +255,7 @@ class MessageRouter:
         refusal = await self.queue.put(message)
         if refusal is not None:
             self.counters["refused"] += 1
+            self.metrics.message(Way.TO_XMPP, Outcome.REFUSED)
             log.warning(
                 "message_refused",
                 call_id=msg.call_id,
@@ -284,6 +299,7 @@ class MessageRouter:
             log.info("xmpp_error_unmatched", jid=err.sender, condition=err.condition)
             return None
         self.counters["failed"] += 1
+        self.metrics.message(Way.TO_XMPP, Outcome.FAILED)
         detail = f" ({err.text})" if err.text else ""
         text = (
             f"Your message to {bare_jid(sent.recipient)} was not delivered: "
@@ -357,6 +373,7 @@ class MessageRouter:
     def _refuse(self, msg: ChatMessage, refusal: Refusal, reason: str) -> None:
         """Answer ``msg`` with an error stanza; every refusal is logged and counted."""
         self.counters["refused"] += 1
+        self.metrics.message(Way.TO_SIP, Outcome.REFUSED)
         log.info(
             "message_refused",
             jid=msg.sender,
@@ -401,6 +418,7 @@ class MessageRouter:
             return
         if status < 300:
             self.counters["xmpp_to_sip"] += 1
+            self.metrics.message(Way.TO_SIP, Outcome.DELIVERED)
             log.info("message_relayed", jid=msg.sender, sip_uri=to_uri, status=status)
             await self.queue.saw_user(to_uri)
             return
@@ -408,6 +426,7 @@ class MessageRouter:
             await self._store_for_sip(outgoing, f"SIP {status}")
             return
         self.counters["failed"] += 1
+        self.metrics.message(Way.TO_SIP, Outcome.FAILED)
         refusal = refusal_for_sip_status(status)
         log.info(
             "message_rejected",
@@ -499,6 +518,7 @@ class MessageRouter:
                 await self.store.enqueue_message(message)
             except StoreUnavailable as exc:
                 self.counters["failed"] += 1
+                self.metrics.message(Way.TO_XMPP, Outcome.FAILED)
                 log.warning("message_lost", sip_uri=sip_sender, jid=msg.recipient, reason=str(exc))
                 await self.notice(
                     sip_sender,
@@ -507,6 +527,7 @@ class MessageRouter:
                 )
                 continue
             self.counters["requeued"] += 1
+            self.metrics.message(Way.TO_XMPP, Outcome.QUEUED)
             log.info("message_requeued", sip_uri=sip_sender, jid=msg.recipient, id=msg.id)
 
     def _sip_sender_of(self, msg: ChatMessage) -> str | None:

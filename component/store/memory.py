@@ -206,6 +206,12 @@ class MemoryStore:
     async def messages_for_recipient(self, recipient: str) -> list[QueuedMessage]:
         return self._db.messages.select(lambda m: m.state in _WAITING, recipient=recipient)
 
+    async def waiting_messages(self, limit: int | None = None) -> list[QueuedMessage]:
+        waiting = self._db.messages.select(
+            lambda m: m.state in _WAITING, order=lambda m: (m.created_at, m.id)
+        )
+        return waiting if limit is None else waiting[: max(limit, 0)]
+
     def _finish(self, message_id: int, now: float | None, **changes: Any) -> None:
         db = self._db
         message = db.messages.get(message_id)

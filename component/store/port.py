@@ -50,6 +50,10 @@ class StorePort(Protocol):
         """Messages still waiting for ``recipient`` (read-only, e.g. for the admin command)."""
         ...
 
+    async def waiting_messages(self, limit: int | None = None) -> list[QueuedMessage]:
+        """Every queued or inflight message, oldest first; the first ``limit`` if given."""
+        ...
+
     async def mark_delivered(self, message_id: int, now: float) -> None:
         """The message reached its recipient. Raises ``RecordNotFound`` for an unknown id."""
         ...

@@ -96,6 +96,12 @@ def messages_for_recipient(session: Session, recipient: str) -> list[QueuedMessa
     return QUEUE.select(session, c.recipient == recipient, c.state.in_(_WAITING))
 
 
+def waiting_messages(session: Session, limit: int | None = None) -> list[QueuedMessage]:
+    """Every queued or inflight message, oldest first (the admin's queue, the oldest age)."""
+    c = _table.c
+    return QUEUE.select(session, c.state.in_(_WAITING), order_by=("created_at", "id"), limit=limit)
+
+
 def _finish_message(session: Session, message_id: int, **values: Any) -> None:
     stmt = update(_table).where(_table.c.id == message_id).values(**values)
     if session.execute(stmt.returning(_table.c.id)).first() is None:

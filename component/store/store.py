@@ -244,6 +244,7 @@ class Store:
     claim_due_messages = _OnWorker(queue.claim_due_messages)
     claim_messages_for_recipient = _OnWorker(queue.claim_messages_for_recipient)
     messages_for_recipient = _OnWorker(queue.messages_for_recipient)
+    waiting_messages = _OnWorker(queue.waiting_messages)
     mark_delivered = _OnWorker(queue.mark_delivered)
     mark_failed = _OnWorker(queue.mark_failed)
     reschedule = _OnWorker(queue.reschedule)

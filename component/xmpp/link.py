@@ -36,10 +36,11 @@ from typing import Any
 from component.addresses import Jid
 from component.errors import Refusal, busy
 from component.logs import get_logger
-from component.ports import RoomStanzas
+from component.ports import NO_METRICS, Metrics, RoomStanzas
 from component.ratelimit import SourceBuckets
 from component.values import ChatMessage, Presence, ServiceInfo, ServiceKind, StanzaError
 from component.xmpp.acks import AckBarrier
+from component.xmpp.adhoc import AdhocCommands
 from component.xmpp.backoff import Backoff
 from component.xmpp.confirm import Confirmations
 from component.xmpp.iq import (
@@ -124,6 +125,7 @@ class XmppLink:
         ping_timeout: float = 15.0,
         clock: Callable[[], float] = time.time,
         rate: SourceBuckets | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         domain = jid_or_none(component)
         if domain is None or domain.local or domain.resource:
@@ -168,6 +170,8 @@ class XmppLink:
         # Chat rooms (DESIGN 6), given to run(): stanzas of rooms that SIP users are in, and
         # invitations, go there instead of to messaging and presence.
         self.rooms: RoomStanzas | None = None
+        self.commands: AdhocCommands | None = None  # DESIGN 9 admin commands, given to run()
+        self.metrics = metrics  # DESIGN 9: XMPP errors sent, by condition
         # DESIGN 8: the barrier pings the component's own domain. The server routes that iq back
         # to us, so it exists on every server and needs no answer: its arrival is the proof.
         self._on_unconfirmed = on_unconfirmed
@@ -197,7 +201,9 @@ class XmppLink:
         """:meth:`run` has returned after :meth:`stop`."""
         return self.state is LinkState.STOPPED
 
-    async def run(self, rooms: RoomStanzas | None = None) -> None:
+    async def run(
+        self, rooms: RoomStanzas | None = None, commands: AdhocCommands | None = None
+    ) -> None:
         """Keep the link up until :meth:`stop`; after any loss, reconnect after a backoff.
 
         ``rooms`` takes the chat-room stanzas (the rooms are built after the link, which they
@@ -205,7 +211,7 @@ class XmppLink:
         """
         if self.state is not LinkState.IDLE:
             raise LocalError("XmppLink.run() called twice")
-        self.rooms = rooms
+        self.rooms, self.commands = rooms, commands
         while not self._stopping:
             self._attempt = asyncio.ensure_future(self._connect_once())
             try:
@@ -387,6 +393,7 @@ class XmppLink:
         self._checked(err.sender, err.recipient, err.kind)
         if self._write(format_error(err)):
             self.stats.errors_out += 1
+            self.metrics.xmpp_error(err.condition)
             return True
         return False
 
@@ -523,6 +530,7 @@ class XmppLink:
             head, tail = self._flood_reply(kind, to, raw, verdict.retry_after)
             if self._write(head + format_attr("id", xml.get("id")) + tail):
                 self.stats.errors_out += 1
+                self.metrics.xmpp_error("resource-constraint")
         return False
 
     def _flood_reply(self, kind: str, to: str, sender: str, retry_after: int) -> tuple[str, str]:
@@ -593,6 +601,7 @@ class XmppLink:
         err = error_for(refusal, kind, sender=src, recipient=dst, id_=xml.get("id"))
         if self._write(format_error(err)):
             self.stats.errors_out += 1
+            self.metrics.xmpp_error(err.condition)
 
     def _inbound_error(self, kind: str, xml: ET.Element, src: str, dst: str) -> None:
         self.stats.errors_in += 1
@@ -636,5 +645,7 @@ class XmppLink:
         iq_id = xml.get("id")
         if not iq_id:
             raise Rejected("bad-request", "modify", "iq without id")
+        if self.commands is not None and self.commands.take(xml, stype, src, to, self._write):
+            return
         payload = self._responder.answer(xml, stype, to)
         self._write(format_iq("result", to.full, src, iq_id, payload))
