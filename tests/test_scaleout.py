@@ -8,7 +8,12 @@ two instances.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -31,8 +36,10 @@ from component.store import (
     SubscriptionState,
     Takeover,
     XmppWatcherSubscription,
+    migrate,
 )
 from component.store.memory import MemoryDatabase, MemoryStore
+from tests.harness.ports import free_port
 from tests.test_store import database, pg_url, sqlite_template  # noqa: F401 (fixtures)
 
 T0 = 1_700_000_000.0
@@ -257,9 +264,37 @@ async def test_sqlite_refuses_a_second_live_instance() -> None:
 
 
 def test_instance_name_defaults_to_host_and_pid(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
     import socket
 
     assert load_settings(None).gateway.name == f"{socket.gethostname()}-{os.getpid()}"
     monkeypatch.setenv("SIPXMPP_GATEWAY__INSTANCE", "gw-b")
     assert load_settings(None).gateway.name == "gw-b"
+
+
+def test_sipxmpp_run_refuses_a_second_instance_on_sqlite(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    migrate.upgrade(url)
+
+    async def first_is_beating() -> None:
+        store = await Store.open(url, instance="first")
+        await store.join_instances("first", time.time())
+        await store.close()
+
+    asyncio.run(first_is_beating())
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[gateway]\ninstance = "second"\n[database]\nurl = "{url}"\n'
+        f'[sip]\nlisten = ["udp:127.0.0.1:{free_port()}"]\n'
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SIPXMPP_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "component", "run", "-c", str(config)],
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "'first' is running on this SQLite database" in result.stderr
+    assert "PostgreSQL" in result.stderr
