@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import sys
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -25,6 +26,7 @@ from component.rooms.core import RoomsCore
 from component.rooms.model import RoomsConfig
 from component.rooms.ports import StoredMemberships
 from component.runtime.health import Health, watch_database
+from component.runtime.instances import Instances, SharedSqlite
 from component.runtime.loop_lag import LoopLag
 from component.runtime.presence_driver import CoreSerial, PresenceDriver
 from component.runtime.rooms_driver import RoomsDriver
@@ -36,7 +38,7 @@ from component.sip.gate import SipGate, proxy_hosts
 from component.sip.sender import SipSender
 from component.sip.side import SipSide
 from component.sip.transactions import ClientTransactions
-from component.store import StoreNotAtHead
+from component.store import StoreNotAtHead, Takeover
 from component.store.store import Store
 from component.transports.board import TransportBoard
 from component.transports.health import SipHealth
@@ -84,6 +86,7 @@ class Gateway:
         # DESIGN 9: the alias transports' states, listed in the component domain's disco#items.
         self.transport_board = TransportBoard(sip.aliases, check_time=settings.timers.check_time)
         xmpp, limits = settings.xmpp, settings.limits
+        check_time = settings.timers.check_time
         self.xmpp = XmppLink(
             component=xmpp.component,
             host=xmpp.host,
@@ -100,6 +103,10 @@ class Gateway:
             rate=SourceBuckets(limits.xmpp_rate, limits.xmpp_burst),
             disco_features=(NS_COMMANDS,),
             metrics=self.metrics,
+            # DESIGN 9: a standby instance (Prosody refuses a second connection) retries often
+            # enough to be active within check_time of the first one's link dropping.
+            min_backoff=min(1.0, check_time * 0.4),
+            max_backoff=min(60.0, check_time * 0.8),
         )
         # DESIGN 5.4: presence tells whoever listens that a SIP user came online.
         self.user_online = UserOnlineSignal()
@@ -174,6 +181,7 @@ class Gateway:
             rooms=self.rooms,
             notifications=self.notifications,
             metrics=self.metrics,
+            instance=store.instance,
         )
         self.user_online.connect(self.router.user_online)
         # DESIGN 3.3, 9: transports probed every check_time, the SIP proxy with OPTIONS; a
@@ -232,6 +240,16 @@ class Gateway:
                 health, self.metrics, host=address[0], port=address[1], readings=self.readings
             )
         )
+        # DESIGN 9: this instance among others on one database; a survivor resumes what it
+        # takes over from a dead one.
+        self.instances = Instances(
+            store,
+            store.instance,
+            check_time=check_time,
+            clock=time.time,
+            resume=self._resume_taken,
+            lost=self.stop,
+        )
         self._tasks = TaskOwner("gateway_task_failed")
         self._own = self._tasks.own
         self._stopping = asyncio.Event()
@@ -272,10 +290,22 @@ class Gateway:
         if up:
             self._own(self.router.retry_due())
 
+    async def _resume_taken(self, moved: Takeover) -> None:
+        """Resume what was taken over from a dead instance (DESIGN 9): its SIP subscriptions
+        (subscribed afresh from here), publications, room seats (rejoined), and its queue."""
+        if moved.sip_watchers or moved.xmpp_watchers or moved.publications:
+            await self.presence_driver.resume()
+        if moved.memberships:
+            await self.rooms.restore()
+        if moved.messages:
+            await self.router.retry_due()
+
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve until ``stop()``; then drain and close."""
+        """Serve until ``stop()``; then drain and close. ``SharedSqlite`` when another instance
+        is running on the same SQLite database."""
+        await self.instances.join(sqlite=self.store.is_sqlite)
         await self.router.resume()  # before any request: what an earlier run left goes first
         await self.endpoint.start(self.sipgate.handle)
         self.health.report(Part.SIP, True, "listening")
@@ -295,6 +325,7 @@ class Gateway:
             )
         )
         database = asyncio.create_task(watch_database(self.store))
+        heartbeat = asyncio.create_task(self.instances.run())
         typing = asyncio.create_task(sweep_chat_states(self.notifications))
         log.info(
             "gateway_started",
@@ -326,18 +357,22 @@ class Gateway:
             await self._tasks.wait(timeout=left(1.0))
             await self.commands.drain(timeout=left(1.0))
             sweeper.cancel()
+            heartbeat.cancel()
             database.cancel()
             typing.cancel()
             lag.cancel()
             await self.xmpp.stop()
             await self._tasks.wait(timeout=5.0)  # what the closing link left unconfirmed
             link.cancel()
-            await asyncio.gather(link, sweeper, database, typing, lag, return_exceptions=True)
+            await asyncio.gather(
+                link, sweeper, heartbeat, database, typing, lag, return_exceptions=True
+            )
             await self.endpoint.close()
             self.health.report(Part.SIP, False, "closed")
             if self.status is not None:
                 await self.status.close()
             await self.store.release_claims(self.router.instance, time.time())
+            await self.instances.leave()  # a survivor takes over now, not 2 x check_time later
             log.info("gateway_stopped")
 
     def stop(self) -> None:
@@ -361,7 +396,9 @@ async def serve(settings: Settings) -> int:
     """Open the store (refusing a schema not at head), run the gateway until a signal."""
     health = Health()
     try:
-        store = await Store.open(settings.database.url, health=health)
+        store = await Store.open(
+            settings.database.url, health=health, instance=settings.gateway.name
+        )
     except StoreNotAtHead as exc:
         log.error("database_not_at_head", error=str(exc))
         return 2
@@ -375,6 +412,10 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, gateway.stop)
     try:
         await gateway.run()
+    except SharedSqlite as exc:
+        log.error("database_shared", error=str(exc))
+        print(f"sipxmpp: {exc}", file=sys.stderr)
+        return 2
     finally:
         await store.close()
     return 0

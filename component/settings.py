@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +208,25 @@ Network = Annotated[IPNetwork, PlainValidator(_network), PlainSerializer(str)]
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GatewaySettings(_Section):
+    """``[gateway]``: this instance among several sharing one database (DESIGN 9)."""
+
+    instance: str = Field(default="", max_length=255)
+
+    @field_validator("instance")
+    @classmethod
+    def _check_instance(cls, value: str) -> str:
+        value = value.strip()
+        if any(ch.isspace() or not ch.isprintable() for ch in value):
+            raise ValueError(f"{value!r}: an instance name has no spaces or control characters")
+        return value
+
+    @property
+    def name(self) -> str:
+        """The instance name: ``instance``, or the host name and process id when empty."""
+        return self.instance or f"{socket.gethostname()}-{os.getpid()}"
 
 
 class XmppSettings(_Section):
@@ -519,6 +540,7 @@ class Settings(BaseSettings):
         extra="forbid",
     )
 
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     xmpp: XmppSettings = Field(default_factory=XmppSettings)
     sip: SipSettings = Field(default_factory=SipSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)

@@ -11,6 +11,13 @@
 -- The gateway's settings must match: xmpp.component = "sip.xmpp.test", xmpp.secret = "secret",
 -- xmpp.host/xmpp.port = the component interface and port above. The test suite includes this
 -- file verbatim, with ports of its own.
+--
+-- Several gateway instances: Prosody accepts one connection per component domain and refuses a
+-- second one (`conflict`) while the first is up. A second instance stands by: its SIP side
+-- answers, what it accepts waits in the shared queue (the active instance delivers it), and it
+-- retries the component connection with backoff (at most 0.8 x timers.check_time apart), so it
+-- becomes the active one within check_time of the first one's link dropping, and takes over
+-- the first one's state once its heartbeat stops (see README, "Running several instances").
 
 Component "sip.xmpp.test"
     component_secret = "secret"

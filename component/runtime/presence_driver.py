@@ -250,6 +250,15 @@ class PresenceDriver:
 
     async def start(self) -> None:
         """Resume from the store, then start the timer and the sweep."""
+        await self.resume()
+        self._loops = [
+            asyncio.create_task(self._timer_loop(), name="presence-timer"),
+            asyncio.create_task(self._sweep_loop(), name="presence-sweep"),
+        ]
+
+    async def resume(self) -> None:
+        """Resume what the store says this instance holds and is not held yet (at start, and
+        after taking over a dead instance's subscriptions, DESIGN 9)."""
         found: list[ResumeState] = []
 
         async def stored(now: float) -> None:
@@ -258,10 +267,6 @@ class PresenceDriver:
         # Two calls: the subscribers' refresh times are spread from after the slow part.
         await self.serial.call(stored)
         await self.serial.call(lambda now: self.sip.resume_subscribers(found[0], now))
-        self._loops = [
-            asyncio.create_task(self._timer_loop(), name="presence-timer"),
-            asyncio.create_task(self._sweep_loop(), name="presence-sweep"),
-        ]
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Take no new work, let work in flight finish (up to ``timeout``), then stop calling

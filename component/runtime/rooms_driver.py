@@ -402,6 +402,12 @@ class RoomsDriver:
 
     async def start(self) -> None:
         """Restore the stored seats (rejoined when the link comes up), start the timer."""
+        await self.restore()
+        self._timer = asyncio.create_task(self._timer_loop(), name="rooms-timer")
+
+    async def restore(self) -> None:
+        """Take the stored seats this instance owns and does not hold yet (at start, and after
+        taking over a dead instance's seats, DESIGN 9): rejoined quietly while the link is up."""
         try:
             stored = await self.memberships.list_memberships()
         except StoreUnavailable as exc:
@@ -409,7 +415,6 @@ class RoomsDriver:
             stored = []
         self._call(lambda now: self.core.restore(stored, now))
         log.info("rooms_restored", seats=len(stored))
-        self._timer = asyncio.create_task(self._timer_loop(), name="rooms-timer")
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Take no new input, let MESSAGEs and writes in flight finish (up to ``timeout``)."""

@@ -321,9 +321,14 @@ class PresenceSubscriptions:
     async def load(self) -> list[XmppWatcherSubscription]:
         """The stored subscriptions ``rebuild`` resumes.
 
-        Rows without a dialog never got an answer; the next subscribe re-creates them.
+        Rows without a dialog never got an answer; the next subscribe re-creates them. Those
+        already held stay as they are (a takeover resumes only what it moved).
         """
-        return [sub for sub in await self.store.xmpp_watcher_subscriptions() if sub.dialog]
+        return [
+            sub
+            for sub in await self.store.xmpp_watcher_subscriptions()
+            if sub.dialog and (sub.watcher_jid, sub.sip_aor) not in self.held
+        ]
 
     async def rebuild(self, stored: Sequence[XmppWatcherSubscription], now: float) -> int:
         """Resume ``stored`` subscriptions as of ``now``; returns the count held.
@@ -336,9 +341,16 @@ class PresenceSubscriptions:
         window = max(self.restore_spread, len(rows) / RESTORE_RATE)
         slots = list(range(len(rows)))
         self.rng.shuffle(slots)  # an even rate, in no particular order of watchers
+        contact = self.transactions.contact_for("udp")
         for slot, (sub, dialog) in zip(slots, rows, strict=True):
             try:
                 snap = snapshot_from_json(SubscriberSnapshot, dialog)
+                if snap.contact != contact:
+                    # Held by another instance that died (DESIGN 9), or our address changed:
+                    # the notifier sends to the old Contact, so subscribe afresh from here.
+                    sip_jid = self.book.jid_for_sip_uri(sub.sip_aor)
+                    await self._start(sub.watcher_jid, sip_jid, sub.sip_aor, now)
+                    continue
                 subscriber = Subscriber.restore(
                     snap,
                     now,

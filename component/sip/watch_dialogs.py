@@ -329,8 +329,12 @@ class WatchDialogs:
         return len(due)
 
     async def restore(self) -> int:
-        """Rebuild the notifiers from the store; unreadable rows are dropped. Returns the count."""
+        """Rebuild the notifiers from the store; unreadable rows are dropped. Returns the count.
+        Dialogs already held stay as they are (a takeover resumes only what it moved)."""
+        held = {_dialog_key(key) for key in self.dialogs}
         for stored in await self.store.sip_watcher_subscriptions():
+            if stored.dialog_id in held:
+                continue
             try:
                 snap = snapshot_from_json(NotifierSnapshot, stored.dialog)
                 watch = Watch(self.book.jid_for_sip_uri(stored.watcher_aor), stored.target_jid)

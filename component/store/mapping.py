@@ -107,9 +107,10 @@ class RowMapping(Generic[R]):
             self.table.c[name] == value for name, value in zip(self.key_names, key, strict=True)
         ]
 
-    def upsert(self, session: Session, record: R) -> None:
-        """Insert or replace ``record``'s row."""
-        upsert(session, self.model, self.to_values(record), self.key_names)
+    def upsert(self, session: Session, record: R, **extra: Any) -> None:
+        """Insert or replace ``record``'s row; ``extra`` sets columns the record does not have
+        (the owner instance)."""
+        upsert(session, self.model, self.to_values(record) | extra, self.key_names)
 
     def get(self, session: Session, *key: Any) -> R | None:
         """The record with primary key ``key``, if stored."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from .port import DEFAULT_LEASE, StorePort
 from .records import (
     ApprovalDirection,
+    GatewayInstance,
     MessageState,
     NewMessage,
     PresenceRecord,
@@ -31,6 +32,7 @@ from .records import (
     StoreCounts,
     StoreError,
     StoreUnavailable,
+    Takeover,
     TransportStatus,
     XmppWatcherSubscription,
 )
@@ -64,14 +66,28 @@ class _Table(Generic[R]):
     def __init__(self, *key: str) -> None:
         self._key_names = key
         self._rows: dict[tuple[Any, ...], R] = {}
+        self._owners: dict[tuple[Any, ...], str | None] = {}
 
     def _key(self, record: R) -> tuple[Any, ...]:
         return tuple(getattr(record, name) for name in self._key_names)
 
-    def put(self, record: R) -> R:
-        """Insert or replace ``record``; returns it."""
-        self._rows[self._key(record)] = _detached(record)
+    def put(self, record: R, owner: str | None = None) -> R:
+        """Insert or replace ``record`` (owned by ``owner``, for owned tables); returns it."""
+        key = self._key(record)
+        self._rows[key] = _detached(record)
+        self._owners[key] = owner
         return record
+
+    def owned_by(self, owner: str) -> Callable[[R], bool]:
+        """A ``select`` condition: the record's owner instance is ``owner``."""
+        return lambda record: self._owners.get(self._key(record)) == owner
+
+    def take_over(self, dead: str | None, instance: str) -> int:
+        """Give ``dead``'s records (None: those without owner) to ``instance``; how many."""
+        keys = [key for key in self._rows if self._owners.get(key) == dead]
+        for key in keys:
+            self._owners[key] = instance
+        return len(keys)
 
     def get(self, *key: Any) -> R | None:
         """The record with primary key ``key``, if stored."""
@@ -95,6 +111,7 @@ class _Table(Generic[R]):
 
     def delete(self, *key: Any) -> bool:
         """Delete the record with primary key ``key``; False if there was none."""
+        self._owners.pop(key, None)
         return self._rows.pop(key, None) is not None
 
     def delete_all(self, records: Iterable[R]) -> int:
@@ -102,6 +119,7 @@ class _Table(Generic[R]):
         keys = [self._key(record) for record in records]
         for key in keys:
             del self._rows[key]
+            self._owners.pop(key, None)
         return len(keys)
 
 
@@ -128,6 +146,7 @@ class MemoryDatabase:
         default_factory=lambda: _Table("sip_aor", "room_jid")
     )
     transports: _Table[TransportStatus] = field(default_factory=lambda: _Table("domain"))
+    instances: _Table[GatewayInstance] = field(default_factory=lambda: _Table("name"))
 
 
 def _waiting(message: QueuedMessage, now: float) -> bool:
@@ -140,8 +159,9 @@ def _waiting(message: QueuedMessage, now: float) -> bool:
 class MemoryStore:
     """``StorePort`` on dicts: for core tests. ``close()`` makes later calls unavailable."""
 
-    def __init__(self, database: MemoryDatabase | None = None) -> None:
+    def __init__(self, database: MemoryDatabase | None = None, instance: str = "") -> None:
         self.database = database if database is not None else MemoryDatabase()
+        self.instance = instance
         self.unavailable = False
         self._closed = False
 
@@ -310,7 +330,7 @@ class MemoryStore:
     # --- subscriptions both ways -------------------------------------------------------------
 
     async def save_sip_watcher_subscription(self, sub: SipWatcherSubscription) -> None:
-        self._db.sip_watchers.put(sub)
+        self._db.sip_watchers.put(sub, self.instance)
 
     async def sip_watcher_subscription(self, dialog_id: str) -> SipWatcherSubscription | None:
         return self._db.sip_watchers.get(dialog_id)
@@ -318,7 +338,10 @@ class MemoryStore:
     async def sip_watcher_subscriptions(
         self, target_jid: str | None = None, *, expired_at: float | None = None
     ) -> list[SipWatcherSubscription]:
-        return self._db.sip_watchers.select(
+        table = self._db.sip_watchers
+        if target_jid is None and expired_at is None:
+            return table.select(table.owned_by(self.instance))
+        return table.select(
             lambda s: expired_at is None or s.expires_at <= expired_at, target_jid=target_jid
         )
 
@@ -326,7 +349,7 @@ class MemoryStore:
         return self._db.sip_watchers.delete(dialog_id)
 
     async def save_xmpp_watcher_subscription(self, sub: XmppWatcherSubscription) -> None:
-        self._db.xmpp_watchers.put(sub)
+        self._db.xmpp_watchers.put(sub, self.instance)
 
     async def xmpp_watcher_subscription(
         self, watcher_jid: str, sip_aor: str
@@ -341,7 +364,10 @@ class MemoryStore:
                 return True
             return sub.expires_at is not None and sub.expires_at <= expiring_before
 
-        return self._db.xmpp_watchers.select(expiring, sip_aor=sip_aor)
+        table = self._db.xmpp_watchers
+        if sip_aor is None and expiring_before is None:
+            return table.select(table.owned_by(self.instance))
+        return table.select(expiring, sip_aor=sip_aor)
 
     async def delete_xmpp_watcher_subscription(self, watcher_jid: str, sip_aor: str) -> bool:
         return self._db.xmpp_watchers.delete(watcher_jid, sip_aor)
@@ -349,7 +375,7 @@ class MemoryStore:
     # --- publications and presence -----------------------------------------------------------
 
     async def save_publication(self, pub: Publication) -> None:
-        self._db.publications.put(pub)
+        self._db.publications.put(pub, self.instance)
 
     async def publication(self, etag: str) -> Publication | None:
         return self._db.publications.get(etag)
@@ -358,7 +384,8 @@ class MemoryStore:
         return self._db.publications.select(entity=entity)
 
     async def all_publications(self) -> list[Publication]:
-        return self._db.publications.select(order=lambda p: (p.entity, p.etag))
+        table = self._db.publications
+        return table.select(table.owned_by(self.instance), order=lambda p: (p.entity, p.etag))
 
     async def delete_publication(self, etag: str) -> bool:
         return self._db.publications.delete(etag)
@@ -399,7 +426,7 @@ class MemoryStore:
         return self._db.approvals.delete(sip_jid, xmpp_jid, direction)
 
     async def save_membership(self, membership: RoomMembership) -> None:
-        self._db.memberships.put(membership)
+        self._db.memberships.put(membership, self.instance)
 
     async def remove_membership(self, sip_aor: str, room_jid: str) -> bool:
         return self._db.memberships.delete(sip_aor, room_jid)
@@ -407,7 +434,10 @@ class MemoryStore:
     async def memberships(
         self, sip_aor: str | None = None, room_jid: str | None = None
     ) -> list[RoomMembership]:
-        return self._db.memberships.select(sip_aor=sip_aor, room_jid=room_jid)
+        table = self._db.memberships
+        if sip_aor is None and room_jid is None:
+            return table.select(table.owned_by(self.instance))
+        return table.select(sip_aor=sip_aor, room_jid=room_jid)
 
     async def save_transport_status(self, status: TransportStatus) -> None:
         self._db.transports.put(status)
@@ -435,6 +465,42 @@ class MemoryStore:
             publications=len(db.publications.select()),
             memberships=len(db.memberships.select()),
             transports_down=len(db.transports.select(lambda t: not t.up)),
+        )
+
+    # --- several instances (DESIGN 9) -------------------------------------------------------
+
+    async def join_instances(self, instance: str, now: float) -> None:
+        self._db.instances.put(GatewayInstance(instance, now, now))
+
+    async def beat(self, instance: str, now: float) -> bool:
+        table = self._db.instances
+        row = table.get(instance)
+        if row is None or row.gone:
+            return False
+        table.put(replace(row, heartbeat_at=now))
+        return True
+
+    async def leave_instances(self, instance: str, now: float) -> None:
+        table = self._db.instances
+        row = table.get(instance)
+        if row is not None:
+            table.put(replace(row, gone=True, heartbeat_at=now))
+
+    async def instances(self) -> list[GatewayInstance]:
+        return self._db.instances.select()
+
+    async def take_over(self, dead: str | None, instance: str, now: float) -> Takeover:
+        db = self._db
+        messages = 0
+        if dead is not None:
+            messages = await self.release_claims(dead, now)
+            db.instances.delete(dead)
+        return Takeover(
+            sip_watchers=db.sip_watchers.take_over(dead, instance),
+            xmpp_watchers=db.xmpp_watchers.take_over(dead, instance),
+            publications=db.publications.take_over(dead, instance),
+            memberships=db.memberships.take_over(dead, instance),
+            messages=messages,
         )
 
 

@@ -161,6 +161,7 @@ class SipWatcherSubscriptionRow(SQLModel, table=True):
     state: SubscriptionState = Field(sa_type=EnumText(SubscriptionState), nullable=False)
     dialog: JsonObject = Field(sa_type=JsonText(), nullable=False)
     expires_at: datetime = _when(nullable=False, index=True)
+    owner: str | None = Field(default=None, sa_type=String(255), nullable=True, index=True)
 
 
 class XmppWatcherSubscriptionRow(SQLModel, table=True):
@@ -174,6 +175,7 @@ class XmppWatcherSubscriptionRow(SQLModel, table=True):
     state: SubscriptionState = Field(sa_type=EnumText(SubscriptionState), nullable=False)
     dialog: JsonObject | None = Field(default=None, sa_type=JsonText(), nullable=True)
     expires_at: datetime | None = _when(default=None, nullable=True, index=True)
+    owner: str | None = Field(default=None, sa_type=String(255), nullable=True, index=True)
 
 
 class RosterApprovalRow(SQLModel, table=True):
@@ -214,6 +216,7 @@ class PublicationRow(SQLModel, table=True):
     content_type: str = Field(sa_type=String(255), nullable=False)
     body: str = Field(sa_type=Text, nullable=False)
     expires_at: datetime = _when(nullable=False, index=True)
+    owner: str | None = Field(default=None, sa_type=String(255), nullable=True, index=True)
 
 
 class RoomMembershipRow(SQLModel, table=True):
@@ -227,6 +230,23 @@ class RoomMembershipRow(SQLModel, table=True):
     state: MembershipState = Field(sa_type=EnumText(MembershipState), nullable=False)
     # Kept in clear: the gateway must present it again to rejoin (XEP-0045 7.2.5).
     password: str | None = Field(default=None, sa_type=Text, nullable=True)
+    owner: str | None = Field(default=None, sa_type=String(255), nullable=True, index=True)
+
+
+class GatewayInstanceRow(SQLModel, table=True):
+    """One row per gateway instance sharing the database: its heartbeat (DESIGN 9).
+
+    ``owner`` in the tables above names a row here. An instance whose heartbeat is older than
+    two ``check_time`` intervals, or that marked itself ``gone``, is dead: a survivor takes over
+    what it owned.
+    """
+
+    __tablename__ = "gateway_instance"
+
+    name: str = Field(sa_type=String(255), primary_key=True)
+    started_at: datetime = _when(nullable=False)
+    heartbeat_at: datetime = _when(nullable=False)
+    gone: bool = Field(default=False, nullable=False)
 
 
 class TransportStatusRow(SQLModel, table=True):

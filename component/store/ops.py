@@ -99,9 +99,11 @@ def online_users(session: Session) -> list[SeenUser]:
 # --- SIP users watching XMPP entities, XMPP users watching SIP users ------------------------
 
 
-def save_sip_watcher_subscription(session: Session, sub: SipWatcherSubscription) -> None:
-    """An upsert on the dialog id."""
-    SIP_WATCHERS.upsert(session, sub)
+def save_sip_watcher_subscription(
+    session: Session, owner: str, sub: SipWatcherSubscription
+) -> None:
+    """An upsert on the dialog id, naming ``owner`` (the saving instance) its owner."""
+    SIP_WATCHERS.upsert(session, sub, owner=owner)
 
 
 def sip_watcher_subscription(session: Session, dialog_id: str) -> SipWatcherSubscription | None:
@@ -110,11 +112,11 @@ def sip_watcher_subscription(session: Session, dialog_id: str) -> SipWatcherSubs
 
 
 def sip_watcher_subscriptions(
-    session: Session, target_jid: str | None = None, *, expired_at: float | None = None
+    session: Session, owner: str, target_jid: str | None = None, *, expired_at: float | None = None
 ) -> list[SipWatcherSubscription]:
-    """By dialog id."""
+    """By dialog id; with no filter, those ``owner`` holds."""
     where = SIP_WATCHERS.matching(target_jid=target_jid) + SIP_WATCHERS.expired_by(expired_at)
-    return SIP_WATCHERS.select(session, *where)
+    return SIP_WATCHERS.select(session, *(where or SIP_WATCHERS.matching(owner=owner)))
 
 
 def delete_sip_watcher_subscription(session: Session, dialog_id: str) -> bool:
@@ -122,9 +124,11 @@ def delete_sip_watcher_subscription(session: Session, dialog_id: str) -> bool:
     return SIP_WATCHERS.delete(session, dialog_id)
 
 
-def save_xmpp_watcher_subscription(session: Session, sub: XmppWatcherSubscription) -> None:
-    """An upsert on (watcher, SIP user)."""
-    XMPP_WATCHERS.upsert(session, sub)
+def save_xmpp_watcher_subscription(
+    session: Session, owner: str, sub: XmppWatcherSubscription
+) -> None:
+    """An upsert on (watcher, SIP user), naming ``owner`` its owner."""
+    XMPP_WATCHERS.upsert(session, sub, owner=owner)
 
 
 def xmpp_watcher_subscription(
@@ -135,11 +139,16 @@ def xmpp_watcher_subscription(
 
 
 def xmpp_watcher_subscriptions(
-    session: Session, sip_aor: str | None = None, *, expiring_before: float | None = None
+    session: Session,
+    owner: str,
+    sip_aor: str | None = None,
+    *,
+    expiring_before: float | None = None,
 ) -> list[XmppWatcherSubscription]:
-    """By watcher, then SIP user; a subscription not yet answered (no expiry) never expires."""
+    """By watcher, then SIP user; a subscription not yet answered (no expiry) never expires.
+    With no filter, those ``owner`` holds."""
     where = XMPP_WATCHERS.matching(sip_aor=sip_aor) + XMPP_WATCHERS.expired_by(expiring_before)
-    return XMPP_WATCHERS.select(session, *where)
+    return XMPP_WATCHERS.select(session, *(where or XMPP_WATCHERS.matching(owner=owner)))
 
 
 def delete_xmpp_watcher_subscription(session: Session, watcher_jid: str, sip_aor: str) -> bool:
@@ -150,9 +159,9 @@ def delete_xmpp_watcher_subscription(session: Session, watcher_jid: str, sip_aor
 # --- publications and presence ---------------------------------------------------------------
 
 
-def save_publication(session: Session, pub: Publication) -> None:
-    """An upsert on the entity-tag."""
-    PUBLICATIONS.upsert(session, pub)
+def save_publication(session: Session, owner: str, pub: Publication) -> None:
+    """An upsert on the entity-tag, naming ``owner`` its owner."""
+    PUBLICATIONS.upsert(session, pub, owner=owner)
 
 
 def publication(session: Session, etag: str) -> Publication | None:
@@ -165,9 +174,11 @@ def publications_of(session: Session, entity: str) -> list[Publication]:
     return PUBLICATIONS.select(session, *PUBLICATIONS.matching(entity=entity))
 
 
-def all_publications(session: Session) -> list[Publication]:
-    """By entity, then entity-tag (restart resume, DESIGN 8)."""
-    return PUBLICATIONS.select(session, order_by=("entity", "etag"))
+def all_publications(session: Session, owner: str) -> list[Publication]:
+    """Those ``owner`` holds, by entity, then entity-tag (restart resume, DESIGN 8)."""
+    return PUBLICATIONS.select(
+        session, *PUBLICATIONS.matching(owner=owner), order_by=("entity", "etag")
+    )
 
 
 def delete_publication(session: Session, etag: str) -> bool:
@@ -225,9 +236,9 @@ def delete_approval(
     return APPROVALS.delete(session, sip_jid, xmpp_jid, direction)
 
 
-def save_membership(session: Session, membership: RoomMembership) -> None:
-    """An upsert on (SIP user, room)."""
-    MEMBERSHIPS.upsert(session, membership)
+def save_membership(session: Session, owner: str, membership: RoomMembership) -> None:
+    """An upsert on (SIP user, room), naming ``owner`` its owner."""
+    MEMBERSHIPS.upsert(session, membership, owner=owner)
 
 
 def remove_membership(session: Session, sip_aor: str, room_jid: str) -> bool:
@@ -236,10 +247,11 @@ def remove_membership(session: Session, sip_aor: str, room_jid: str) -> bool:
 
 
 def memberships(
-    session: Session, sip_aor: str | None = None, room_jid: str | None = None
+    session: Session, owner: str, sip_aor: str | None = None, room_jid: str | None = None
 ) -> list[RoomMembership]:
-    """By key; all when both are None."""
-    return MEMBERSHIPS.select(session, *MEMBERSHIPS.matching(sip_aor=sip_aor, room_jid=room_jid))
+    """By key; those ``owner`` holds when both are None."""
+    where = MEMBERSHIPS.matching(sip_aor=sip_aor, room_jid=room_jid)
+    return MEMBERSHIPS.select(session, *(where or MEMBERSHIPS.matching(owner=owner)))
 
 
 def save_transport_status(session: Session, status: TransportStatus) -> None:

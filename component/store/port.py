@@ -10,6 +10,7 @@ from typing import Protocol
 
 from .records import (
     ApprovalDirection,
+    GatewayInstance,
     NewMessage,
     PresenceRecord,
     Publication,
@@ -19,6 +20,7 @@ from .records import (
     SeenUser,
     SipWatcherSubscription,
     StoreCounts,
+    Takeover,
     TransportStatus,
     XmppWatcherSubscription,
 )
@@ -117,7 +119,8 @@ class StorePort(Protocol):
     async def sip_watcher_subscriptions(
         self, target_jid: str | None = None, *, expired_at: float | None = None
     ) -> list[SipWatcherSubscription]:
-        """All (for a restart), those watching ``target_jid``, or those expired by a time."""
+        """Those this instance owns (for a restart), those watching ``target_jid``, or those
+        expired by a time."""
         ...
 
     async def delete_sip_watcher_subscription(self, dialog_id: str) -> bool:
@@ -137,7 +140,8 @@ class StorePort(Protocol):
     async def xmpp_watcher_subscriptions(
         self, sip_aor: str | None = None, *, expiring_before: float | None = None
     ) -> list[XmppWatcherSubscription]:
-        """All (for a restart), those watching ``sip_aor``, or those to refresh by a time."""
+        """Those this instance owns (for a restart), those watching ``sip_aor``, or those to
+        refresh by a time."""
         ...
 
     async def delete_xmpp_watcher_subscription(self, watcher_jid: str, sip_aor: str) -> bool:
@@ -157,7 +161,7 @@ class StorePort(Protocol):
         ...
 
     async def all_publications(self) -> list[Publication]:
-        """Every stored publication, in one query (restart resume)."""
+        """Every publication this instance owns, in one query (restart resume)."""
         ...
 
     async def delete_publication(self, etag: str) -> bool:
@@ -213,7 +217,8 @@ class StorePort(Protocol):
     async def memberships(
         self, sip_aor: str | None = None, room_jid: str | None = None
     ) -> list[RoomMembership]:
-        """Seats of ``sip_aor`` and/or in ``room_jid``; all of them to rejoin after a restart."""
+        """Seats of ``sip_aor`` and/or in ``room_jid``; with neither, those this instance owns
+        (to rejoin after a restart)."""
         ...
 
     async def save_transport_status(self, status: TransportStatus) -> None:
@@ -230,4 +235,28 @@ class StorePort(Protocol):
 
     async def counts(self) -> StoreCounts:
         """Queue depth by state and other row counts, for metrics."""
+        ...
+
+    # Several instances on one database (DESIGN 9). Every save of a subscription, publication
+    # or membership names the saving instance its owner.
+
+    async def join_instances(self, instance: str, now: float) -> None:
+        """``instance`` starts: its heartbeat row, beating now and not gone."""
+        ...
+
+    async def beat(self, instance: str, now: float) -> bool:
+        """Renew ``instance``'s heartbeat; False when it was marked gone or taken over."""
+        ...
+
+    async def leave_instances(self, instance: str, now: float) -> None:
+        """``instance`` stops: marked gone, so a survivor takes over at once."""
+        ...
+
+    async def instances(self) -> list[GatewayInstance]:
+        """Every instance's heartbeat row, by name."""
+        ...
+
+    async def take_over(self, dead: str | None, instance: str, now: float) -> Takeover:
+        """Move what ``dead`` owned (None: rows without owner) to ``instance``: its rows, its
+        claimed messages back to the queue due now; ``dead``'s heartbeat row is deleted."""
         ...

@@ -16,6 +16,7 @@ from sipside.events import SubscriptionState as SubscriptionState
 __all__ = [
     "ApprovalDirection",
     "ApprovalState",
+    "GatewayInstance",
     "JsonObject",
     "MembershipState",
     "MessageDirection",
@@ -34,6 +35,7 @@ __all__ = [
     "StoreNotAtHead",
     "StoreUnavailable",
     "SubscriptionState",
+    "Takeover",
     "TransportStatus",
     "XmppWatcherSubscription",
 ]
@@ -230,6 +232,38 @@ class TransportStatus:
     up: bool
     checked_at: float
     detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayInstance:
+    """One gateway instance sharing the database: its heartbeat (DESIGN 9)."""
+
+    name: str
+    started_at: float
+    heartbeat_at: float
+    gone: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Takeover:
+    """What ``take_over`` moved from a dead instance (or from no owner) to a survivor."""
+
+    sip_watchers: int = 0
+    xmpp_watchers: int = 0
+    publications: int = 0
+    memberships: int = 0
+    messages: int = 0
+
+    @property
+    def total(self) -> int:
+        """Rows moved, all tables together."""
+        return (
+            self.sip_watchers
+            + self.xmpp_watchers
+            + self.publications
+            + self.memberships
+            + self.messages
+        )
 
 
 @dataclass(frozen=True, slots=True)

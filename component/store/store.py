@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from component.ports import HealthReport, Part
 
+from . import instances as heartbeats
 from . import migrate, ops, queue
 from .port import StorePort
 from .records import StoreError, StoreUnavailable
@@ -106,6 +107,36 @@ class _OnWorker(Generic[P, T]):
         return method
 
 
+class _Owned(_OnWorker[P, T]):
+    """A ``Store`` method whose session function takes the owner instance after the session:
+    it saves rows as the store's instance's, or lists those it owns (DESIGN 9)."""
+
+    def __init__(self, fn: Callable[Concatenate[Session, str, P], T]) -> None:
+        self._owned = fn
+        super().__init__(fn)  # type: ignore[arg-type]
+
+    @overload
+    def __get__(self, store: None, owner: type[Any]) -> _Owned[P, T]: ...
+
+    @overload
+    def __get__(self, store: Store, owner: type[Any]) -> Callable[P, Coroutine[Any, Any, T]]: ...
+
+    def __get__(
+        self, store: Store | None, owner: type[Any]
+    ) -> _Owned[P, T] | Callable[P, Coroutine[Any, Any, T]]:
+        if store is None:
+            return self
+        fn = self._owned
+
+        async def method(*args: P.args, **kwargs: P.kwargs) -> T:
+            return await store._run(fn, store.instance, *args, **kwargs)
+
+        method.__name__ = method.__qualname__ = fn.__name__
+        method.__doc__ = self.__doc__
+        vars(store)[fn.__name__] = method
+        return method
+
+
 class Store:
     """Durable gateway state behind async, domain-named methods returning ``records``.
 
@@ -119,7 +150,10 @@ class Store:
         *,
         health: HealthReport | None = None,
         busy_timeout: float = 10.0,
+        instance: str = "",
     ) -> None:
+        self.instance = instance
+        """The owner this store names on rows it saves, and whose rows it lists to resume."""
         self._engine = engine
         self._executor = executor
         self._closed = False
@@ -137,10 +171,12 @@ class Store:
         check_schema: bool = True,
         busy_timeout: float = 10.0,
         health: HealthReport | None = None,
+        instance: str = "",
     ) -> Store:
         """Connect to ``url``; unless ``check_schema`` is off, refuse a schema not at head.
 
-        ``health`` hears when the database goes away and when it answers again."""
+        ``health`` hears when the database goes away and when it answers again; ``instance``
+        names the owner of what this store saves (DESIGN 9)."""
         is_sqlite = make_url(url).get_backend_name() == "sqlite"
         if threads is None:
             threads = 1 if is_sqlite else 4
@@ -148,7 +184,7 @@ class Store:
             raise ValueError("SQLite stores use exactly one worker thread")
         executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store")
         engine = create_store_engine(url, threads, busy_timeout)
-        store = cls(engine, executor, health=health, busy_timeout=busy_timeout)
+        store = cls(engine, executor, health=health, busy_timeout=busy_timeout, instance=instance)
         try:
             if check_schema:
                 await store._call(functools.partial(migrate.check_at_head, engine))
@@ -161,6 +197,11 @@ class Store:
         if health is not None:
             health.report(Part.DATABASE, True, "opened")
         return store
+
+    @property
+    def is_sqlite(self) -> bool:
+        """SQLite: one instance only (DESIGN 9)."""
+        return self._engine.dialect.name == "sqlite"
 
     @property
     def down(self) -> bool:
@@ -259,19 +300,19 @@ class Store:
     expire_registrations = _OnWorker(ops.expire_registrations)
     online_users = _OnWorker(ops.online_users)
 
-    save_sip_watcher_subscription = _OnWorker(ops.save_sip_watcher_subscription)
+    save_sip_watcher_subscription = _Owned(ops.save_sip_watcher_subscription)
     sip_watcher_subscription = _OnWorker(ops.sip_watcher_subscription)
-    sip_watcher_subscriptions = _OnWorker(ops.sip_watcher_subscriptions)
+    sip_watcher_subscriptions = _Owned(ops.sip_watcher_subscriptions)
     delete_sip_watcher_subscription = _OnWorker(ops.delete_sip_watcher_subscription)
-    save_xmpp_watcher_subscription = _OnWorker(ops.save_xmpp_watcher_subscription)
+    save_xmpp_watcher_subscription = _Owned(ops.save_xmpp_watcher_subscription)
     xmpp_watcher_subscription = _OnWorker(ops.xmpp_watcher_subscription)
-    xmpp_watcher_subscriptions = _OnWorker(ops.xmpp_watcher_subscriptions)
+    xmpp_watcher_subscriptions = _Owned(ops.xmpp_watcher_subscriptions)
     delete_xmpp_watcher_subscription = _OnWorker(ops.delete_xmpp_watcher_subscription)
 
-    save_publication = _OnWorker(ops.save_publication)
+    save_publication = _Owned(ops.save_publication)
     publication = _OnWorker(ops.publication)
     publications_of = _OnWorker(ops.publications_of)
-    all_publications = _OnWorker(ops.all_publications)
+    all_publications = _Owned(ops.all_publications)
     delete_publication = _OnWorker(ops.delete_publication)
     expire_publications = _OnWorker(ops.expire_publications)
     save_presence = _OnWorker(ops.save_presence)
@@ -282,13 +323,19 @@ class Store:
     approval = _OnWorker(ops.approval)
     approvals = _OnWorker(ops.approvals)
     delete_approval = _OnWorker(ops.delete_approval)
-    save_membership = _OnWorker(ops.save_membership)
+    save_membership = _Owned(ops.save_membership)
     remove_membership = _OnWorker(ops.remove_membership)
-    memberships = _OnWorker(ops.memberships)
+    memberships = _Owned(ops.memberships)
     save_transport_status = _OnWorker(ops.save_transport_status)
     transport_status = _OnWorker(ops.transport_status)
     transport_statuses = _OnWorker(ops.transport_statuses)
     counts = _OnWorker(ops.counts)
+
+    join_instances = _OnWorker(heartbeats.join_instances)
+    beat = _OnWorker(heartbeats.beat)
+    leave_instances = _OnWorker(heartbeats.leave_instances)
+    instances = _OnWorker(heartbeats.instances)
+    take_over = _OnWorker(heartbeats.take_over)
 
 
 def _implements_port(store: Store) -> StorePort:

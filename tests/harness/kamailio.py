@@ -23,6 +23,7 @@ from tests.harness.values import (
     GATEWAY_AUTH_PASSWORD,
     GATEWAY_AUTH_REALM,
     GATEWAY_AUTH_USER,
+    KAMAILIO_DISPATCHER_SNIPPET,
     KAMAILIO_SNIPPET,
     LOOPBACK,
     SIP_DOMAIN,
@@ -65,6 +66,9 @@ loadmodule "sanity.so"
 loadmodule "usrloc.so"
 loadmodule "registrar.so"
 loadmodule "auth.so"
+#!ifdef WITH_DISPATCHER
+loadmodule "dispatcher.so"
+#!endif
 #!ifdef WITH_PRESENCE
 loadmodule "db_text.so"
 loadmodule "presence.so"
@@ -239,7 +243,10 @@ class KamailioServer:
         trace: bool = True,
         shm_mb: int = 256,
         gateway_host: str = LOOPBACK,
+        instances: list[int] | None = None,
     ) -> None:
+        """``instances``: SIP ports of several gateway instances, spread with the dispatcher
+        snippet (kamailio/sipxmpp-dispatcher.cfg) instead of sipxmpp.cfg."""
         self.host = LOOPBACK
         self.port = free_port()
         self.domain = SIP_DOMAIN
@@ -261,6 +268,16 @@ class KamailioServer:
             defines.append("#!define WITH_COPY_REGISTER")
         if trace:
             defines.append("#!define WITH_TRACE")
+        snippet = KAMAILIO_SNIPPET
+        if instances:
+            listed = self.dir / "sipxmpp.list"
+            listed.write_text("".join(f"1 sip:{gateway_host}:{port}\n" for port in instances))
+            defines += [
+                "#!define WITH_DISPATCHER",
+                f'#!define SIPXMPP_DISPATCHER_LIST "{listed}"',
+                "#!define SIPXMPP_PING_INTERVAL 1",
+            ]
+            snippet = KAMAILIO_DISPATCHER_SNIPPET
         self.config_path = self.dir / "kamailio.cfg"
         self.config_path.write_text(
             _MAIN_CONFIG.format(
@@ -274,7 +291,7 @@ class KamailioServer:
                 module_dir=MODULE_DIR,
                 algorithm=auth_algorithm,
                 dbdir=self.dir / "dbtext",
-                snippet=KAMAILIO_SNIPPET,
+                snippet=snippet,
                 realm=GATEWAY_AUTH_REALM,
                 user=GATEWAY_AUTH_USER,
                 password=GATEWAY_AUTH_PASSWORD,

@@ -30,3 +30,4 @@ GATEWAY_AUTH_REALM = SIP_DOMAIN
 PROSODY_SNIPPET = REPO_ROOT / "prosody" / "sipxmpp.cfg.lua"
 EJABBERD_SNIPPET = REPO_ROOT / "ejabberd" / "sipxmpp.yml"
 KAMAILIO_SNIPPET = REPO_ROOT / "kamailio" / "sipxmpp.cfg"
+KAMAILIO_DISPATCHER_SNIPPET = REPO_ROOT / "kamailio" / "sipxmpp-dispatcher.cfg"
