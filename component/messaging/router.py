@@ -214,7 +214,11 @@ class MessageRouter:
             return False
         self._track(stanza, msg.from_uri)
         self.counters["sip_to_xmpp"] += 1
-        log.info("message_relayed", call_id=msg.call_id, sip_uri=msg.from_uri, jid=stanza.recipient)
+        # One line per delivered message cost 11-14% of the gateway's CPU at full load; the
+        # counters say how many went, refusals and failures are still logged at info.
+        log.debug(
+            "message_relayed", call_id=msg.call_id, sip_uri=msg.from_uri, jid=stanza.recipient
+        )
         return True
 
     async def _store_for_xmpp(self, msg: SipText, stanza: ChatMessage) -> SipAnswer:
@@ -401,7 +405,7 @@ class MessageRouter:
             return
         if status < 300:
             self.counters["xmpp_to_sip"] += 1
-            log.info("message_relayed", jid=msg.sender, sip_uri=to_uri, status=status)
+            log.debug("message_relayed", jid=msg.sender, sip_uri=to_uri, status=status)
             await self.queue.saw_user(to_uri)
             return
         if await self.queue.is_offline(status, to_uri):
