@@ -27,7 +27,7 @@ from component.addresses import (
     bare_jid,
 )
 from component.errors import Refusal, busy, not_found, refusal_for_sip_status
-from component.logs import get_logger
+from component.logs import debug_enabled, get_logger
 from component.messaging.conversations import Conversations, Pair, QueueFull
 from component.messaging.notifications import Notifications
 from component.messaging.retry import RETRY_AFTER, DurableQueue
@@ -216,9 +216,10 @@ class MessageRouter:
         self.counters["sip_to_xmpp"] += 1
         # One line per delivered message cost 11-14% of the gateway's CPU at full load; the
         # counters say how many went, refusals and failures are still logged at info.
-        log.debug(
-            "message_relayed", call_id=msg.call_id, sip_uri=msg.from_uri, jid=stanza.recipient
-        )
+        if debug_enabled():
+            log.debug(
+                "message_relayed", call_id=msg.call_id, sip_uri=msg.from_uri, jid=stanza.recipient
+            )
         return True
 
     async def _store_for_xmpp(self, msg: SipText, stanza: ChatMessage) -> SipAnswer:
@@ -405,7 +406,8 @@ class MessageRouter:
             return
         if status < 300:
             self.counters["xmpp_to_sip"] += 1
-            log.debug("message_relayed", jid=msg.sender, sip_uri=to_uri, status=status)
+            if debug_enabled():
+                log.debug("message_relayed", jid=msg.sender, sip_uri=to_uri, status=status)
             await self.queue.saw_user(to_uri)
             return
         if await self.queue.is_offline(status, to_uri):
