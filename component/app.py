@@ -264,7 +264,9 @@ class Gateway:
     def _on_xmpp_message(self, msg: ChatMessage) -> None:
         if self.transports.takes_message(msg):
             return  # a transport's status chatter, summed up in one notice (DESIGN 3.3)
-        self._own(self.router.on_xmpp_message(msg))
+        work = self.router.take_xmpp_message(msg)
+        if work is not None:
+            self._own(work)
 
     def _on_xmpp_error(self, err: StanzaError) -> None:
         pending = self.router.on_xmpp_error(err)

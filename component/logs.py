@@ -113,6 +113,17 @@ def _add_stdlib_logger_name(
     return event_dict
 
 
+# Whether debug events are rendered: structlog's own default (nothing configured) renders all,
+# configure_logging sets the level. Hot paths ask this before a per-message debug event, because
+# even a filtered one costs a few microseconds (the lazy logger binds itself on every call).
+_debug = True
+
+
+def debug_enabled() -> bool:
+    """True when debug events are logged: a per-message ``log.debug`` is worth its cost."""
+    return _debug
+
+
 def parse_level(level: str) -> int:
     """``"info"`` -> ``logging.INFO``; raises ValueError naming the accepted levels."""
     try:
@@ -125,7 +136,9 @@ def configure_logging(
     level: str = "info", json: bool | None = None, stream: TextIO | None = None
 ) -> None:
     """Set up structlog and stdlib logging; ``json=None`` picks JSON unless stderr is a TTY."""
+    global _debug
     numeric = parse_level(level)
+    _debug = numeric <= logging.DEBUG
     out = stream if stream is not None else sys.stderr
     if json is None:
         json = not out.isatty()

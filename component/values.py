@@ -9,11 +9,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from sipside.fastpath import fast_frozen_init
 from sipside.pidf import PresenceDocument
 
 # --- XMPP side -----------------------------------------------------------------------------------
 
 
+@fast_frozen_init  # built per message: the plain frozen __init__ is slow
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
     """A ``<message>`` in either direction. JIDs are strings already validated by the adapter
@@ -165,6 +167,7 @@ class Membership:
 # --- SIP side ------------------------------------------------------------------------------------
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class SipText:
     """An instant message on the SIP side (RFC 3428 MESSAGE), body already decoded to text."""
@@ -190,6 +193,7 @@ class Composing:
     refresh: int | None = None
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class ImdnAsk:
     """A message's RFC 5438 identity and the notifications its sender wants (DESIGN 4.3)."""

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 from xml.parsers import expat
 
 from sipside.errors import PeerError, bad_body
+from sipside.fastpath import fast_frozen_init
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -174,6 +175,7 @@ def attr_escape(text: str) -> str:
     return xml_safe_text(text).translate(_ATTR_ESCAPES)
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class MediaType:
     """A parsed Content-Type: lower-case ``type/subtype`` and parameters (names lower-cased)."""

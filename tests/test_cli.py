@@ -16,7 +16,7 @@ import pytest
 import structlog
 
 from component import cli
-from component.logs import REDACTED, configure_logging, get_logger, parse_level
+from component.logs import REDACTED, configure_logging, debug_enabled, get_logger, parse_level
 from component.settings import Settings
 
 GOOD = '[xmpp]\ncomponent = "gw.example.org"\nsecret = "hunter2"\n'
@@ -263,6 +263,19 @@ def test_console_renderer_when_asked() -> None:
     assert "queue_drained" in text and "depth=3" in text and "zzz" not in text
     with pytest.raises(json.JSONDecodeError):
         json.loads(text)
+
+
+@pytest.mark.parametrize(
+    ("level", "rendered"), [("info", False), ("debug", True), ("error", False)]
+)
+def test_debug_enabled_follows_the_configured_level(level: str, rendered: bool) -> None:
+    stream = io.StringIO()
+    configure_logging(level, json=True, stream=stream)
+    get_logger("t").debug("message_relayed")
+    assert debug_enabled() is rendered
+    assert ("message_relayed" in stream.getvalue()) is rendered
+    configure_logging("debug", json=True, stream=io.StringIO())  # the unconfigured default
+    assert debug_enabled()
 
 
 @pytest.mark.parametrize(("name", "level"), [("info", 20), ("DEBUG", 10), (" warning ", 30)])

@@ -224,8 +224,9 @@ _numbers = itertools.count(1)
 class GatewayProcess:
     """The gateway as operators run it, ``python -m component run -c gateway.toml``."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, log_level: str = "info") -> None:
         self.config = config
+        self.log_level = log_level
         self.process = ServerProcess("gateway")
         self.starts = 0
 
@@ -233,6 +234,7 @@ class GatewayProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SIPXMPP_")}
         env["PYTHONPATH"] = str(ROOT)  # this checkout's package, whatever is installed
         argv = [sys.executable, "-m", "component", "run", "-c", str(self.config)]
+        argv += ["--log-level", self.log_level]
         self.process.spawn(argv, env=env, cwd=ROOT)
         self.starts += 1
 

@@ -142,6 +142,28 @@ async def test_burst_to_one_user_is_sent_one_at_a_time(store: MemoryStore) -> No
     assert sip.most_inflight == 1 and xmpp.errors == []
 
 
+async def test_taken_synchronously_only_the_first_of_a_conversation_needs_a_task(
+    store: MemoryStore,
+) -> None:
+    """As the gateway hands stanzas over: take_xmpp_message places each in line at once; only
+    a MESSAGE that starts returns work (the sending chain), the others wait without a task."""
+    xmpp, sip = FakeXmpp(), ScriptedSip()
+    router = _router(store, sip, xmpp, Clock(), max_inflight=2)
+    bodies = [f"{n:03}" for n in range(50)]
+    to_carol = _from_bob("carol@sip.xmpp.test", "c0", "c1")
+    works = [router.take_xmpp_message(m) for m in _from_bob("alice@sip.xmpp.test", *bodies)]
+    works += [router.take_xmpp_message(m) for m in to_carol]
+    started = [w for w in works if w is not None]
+    assert len(started) == 2  # alice's first and carol's first; the rest queued behind them
+    assert works[0] is not None and works[50] is not None
+    await asyncio.wait_for(asyncio.gather(*started), timeout=30)
+    await router.settle(30)
+    assert sip.bodies_to(ALICE) == bodies
+    assert sip.bodies_to("sip:carol@sip.test") == ["c0", "c1"]
+    assert sip.most_pair_inflight == 1 and xmpp.errors == []
+    assert router.counters["xmpp_to_sip"] == 52 and router.counters["refused"] == 0
+
+
 async def test_only_a_full_queue_refuses_and_each_refusal_is_counted(store: MemoryStore) -> None:
     xmpp, sip = FakeXmpp(), ScriptedSip()
     sip.gate = asyncio.Event()

@@ -14,6 +14,7 @@ from component.rooms.model import (
     Effect,
     Membership,
     Notice,
+    PassToChat,
     RoomMessage,
     RoomPresence,
     RoomsConfig,
@@ -413,3 +414,50 @@ def test_private_message_before_the_join_ended_is_reported() -> None:
     effects = gw.sip("psst", to=occupant_uri("bob"))
     assert messages(effects) == []
     assert "not sent" in notices(effects)[0]
+
+
+# --- the plain-chat short cut ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("to", "body", "plain"),
+    [
+        ("sip:bob*xmpp.test@jabber.sip.test", "hello", True),  # disco said: no rooms there
+        ("sip:bob*xmpp.test@jabber.sip.test", "/me waves", False),  # a command: the long way
+        ("sip:bob*xmpp.test@jabber.sip.test", " /join", False),
+        ("sip:carol*elsewhere.test@jabber.sip.test", "hello", False),  # not asked yet
+        ("sip:xmpp.test@jabber.sip.test", "hello", True),  # a bare domain is no room
+        (ROOM_URI, "hello", False),  # a MUC service
+        (occupant_uri("al"), "hello", False),  # the occupant form
+        ("sip:nick*irc.example.net@irc.xmpp.test", "hi", True),  # a transport's person
+        ("sip:%23chan*irc.example.net@irc.xmpp.test", "hi", False),  # its channel
+    ],
+)
+def test_plain_chat_short_cut_agrees_with_the_full_decision(
+    to: str, body: str, plain: bool
+) -> None:
+    gw = Gateway()
+    gw.core.on_service_info(ServiceInfo("xmpp.test", ServiceKind.OTHER), gw.now)
+    gw.core.on_service_info(
+        ServiceInfo("nick%irc.example.net@irc.xmpp.test", ServiceKind.OTHER), gw.now
+    )
+    gw.core.on_service_info(
+        ServiceInfo("#chan%irc.example.net@irc.xmpp.test", ServiceKind.MUC), gw.now
+    )
+    msg = SipText(from_uri=ALICE, to_uri=to, body=body)
+    assert gw.core.is_plain_chat(msg, BOOK.xmpp_target_for_sip_uri(to), gw.now) is plain
+    if plain:
+        assert gw.core.on_sip_text(msg, gw.now) == [PassToChat(msg)]
+
+
+def test_plain_chat_short_cut_yields_to_a_seat_and_to_an_expired_disco_answer() -> None:
+    gw = Gateway()
+    gw.join()
+    # A seat in a room of a domain disco later called no MUC: still the room's (the full way).
+    gw.core.on_service_info(ServiceInfo(SERVICE, ServiceKind.OTHER), gw.now)
+    msg = SipText(from_uri=ALICE, to_uri=ROOM_URI, body="hello")
+    assert not gw.core.is_plain_chat(msg, BOOK.xmpp_target_for_sip_uri(ROOM_URI), gw.now)
+    dave = SipText(from_uri=DAVE, to_uri=ROOM_URI, body="hello")
+    assert gw.core.is_plain_chat(dave, BOOK.xmpp_target_for_sip_uri(ROOM_URI), gw.now)
+    gw.now += 10 * 24 * 3600  # past cache_time: the answer is no longer known
+    assert not gw.core.is_plain_chat(dave, BOOK.xmpp_target_for_sip_uri(ROOM_URI), gw.now)

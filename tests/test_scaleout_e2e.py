@@ -59,7 +59,7 @@ def _instance(
     ).replace(f':{kamailio.gateway_port}"', f':{port}"')
     config = tmp_path / f"{name}.toml"
     config.write_text(text)
-    return GatewayProcess(config)
+    return GatewayProcess(config, log_level="debug")  # one line per relayed message
 
 
 def _kill(gateway: GatewayProcess) -> None:

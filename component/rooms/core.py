@@ -122,6 +122,27 @@ class RoomsCore:
             return list(self.services.ask(domain, now))
         return self._dispatch(msg, aor, target, kind, now, deferred=False)
 
+    def is_plain_chat(self, msg: SipText, target: XmppTarget, now: float) -> bool:
+        """True when ``msg`` to ``target`` is one-to-one chat, decided without building
+        effects: the hot path of every MESSAGE that is not for a room.
+
+        That is what :meth:`on_sip_text` would pass back (``PassToChat``) for a two-part
+        address whose domain disco (cached) said hosts no rooms, a body that is no room
+        command, and a sender with no seat there; anything else takes the long way.
+        """
+        if target.nick is not None:
+            return False
+        jid = target.jid
+        if "@" not in jid:
+            return True
+        if msg.body.lstrip().startswith("/"):
+            return False
+        domain = jid if target.transport is not None else jid.partition("@")[2]
+        kind = self.services.kind(domain, now)
+        if kind is None or kind is ServiceKind.MUC:
+            return False
+        return not (self.seats and SeatKey(self._aor_of(msg.from_uri), jid) in self.seats)
+
     def is_parked(self, msg: SipText) -> bool:
         """True while ``msg`` (this very value) waits for a disco answer."""
         return any(m is msg for waiting in self._parked.values() for m in waiting)

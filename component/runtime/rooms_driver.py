@@ -305,7 +305,10 @@ class RoomsDriver:
             return False  # messaging refuses it with the right words
         if not isinstance(target, XmppTarget):
             return False
-        effects = self.core.on_sip_text(msg, self.clock())
+        now = self.clock()
+        if self.core.is_plain_chat(msg, target, now):
+            return False
+        effects = self.core.on_sip_text(msg, now)
         passed = any(isinstance(e, PassToChat) and e.text is msg for e in effects)
         if not passed and self.core.is_parked(msg):
             future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()

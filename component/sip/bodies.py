@@ -13,12 +13,14 @@ from html.parser import HTMLParser
 from component.values import Composing, ImdnAsk, ImdnNews, ImdnStatus
 from sipside import cpim, imdn, iscomposing
 from sipside.errors import PeerError
+from sipside.fastpath import fast_frozen_init
 from sipside.xmlsafe import parse_media_type
 
 ACCEPT = "text/plain, message/cpim, text/html, application/im-iscomposing+xml"
 MAX_TEXT = 65536
 
 
+@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class DecodedBody:
     """A MESSAGE body as text, with the XHTML-IM form when the SIP side sent HTML."""
