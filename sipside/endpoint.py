@@ -29,6 +29,7 @@ from sipside.message import (
     make_request,
     make_response,
     new_branch,
+    new_tag,
     parse_message,
 )
 from sipside.peer import Peer
@@ -95,7 +96,13 @@ class IncomingRequest:
         body: bytes = b"",
         to_tag: str | None = None,
     ) -> SipResponse:
-        """Send the final (or 100) response through the server transaction."""
+        """Send the final (or 100) response through the server transaction.
+
+        RFC 3261 8.2.6.2: a response other than 100 to a request without a To tag carries
+        one of ours (a new one unless ``to_tag`` names the dialog's).
+        """
+        if to_tag is None and status > 100:
+            to_tag = new_tag()
         response = make_response(
             self.request, status, reason, to_tag=to_tag, headers=headers, body=body
         )

@@ -81,6 +81,7 @@ async def test_message_round_trip(
     dest = server.local_peers[transport]
     response = await client.request(_message(dest), dest)  # type: ignore[arg-type]
     assert response.status == 200
+    assert response.to_tag  # RFC 3261 8.2.6.2: the UAS adds a To tag
     assert len(recorder.seen) == 1
     got = recorder.seen[0]
     assert got.request.body == b"hello"
