@@ -195,6 +195,19 @@ async def test_late_text_carries_its_datetime() -> None:
     assert imdn.requested(parsed) is None
 
 
+@pytest.mark.parametrize(("waited", "stamped"), [(30.0, False), (3600.0, True)])
+async def test_late_text_to_a_client_without_cpim_says_when_in_its_text(
+    waited: float, stamped: bool
+) -> None:
+    endpoint, clock = FakeEndpoint(options=(200, "text/plain")), Clock()
+    clock.now = WHEN.timestamp() + waited
+    await _sender(endpoint, clock).send_text(
+        from_uri="sip:b*x@j", to_uri="sip:alice@sip.test", body="late", sent_at=WHEN.timestamp()
+    )
+    text = endpoint.messages[0].body.decode()
+    assert text == ("[sent 2026-01-02 03:04 UTC] late" if stamped else "late")
+
+
 async def test_415_to_cpim_resends_plain_and_remembers_for_cache_time() -> None:
     endpoint, clock = FakeEndpoint((415, (("Accept", "text/plain"),))), Clock()
     sender = _sender(endpoint, clock)

@@ -70,6 +70,10 @@ class TextSender(Protocol):
         ...
 
 
+# A late message to a client without CPIM says when it was written once it waited this long.
+LATE_NOTE_AFTER = 60.0
+
+
 def _utc(when: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(when, datetime.UTC).replace(microsecond=0)
 
@@ -105,7 +109,8 @@ class SipSender:
         """
         payload = body.encode("utf-8")
         if (imdn is None and sent_at is None) or not await self._takes(from_uri, to_uri, CPIM):
-            return _status(await self._send(from_uri, to_uri, PLAIN, payload, from_display))
+            plain = self._stamped(body, sent_at).encode("utf-8")
+            return _status(await self._send(from_uri, to_uri, PLAIN, plain, from_display))
         headers: tuple[tuple[str, str], ...]
         if imdn is not None:
             notify = ["positive-delivery", "negative-delivery"] if imdn.delivery else []
@@ -120,8 +125,16 @@ class SipSender:
         if _refused(answer, CPIM):
             self.support.remember(to_uri, CPIM, False, self.clock())
             log.info("sip_media_refused", sip_uri=to_uri, media=CPIM)
-            return _status(await self._send(from_uri, to_uri, PLAIN, payload, from_display))
+            plain = self._stamped(body, sent_at).encode("utf-8")
+            return _status(await self._send(from_uri, to_uri, PLAIN, plain, from_display))
         return _status(answer)
+
+    def _stamped(self, body: str, sent_at: float | None) -> str:
+        """DESIGN 4.3 for a client without CPIM: a message that waited long says when it was
+        written in its text, since it cannot carry a CPIM DateTime."""
+        if sent_at is None or self.clock() - sent_at < LATE_NOTE_AFTER:
+            return body
+        return f"[sent {_utc(sent_at):%Y-%m-%d %H:%M} UTC] {body}"
 
     async def send_composing(
         self, *, from_uri: str, to_uri: str, active: bool, refresh: int | None
