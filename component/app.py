@@ -109,6 +109,7 @@ class Gateway:
             # enough to be active within check_time of the first one's link dropping.
             min_backoff=min(1.0, check_time * 0.4),
             max_backoff=min(60.0, check_time * 0.8),
+            on_stray_answer=self._on_stray_answer,
         )
         # DESIGN 5.4: presence tells whoever listens that a SIP user came online.
         self.user_online = UserOnlineSignal()
@@ -182,6 +183,7 @@ class Gateway:
                 self.seats,
                 rooms=self.rooms,
                 presence=self.presence_driver.on_presence,
+                answers=self.xmpp.take_stray_answer,
                 refresh=check_time / 2,
             )
         )
@@ -308,6 +310,10 @@ class Gateway:
             self.presence_driver.on_presence(presence)
         else:
             self.forwarding.on_presence(presence)
+
+    def _on_stray_answer(self, xml: str) -> None:
+        if self.forwarding is not None:  # maybe another instance's (DESIGN 9)
+            self.forwarding.on_stray_answer(xml)
 
     def _on_unconfirmed(self, messages: list[ChatMessage]) -> None:
         # DESIGN 8: written but never confirmed by a server that went away: to the queue.

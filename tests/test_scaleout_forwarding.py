@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 
 from component.addresses import AddressBook
-from component.runtime.forwarding import Forwarding, SeatAnnouncing, Seats, decode, encode
+from component.runtime.forwarding import (
+    Forwarding,
+    IqAnswer,
+    SeatAnnouncing,
+    Seats,
+    decode,
+    encode,
+)
 from component.store import (
     MembershipState,
     RoomMembership,
@@ -64,6 +71,7 @@ T0 = 1_700_000_000.0
         RoomMessage(f"{ROOM}/bob", ALICE_JID, "hi", id="m1", delay_stamp="2026-01-01T00:00:00Z"),
         StanzaError(ROOM, ALICE_JID, "e1", "forbidden", "auth", "no", "message"),
         SeatOwner(ALICE, ROOM, "gw-a"),
+        IqAnswer('<iq type="result" id="sx1-2" from="conference.xmpp.test"/>', "gw-b"),
     ],
 )
 def test_values_survive_the_wire(value: Any) -> None:
@@ -167,8 +175,13 @@ class Node:
         self.seats = Seats(self.store, self.bus, name, book=BOOK, clock=lambda: T0)
         self.rooms = LocalRooms()
         self.presences: list[Presence] = []
+        self.answers: list[str] = []
         self.forwarding = Forwarding(
-            self.seats, rooms=self.rooms, presence=self.presences.append, refresh=0.05
+            self.seats,
+            rooms=self.rooms,
+            presence=self.presences.append,
+            answers=lambda xml: self.answers.append(xml) is None,
+            refresh=0.05,
         )
         self.task: asyncio.Task[None] | None = None
 
@@ -280,6 +293,22 @@ async def test_a_presence_change_reaches_every_instance_holding_a_watcher() -> N
         a.forwarding.on_presence(changes[0])
         await asyncio.sleep(0.05)
         assert a.bus.sent == [] and len(b.presences) == 5
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_an_iq_answer_nobody_here_asked_for_goes_to_the_others() -> None:
+    a, b = await _pair()
+    a.start()
+    b.start()
+    try:
+        await _settle(lambda: "gw-a" in a.bus.hub and "gw-b" in a.bus.hub)
+        answer = '<iq type="result" id="sx1-7" from="conference.xmpp.test" to="sip.xmpp.test"/>'
+        b.forwarding.on_stray_answer(answer)
+        await _settle(lambda: a.answers == [answer])
+        await asyncio.sleep(0.05)
+        assert b.answers == []  # not back to the one that sent it
     finally:
         await a.stop()
         await b.stop()

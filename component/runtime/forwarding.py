@@ -22,7 +22,7 @@ import asyncio
 import json
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 from component.addresses import AddressBook, AddressError, bare_jid
@@ -42,10 +42,24 @@ from component.values import (
 
 log = get_logger("component.runtime.forwarding")
 
-Forwarded = Presence | RoomPresence | RoomMessage | StanzaError
+
+@dataclass(frozen=True, slots=True)
+class IqAnswer:
+    """An iq result or error that answers none of this instance's queries: maybe another's
+    (a disco#info before a join, a barrier ping), so it goes to all (the XML as received);
+    ``origin`` is the instance that received it (a broadcast comes back to its sender too)."""
+
+    xml: str
+    origin: str
+
+
+Forwarded = Presence | RoomPresence | RoomMessage | StanzaError | IqAnswer
 _KINDS: dict[str, type[Any]] = {
-    cls.__name__: cls for cls in (Presence, RoomPresence, RoomMessage, StanzaError, SeatOwner)
+    cls.__name__: cls
+    for cls in (Presence, RoomPresence, RoomMessage, StanzaError, SeatOwner, IqAnswer)
 }
+ALL = "*"
+"""The outbox's target for what goes to every other instance."""
 _OUTBOX_LIMIT = 10_000
 ANNOUNCED_FOR = 60.0
 """Seconds an announced seat counts without a row: a join's answer comes well within it."""
@@ -156,6 +170,7 @@ class Forwarding:
         *,
         rooms: RoomStanzas,
         presence: Callable[[Presence], None],
+        answers: Callable[[str], bool],
         refresh: float,
         cache_time: float = 1.0,
     ) -> None:
@@ -164,6 +179,7 @@ class Forwarding:
         self.clock = seats.clock
         self.rooms = rooms
         self.presence = presence
+        self.answers = answers
         self.refresh = refresh
         self.cache_time = cache_time
         self._watchers: dict[str, tuple[list[str], float]] = {}  # jid -> owners, when read
@@ -231,10 +247,15 @@ class Forwarding:
         self._watchers[jid] = (owners, now)
         return owners
 
+    def on_stray_answer(self, xml: str) -> None:
+        """An iq answer none of this instance's queries waits for: to every other instance."""
+        self._queue(ALL, IqAnswer(xml, self.instance))
+
     # --- sending and receiving ---------------------------------------------------------------
 
     def _queue(self, owner: str | None, value: Forwarded) -> None:
-        """``owner`` None: a presence, whose owners are looked up in order."""
+        """``owner`` None: a presence, whose owners are looked up in order; ``ALL``: to every
+        other instance."""
         if len(self._outbox) >= _OUTBOX_LIMIT:
             log.warning("forward_dropped", kind=type(value).__name__, waiting=len(self._outbox))
             return
@@ -255,8 +276,9 @@ class Forwarding:
                 batches.setdefault(name, []).append(encode(value))
         for name, texts in batches.items():
             try:
-                await self.bus.send(name, texts)
+                await self.bus.send(None if name == ALL else name, texts)
                 self.forwarded += len(texts)
+                log.info("stanzas_forwarded", to=name, count=len(texts))
             except StoreError as exc:
                 log.warning("forward_failed", instance=name, count=len(texts), reason=str(exc))
 
@@ -272,6 +294,10 @@ class Forwarding:
                 self.seats.heard(value)
             case Presence():
                 self.presence(value)
+            case IqAnswer(xml, origin) if origin != self.instance:
+                self.answers(xml)
+            case IqAnswer():
+                pass
             case RoomPresence() | RoomMessage() | StanzaError() if not self.rooms.claims(
                 value.sender, value.recipient
             ):
