@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
@@ -170,11 +171,8 @@ async def _owners(url: str, watched: str) -> tuple[list[SeatOwner], list[str]]:
 
 def _forwarded(gateway: GatewayProcess, to: str) -> int:
     """Stanzas ``gateway`` forwarded to instance ``to``."""
-    total = 0
-    for line in gateway.log().splitlines():
-        if "stanzas_forwarded" in line and to in line:
-            total += int(line.split("count=", 1)[1].split()[0].strip(",}"))
-    return total
+    events = (json.loads(line) for line in gateway.log().splitlines() if line.startswith("{"))
+    return sum(e["count"] for e in events if e["event"] == "stanzas_forwarded" and e["to"] == to)
 
 
 async def _room_bodies(account: SipAccount, room_uri: str, want: set[str], timeout: float) -> None:
@@ -189,7 +187,7 @@ async def _room_bodies(account: SipAccount, room_uri: str, want: set[str], timeo
         except TimeoutError:
             raise AssertionError(f"missing {sorted(want - set(got))}; got {got}") from None
         if room_uri in msg.from_uri:
-            got.append(msg.body)
+            got.append(msg.body.partition(": ")[2])  # "nick: text"
 
 
 async def _joined(account: SipAccount, text: str, timeout: float) -> None:

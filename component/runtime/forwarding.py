@@ -8,9 +8,11 @@ handles it as if it had come on its own link:
 - a chat-room stanza for a seat another instance holds (known from the seat rows' owner
   column, refreshed every half ``check_time``, and from the announcement an instance
   broadcasts before it sends a join, so the room's answer finds it before the row exists);
-- an XMPP user's presence change, to every other instance holding a SIP user's subscription
-  to it (the subscription rows' owners, cached for ``cache_time``); this instance handles it
-  too, for the watchers it holds.
+- an XMPP user's presence change, or its answer to a SIP user's request to watch it, to every
+  other instance holding a SIP user's subscription to it (the subscription rows' owners,
+  cached for ``cache_time``); this instance handles it too, for the watchers it holds;
+- an iq answer (result or error) for none of this instance's queries, to all the others: the
+  one that asked takes it.
 
 Forwards go out in arrival order, one transaction per owner and round. A forwarded stanza is
 never forwarded again. On SQLite there is one instance and nothing is built.
@@ -58,6 +60,9 @@ _KINDS: dict[str, type[Any]] = {
     cls.__name__: cls
     for cls in (Presence, RoomPresence, RoomMessage, StanzaError, SeatOwner, IqAnswer)
 }
+_FOR_WATCHERS = (None, "unavailable", "subscribed", "unsubscribed")
+"""What an XMPP user's presence tells SIP users watching it: changes, and the answer to the
+watch (which the instance holding the watch's dialog turns into its NOTIFY)."""
 ALL = "*"
 """The outbox's target for what goes to every other instance."""
 _OUTBOX_LIMIT = 10_000
@@ -230,10 +235,11 @@ class Forwarding:
     # --- presence ----------------------------------------------------------------------------
 
     def on_presence(self, presence: Presence) -> None:
-        """Handled here; a change of an XMPP user's presence also goes to the other instances
-        holding SIP users' subscriptions to it."""
+        """Handled here; a change of an XMPP user's presence, or the answer to a SIP user's
+        request to watch it, also goes to the other instances holding SIP users' subscriptions
+        to it."""
         self.presence(presence)
-        if presence.type in (None, "unavailable") and not presence.muc:
+        if presence.type in _FOR_WATCHERS and not presence.muc:
             self._queue(None, presence)
 
     async def _watcher_owners(self, jid: str) -> list[str]:
