@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from slixmpp import JID
 
 from component.store import SeatOwner, Store, migrate
 from tests.conftest import XMPP_PASSWORD
@@ -33,7 +34,7 @@ from tests.harness.kamailio import KamailioServer
 from tests.harness.pjsip import BuddyState, PjsipAgent, ReceivedMessage, SipAccount
 from tests.harness.ports import free_port
 from tests.harness.rawsip import RawSipPeer
-from tests.harness.values import JDOMAIN, LOOPBACK, MUC_DOMAIN, SIP_DOMAIN
+from tests.harness.values import COMPONENT_DOMAIN, JDOMAIN, LOOPBACK, MUC_DOMAIN, SIP_DOMAIN
 from tests.harness.xmppclient import XmppClient
 from tests.harness.xmppserver import XmppServer
 from tests.test_faults import GatewayProcess, SipSide, XmppSide, _register
@@ -190,6 +191,31 @@ async def _room_bodies(account: SipAccount, room_uri: str, want: set[str], timeo
             got.append(msg.body.partition(": ")[2])  # "nick: text"
 
 
+def _relayed_from(gateway: GatewayProcess, jid: str) -> int:
+    """Chat messages from ``jid`` that ``gateway`` relayed to SIP."""
+    events = (json.loads(line) for line in gateway.log().splitlines() if line.startswith("{"))
+    return sum(
+        1
+        for e in events
+        if e["event"] == "message_relayed" and str(e.get("jid", "")).startswith(jid)
+    )
+
+
+async def _chat_bodies(account: SipAccount, uri: str, count: int, timeout: float) -> list[str]:
+    """The bodies of the next ``count`` MESSAGEs from ``uri``, in arrival order."""
+    got: list[str] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(got) < count:
+        try:
+            msg = await account.next_message(timeout=max(deadline - loop.time(), 0.01))
+        except TimeoutError:
+            raise AssertionError(f"{len(got)} of {count} arrived: {got}") from None
+        if uri in msg.from_uri:
+            got.append(msg.body)
+    return got
+
+
 async def _joined(account: SipAccount, text: str, timeout: float) -> None:
     """Wait for the gateway's notice containing ``text``."""
     seen: list[str] = []
@@ -267,6 +293,18 @@ async def test_room_seat_and_presence_watch_reach_their_owner_and_survive_its_ki
             await _note(carol, bob_uri, f"n{k}", 20)
         forwarded = _forwarded(gateways[other], owner)
         assert forwarded > 0, "ejabberd handed the other instance nothing: nothing was routed"
+
+        # One-to-one chat from one XMPP user: ejabberd 23.01 spreads even one sender's stanzas
+        # over the connections, and each instance keeps its own per-conversation order.
+        chats = [f"c{i:02}" for i in range(30)]
+        for body in chats:
+            bob.send_message(mto=JID(f"carol{tag}@{COMPONENT_DOMAIN}"), mbody=body, mtype="chat")
+        got = await _chat_bodies(carol, bob_uri, len(chats), 30)
+        assert sorted(got) == chats
+        relayed = {name: _relayed_from(g, bob_bare) for name, g in gateways.items()}
+        assert all(relayed.values()), f"one sender's chat stayed on one connection: {relayed}"
+        inversions = sum(a > b for i, a in enumerate(got) for b in got[i + 1 :])
+        print(f"one sender's 30 chats: relayed per instance {relayed}, {inversions} inversions")
 
         # The owner dies; the survivor takes over, rejoins the seat and notifies carol.
         killed_at = time.monotonic()
