@@ -39,10 +39,21 @@ from component.values import (
     RoomMessage,
     RoomPresence,
     ServiceInfo,
+    ServiceKind,
     StanzaError,
 )
+from tests.harness.values import MUC_DOMAIN
 from tests.test_scaleout import OpenAs, open_as  # noqa: F401 (fixture)
 from tests.test_store import database, pg_url, sqlite_template  # noqa: F401 (fixtures)
+from tests.test_xmpp_adapter import (
+    DOMAIN,
+    NS,
+    Recorder,
+    ScriptedServer,
+    _link,
+    running,
+    scripted,  # noqa: F401 (fixture)
+)
 
 BOOK = AddressBook(
     component="sip.xmpp.test",
@@ -382,3 +393,41 @@ async def test_postgres_bus_to_one_instance_and_to_all(pg_url: str) -> None:  # 
             bus.close()
         for store in stores:
             await store.close()
+
+
+# --- the XMPP link: stray iq answers out, another instance's answers in ------------------------
+
+
+async def test_link_hands_out_stray_answers_and_takes_its_own_back(
+    scripted: ScriptedServer,  # noqa: F811
+) -> None:
+    rec = Recorder()
+    strays: list[str] = []
+    link = _link(scripted.port, rec, on_stray_answer=strays.append)
+    async with running(link):
+        await rec.wait_link([True])
+        query = asyncio.create_task(link.discover_service(MUC_DOMAIN, timeout=10))
+        asked = await scripted.next_stanza()
+        iq_id = asked.get("id")
+        # Answers for queries this link never made go out whole, errors included.
+        scripted.push(f"<iq type='result' id='other-1' from='{MUC_DOMAIN}' to='{DOMAIN}'/>")
+        scripted.push(
+            f"<iq type='error' id='other-2' from='{MUC_DOMAIN}' to='{DOMAIN}'><error "
+            "type='cancel'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>"
+            "</error></iq>"
+        )
+        await _settle(lambda: len(strays) == 2)
+        assert ["other-1" in strays[0], "other-2" in strays[1]] == [True, True]
+        assert rec.errors.empty()  # not taken for a message's error
+        assert not link.take_stray_answer(strays[0])  # not ours
+        assert not link.take_stray_answer("<not xml")
+        # The answer to our query, as another instance received and forwarded it.
+        answer = (
+            f"<iq xmlns='{NS}' type='result' id='{iq_id}' from='{MUC_DOMAIN}' to='{DOMAIN}'>"
+            f"<query xmlns='http://jabber.org/protocol/disco#info'><identity "
+            "category='conference' type='text'/><feature var='http://jabber.org/protocol/muc'/>"
+            "</query></iq>"
+        )
+        assert link.take_stray_answer(answer)
+        info = await asyncio.wait_for(query, 5)
+        assert info.kind is ServiceKind.MUC
