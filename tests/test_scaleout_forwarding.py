@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import psycopg2
 import pytest
 
 from component.addresses import AddressBook
@@ -147,11 +148,12 @@ class MemoryBus:
                 for text in texts:
                     loop.call_soon(handler, text)
 
-    def listen(self, handler: Callable[[str], None]) -> None:
+    async def listen(self, handler: Callable[[str], None]) -> None:
         self.hub[self.instance] = handler
-
-    def close(self) -> None:
-        self.hub.pop(self.instance, None)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.hub.pop(self.instance, None)
 
 
 class LocalRooms:
@@ -379,18 +381,34 @@ async def test_postgres_bus_to_one_instance_and_to_all(pg_url: str) -> None:  # 
     stores = [await Store.open(pg_url, instance=n) for n in ("gw-a", "gw-b")]
     buses = [PgBus(s, pg_url, s.instance) for s in stores]
     got: dict[str, list[str]] = {"gw-a": [], "gw-b": []}
+    listening = [
+        asyncio.create_task(bus.listen(got[store.instance].append))
+        for bus, store in zip(buses, stores, strict=True)
+    ]
     try:
-        for bus, store in zip(buses, stores, strict=True):
-            bus.listen(got[store.instance].append)
+        await _settle(lambda: all(bus.listening for bus in buses))
         long = "x" * 20_000 + "é" * 5_000
         await buses[0].send("gw-b", ["one", long, "three"])
         await buses[1].send(None, ["all"])
         await _settle(lambda: len(got["gw-b"]) == 4 and len(got["gw-a"]) == 1)
         assert got["gw-b"] == ["one", long, "three", "all"]
         assert got["gw-a"] == ["all"]
+        # The listening connection broken (PostgreSQL restarted, say): made again.
+        conn = buses[1]._conn
+        assert conn is not None
+        await stores[0].notify("unused", [])  # the pool is up
+        killer = psycopg2.connect(buses[0]._dsn)
+        killer.autocommit = True
+        with killer.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(%s)", (conn.get_backend_pid(),))
+        killer.close()
+        await _settle(lambda: buses[1]._conn is not conn and buses[1].listening)
+        await buses[0].send("gw-b", ["again"])
+        await _settle(lambda: got["gw-b"][-1:] == ["again"])
     finally:
-        for bus in buses:
-            bus.close()
+        for task in listening:
+            task.cancel()
+        await asyncio.gather(*listening, return_exceptions=True)
         for store in stores:
             await store.close()
 

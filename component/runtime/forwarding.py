@@ -77,12 +77,8 @@ class Bus(Protocol):
         """To ``instance``, or to every instance (None), together and in order."""
         ...
 
-    def listen(self, handler: Callable[[str], None]) -> None:
-        """Hand each text sent to this instance or to all to ``handler``."""
-        ...
-
-    def close(self) -> None:
-        """Stop listening."""
+    async def listen(self, handler: Callable[[str], None]) -> None:
+        """Until cancelled: hand each text sent to this instance or to all to ``handler``."""
         ...
 
 
@@ -277,7 +273,11 @@ class Forwarding:
                 owners = [owner]
             else:
                 assert isinstance(value, Presence)
-                owners = await self._watcher_owners(bare_jid(value.sender))
+                try:
+                    owners = await self._watcher_owners(bare_jid(value.sender))
+                except StoreError as exc:
+                    log.warning("forward_lookup_failed", jid=value.sender, reason=str(exc))
+                    continue
             for name in owners:
                 batches.setdefault(name, []).append(encode(value))
         for name, texts in batches.items():
@@ -322,7 +322,7 @@ class Forwarding:
     async def run(self) -> None:
         """Until cancelled: listen, send what is queued, re-read the seats' owners every
         ``refresh`` seconds."""
-        self.bus.listen(self._received)
+        listener = asyncio.create_task(self.bus.listen(self._received))
         loop = asyncio.get_running_loop()
         next_refresh = loop.time()
         try:
@@ -341,7 +341,8 @@ class Forwarding:
                 self._wake.clear()
                 await self._send_round()
         finally:
-            self.bus.close()
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
 
 
 class SeatAnnouncing:

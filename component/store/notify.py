@@ -10,7 +10,6 @@ takes one dedicated connection, whose socket the event loop watches.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import secrets
 from collections.abc import Callable
@@ -91,8 +90,13 @@ class PgBus:
         self._conn: psycopg2.extensions.connection | None = None
         self._handler: Callable[[str], None] | None = None
         self._joiner = Joiner()
-        self._retry: asyncio.TimerHandle | None = None
-        self._closed = False
+        self._lost: asyncio.Future[None] | None = None
+        self._fd = -1
+
+    @property
+    def listening(self) -> bool:
+        """The listening connection is up."""
+        return self._conn is not None
 
     async def send(self, instance: str | None, texts: list[str]) -> None:
         """To ``instance``, or to every instance (``None``), together and in order. May raise
@@ -100,30 +104,44 @@ class PgBus:
         channel = BROADCAST if instance is None else channel_of(instance)
         await self.store.notify(channel, [p for text in texts for p in pieces(text)])
 
-    def listen(self, handler: Callable[[str], None]) -> None:
-        """Hand each text sent to this instance (or to all) to ``handler``, from now on; the
-        connection is made again after it breaks."""
+    async def listen(self, handler: Callable[[str], None]) -> None:
+        """Until cancelled: hand each text sent to this instance (or to all) to ``handler``.
+        The connection is made off the event loop, and made again after it breaks."""
         self._handler = handler
-        self._connect()
-
-    def _connect(self) -> None:
-        self._retry = None
-        if self._closed:
-            return
         loop = asyncio.get_running_loop()
+        failures = 0
         try:
-            conn = psycopg2.connect(self._dsn, connect_timeout=5)
+            while True:
+                try:
+                    conn = await loop.run_in_executor(None, self._open)
+                except psycopg2.Error as exc:
+                    failures += 1
+                    (log.warning if failures == 1 else log.debug)(
+                        "instance_listener_failed", reason=str(exc).strip(), failures=failures
+                    )
+                    await asyncio.sleep(_RECONNECT)
+                    continue
+                failures = 0
+                self._conn, self._fd = conn, conn.fileno()
+                self._lost = loop.create_future()
+                loop.add_reader(self._fd, self._readable)
+                log.info("instance_listener_up", channels=list(self.channels))
+                await self._lost
+                await asyncio.sleep(_RECONNECT)
+        finally:
+            self._drop()
+
+    def _open(self) -> psycopg2.extensions.connection:
+        conn = psycopg2.connect(self._dsn, connect_timeout=5)
+        try:
             conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
             with conn.cursor() as cur:
                 for channel in self.channels:
                     cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-        except psycopg2.Error as exc:
-            log.warning("instance_listener_failed", reason=str(exc).strip())
-            self._retry = loop.call_later(_RECONNECT, self._connect)
-            return
-        self._conn = conn
-        loop.add_reader(conn.fileno(), self._readable)
-        log.info("instance_listener_up", channels=list(self.channels))
+        except psycopg2.Error:
+            conn.close()
+            raise
+        return conn
 
     def _readable(self) -> None:
         conn = self._conn
@@ -133,7 +151,8 @@ class PgBus:
         except psycopg2.Error as exc:
             log.warning("instance_listener_lost", reason=str(exc).strip())
             self._drop()
-            self._retry = asyncio.get_running_loop().call_later(_RECONNECT, self._connect)
+            if self._lost is not None and not self._lost.done():
+                self._lost.set_result(None)
             return
         while conn.notifies:
             text = self._joiner.add(conn.notifies.pop(0).payload)
@@ -144,13 +163,6 @@ class PgBus:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        with contextlib.suppress(ValueError, OSError):
-            asyncio.get_running_loop().remove_reader(conn.fileno())
+        # The fd as it was: a broken connection no longer tells it.
+        asyncio.get_running_loop().remove_reader(self._fd)
         conn.close()
-
-    def close(self) -> None:
-        """Stop listening."""
-        self._closed = True
-        if self._retry is not None:
-            self._retry.cancel()
-        self._drop()
