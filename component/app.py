@@ -25,6 +25,7 @@ from component.ratelimit import SourceBuckets
 from component.rooms.core import RoomsCore
 from component.rooms.model import RoomsConfig
 from component.rooms.ports import StoredMemberships
+from component.runtime.forwarding import Forwarding, SeatAnnouncing, Seats
 from component.runtime.health import Health, watch_database
 from component.runtime.instances import Instances, SharedSqlite
 from component.runtime.loop_lag import LoopLag
@@ -39,6 +40,7 @@ from component.sip.sender import SipSender
 from component.sip.side import SipSide
 from component.sip.transactions import ClientTransactions
 from component.store import StoreNotAtHead, Takeover
+from component.store.notify import PgBus
 from component.store.store import Store
 from component.transports.board import TransportBoard
 from component.transports.health import SipHealth
@@ -107,6 +109,7 @@ class Gateway:
             # enough to be active within check_time of the first one's link dropping.
             min_backoff=min(1.0, check_time * 0.4),
             max_backoff=min(60.0, check_time * 0.8),
+            on_stray_answer=self._on_stray_answer,
         )
         # DESIGN 5.4: presence tells whoever listens that a SIP user came online.
         self.user_online = UserOnlineSignal()
@@ -141,18 +144,48 @@ class Gateway:
             xmpp=self.xmpp,
             sweep_interval=settings.timers.sleep_time,
         )
+        # DESIGN 9: several instances on PostgreSQL. A stanza about a seat or a SIP watcher's
+        # subscription that another instance holds is forwarded to it; a seat is announced to
+        # the others before its join goes out, so the room's answer finds it.
+        self._tasks = TaskOwner("gateway_task_failed")
+        self._own = self._tasks.own
+        self.seats = (
+            None
+            if store.is_sqlite
+            else Seats(
+                store,
+                PgBus(store, settings.database.url, store.instance),
+                store.instance,
+                book=self.book,
+                clock=time.time,
+            )
+        )
+        rooms_xmpp = (
+            self.xmpp if self.seats is None else SeatAnnouncing(self.xmpp, self.seats, self._own)
+        )
         # DESIGN 6: chat rooms. The core and its driver; messaging hands it MESSAGEs to room
         # and occupant addresses, the XMPP link the rooms' stanzas (given to its run()), and
         # presence tells it the SIP users' state (5.4).
         self.rooms = RoomsDriver(
             RoomsCore(self.book, _rooms_config(settings)),
             book=self.book,
-            xmpp=self.xmpp,
+            xmpp=rooms_xmpp,
             sip=self.sip_side,
             store=store,
             memberships=StoredMemberships(store),
             clock=time.time,
             delay_time=settings.timers.delay_time,
+        )
+        self.forwarding = (
+            None
+            if self.seats is None
+            else Forwarding(
+                self.seats,
+                rooms=self.rooms,
+                presence=self.presence_driver.on_presence,
+                answers=self.xmpp.take_stray_answer,
+                refresh=check_time / 2,
+            )
         )
         self.user_state.connect(self.rooms)
         self.user_online.connect(self.rooms.user_online)
@@ -250,8 +283,6 @@ class Gateway:
             resume=self._resume_taken,
             lost=self.stop,
         )
-        self._tasks = TaskOwner("gateway_task_failed")
-        self._own = self._tasks.own
         self._stopping = asyncio.Event()
 
     def _jid_for_prompt(self, prompt: str) -> str:
@@ -277,7 +308,14 @@ class Gateway:
         if bare_jid(presence.recipient) == self.book.component:
             self.transports.on_gateway_presence(presence)  # the gateway's own domain (DESIGN 9)
             return
-        self.presence_driver.on_presence(presence)
+        if self.forwarding is None:
+            self.presence_driver.on_presence(presence)
+        else:
+            self.forwarding.on_presence(presence)
+
+    def _on_stray_answer(self, xml: str) -> None:
+        if self.forwarding is not None:  # maybe another instance's (DESIGN 9)
+            self.forwarding.on_stray_answer(xml)
 
     def _on_unconfirmed(self, messages: list[ChatMessage]) -> None:
         # DESIGN 8: written but never confirmed by a server that went away: to the queue.
@@ -316,7 +354,10 @@ class Gateway:
         await self.presence_driver.start()
         await self.rooms.start()
         await self.transports.start()
-        link = asyncio.create_task(self.xmpp.run(self.rooms, self.commands))
+        link = asyncio.create_task(self.xmpp.run(self.forwarding or self.rooms, self.commands))
+        forwarding = asyncio.create_task(
+            self.forwarding.run() if self.forwarding is not None else asyncio.sleep(0)
+        )
         lag = asyncio.create_task(self.loop_lag.run())
         sweeper = asyncio.create_task(
             sweep_queue(
@@ -360,6 +401,7 @@ class Gateway:
             await self.commands.drain(timeout=left(1.0))
             sweeper.cancel()
             heartbeat.cancel()
+            forwarding.cancel()
             database.cancel()
             typing.cancel()
             lag.cancel()
@@ -367,7 +409,7 @@ class Gateway:
             await self._tasks.wait(timeout=5.0)  # what the closing link left unconfirmed
             link.cancel()
             await asyncio.gather(
-                link, sweeper, heartbeat, database, typing, lag, return_exceptions=True
+                link, sweeper, heartbeat, forwarding, database, typing, lag, return_exceptions=True
             )
             await self.endpoint.close()
             self.health.report(Part.SIP, False, "closed")

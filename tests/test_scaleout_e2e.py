@@ -4,6 +4,10 @@
   front: messages both ways for several SIP users spread over both; one instance killed with
   SIGKILL amid a stream: every MESSAGE answered 2xx reaches the XMPP user or its sender gets a
   failure notice, and the survivor takes over the dead one's rows.
+- ejabberd, both instances active: a SIP user's room seat and her subscription to an XMPP
+  user's presence live on one instance, yet every room message and every presence change
+  reaches her though ejabberd hands some of them to the other instance (which forwards them);
+  after a SIGKILL of the instance holding both, they keep working through the survivor.
 - Prosody, a second instance standing by (Prosody refuses its connection): killing the first
   makes the second the active one, and it takes over the first one's state.
 """
@@ -11,22 +15,26 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from slixmpp import JID
 
-from component.store import migrate
+from component.store import SeatOwner, Store, migrate
 from tests.conftest import XMPP_PASSWORD
 from tests.gateway_fixture import component_jid, wait_until
 from tests.harness.gateway import gateway_toml
 from tests.harness.kamailio import KamailioServer
+from tests.harness.pjsip import BuddyState, PjsipAgent, ReceivedMessage, SipAccount
 from tests.harness.ports import free_port
 from tests.harness.rawsip import RawSipPeer
-from tests.harness.values import JDOMAIN, LOOPBACK, SIP_DOMAIN
+from tests.harness.values import COMPONENT_DOMAIN, JDOMAIN, LOOPBACK, MUC_DOMAIN, SIP_DOMAIN
 from tests.harness.xmppclient import XmppClient
 from tests.harness.xmppserver import XmppServer
 from tests.test_faults import GatewayProcess, SipSide, XmppSide, _register
@@ -150,6 +158,175 @@ async def test_two_active_instances_on_ejabberd_share_and_survive_a_kill(
         listener.cancel()
         await bob.client.stop()
         for gateway in (a, b):
+            gateway.process.close()
+
+
+async def _owners(url: str, watched: str) -> tuple[list[SeatOwner], list[str]]:
+    """The seats' owners, and the owners of subscriptions to ``watched``'s presence."""
+    store = await Store.open(url, instance="test-probe")
+    try:
+        return await store.seat_owners(), await store.watcher_owners(watched)
+    finally:
+        await store.close()
+
+
+def _forwarded(gateway: GatewayProcess, to: str) -> int:
+    """Stanzas ``gateway`` forwarded to instance ``to``."""
+    events = (json.loads(line) for line in gateway.log().splitlines() if line.startswith("{"))
+    return sum(e["count"] for e in events if e["event"] == "stanzas_forwarded" and e["to"] == to)
+
+
+async def _room_bodies(account: SipAccount, room_uri: str, want: set[str], timeout: float) -> None:
+    """Wait until every body in ``want`` came as a MESSAGE from ``room_uri``."""
+    got: list[str] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not want <= set(got):
+        left = deadline - loop.time()
+        try:
+            msg: ReceivedMessage = await account.next_message(timeout=max(left, 0.01))
+        except TimeoutError:
+            raise AssertionError(f"missing {sorted(want - set(got))}; got {got}") from None
+        if room_uri in msg.from_uri:
+            got.append(msg.body.partition(": ")[2])  # "nick: text"
+
+
+def _relayed_from(gateway: GatewayProcess, jid: str) -> int:
+    """Chat messages from ``jid`` that ``gateway`` relayed to SIP."""
+    events = (json.loads(line) for line in gateway.log().splitlines() if line.startswith("{"))
+    return sum(
+        1
+        for e in events
+        if e["event"] == "message_relayed" and str(e.get("jid", "")).startswith(jid)
+    )
+
+
+async def _chat_bodies(account: SipAccount, uri: str, count: int, timeout: float) -> list[str]:
+    """The bodies of the next ``count`` MESSAGEs from ``uri``, in arrival order."""
+    got: list[str] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(got) < count:
+        try:
+            msg = await account.next_message(timeout=max(deadline - loop.time(), 0.01))
+        except TimeoutError:
+            raise AssertionError(f"{len(got)} of {count} arrived: {got}") from None
+        if uri in msg.from_uri:
+            got.append(msg.body)
+    return got
+
+
+async def _joined(account: SipAccount, text: str, timeout: float) -> None:
+    """Wait for the gateway's notice containing ``text``."""
+    seen: list[str] = []
+    while not any(text in body for body in seen):
+        try:
+            seen.append((await account.next_message(timeout=timeout)).body)
+        except TimeoutError:
+            raise AssertionError(f"no notice with {text!r}; got {seen}") from None
+
+
+async def _note(account: SipAccount, uri: str, note: str, timeout: float) -> BuddyState:
+    """The first NOTIFY showing ``uri`` online with ``note``."""
+    seen: list[str] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            state = await account.next_buddy_state(timeout=max(0.01, deadline - loop.time()))
+        except TimeoutError:
+            raise AssertionError(f"no NOTIFY with note {note!r}; saw {seen}") from None
+        seen.append(f"{state.sub_state}/{state.online}/{state.note!r}")
+        if state.uri == uri and state.online and state.note == note:
+            return state
+
+
+async def test_room_seat_and_presence_watch_reach_their_owner_and_survive_its_kill(
+    tmp_path: Path,
+    ejabberd: XmppServer,
+    kamailio_factory: Callable[..., KamailioServer],
+    pjsip_agent: PjsipAgent,
+    pg: str,
+) -> None:
+    ports = [free_port(), free_port()]
+    kamailio = kamailio_factory(ports[0], instances=ports)
+    gateways = {
+        "gw-a": _instance(tmp_path, "gw-a", ejabberd, kamailio, pg, ports[0]),
+        "gw-b": _instance(tmp_path, "gw-b", ejabberd, kamailio, pg, ports[1]),
+    }
+    tag = secrets.token_hex(3)
+    dave = XmppClient(ejabberd.jid(f"dave{tag}"), XMPP_PASSWORD, True)
+    bob = XmppClient(ejabberd.jid(f"bob{tag}"), XMPP_PASSWORD, True)  # approves by default
+    room = f"scale{tag}@{MUC_DOMAIN}"
+    local, service = room.split("@")
+    room_uri = f"{local}*{service}@{JDOMAIN}"
+    try:
+        for gateway in gateways.values():
+            gateway.start()
+        for gateway in gateways.values():
+            await gateway.up()
+        await dave.start(ejabberd.c2s_port)
+        await bob.start(ejabberd.c2s_port)
+        await dave.join_room(room, "dave")
+        carol = await pjsip_agent.add_account(f"carol{tag}", kamailio)
+        assert (await carol.send_message(f"sip:carol*{room_uri}", "/join")).code == 202
+        await _joined(carol, f"{room} as carol", 20)
+        bob_bare = str(bob.boundjid.bare)
+        bob_uri = f"sip:{bob_bare.replace('@', '*')}@{JDOMAIN}"
+        await carol.subscribe(bob_uri)
+        bob.send_presence(pshow="away", pstatus="n-start")
+        await _note(carol, bob_uri, "n-start", 20)
+        seats, watchers = await _owners(pg, bob_bare)
+        assert [s.room_jid for s in seats] == [room]
+        owner = seats[0].owner
+        assert watchers == [owner]  # the dispatcher's hash kept carol on one instance
+        [other] = [name for name in gateways if name != owner]
+
+        # Before the kill: ejabberd spreads the room's messages and bob's presence changes over
+        # both connections; what lands on the other instance is forwarded to the owner.
+        bodies = {f"r{i:02}" for i in range(30)}
+        for body in sorted(bodies):
+            dave.send_groupchat(room, body)
+        await _room_bodies(carol, room_uri, bodies, 30)
+        for k in range(8):
+            bob.send_presence(pshow="away", pstatus=f"n{k}")
+            await _note(carol, bob_uri, f"n{k}", 20)
+        forwarded = _forwarded(gateways[other], owner)
+        assert forwarded > 0, "ejabberd handed the other instance nothing: nothing was routed"
+
+        # One-to-one chat from one XMPP user: ejabberd 23.01 spreads even one sender's stanzas
+        # over the connections, and each instance keeps its own per-conversation order.
+        chats = [f"c{i:02}" for i in range(30)]
+        for body in chats:
+            bob.send_message(mto=JID(f"carol{tag}@{COMPONENT_DOMAIN}"), mbody=body, mtype="chat")
+        got = await _chat_bodies(carol, bob_uri, len(chats), 30)
+        assert sorted(got) == chats
+        relayed = {name: _relayed_from(g, bob_bare) for name, g in gateways.items()}
+        assert all(relayed.values()), f"one sender's chat stayed on one connection: {relayed}"
+        inversions = sum(a > b for i, a in enumerate(got) for b in got[i + 1 :])
+        print(f"one sender's 30 chats: relayed per instance {relayed}, {inversions} inversions")
+
+        # The owner dies; the survivor takes over, rejoins the seat and notifies carol.
+        killed_at = time.monotonic()
+        _kill(gateways[owner])
+        await wait_until(lambda: _took_over(gateways[other], owner), 10 * CHECK)
+        after = {f"after{i:02}" for i in range(10)}
+        for body in sorted(after):
+            dave.send_groupchat(room, body)
+        await _room_bodies(carol, room_uri, after, 30)
+        room_back = time.monotonic() - killed_at
+        bob.send_presence(pshow="dnd", pstatus="n-after")
+        await _note(carol, bob_uri, "n-after", 30)
+        presence_back = time.monotonic() - killed_at
+        print(
+            f"forwarded before the kill: {forwarded}; after the kill, room messages back in "
+            f"{room_back:.1f} s, presence in {presence_back:.1f} s (check_time {CHECK} s)"
+        )
+    finally:
+        await dave.stop()
+        await bob.stop()
+        for name, gateway in gateways.items():
+            (tmp_path / f"{name}.log").write_text(gateway.log())  # kept for a failure's reader
             gateway.process.close()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from .mapping import RowMapping, to_datetime, upsert
@@ -21,7 +21,7 @@ from .models import (
     XmppWatcherSubscriptionRow,
 )
 from .queue import release_claims
-from .records import GatewayInstance, Takeover
+from .records import GatewayInstance, SeatOwner, Takeover
 
 INSTANCES = RowMapping(GatewayInstance, GatewayInstanceRow)
 _OWNED = {
@@ -79,3 +79,27 @@ def take_over(session: Session, dead: str | None, instance: str, now: float) -> 
         messages = release_claims(session, dead, now)
         INSTANCES.delete(session, dead)
     return Takeover(messages=messages, **moved)
+
+
+# --- stanzas for state another instance holds (DESIGN 9) ---------------------------------------
+
+
+def seat_owners(session: Session) -> list[SeatOwner]:
+    """Every seat that names an owner, with it."""
+    c = RoomMembershipRow.__table__.c  # type: ignore[attr-defined]
+    rows = session.execute(select(c.sip_aor, c.room_jid, c.owner).where(c.owner.is_not(None)))
+    return [SeatOwner(aor, room, owner) for aor, room, owner in rows]
+
+
+def watcher_owners(session: Session, target_jid: str) -> list[str]:
+    """The instances holding SIP users' subscriptions to ``target_jid``'s presence."""
+    c = SipWatcherSubscriptionRow.__table__.c  # type: ignore[attr-defined]
+    stmt = select(c.owner).where(c.target_jid == target_jid, c.owner.is_not(None)).distinct()
+    return sorted(session.execute(stmt).scalars())
+
+
+def notify(session: Session, channel: str, payloads: list[str]) -> None:
+    """PostgreSQL NOTIFY of each payload on ``channel``, delivered together, in order, when the
+    transaction commits."""
+    for payload in payloads:
+        session.execute(select(func.pg_notify(channel, payload)))

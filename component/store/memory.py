@@ -27,6 +27,7 @@ from .records import (
     RecordNotFound,
     RoomMembership,
     RosterApproval,
+    SeatOwner,
     SeenUser,
     SipWatcherSubscription,
     StoreCounts,
@@ -88,6 +89,10 @@ class _Table(Generic[R]):
         for key in keys:
             self._owners[key] = instance
         return len(keys)
+
+    def owner_of(self, record: R) -> str | None:
+        """The instance ``record`` names its owner, if any."""
+        return self._owners.get(self._key(record))
 
     def get(self, *key: Any) -> R | None:
         """The record with primary key ``key``, if stored."""
@@ -502,6 +507,22 @@ class MemoryStore:
             memberships=db.memberships.take_over(dead, instance),
             messages=messages,
         )
+
+    async def seat_owners(self) -> list[SeatOwner]:
+        table = self._db.memberships
+        return [
+            SeatOwner(m.sip_aor, m.room_jid, owner)
+            for m in table.select()
+            if (owner := table.owner_of(m)) is not None
+        ]
+
+    async def watcher_owners(self, target_jid: str) -> list[str]:
+        table = self._db.sip_watchers
+        found = {table.owner_of(s) for s in table.select(target_jid=target_jid)}
+        return sorted(owner for owner in found if owner is not None)
+
+    async def notify(self, channel: str, payloads: list[str]) -> None:
+        raise StoreError("notifications between instances need PostgreSQL")
 
 
 def _implements_port(store: MemoryStore) -> StorePort:

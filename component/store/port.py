@@ -17,6 +17,7 @@ from .records import (
     QueuedMessage,
     RoomMembership,
     RosterApproval,
+    SeatOwner,
     SeenUser,
     SipWatcherSubscription,
     StoreCounts,
@@ -259,4 +260,17 @@ class StorePort(Protocol):
     async def take_over(self, dead: str | None, instance: str, now: float) -> Takeover:
         """Move what ``dead`` owned (None: rows without owner) to ``instance``: its rows, its
         claimed messages back to the queue due now; ``dead``'s heartbeat row is deleted."""
+        ...
+
+    async def seat_owners(self) -> list[SeatOwner]:
+        """Every seat that names its owner instance, with it."""
+        ...
+
+    async def watcher_owners(self, target_jid: str) -> list[str]:
+        """The instances holding SIP users' subscriptions to ``target_jid``'s presence."""
+        ...
+
+    async def notify(self, channel: str, payloads: list[str]) -> None:
+        """Send ``payloads`` to whoever listens on ``channel``, together and in order
+        (PostgreSQL NOTIFY; several instances need PostgreSQL)."""
         ...

@@ -28,6 +28,7 @@ __all__ = [
     "RecordNotFound",
     "RoomMembership",
     "RosterApproval",
+    "SeatOwner",
     "SeenUser",
     "SipWatcherSubscription",
     "StoreCounts",
@@ -242,6 +243,15 @@ class GatewayInstance:
     started_at: float
     heartbeat_at: float
     gone: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SeatOwner:
+    """Which instance holds a SIP user's seat in a room (DESIGN 9)."""
+
+    sip_aor: str
+    room_jid: str
+    owner: str
 
 
 @dataclass(frozen=True, slots=True)

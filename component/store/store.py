@@ -336,6 +336,9 @@ class Store:
     leave_instances = _OnWorker(heartbeats.leave_instances)
     instances = _OnWorker(heartbeats.instances)
     take_over = _OnWorker(heartbeats.take_over)
+    seat_owners = _OnWorker(heartbeats.seat_owners)
+    watcher_owners = _OnWorker(heartbeats.watcher_owners)
+    notify = _OnWorker(heartbeats.notify)
 
 
 def _implements_port(store: Store) -> StorePort:

@@ -126,6 +126,7 @@ class XmppLink:
         clock: Callable[[], float] = time.time,
         rate: SourceBuckets | None = None,
         metrics: Metrics = NO_METRICS,
+        on_stray_answer: Callable[[str], None] | None = None,
     ) -> None:
         domain = jid_or_none(component)
         if domain is None or domain.local or domain.resource:
@@ -138,6 +139,9 @@ class XmppLink:
         self._on_error = on_error
         self._on_presence = on_presence
         self._on_link = on_link
+        # DESIGN 9: an iq answer for none of our queries may be another instance's (ejabberd
+        # hands any stanza to any connection of the domain): handed out as its XML.
+        self._on_stray_answer = on_stray_answer
         self._connect_timeout = connect_timeout
         self._handshake_timeout = handshake_timeout
         self.backoff = Backoff(min_backoff, max_backoff)
@@ -608,6 +612,9 @@ class XmppLink:
         err = parse_error(xml, kind, src, dst)
         if kind == "iq" and self._settle(xml, src, err):
             return
+        if kind == "iq" and self._on_stray_answer is not None:
+            self._on_stray_answer(ET.tostring(xml, encoding="unicode"))
+            return
         self._on_error(err)
 
     def _settle(self, xml: ET.Element, src: str, err: StanzaError | None) -> bool:
@@ -627,6 +634,25 @@ class XmppLink:
                 future.set_exception(QueryFailed(err.condition, err.text))
         return True
 
+    def take_stray_answer(self, text: str) -> bool:
+        """An iq answer (result or error) another instance received but did not ask for: ours
+        if it answers a pending query or barrier ping of this link (DESIGN 9)."""
+        try:
+            xml = ET.fromstring(text)
+        except ET.ParseError:
+            return False
+        sender, recipient = jid_or_none(xml.get("from") or ""), jid_or_none(xml.get("to") or "")
+        if xml.tag.rpartition("}")[2] != "iq" or sender is None or recipient is None:
+            return False
+        if sender.full == self.component and self._confirmed(xml):
+            return True
+        err = (
+            parse_error(xml, "iq", sender.full, recipient.full)
+            if xml.get("type") == "error"
+            else None
+        )
+        return self._settle(xml, sender.full, err)
+
     def _confirmed(self, xml: ET.Element) -> bool:
         """Our own barrier ping, routed back by the server: all before it was processed."""
         iq_id = xml.get("id") or ""
@@ -639,6 +665,8 @@ class XmppLink:
         if stype == "result":
             if not self._settle(xml, src, None):
                 log.debug("xmpp_iq_result_unmatched", id=attr(xml, "id"), sender=src[:120])
+                if self._on_stray_answer is not None:
+                    self._on_stray_answer(ET.tostring(xml, encoding="unicode"))
             return
         if stype not in ("get", "set"):
             raise Rejected("bad-request", "modify", "iq type must be get, set, result or error")

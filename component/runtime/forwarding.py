@@ -1,0 +1,406 @@
+"""Stanzas that reach the instance not holding the state they concern (DESIGN 9).
+
+On ejabberd every instance is active and any stanza may land on any of them, but a room seat
+and the NOTIFY dialogs of a SIP user watching an XMPP user live in the memory of the instance
+that owns them. ``Forwarding`` sends such a stanza, as our own value, to its owner, which
+handles it as if it had come on its own link:
+
+- a chat-room stanza for a seat another instance holds (known from the seat rows' owner
+  column, refreshed every half ``check_time``, and from the announcement an instance
+  broadcasts before it sends a join, so the room's answer finds it before the row exists);
+- an XMPP user's presence change, or its answer to a SIP user's request to watch it, to every
+  other instance holding a SIP user's subscription to it (the subscription rows' owners,
+  cached for ``cache_time``); this instance handles it too, for the watchers it holds;
+- an iq answer (result or error) for none of this instance's queries, to all the others: the
+  one that asked takes it.
+
+Forwards go out in arrival order, one transaction per owner and round. A forwarded stanza is
+never forwarded again. On SQLite there is one instance and nothing is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
+
+from component.addresses import AddressBook, AddressError, bare_jid
+from component.logs import get_logger
+from component.ports import Clock, RoomStanzas
+from component.runtime.rooms_driver import RoomsXmpp
+from component.store import SeatOwner, StoreError, StorePort
+from component.values import (
+    ChatMessage,
+    Presence,
+    RoomInvitation,
+    RoomMessage,
+    RoomPresence,
+    ServiceInfo,
+    StanzaError,
+)
+
+log = get_logger("component.runtime.forwarding")
+
+
+@dataclass(frozen=True, slots=True)
+class IqAnswer:
+    """An iq result or error that answers none of this instance's queries: maybe another's
+    (a disco#info before a join, a barrier ping), so it goes to all (the XML as received);
+    ``origin`` is the instance that received it (a broadcast comes back to its sender too)."""
+
+    xml: str
+    origin: str
+
+
+Forwarded = Presence | RoomPresence | RoomMessage | StanzaError | IqAnswer
+_KINDS: dict[str, type[Any]] = {
+    cls.__name__: cls
+    for cls in (Presence, RoomPresence, RoomMessage, StanzaError, SeatOwner, IqAnswer)
+}
+_FOR_WATCHERS = (None, "unavailable", "subscribed", "unsubscribed")
+"""What an XMPP user's presence tells SIP users watching it: changes, and the answer to the
+watch (which the instance holding the watch's dialog turns into its NOTIFY)."""
+ALL = "*"
+"""The outbox's target for what goes to every other instance."""
+_OUTBOX_LIMIT = 10_000
+ANNOUNCED_FOR = 60.0
+"""Seconds an announced seat counts without a row: a join's answer comes well within it."""
+
+
+class Bus(Protocol):
+    """Texts between instances (``component.store.notify.PgBus``)."""
+
+    async def send(self, instance: str | None, texts: list[str]) -> None:
+        """To ``instance``, or to every instance (None), together and in order."""
+        ...
+
+    async def listen(self, handler: Callable[[str], None]) -> None:
+        """Until cancelled: hand each text sent to this instance or to all to ``handler``."""
+        ...
+
+
+def encode(value: Forwarded | SeatOwner) -> str:
+    """``value`` as a JSON text."""
+    body = {f.name: getattr(value, f.name) for f in fields(value)}
+    return json.dumps({"k": type(value).__name__, "v": body}, separators=(",", ":"))
+
+
+def decode(text: str) -> Forwarded | SeatOwner:
+    """The value ``encode`` made ``text`` of; ``ValueError`` for anything else."""
+    try:
+        doc = json.loads(text)
+        cls = _KINDS[doc["k"]]
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in doc["v"].items()}
+        value: Forwarded | SeatOwner = cls(**values)
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not a forwarded value: {exc!r}") from None
+    return value
+
+
+class Seats:
+    """Which instance holds each SIP user's seat: the seat rows' owners, re-read by
+    ``refresh``, and the seats instances announced before their joins went out."""
+
+    def __init__(
+        self, store: StorePort, bus: Bus, instance: str, *, book: AddressBook, clock: Clock
+    ) -> None:
+        self.store, self.bus, self.instance, self.book, self.clock = (
+            store,
+            bus,
+            instance,
+            book,
+            clock,
+        )
+        self._rows: dict[tuple[str, str], str] = {}  # (aor, room) -> owner
+        self._announced: dict[tuple[str, str], tuple[str, float]] = {}
+
+    def owner(self, sender: str, recipient: str) -> str | None:
+        """The other instance holding the seat a stanza from ``sender`` (the room or an
+        occupant) to ``recipient`` (a SIP user) concerns; None when none or this one."""
+        try:
+            key = (self.book.sip_uri_for_component_jid(bare_jid(recipient)), bare_jid(sender))
+        except AddressError:
+            return None
+        owner = self._rows.get(key)
+        if owner is None and (announced := self._announced.get(key)) is not None:
+            owner, at = announced
+            if at < self.clock() - ANNOUNCED_FOR:
+                del self._announced[key]
+                return None
+        return None if owner == self.instance else owner
+
+    def aor_of(self, jid: str) -> str | None:
+        """The SIP user of a component JID, None for anything else."""
+        try:
+            return self.book.sip_uri_for_component_jid(bare_jid(jid))
+        except AddressError:
+            return None
+
+    def heard(self, seat: SeatOwner) -> None:
+        """Another instance announced a seat."""
+        if seat.owner != self.instance:
+            self._announced[(seat.sip_aor, seat.room_jid)] = (seat.owner, self.clock())
+
+    async def announce(self, aor: str, room: str) -> None:
+        """Tell every instance this one holds ``aor``'s seat in ``room`` (before the join goes
+        out, so the room's answer is forwarded here wherever it lands)."""
+        try:
+            await self.bus.send(None, [encode(SeatOwner(aor, room, self.instance))])
+        except StoreError as exc:
+            log.warning("seat_announcement_failed", aor=aor, room=room, reason=str(exc))
+
+    async def refresh(self) -> None:
+        """Re-read the seat rows' owners (takeovers move them)."""
+        rows = await self.store.seat_owners()
+        self._rows = {(r.sip_aor, r.room_jid): r.owner for r in rows}
+
+
+class Forwarding:
+    """Routes stanzas about state another live instance holds to it (see the module).
+
+    It is the ``RoomStanzas`` the XMPP link hands room stanzas to, in front of the local
+    ``rooms``; ``on_presence`` stands in front of the local ``presence`` handler.
+    """
+
+    def __init__(
+        self,
+        seats: Seats,
+        *,
+        rooms: RoomStanzas,
+        presence: Callable[[Presence], None],
+        answers: Callable[[str], bool],
+        refresh: float,
+        cache_time: float = 1.0,
+    ) -> None:
+        self.seats = seats
+        self.store, self.bus, self.instance = seats.store, seats.bus, seats.instance
+        self.clock = seats.clock
+        self.rooms = rooms
+        self.presence = presence
+        self.answers = answers
+        self.refresh = refresh
+        self.cache_time = cache_time
+        self._watchers: dict[str, tuple[list[str], float]] = {}  # jid -> owners, when read
+        self._outbox: deque[tuple[str | None, Forwarded]] = deque()
+        self._wake = asyncio.Event()
+        self.forwarded = 0
+        self.received = 0
+
+    # --- RoomStanzas, in front of the local rooms ------------------------------------------
+
+    def claims(self, sender: str, recipient: str) -> bool:
+        """A seat here, or one another instance holds."""
+        if self.rooms.claims(sender, recipient):
+            return True
+        return self.seats.owner(sender, recipient) is not None
+
+    def on_room_presence(self, presence: RoomPresence) -> None:
+        """To the local seat, or forwarded to the owner's."""
+        if self._forwards(presence, presence.sender, presence.recipient):
+            return
+        self.rooms.on_room_presence(presence)
+
+    def on_room_message(self, message: RoomMessage) -> None:
+        """To the local seat, or forwarded to the owner's."""
+        if self._forwards(message, message.sender, message.recipient):
+            return
+        self.rooms.on_room_message(message)
+
+    def on_room_error(self, error: StanzaError) -> None:
+        """To the local seat, or forwarded to the owner's."""
+        if self._forwards(error, error.sender, error.recipient):
+            return
+        self.rooms.on_room_error(error)
+
+    def on_invitation(self, invitation: RoomInvitation) -> None:
+        """Any instance tells the SIP user (no seat yet)."""
+        self.rooms.on_invitation(invitation)
+
+    def _forwards(self, value: Forwarded, sender: str, recipient: str) -> bool:
+        if self.rooms.claims(sender, recipient):
+            return False
+        owner = self.seats.owner(sender, recipient)
+        if owner is None:
+            return False
+        self._queue(owner, value)
+        return True
+
+    # --- presence ----------------------------------------------------------------------------
+
+    def on_presence(self, presence: Presence) -> None:
+        """Handled here; a change of an XMPP user's presence, or the answer to a SIP user's
+        request to watch it, also goes to the other instances holding SIP users' subscriptions
+        to it."""
+        self.presence(presence)
+        if presence.type in _FOR_WATCHERS and not presence.muc:
+            self._queue(None, presence)
+
+    async def _watcher_owners(self, jid: str) -> list[str]:
+        now = self.clock()
+        cached = self._watchers.get(jid)
+        if cached is not None and cached[1] > now - self.cache_time:
+            return cached[0]
+        owners = [o for o in await self.store.watcher_owners(jid) if o != self.instance]
+        if len(self._watchers) > _OUTBOX_LIMIT:
+            self._watchers.clear()
+        self._watchers[jid] = (owners, now)
+        return owners
+
+    def on_stray_answer(self, xml: str) -> None:
+        """An iq answer none of this instance's queries waits for: to every other instance."""
+        self._queue(ALL, IqAnswer(xml, self.instance))
+
+    # --- sending and receiving ---------------------------------------------------------------
+
+    def _queue(self, owner: str | None, value: Forwarded) -> None:
+        """``owner`` None: a presence, whose owners are looked up in order; ``ALL``: to every
+        other instance."""
+        if len(self._outbox) >= _OUTBOX_LIMIT:
+            log.warning("forward_dropped", kind=type(value).__name__, waiting=len(self._outbox))
+            return
+        self._outbox.append((owner, value))
+        self._wake.set()
+
+    async def _send_round(self) -> None:
+        """Everything queued, grouped by owner in arrival order, one send per owner."""
+        batches: dict[str, list[str]] = {}
+        while self._outbox:
+            owner, value = self._outbox.popleft()
+            if owner is not None:
+                owners = [owner]
+            else:
+                assert isinstance(value, Presence)
+                try:
+                    owners = await self._watcher_owners(bare_jid(value.sender))
+                except StoreError as exc:
+                    log.warning("forward_lookup_failed", jid=value.sender, reason=str(exc))
+                    continue
+            for name in owners:
+                batches.setdefault(name, []).append(encode(value))
+        for name, texts in batches.items():
+            try:
+                await self.bus.send(None if name == ALL else name, texts)
+                self.forwarded += len(texts)
+                log.info("stanzas_forwarded", to=name, count=len(texts))
+            except StoreError as exc:
+                log.warning("forward_failed", instance=name, count=len(texts), reason=str(exc))
+
+    def _received(self, text: str) -> None:
+        try:
+            value = decode(text)
+        except ValueError as exc:
+            log.warning("forward_unreadable", reason=str(exc))
+            return
+        self.received += 1
+        match value:
+            case SeatOwner():
+                self.seats.heard(value)
+            case Presence():
+                self.presence(value)
+            case IqAnswer(xml, origin) if origin != self.instance:
+                self.answers(xml)
+            case IqAnswer():
+                pass
+            case RoomPresence() | RoomMessage() | StanzaError() if not self.rooms.claims(
+                value.sender, value.recipient
+            ):
+                log.info("forward_seat_gone", sender=value.sender, recipient=value.recipient)
+            case RoomPresence():
+                self.rooms.on_room_presence(value)
+            case RoomMessage():
+                self.rooms.on_room_message(value)
+            case StanzaError():
+                self.rooms.on_room_error(value)
+
+    async def _refresh(self) -> None:
+        await self.seats.refresh()
+        self._watchers.clear()
+
+    async def run(self) -> None:
+        """Until cancelled: listen, send what is queued, re-read the seats' owners every
+        ``refresh`` seconds."""
+        listener = asyncio.create_task(self.bus.listen(self._received))
+        loop = asyncio.get_running_loop()
+        next_refresh = loop.time()
+        try:
+            while True:
+                if loop.time() >= next_refresh:
+                    try:
+                        await self._refresh()
+                    except StoreError as exc:
+                        log.debug("forward_refresh_skipped", reason=str(exc))
+                    next_refresh = loop.time() + self.refresh
+                try:
+                    async with asyncio.timeout(max(next_refresh - loop.time(), 0.0)):
+                        await self._wake.wait()
+                except TimeoutError:
+                    continue
+                self._wake.clear()
+                await self._send_round()
+        finally:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+
+
+class SeatAnnouncing:
+    """The rooms' XMPP port (``RoomsXmpp``) that announces a seat before its join goes out;
+    what the rooms send meanwhile waits behind the join, in order."""
+
+    def __init__(
+        self, xmpp: RoomsXmpp, seats: Seats, own: Callable[[Awaitable[None]], object]
+    ) -> None:
+        self.xmpp = xmpp
+        self.seats = seats
+        self._own = own
+        self._held: deque[Callable[[], object]] | None = None
+
+    def _send(self, write: Callable[[], bool]) -> bool:
+        if self._held is None:
+            return write()
+        self._held.append(write)
+        return True
+
+    def send_presence(self, presence: Presence) -> bool:
+        """A join is announced first; anything else is written at once unless a join waits."""
+        aor = self.seats.aor_of(presence.sender) if presence.muc else None
+        if aor is None:
+            return self._send(lambda: self.xmpp.send_presence(presence))
+        if self._held is None:
+            self._held = deque()
+            self._own(self._flush())
+        room = bare_jid(presence.recipient)
+        self._held.append(lambda: self.seats.announce(aor, room))
+        self._held.append(lambda: self.xmpp.send_presence(presence))
+        return True
+
+    async def _flush(self) -> None:
+        held = self._held
+        assert held is not None
+        try:
+            while held:
+                step = held.popleft()()
+                if isinstance(step, Awaitable):
+                    await step
+        finally:
+            self._held = None
+
+    def send_message(self, msg: ChatMessage) -> bool:
+        """Written in order behind a waiting join."""
+        return self._send(lambda: self.xmpp.send_message(msg))
+
+    def send_invitation(
+        self, sender: str, room: str, invitee: str, reason: str | None, msg_id: str
+    ) -> bool:
+        """Written in order behind a waiting join."""
+        return self._send(lambda: self.xmpp.send_invitation(sender, room, invitee, reason, msg_id))
+
+    def configure_instant_room(self, sender: str, room: str) -> bool:
+        """Written in order behind a waiting join."""
+        return self._send(lambda: self.xmpp.configure_instant_room(sender, room))
+
+    async def discover_service(self, domain: str, timeout: float = 10.0) -> ServiceInfo:
+        """Asked at once."""
+        return await self.xmpp.discover_service(domain, timeout)
