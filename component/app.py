@@ -333,6 +333,8 @@ class Gateway:
     async def _resume_taken(self, moved: Takeover) -> None:
         """Resume what was taken over from a dead instance (DESIGN 9): its SIP subscriptions
         (subscribed afresh from here), publications, room seats (rejoined), and its queue."""
+        if self.forwarding is not None:
+            await self.forwarding.reread()  # its seats and watchers are this instance's now
         if moved.sip_watchers or moved.xmpp_watchers or moved.publications:
             await self.presence_driver.resume()
         if moved.memberships:

@@ -315,7 +315,9 @@ class Forwarding:
             case StanzaError():
                 self.rooms.on_room_error(value)
 
-    async def _refresh(self) -> None:
+    async def reread(self) -> None:
+        """Re-read who holds what: every ``refresh`` seconds, and at once after a takeover (a
+        stanza for a seat just taken over must not be forwarded to the dead instance)."""
         await self.seats.refresh()
         self._watchers.clear()
 
@@ -329,7 +331,7 @@ class Forwarding:
             while True:
                 if loop.time() >= next_refresh:
                     try:
-                        await self._refresh()
+                        await self.reread()
                     except StoreError as exc:
                         log.debug("forward_refresh_skipped", reason=str(exc))
                     next_refresh = loop.time() + self.refresh
