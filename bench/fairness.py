@@ -61,7 +61,7 @@ from component.ratelimit import SourceBuckets
 from component.settings import LimitSettings, Settings
 from component.sip.gate import SipGate
 from component.store.memory import MemoryStore
-from component.values import ChatMessage
+from component.values import ChatMessage, ImdnAsk
 from component.xmpp.link import XmppLink
 from component.xmpp.stanzas import format_message, outbound_jids
 from sipside.endpoint import Endpoint
@@ -244,7 +244,14 @@ class AnsweringSip:
         self.sent = 0
 
     async def send_text(
-        self, *, from_uri: str, to_uri: str, body: str, from_display: str | None = None
+        self,
+        *,
+        from_uri: str,
+        to_uri: str,
+        body: str,
+        from_display: str | None = None,
+        imdn: ImdnAsk | None = None,
+        sent_at: float | None = None,
     ) -> int:
         self.sent += 1
         await asyncio.sleep(0)
