@@ -9,7 +9,8 @@ Run ``python -m bench.presence [--quick]``. It starts Prosody and the gateway as
    and in Prosody's roster). bob changes his status; the row is the time from his presence
    stanza until every watcher has answered its NOTIFY, NOTIFYs/s, CPU per NOTIFY and the p50/p99
    delay per watcher. The ``direct`` row is the limit: a plain sipside endpoint in its own
-   process sends the same N NOTIFYs (same body size) to the same watcher socket.
+   process sends the same N NOTIFYs (same body size) to the same watcher socket, as many in
+   flight as the gateway allows itself (more only overflow the watchers' receive buffer).
 2. Memory per stored subscription: the gateway's RSS and the SQLite file before and after
    creating N SIP-watcher subscriptions, then N XMPP-watcher subscriptions (XMPP users
    ``x<u>`` subscribe to SIP users; the gateway SUBSCRIBEs through the stand-in).
@@ -68,6 +69,7 @@ from bench.presence_load import (
     seed_prosody_user,
     stored_counts,
 )
+from component.runtime.presence_driver import MAX_IN_FLIGHT
 from component.store import ApprovalDirection, ApprovalState, RosterApproval
 from component.store.migrate import upgrade
 from component.store.store import Store
@@ -87,7 +89,7 @@ from tests.harness.values import (
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "password"
 SUBSCRIBE_WINDOW = 200  # SUBSCRIBEs in flight while the watchers are created
-DIRECT_WINDOW = 1000  # NOTIFYs in flight in the direct row
+DIRECT_WINDOW = MAX_IN_FLIGHT  # NOTIFYs in flight in the direct row: the gateway's bound
 CONTACTS_PER_XMPP_USER = 100  # keeps each Prosody roster (rewritten per change) small
 XMPP_BURST_FACTOR = 10  # limits.xmpp_burst and xmpp_rate: the largest fan-out times this
 
