@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from component.errors import busy
@@ -89,15 +89,21 @@ class CoreSerial:
         """Run ``work`` as an owned task (``stop`` waits for it)."""
         return self.tasks.own(work)
 
-    @contextlib.contextmanager
-    def in_flight(self) -> Iterator[None]:
-        """Count a transaction awaiting its answer."""
+    def own_transaction(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[Any]:
+        """Run a client transaction ``work`` as an owned task, counted in flight from now until
+        it ends (its outcome delivered, or cancelled before it ran).
+
+        Counted at once, not when the task first runs: a fan-out sends many requests before it
+        yields, and ``wait_for_room`` must see them all.
+        """
         self._in_flight += 1
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            self._room.set()
+        task = self.tasks.own(work)
+        task.add_done_callback(self._landed)
+        return task
+
+    def _landed(self, _task: asyncio.Task[Any]) -> None:
+        self._in_flight -= 1
+        self._room.set()
 
     async def wait_for_room(self) -> None:
         """Pause new work while ``max_in_flight`` of our transactions await answers."""
