@@ -302,11 +302,18 @@ class WatchDialogs:
             dialog = self.dialogs.get(key)
             if dialog is None:
                 return
+            notifier = dialog.notifier
+            state, sip_dialog = notifier.state, notifier.dialog
             if response is None:
-                effects = dialog.notifier.handle_timeout(cseq, now)
+                effects = notifier.handle_timeout(cseq, now)
             elif response.call_id == key.call_id:
-                effects = dialog.notifier.handle_response(response, now)
+                effects = notifier.handle_response(response, now)
             else:
+                return
+            if not effects and notifier.state is state and notifier.dialog is sip_dialog:
+                # The usual 2xx: nothing a restart needs moved, so no snapshot to compare
+                # (half the CPU of a NOTIFY's persistence checks); a retry time may have.
+                self._deadlines.set(key, notifier.next_deadline())
                 return
             await self._run(dialog, effects, now)
 
