@@ -166,10 +166,12 @@ class MemoryRow:
     db_before: int
     db_after: int
     notes: str = ""
+    rss_idle: int | None = None  # once the transactions of the creation have ended
 
     def cells(self) -> list[str]:
         """The table cells."""
         per = max(self.created, 1)
+        idle = "-" if self.rss_idle is None else f"{(self.rss_idle - self.rss_before) / per:,.0f}"
         return [
             self.kind,
             str(self.n),
@@ -179,6 +181,7 @@ class MemoryRow:
             f"{self.rss_before / 2**20:.1f}",
             f"{self.rss_after / 2**20:.1f}",
             f"{(self.rss_after - self.rss_before) / per:,.0f}",
+            idle,
             f"{(self.db_after - self.db_before) / per:,.0f}",
             self.notes,
         ]
@@ -193,6 +196,7 @@ MEMORY_HEADER = [
     "RSS before MB",
     "RSS after MB",
     "RSS B/sub",
+    "idle RSS B/sub",
     "DB B/sub",
     "notes",
 ]
@@ -228,12 +232,18 @@ class RestartResult:
     origin: float
     rss_after: int
     notes: str
+    rss_empty: int = 0  # the gateway's RSS before any subscription existed
 
     def lines(self) -> str:
         """The restart report as a small two-column table."""
         spread = spread_of(self.refreshes, self.origin)
         hist = per_second(self.refreshes, self.origin)
         resumed = "-" if self.resumed_seconds is None else f"{self.resumed_seconds:.2f}"
+        stored = self.stored_sip + self.stored_xmpp
+        per_stored = "-"
+        if self.rss_empty and stored:
+            growth = (self.rss_after - self.rss_empty) / stored
+            per_stored = f"{growth:,.0f} (RSS after resume less RSS before any subscription)"
         rows = [
             [
                 "stored subscriptions",
@@ -247,6 +257,7 @@ class RestartResult:
             ["refresh spread window (s)", f"{spread.window:.1f}"],
             ["peak refreshes in one second", str(spread.peak_per_second)],
             ["gateway RSS after resume (MB)", f"{self.rss_after / 2**20:.1f}"],
+            ["RSS per stored subscription (B)", per_stored],
             ["per-second histogram (s:count)", histogram_line(hist)],
             ["notes", self.notes or "-"],
         ]

@@ -245,10 +245,14 @@ class Dialog(DialogFields):
         return replace(self, local_cseq=number), request
 
 
+# Named once: ``fields()`` rebuilds its tuple on every call, and a snapshot is taken per NOTIFY.
+_DIALOG_FIELDS = tuple(f.name for f in fields(DialogFields))
+
+
 def dialog_fields(state: DialogFields) -> dict[str, Any]:
     """The dialog fields of ``state`` as keyword arguments, to build a snapshot from a dialog
     or a dialog from a snapshot: ``Snapshot(**dialog_fields(d), ...)``, ``dialog_from(snap)``."""
-    return {f.name: getattr(state, f.name) for f in fields(DialogFields)}
+    return {name: getattr(state, name) for name in _DIALOG_FIELDS}
 
 
 def dialog_from(snapshot: DialogFields) -> Dialog:

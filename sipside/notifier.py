@@ -33,6 +33,10 @@ from sipside.message import SipRequest, SipResponse, make_response, new_tag
 
 __all__ = ["Notifier", "NotifierPolicy", "NotifierSnapshot", "NotifierState"]
 
+# The CSeqs of our NOTIFYs in flight: none or one almost always. An idle notifier shares this
+# empty frozenset; an empty set of its own costs 216 bytes per subscription (tracemalloc).
+_NONE_OUTSTANDING: frozenset[int] = frozenset()
+
 
 class NotifierState(enum.Enum):
     """States of a subscription we serve (RFC 6665 4.2)."""
@@ -104,7 +108,7 @@ class Notifier:
         self._body = body
         self._content_type = content_type
         self._policy = policy or NotifierPolicy()
-        self._outstanding: set[int] = set()
+        self._outstanding = _NONE_OUTSTANDING
         self._queued = False
         self._retry_at: float | None = None
 
@@ -184,7 +188,7 @@ class Notifier:
         if body and content_type:
             headers.append(("Content-Type", content_type))
         self._dialog, request = self._dialog.request("NOTIFY", headers=headers, body=body)
-        self._outstanding.add(request.cseq[0])
+        self._outstanding |= {request.cseq[0]}
         return SendRequest(request)
 
     def _send_state(self, now: float) -> list[SubscriptionEffect]:
@@ -281,7 +285,7 @@ class Notifier:
             self._dialog = replace(self._dialog, local_cseq=number)
         if method != "NOTIFY" or number not in self._outstanding or response.status < 200:
             return []
-        self._outstanding.discard(number)
+        self._outstanding = self._outstanding - {number} or _NONE_OUTSTANDING
         if self.state is NotifierState.TERMINATED:
             return []
         if response.status < 300:
@@ -300,7 +304,7 @@ class Notifier:
         """Our NOTIFY with CSeq ``cseq`` timed out: RFC 6665 4.2.2 removes the subscription."""
         if cseq not in self._outstanding:
             return []
-        self._outstanding.discard(cseq)
+        self._outstanding = self._outstanding - {cseq} or _NONE_OUTSTANDING
         if self.state is NotifierState.TERMINATED:
             return []
         self.state = NotifierState.TERMINATED

@@ -690,6 +690,30 @@ async def test_scripted_foreign_sender_is_refused_and_link_stays(scripted: Scrip
         assert link.stats.rejected_out == 2 and link.stats.stanzas_out == 1
 
 
+async def test_scripted_broadcasts_count_per_sender_and_recipient(scripted: ScriptedServer) -> None:
+    # One status change of bob with 10 SIP watchers is 10 stanzas from bob: all pass a limit of
+    # 3 per sender; 10 chat messages from mal to 10 users do not.
+    rec = Recorder()
+    link = _link(scripted.port, rec, rate=SourceBuckets(0.001, 3))
+    async with running(link):
+        await rec.wait_link([True])
+        broadcast = "".join(
+            f"<presence from='bob@xmpp.test/r' to='u{n}@{DOMAIN}'><show>away</show></presence>"
+            for n in range(10)
+        )
+        spread = "".join(
+            f"<message from='mal@xmpp.test/r' to='u{n}@{DOMAIN}' type='chat' id='m{n}'>"
+            f"<body>m{n}</body></message>"
+            for n in range(10)
+        )
+        scripted.push(broadcast + spread)
+        presences = [await asyncio.wait_for(rec.presences.get(), 5) for _ in range(10)]
+        got = [await asyncio.wait_for(rec.messages.get(), 5) for _ in range(3)]
+        await _until(lambda: link.stats.rate_limited == 7)
+    assert sorted(p.recipient for p in presences) == sorted(f"u{n}@{DOMAIN}" for n in range(10))
+    assert [m.body for m in got] == ["m0", "m1", "m2"] and rec.messages.empty()
+
+
 async def test_scripted_flooding_sender_is_limited_before_parsing(
     scripted: ScriptedServer, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from component.errors import busy
@@ -36,7 +36,7 @@ from component.values import Presence, SipText
 
 log = get_logger("component.runtime.presence_driver")
 
-__all__ = ["CoreSerial", "PresenceDriver"]
+__all__ = ["MAX_IN_FLIGHT", "CoreSerial", "PresenceDriver"]
 
 _MAX_SLEEP = 60.0  # re-check at least this often, so a missed wake-up costs little
 _DROP_LOG_EVERY = 1000  # a flood of dropped stanzas logs one line per this many
@@ -45,6 +45,12 @@ _STORE_RETRY = 30  # seconds: a stanza refused because the store is down (resour
 # Plain availability is not (its sender sends it again on the next change).
 _ANSWERED_WHEN_DOWN = frozenset({"subscribe", "subscribed", "unsubscribe", "unsubscribed", "probe"})
 _LINK_UP_BATCH = 50  # SIP users re-announced per call into the core after the link came up
+# Our presence transactions awaiting answers before new work waits. A fan-out keeps this many
+# NOTIFYs in flight, often to one socket (a proxy, or many watchers behind one address). With
+# 128, answers overflowed the UDP receive buffers (ours and the watchers') and every lost one
+# held its place until a Timer E retransmission 0.5 to 4 s later (bench.presence, 1,000
+# watchers: 12 s a change; with 32: 4 to 5 s).
+MAX_IN_FLIGHT = 32
 
 Work = Callable[[float], Awaitable[Any]]
 
@@ -52,7 +58,7 @@ Work = Callable[[float], Awaitable[Any]]
 class CoreSerial:
     """Runs calls into presence one at a time; owns and counts our transactions' tasks."""
 
-    def __init__(self, *, clock: Callable[[], float], max_in_flight: int = 128) -> None:
+    def __init__(self, *, clock: Callable[[], float], max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.clock = clock
         self.max_in_flight = max_in_flight
         self._lock = asyncio.Lock()
@@ -83,15 +89,21 @@ class CoreSerial:
         """Run ``work`` as an owned task (``stop`` waits for it)."""
         return self.tasks.own(work)
 
-    @contextlib.contextmanager
-    def in_flight(self) -> Iterator[None]:
-        """Count a transaction awaiting its answer."""
+    def own_transaction(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[Any]:
+        """Run a client transaction ``work`` as an owned task, counted in flight from now until
+        it ends (its outcome delivered, or cancelled before it ran).
+
+        Counted at once, not when the task first runs: a fan-out sends many requests before it
+        yields, and ``wait_for_room`` must see them all.
+        """
         self._in_flight += 1
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            self._room.set()
+        task = self.tasks.own(work)
+        task.add_done_callback(self._landed)
+        return task
+
+    def _landed(self, _task: asyncio.Task[Any]) -> None:
+        self._in_flight -= 1
+        self._room.set()
 
     async def wait_for_room(self) -> None:
         """Pause new work while ``max_in_flight`` of our transactions await answers."""

@@ -48,6 +48,11 @@ class DialogParts:
 
 Snapshot = TypeVar("Snapshot", NotifierSnapshot, SubscriberSnapshot)
 
+_FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {
+    kind: tuple(field.name for field in fields(kind))
+    for kind in (NotifierSnapshot, SubscriberSnapshot)
+}
+
 
 def snapshot_json(snap: NotifierSnapshot | SubscriberSnapshot) -> JsonObject:
     """A snapshot as the store keeps it: bytes as base64, tuples as lists."""
@@ -99,5 +104,10 @@ def needs_saving(
         return True
     if any(_moved(getattr(saved, name), getattr(snap, name)) for name in slack):
         return True
-    kept = {name: getattr(saved, name) for name in ("local_cseq", *ignore, *slack)}
-    return replace(snap, **kept) != saved
+    skipped = ("local_cseq", *ignore, *slack)
+    # Field by field, without building a copy: this runs for every NOTIFY sent.
+    return any(
+        getattr(saved, name) != getattr(snap, name)
+        for name in _FIELD_NAMES[type(snap)]
+        if name not in skipped
+    )

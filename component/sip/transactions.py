@@ -9,7 +9,6 @@ deleted from the store because we stop (DESIGN 8).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
@@ -46,12 +45,9 @@ class Serial(Protocol):
         """True once stopping began."""
         ...
 
-    def own(self, work: Coroutine[Any, Any, None]) -> object:
-        """Run ``work`` as a task the driver waits for when it stops."""
-        ...
-
-    def in_flight(self) -> contextlib.AbstractContextManager[None]:
-        """Count a transaction awaiting its answer (new work pauses beyond a bound)."""
+    def own_transaction(self, work: Coroutine[Any, Any, None]) -> object:
+        """Run a transaction ``work`` as a task the driver waits for when it stops, counted in
+        flight until it ends (new work pauses beyond a bound)."""
         ...
 
     async def call(self, work: Callable[[float], Awaitable[None]]) -> None:
@@ -80,7 +76,7 @@ class ClientTransactions:
 
     def send(self, request: SipRequest, peer: Peer | None, deliver: Deliver) -> None:
         """Run a client transaction in an owned task; its outcome goes to ``deliver``."""
-        self.serial.own(self._run(request, peer, deliver))
+        self.serial.own_transaction(self._run(request, peer, deliver))
 
     def contact_for(self, transport: str) -> str:
         """Our Contact for ``transport`` (the endpoint's bound address)."""
@@ -89,8 +85,7 @@ class ClientTransactions:
     async def _run(self, request: SipRequest, peer: Peer | None, deliver: Deliver) -> None:
         response: SipResponse | None = None
         try:
-            with self.serial.in_flight():
-                response = await self.endpoint.request(request, peer)
+            response = await self.endpoint.request(request, peer)
         except TransportError as exc:
             if self.serial.closing:
                 # Our own shutdown closed the endpoint: the request was not sent, the peer did

@@ -14,9 +14,10 @@ only once per ``CSEQ_RESERVE`` requests.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from component.addresses import AddressError
 from component.logs import get_logger
@@ -45,8 +46,6 @@ __all__ = ["PIDF", "Answerable", "WatchDialog", "WatchDialogs", "peer_for"]
 
 PIDF = pidf.PIDF_CONTENT_TYPE  # sent bare: baresip refuses parameters (SERVERS.md)
 
-_N = TypeVar("_N", bound=Hashable)
-
 
 class Answerable(Protocol):
     """An incoming request to answer (``sipside.endpoint.IncomingRequest``)."""
@@ -73,7 +72,7 @@ def peer_for(request: SipRequest) -> Peer | None:
         return None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity: the indexes hold the same object
 class WatchDialog:
     """One dialog of a watch: the notifier, who is who, and what the store has."""
 
@@ -87,14 +86,6 @@ def _dialog_key(key: DialogId) -> str:
     return f"{key.call_id};{key.local_tag};{key.remote_tag}"
 
 
-def _unindex(index: dict[_N, dict[DialogId, WatchDialog]], name: _N, key: DialogId) -> None:
-    dialogs = index.get(name)
-    if dialogs is not None:
-        dialogs.pop(key, None)
-        if not dialogs:
-            del index[name]
-
-
 class WatchDialogs:
     """The notifiers of SIP watchers of XMPP entities, keyed by dialog (DESIGN 5.2)."""
 
@@ -104,8 +95,9 @@ class WatchDialogs:
         # RFC 6665 8.3.1 deprecates 202, DESIGN 5.2 asks for it.
         self.policy = NotifierPolicy(accept_status=202)
         self.dialogs: dict[DialogId, WatchDialog] = {}
-        self._by_watch: dict[Watch, dict[DialogId, WatchDialog]] = {}
-        self._by_target: dict[str, dict[DialogId, WatchDialog]] = {}
+        # A watch has one dialog almost always: a list of one costs 64 bytes, a dict 250.
+        self._by_watch: dict[Watch, list[WatchDialog]] = {}
+        self._watched: Counter[str] = Counter()  # dialogs per target, for ``_bodies``
         self._deadlines: DeadlineHeap[DialogId] = DeadlineHeap()
         # The PIDF of each watched target's last document: encoded once per change.
         self._bodies: dict[str, tuple[pidf.PresenceDocument, bytes]] = {}
@@ -160,7 +152,7 @@ class WatchDialogs:
 
     def _of(self, watch: Watch) -> list[WatchDialog]:
         """The dialogs of ``watch`` (a copy, safe to run)."""
-        return list(self._by_watch.get(watch, {}).values())
+        return list(self._by_watch.get(watch, ()))
 
     async def notify(self, watch: Watch, document: pidf.PresenceDocument, now: float) -> None:
         """NOTIFY ``document`` in every dialog of ``watch``."""
@@ -187,7 +179,7 @@ class WatchDialogs:
         return [
             watch
             for watch, dialogs in self._by_watch.items()
-            if any(d.notifier.state is NotifierState.ACTIVE for d in dialogs.values())
+            if any(d.notifier.state is NotifierState.ACTIVE for d in dialogs)
         ]
 
     def _body(self, target_jid: str, document: pidf.PresenceDocument) -> bytes:
@@ -195,7 +187,7 @@ class WatchDialogs:
         if cached is not None and (cached[0] is document or cached[0] == document):
             return cached[1]
         body = pidf.encode(document)
-        if target_jid in self._by_target:
+        if target_jid in self._watched:
             self._bodies[target_jid] = (document, body)  # kept only while someone watches
         return body
 
@@ -203,9 +195,10 @@ class WatchDialogs:
 
     def _add(self, dialog: WatchDialog) -> None:
         key = dialog.notifier.dialog.id
+        self._remove(key)  # a dialog of the same key would otherwise stay in the indexes
         self.dialogs[key] = dialog
-        self._by_watch.setdefault(dialog.watch, {})[key] = dialog
-        self._by_target.setdefault(dialog.watch.target_jid, {})[key] = dialog
+        self._by_watch.setdefault(dialog.watch, []).append(dialog)
+        self._watched[dialog.watch.target_jid] += 1
         self._deadlines.set(key, dialog.notifier.next_deadline())
 
     def _remove(self, key: DialogId) -> None:
@@ -213,11 +206,17 @@ class WatchDialogs:
         self._deadlines.set(key, None)
         if dialog is None:
             return
-        _unindex(self._by_watch, dialog.watch, key)
-        _unindex(self._by_target, dialog.watch.target_jid, key)
-        if dialog.watch.target_jid not in self._by_target:
-            # Nobody watches the target any more: its body would only take memory.
-            self._bodies.pop(dialog.watch.target_jid, None)
+        watch = dialog.watch
+        dialogs = self._by_watch.get(watch, [])
+        if dialog in dialogs:  # by identity
+            dialogs.remove(dialog)
+            if not dialogs:
+                del self._by_watch[watch]
+            self._watched[watch.target_jid] -= 1
+            if self._watched[watch.target_jid] <= 0:
+                del self._watched[watch.target_jid]
+                # Nobody watches the target any more: its body would only take memory.
+                self._bodies.pop(watch.target_jid, None)
 
     async def _step(
         self,
@@ -303,11 +302,18 @@ class WatchDialogs:
             dialog = self.dialogs.get(key)
             if dialog is None:
                 return
+            notifier = dialog.notifier
+            state, sip_dialog = notifier.state, notifier.dialog
             if response is None:
-                effects = dialog.notifier.handle_timeout(cseq, now)
+                effects = notifier.handle_timeout(cseq, now)
             elif response.call_id == key.call_id:
-                effects = dialog.notifier.handle_response(response, now)
+                effects = notifier.handle_response(response, now)
             else:
+                return
+            if not effects and notifier.state is state and notifier.dialog is sip_dialog:
+                # The usual 2xx: nothing a restart needs moved, so no snapshot to compare
+                # (half the CPU of a NOTIFY's persistence checks); a retry time may have.
+                self._deadlines.set(key, notifier.next_deadline())
                 return
             await self._run(dialog, effects, now)
 

@@ -502,14 +502,23 @@ class XmppLink:
         """Take a token for the stanza's sender (its bare JID, cut from the raw attribute);
         a sender with none left gets ``resource-constraint`` (type wait), counted and logged.
 
-        Our own barrier pings, routed back by the server, are never limited.
+        Our own barrier pings, routed back by the server, are never limited. A broadcast (a
+        presence change the server copies to every watcher, a room's groupchat and occupant
+        presence copied to every occupant) counts per sender and recipient: one status change
+        of a user with 1,000 SIP watchers is 1,000 stanzas from one sender, none of them a flood.
         """
         assert self._rate is not None
         raw = xml.get("from") or ""
         source = raw.partition("/")[0]
         if source == self.component:
             return True
-        verdict = self._rate.take(source, self._clock())
+        key = source
+        stype = xml.get("type")
+        if (kind == "presence" and stype in (None, "unavailable")) or (
+            kind == "message" and stype == "groupchat"
+        ):
+            key = f"{source} {(xml.get('to') or '').partition('/')[0]}"
+        verdict = self._rate.take(key, self._clock())
         if verdict.admitted:
             return True
         self.stats.rate_limited += 1
