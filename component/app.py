@@ -27,7 +27,7 @@ from component.rooms.model import RoomsConfig
 from component.rooms.ports import StoredMemberships
 from component.runtime.forwarding import Forwarding, SeatAnnouncing, Seats
 from component.runtime.health import Health, watch_database
-from component.runtime.instances import Instances, SharedSqlite
+from component.runtime.instances import DEAD_AFTER, Instances, SharedSqlite
 from component.runtime.loop_lag import LoopLag
 from component.runtime.presence_driver import CoreSerial, PresenceDriver
 from component.runtime.rooms_driver import RoomsDriver
@@ -185,6 +185,7 @@ class Gateway:
                 presence=self.presence_driver.on_presence,
                 answers=self.xmpp.take_stray_answer,
                 refresh=check_time / 2,
+                keep=(DEAD_AFTER + 1) * check_time,
             )
         )
         self.user_state.connect(self.rooms)
@@ -330,15 +331,20 @@ class Gateway:
         if up:
             self._own(self.router.retry_due())
 
-    async def _resume_taken(self, moved: Takeover) -> None:
-        """Resume what was taken over from a dead instance (DESIGN 9): its SIP subscriptions
-        (subscribed afresh from here), publications, room seats (rejoined), and its queue."""
+    async def _resume_taken(self, moved: Takeover, lost: list[str]) -> None:
+        """Resume what was taken over from dead instances (DESIGN 9): its room seats (rejoined,
+        and handed the room stanzas forwarded to it that it did not acknowledge), SIP
+        subscriptions (subscribed afresh from here), publications, and its queue."""
+        if moved.memberships:
+            await self.rooms.restore()
         if self.forwarding is not None:
+            # At once after the restore (no await between): until it, the seats' stanzas went
+            # to the dead instance, kept until acknowledged; from now on they are held here.
+            for dead in lost:
+                self.forwarding.replay(dead)
             await self.forwarding.reread()  # its seats and watchers are this instance's now
         if moved.sip_watchers or moved.xmpp_watchers or moved.publications:
             await self.presence_driver.resume()
-        if moved.memberships:
-            await self.rooms.restore()
         if moved.messages:
             await self.router.retry_due()
 

@@ -191,7 +191,8 @@ class _Clock:
 def _instances(
     db: MemoryDatabase, name: str, clock: _Clock, resumed: list[Takeover], lost: list[str]
 ) -> Instances:
-    async def resume(moved: Takeover) -> None:
+    async def resume(moved: Takeover, lost: list[str]) -> None:
+        assert set(lost) <= {"a", "b"}
         resumed.append(moved)
 
     return Instances(

@@ -15,7 +15,13 @@ handles it as if it had come on its own link:
   one that asked takes it.
 
 Forwards go out in arrival order, one transaction per owner and round. A forwarded stanza is
-never forwarded again. On SQLite there is one instance and nothing is built.
+never forwarded again, except after its owner died: a notification to a dead instance reaches
+no one, so each room stanza forwarded to an owner carries a sequence number and is kept until
+the owner acknowledges it (an ``Ack`` per round, naming the highest number handed to its
+seats) or ``keep`` seconds pass; the instance that takes over a dead one's seats hands the
+unacknowledged ones to the seats it now holds (``replay``: a stanza the dead one handled just
+before dying, its acknowledgement not yet sent, may so reach the SIP user twice, never not at
+all). On SQLite there is one instance and nothing is built.
 """
 
 from __future__ import annotations
@@ -55,10 +61,19 @@ class IqAnswer:
     origin: str
 
 
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Instance ``origin`` handed every room stanza up to number ``upto`` that the receiver of
+    this forwarded to it."""
+
+    origin: str
+    upto: int
+
+
 Forwarded = Presence | RoomPresence | RoomMessage | StanzaError | IqAnswer
 _KINDS: dict[str, type[Any]] = {
     cls.__name__: cls
-    for cls in (Presence, RoomPresence, RoomMessage, StanzaError, SeatOwner, IqAnswer)
+    for cls in (Presence, RoomPresence, RoomMessage, StanzaError, SeatOwner, IqAnswer, Ack)
 }
 _FOR_WATCHERS = (None, "unavailable", "subscribed", "unsubscribed")
 """What an XMPP user's presence tells SIP users watching it: changes, and the answer to the
@@ -66,6 +81,7 @@ watch (which the instance holding the watch's dialog turns into its NOTIFY)."""
 ALL = "*"
 """The outbox's target for what goes to every other instance."""
 _OUTBOX_LIMIT = 10_000
+_ROOM_KINDS = (RoomPresence, RoomMessage, StanzaError)
 ANNOUNCED_FOR = 60.0
 """Seconds an announced seat counts without a row: a join's answer comes well within it."""
 
@@ -82,22 +98,38 @@ class Bus(Protocol):
         ...
 
 
-def encode(value: Forwarded | SeatOwner) -> str:
-    """``value`` as a JSON text."""
+Value = Forwarded | SeatOwner | Ack
+
+
+def encode(value: Value, origin: str | None = None, seq: int | None = None) -> str:
+    """``value`` as a JSON text; a room stanza also names the instance that forwards it and
+    its number, for the acknowledgement."""
     body = {f.name: getattr(value, f.name) for f in fields(value)}
-    return json.dumps({"k": type(value).__name__, "v": body}, separators=(",", ":"))
+    doc: dict[str, Any] = {"k": type(value).__name__, "v": body}
+    if origin is not None and seq is not None:
+        doc["o"], doc["n"] = origin, seq
+    return json.dumps(doc, separators=(",", ":"))
 
 
-def decode(text: str) -> Forwarded | SeatOwner:
-    """The value ``encode`` made ``text`` of; ``ValueError`` for anything else."""
+def decode_sent(text: str) -> tuple[Value, str | None, int | None]:
+    """The value ``encode`` made ``text`` of, with its sender and number when it has them;
+    ``ValueError`` for anything else."""
     try:
         doc = json.loads(text)
         cls = _KINDS[doc["k"]]
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in doc["v"].items()}
-        value: Forwarded | SeatOwner = cls(**values)
+        value: Value = cls(**values)
+        origin, seq = doc.get("o"), doc.get("n")
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not a forwarded value: {exc!r}") from None
-    return value
+    if not (isinstance(origin, str) and isinstance(seq, int)):
+        origin, seq = None, None
+    return value, origin, seq
+
+
+def decode(text: str) -> Value:
+    """The value ``encode`` made ``text`` of; ``ValueError`` for anything else."""
+    return decode_sent(text)[0]
 
 
 class Seats:
@@ -152,6 +184,12 @@ class Seats:
         except StoreError as exc:
             log.warning("seat_announcement_failed", aor=aor, room=room, reason=str(exc))
 
+    def forget(self, dead: str) -> None:
+        """``dead``'s seats are no longer its own (taken over): nothing more is forwarded to
+        it before the next ``refresh`` says who holds them now."""
+        self._rows = {key: owner for key, owner in self._rows.items() if owner != dead}
+        self._announced = {k: v for k, v in self._announced.items() if v[0] != dead}
+
     async def refresh(self) -> None:
         """Re-read the seat rows' owners (takeovers move them)."""
         rows = await self.store.seat_owners()
@@ -174,6 +212,7 @@ class Forwarding:
         answers: Callable[[str], bool],
         refresh: float,
         cache_time: float = 1.0,
+        keep: float = 10.0,
     ) -> None:
         self.seats = seats
         self.store, self.bus, self.instance = seats.store, seats.bus, seats.instance
@@ -185,6 +224,10 @@ class Forwarding:
         self.cache_time = cache_time
         self._watchers: dict[str, tuple[list[str], float]] = {}  # jid -> owners, when read
         self._outbox: deque[tuple[str | None, Forwarded]] = deque()
+        self.keep = keep
+        self._seq = 0
+        self._kept: deque[tuple[int, float, str, Forwarded]] = deque()  # number, when, owner
+        self._acks: dict[str, int] = {}  # instance -> highest number handed here, to ack
         self._wake = asyncio.Event()
         self.forwarded = 0
         self.received = 0
@@ -264,6 +307,46 @@ class Forwarding:
         self._outbox.append((owner, value))
         self._wake.set()
 
+    def _keep(self, owner: str, value: Forwarded) -> int:
+        """Keep a room stanza forwarded to ``owner`` until acknowledged; its number."""
+        self._seq += 1
+        now = self.clock()
+        self._kept.append((self._seq, now, owner, value))
+        limit = now - self.keep
+        while self._kept and (self._kept[0][1] < limit or len(self._kept) > _OUTBOX_LIMIT):
+            self._kept.popleft()
+        return self._seq
+
+    @property
+    def unacknowledged(self) -> int:
+        """Room stanzas forwarded and not yet acknowledged by their owners."""
+        return len(self._kept)
+
+    def _acked(self, ack: Ack) -> None:
+        self._kept = deque(e for e in self._kept if not (e[2] == ack.origin and e[0] <= ack.upto))
+
+    def replay(self, dead: str) -> int:
+        """The room stanzas forwarded to ``dead`` that it did not acknowledge (it may never
+        have handled them): handed, in arrival order, to the seats this instance now holds
+        (or on to whoever holds them now). Called once the dead one's seats were taken over
+        and restored here; returns how many."""
+        again = [value for _, _, owner, value in self._kept if owner == dead]
+        again += [value for owner, value in self._outbox if owner == dead]  # not sent yet
+        self._kept = deque(entry for entry in self._kept if entry[2] != dead)
+        self._outbox = deque(entry for entry in self._outbox if entry[0] != dead)
+        self.seats.forget(dead)
+        for value in again:
+            match value:
+                case RoomPresence():
+                    self.on_room_presence(value)
+                case RoomMessage():
+                    self.on_room_message(value)
+                case StanzaError():
+                    self.on_room_error(value)
+        if again:
+            log.warning("forwards_replayed", dead=dead, count=len(again))
+        return len(again)
+
     async def _send_round(self) -> None:
         """Everything queued, grouped by owner in arrival order, one send per owner."""
         batches: dict[str, list[str]] = {}
@@ -279,7 +362,14 @@ class Forwarding:
                     log.warning("forward_lookup_failed", jid=value.sender, reason=str(exc))
                     continue
             for name in owners:
-                batches.setdefault(name, []).append(encode(value))
+                if name != ALL and isinstance(value, _ROOM_KINDS):
+                    text = encode(value, self.instance, self._keep(name, value))
+                else:
+                    text = encode(value)
+                batches.setdefault(name, []).append(text)
+        acks, self._acks = self._acks, {}
+        for name, upto in acks.items():
+            batches.setdefault(name, []).append(encode(Ack(self.instance, upto)))
         for name, texts in batches.items():
             try:
                 await self.bus.send(None if name == ALL else name, texts)
@@ -290,12 +380,17 @@ class Forwarding:
 
     def _received(self, text: str) -> None:
         try:
-            value = decode(text)
+            value, origin, seq = decode_sent(text)
         except ValueError as exc:
             log.warning("forward_unreadable", reason=str(exc))
             return
         self.received += 1
+        if origin is not None and seq is not None:
+            self._acks[origin] = max(seq, self._acks.get(origin, 0))
+            self._wake.set()
         match value:
+            case Ack():
+                self._acked(value)
             case SeatOwner():
                 self.seats.heard(value)
             case Presence():

@@ -47,9 +47,10 @@ def live_instances(
 class Instances:
     """This instance among the others: joins, beats, takes over the dead, leaves.
 
-    ``resume`` is called after rows were moved to this instance, with what was moved: it
-    resumes them (re-SUBSCRIBEs, rejoins, retries the queue). ``lost`` is called once if this
-    instance finds itself taken over.
+    ``resume`` is called after rows were moved to this instance, with what was moved and the
+    names of the dead instances: it resumes them (re-SUBSCRIBEs, rejoins, retries the queue,
+    hands on what was forwarded to the dead ones and not acknowledged). ``lost`` is
+    called once if this instance finds itself taken over.
     """
 
     def __init__(
@@ -59,7 +60,7 @@ class Instances:
         *,
         check_time: float,
         clock: Clock,
-        resume: Callable[[Takeover], Awaitable[None]],
+        resume: Callable[[Takeover, list[str]], Awaitable[None]],
         lost: Callable[[], None],
     ) -> None:
         self.store = store
@@ -98,10 +99,11 @@ class Instances:
             return Takeover()
         moved = Takeover()
         rows = await self.store.instances()
-        for dead in dead_instances(rows, self.instance, now, self.check_time):
+        lost = dead_instances(rows, self.instance, now, self.check_time)
+        for dead in lost:
             moved = _sum(moved, await self._take(dead, now))
         if moved.total:
-            await self._resume(moved)
+            await self._resume(moved, lost)
         return moved
 
     async def _take(self, dead: str, now: float) -> Takeover:
