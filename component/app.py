@@ -184,6 +184,7 @@ class Gateway:
                 rooms=self.rooms,
                 presence=self.presence_driver.on_presence,
                 answers=self.xmpp.take_stray_answer,
+                errors=self._on_forwarded_error,
                 refresh=check_time / 2,
                 keep=(DEAD_AFTER + 1) * check_time,
             )
@@ -302,6 +303,15 @@ class Gateway:
 
     def _on_xmpp_error(self, err: StanzaError) -> None:
         pending = self.router.on_xmpp_error(err)
+        if pending is not None:
+            self._own(pending)
+        elif self.forwarding is not None and err.kind == "message" and err.id is not None:
+            self.forwarding.on_stray_error(err)  # maybe another instance's message (DESIGN 9)
+
+    def _on_forwarded_error(self, err: StanzaError) -> None:
+        """An error another instance received for a chat message: this one's, if it sent it
+        (only the SIP sender's notice: the IMDN ``failed`` was the receiver's to send)."""
+        pending = self.router.on_xmpp_error(err, notify=False)
         if pending is not None:
             self._own(pending)
 

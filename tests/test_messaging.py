@@ -248,6 +248,28 @@ async def test_xmpp_error_becomes_notice_to_sip_sender(store: MemoryStore) -> No
     assert "nobody@xmpp.test" in body and "service unavailable" in body
 
 
+async def test_an_error_for_a_message_sent_elsewhere_is_not_this_instances(
+    store: MemoryStore,
+) -> None:
+    """DESIGN 9: None tells the caller to hand the error to the other instances; the one
+    that sent the message tells its sender (``notify=False``: no IMDN from there)."""
+    xmpp, sip = FakeXmpp(), FakeSip()
+    router = _router(store, sip, xmpp, Clock())
+    err = StanzaError("nobody@xmpp.test", "alice@sip.xmpp.test/sip", "elsewhere-1", "gone")
+    assert router.on_xmpp_error(err) is None and sip.sent == []
+    router.answer_now(
+        SipText("sip:alice@sip.test", "sip:nobody*xmpp.test@jabber.sip.test", "hello?")
+    )
+    [sent] = xmpp.sent
+    relayed = StanzaError("nobody@xmpp.test", sent.sender, sent.id, "service-unavailable")
+    pending = router.on_xmpp_error(relayed, notify=False)
+    assert pending is not None
+    await pending
+    [(_, to_uri, body, _)] = sip.sent
+    assert to_uri == "sip:alice@sip.test" and "not delivered" in body
+    assert router.on_xmpp_error(relayed, notify=False) is None  # told once
+
+
 async def test_groupchat_to_a_person_gets_an_error_not_silence(store: MemoryStore) -> None:
     xmpp, sip = FakeXmpp(), FakeSip()
     router = _router(store, sip, xmpp, Clock())

@@ -112,9 +112,9 @@ async def test_two_active_instances_on_ejabberd_share_and_survive_a_kill(
         for user in users:
             await _register(sip, kamailio, user)
 
-        def send_from(user: str, body: str) -> str:
+        def send_from(user: str, body: str, to: str = to_bob) -> str:
             call_id = f"m-{secrets.token_hex(6)}"
-            request = sip.peer.request("MESSAGE", to_bob, user, to_bob, body, call_id=call_id)
+            request = sip.peer.request("MESSAGE", to, user, to, body, call_id=call_id)
             sip.peer.send(request, (LOOPBACK, kamailio.port))
             return f"{call_id}@{LOOPBACK}"
 
@@ -129,6 +129,22 @@ async def test_two_active_instances_on_ejabberd_share_and_survive_a_kill(
         await wait_until(lambda: len(sip.notices) >= USERS * EACH, 30)
         assert sorted(bob.bodies) == sorted(f"{i}:{n}" for n in range(USERS) for i in range(EACH))
         assert _relayed(a) > 0 and _relayed(b) > 0  # both instances carried messages
+
+        # ejabberd bounces a message to an account that does not exist; the error lands on
+        # either instance, and the one that sent the message tells its SIP sender.
+        nobody = f"sip:nobody{secrets.token_hex(3)}*{bob.client.boundjid.domain}@{JDOMAIN}"
+        told_before = len(sip.notices)
+        for n, user in enumerate(users * 2):
+            send_from(user, f"lost {n}", to=nobody)
+
+        def bounced() -> int:
+            return sum("was not delivered" in t for t in sip.notices[told_before:])
+
+        await wait_until(lambda: bounced() >= 2 * USERS, 30)
+        told = {
+            g: (g.log().count("message_bounced"), g.log().count("error_unmatched")) for g in (a, b)
+        }
+        print(f"{2 * USERS} bounced: (told, errors that landed elsewhere) per instance {told}")
 
         # A stream through the dispatcher; gw-a killed in the middle of it.
         bob.bodies.clear()

@@ -20,6 +20,7 @@ from component.runtime.forwarding import (
     IqAnswer,
     SeatAnnouncing,
     Seats,
+    StrayError,
     decode,
     decode_sent,
     encode,
@@ -87,6 +88,7 @@ T0 = 1_700_000_000.0
         SeatOwner(ALICE, ROOM, "gw-a"),
         IqAnswer('<iq type="result" id="sx1-2" from="conference.xmpp.test"/>', "gw-b"),
         Ack("gw-b", 42),
+        StrayError("bob@xmpp.test", ALICE_JID, "m1", "item-not-found", "cancel", None, "gw-a"),
     ],
 )
 def test_values_survive_the_wire(value: Any) -> None:
@@ -200,11 +202,13 @@ class Node:
         self.rooms = LocalRooms()
         self.presences: list[Presence] = []
         self.answers: list[str] = []
+        self.errors: list[StanzaError] = []
         self.forwarding = Forwarding(
             self.seats,
             rooms=self.rooms,
             presence=self.presences.append,
             answers=lambda xml: self.answers.append(xml) is None,
+            errors=self.errors.append,
             refresh=0.05,
             keep=10.0,
         )
@@ -376,6 +380,22 @@ async def test_an_iq_answer_nobody_here_asked_for_goes_to_the_others() -> None:
         await _settle(lambda: a.answers == [answer])
         await asyncio.sleep(0.05)
         assert b.answers == []  # not back to the one that sent it
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_an_error_for_a_chat_message_sent_elsewhere_goes_to_the_others() -> None:
+    a, b = await _pair()
+    a.start()
+    b.start()
+    try:
+        await _settle(lambda: "gw-a" in a.bus.hub and "gw-b" in a.bus.hub)
+        err = StanzaError("nobody@xmpp.test", ALICE_JID, "m7", "item-not-found", "cancel", "no")
+        b.forwarding.on_stray_error(err)
+        await _settle(lambda: a.errors == [err])
+        await asyncio.sleep(0.05)
+        assert b.errors == [] and a.rooms.got == []  # not back to its sender, not to the rooms
     finally:
         await a.stop()
         await b.stop()

@@ -293,11 +293,12 @@ class MessageRouter:
         if len(sent) > _MAX_TRACKED:
             sent.popitem(last=False)
 
-    def on_xmpp_error(self, err: StanzaError) -> Awaitable[None] | None:
+    def on_xmpp_error(self, err: StanzaError, *, notify: bool = True) -> Awaitable[None] | None:
         """An error came back for a stanza we sent: tell the SIP sender (DESIGN 4.1, 4.4), and
-        send the IMDN ``failed`` it asked for (4.3)."""
+        send the IMDN ``failed`` it asked for (4.3) unless ``notify`` is off (an error another
+        instance received, which did that). None when there is nothing to tell the sender."""
         sent = self._sent.pop(err.id, None) if err.id else None
-        failed = self.notes.on_xmpp_error(err)
+        failed = self.notes.on_xmpp_error(err) if notify else None
         if failed is not None:
             self._tasks.own(self.notes.tell_failed(failed))
         if sent is None:

@@ -12,7 +12,8 @@ handles it as if it had come on its own link:
   other instance holding a SIP user's subscription to it (the subscription rows' owners,
   cached for ``cache_time``); this instance handles it too, for the watchers it holds;
 - an iq answer (result or error) for none of this instance's queries, to all the others: the
-  one that asked takes it.
+  one that asked takes it; the same for an error to a chat message none of this instance's
+  sent (the one that sent it tells the SIP sender).
 
 Forwards go out in arrival order, one transaction per owner and round. A forwarded stanza is
 never forwarded again, except after its owner died: a notification to a dead instance reaches
@@ -62,6 +63,26 @@ class IqAnswer:
 
 
 @dataclass(frozen=True, slots=True)
+class StrayError:
+    """An error for a chat message none of this instance's sent (``StanzaError``'s fields):
+    maybe another instance's, so it goes to all; ``origin`` received it."""
+
+    sender: str
+    recipient: str
+    id: str | None
+    condition: str
+    type: str
+    text: str | None
+    origin: str
+
+    def error(self) -> StanzaError:
+        """The error as received."""
+        return StanzaError(
+            self.sender, self.recipient, self.id, self.condition, self.type, self.text
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Ack:
     """Instance ``origin`` handed every room stanza up to number ``upto`` that the receiver of
     this forwarded to it."""
@@ -70,10 +91,19 @@ class Ack:
     upto: int
 
 
-Forwarded = Presence | RoomPresence | RoomMessage | StanzaError | IqAnswer
+Forwarded = Presence | RoomPresence | RoomMessage | StanzaError | IqAnswer | StrayError
 _KINDS: dict[str, type[Any]] = {
     cls.__name__: cls
-    for cls in (Presence, RoomPresence, RoomMessage, StanzaError, SeatOwner, IqAnswer, Ack)
+    for cls in (
+        Presence,
+        RoomPresence,
+        RoomMessage,
+        StanzaError,
+        SeatOwner,
+        IqAnswer,
+        StrayError,
+        Ack,
+    )
 }
 _FOR_WATCHERS = (None, "unavailable", "subscribed", "unsubscribed")
 """What an XMPP user's presence tells SIP users watching it: changes, and the answer to the
@@ -210,6 +240,7 @@ class Forwarding:
         rooms: RoomStanzas,
         presence: Callable[[Presence], None],
         answers: Callable[[str], bool],
+        errors: Callable[[StanzaError], None],
         refresh: float,
         cache_time: float = 1.0,
         keep: float = 10.0,
@@ -220,6 +251,7 @@ class Forwarding:
         self.rooms = rooms
         self.presence = presence
         self.answers = answers
+        self.errors = errors
         self.refresh = refresh
         self.cache_time = cache_time
         self._watchers: dict[str, tuple[list[str], float]] = {}  # jid -> owners, when read
@@ -295,6 +327,13 @@ class Forwarding:
     def on_stray_answer(self, xml: str) -> None:
         """An iq answer none of this instance's queries waits for: to every other instance."""
         self._queue(ALL, IqAnswer(xml, self.instance))
+
+    def on_stray_error(self, err: StanzaError) -> None:
+        """An error for a chat message this instance did not send: to every other instance."""
+        stray = StrayError(
+            err.sender, err.recipient, err.id, err.condition, err.type, err.text, self.instance
+        )
+        self._queue(ALL, stray)
 
     # --- sending and receiving ---------------------------------------------------------------
 
@@ -398,6 +437,10 @@ class Forwarding:
             case IqAnswer(xml, origin) if origin != self.instance:
                 self.answers(xml)
             case IqAnswer():
+                pass
+            case StrayError() if value.origin != self.instance:
+                self.errors(value.error())
+            case StrayError():
                 pass
             case RoomPresence() | RoomMessage() | StanzaError() if not self.rooms.claims(
                 value.sender, value.recipient
