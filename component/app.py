@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import signal
 import sys
 import time
@@ -266,6 +267,10 @@ class Gateway:
                 clock=time.time,
             ),
             metrics=self.metrics,
+            # The same on every instance, so a form is submitted to any of them (DESIGN 9).
+            key=hashlib.sha256(
+                b"sipxmpp ad-hoc sessions\n" + settings.xmpp.secret.get_secret_value().encode()
+            ).digest(),
         )
         address = settings.metrics.address
         self.status = (

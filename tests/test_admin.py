@@ -28,7 +28,7 @@ from component.store.memory import MemoryStore
 from component.store.records import RoomMembership, SipWatcherSubscription
 from component.store.store import Store
 from component.values import ChatMessage, SipText
-from component.xmpp.adhoc import NS_COMMANDS, NS_DATA, AdhocCommands
+from component.xmpp.adhoc import NS_COMMANDS, NS_DATA, SESSION_LIFE, AdhocCommands
 from component.xmpp.iq import NS_DISCO_INFO, NS_DISCO_ITEMS
 from component.xmpp.stanzas import Rejected
 from tests.test_messaging import BOOK, Clock, FakeCommands, FakeSip, FakeXmpp, _answer
@@ -408,6 +408,46 @@ async def test_announcement_form_then_submit(memory_store: MemoryStore) -> None:
         reply = await _take(adhoc, _iq("set", again, iq_id="q3"), written)
         assert reply.get("type") == "error"
         assert reply.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}bad-request") is not None
+
+
+async def test_a_form_is_submitted_to_any_instance_sharing_the_key(
+    memory_store: MemoryStore,
+) -> None:
+    """DESIGN 9: ejabberd hands the submit to any instance; the signed session id holds."""
+    now = [T0]
+    notices = FakeNotices()
+    await memory_store.mark_user_seen(ALICE, T0)
+
+    def instance(key: bytes) -> AdhocCommands:
+        return AdhocCommands(_desk(memory_store, notices=notices), key=key, clock=lambda: now[0])
+
+    a, b, stranger, written = (
+        instance(b"k" * 32),
+        instance(b"k" * 32),
+        instance(b"x" * 32),
+        Written(),
+    )
+    start = _iq("set", f'<command xmlns="{NS_COMMANDS}" node="{ANNOUNCE}"/>')
+
+    def submit(session: str | None) -> ET.Element:
+        return _iq(
+            "set",
+            f'<command xmlns="{NS_COMMANDS}" node="{ANNOUNCE}" sessionid="{session}"'
+            f' action="complete"><x xmlns="{NS_DATA}" type="submit"><field var="body">'
+            "<value>hello</value></field></x></command>",
+        )
+
+    session = _command(await _take(a, start, written)).get("sessionid")
+    assert (await _take(stranger, submit(session), written)).get("type") == "error"
+    done = _command(await _take(b, submit(session), written))
+    assert done.get("status") == "completed" and notices.sent == [(ALICE, "hello")]
+    assert (await _take(b, submit(session), written)).get("type") == "error"  # ended there
+    late = _command(await _take(a, start, written)).get("sessionid")
+    now[0] += SESSION_LIFE + 1
+    assert (await _take(b, submit(late), written)).get("type") == "error"  # expired
+    forged = (late or "").rsplit("-", 1)[0] + "-" + "0" * 32
+    now[0] = T0
+    assert (await _take(b, submit(forged), written)).get("type") == "error"
 
 
 async def test_cancel_and_refusals_become_errors(memory_store: MemoryStore) -> None:

@@ -7,17 +7,24 @@ The commands themselves are ``component.admin``'s and see only values: here the 
 a node, a requester and form values, and the steps that come back become stanzas. The list is
 empty for anyone not in ``admin.jids``, and running a command is ``forbidden`` for them.
 
+A command that asks for a form names its session by a signed id (node, requester and expiry,
+under a key every instance derives from the component secret), so the form may be submitted
+to any instance of the gateway (DESIGN 9: ejabberd hands each iq to any live connection); an
+instance refuses a session it has seen ended, so one form is not run twice there.
+
 slixmpp's xep_0050 and xep_0004 plugins are not used: the link keeps slixmpp's stanza objects
 and plugins out of the stream (see ``component.xmpp.link``), so the elements are read directly.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
+import time
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from component.addresses import Jid
 from component.admin.model import AdminCommands, Ask, Done, Form, FormField, Step
@@ -32,7 +39,8 @@ from sipside.xmlsafe import attr_escape, text_escape
 
 NS_COMMANDS = "http://jabber.org/protocol/commands"
 NS_DATA = "jabber:x:data"
-MAX_SESSIONS = 256  # forms waiting to be submitted; the oldest is forgotten beyond this
+MAX_SESSIONS = 256  # ended sessions remembered; the oldest is forgotten beyond this
+SESSION_LIFE = 600.0  # seconds a form may wait to be submitted
 MAX_VALUES = 64  # values read from one submitted form
 MAX_VALUE = 4096  # characters kept of one submitted value
 
@@ -41,22 +49,23 @@ log = get_logger("component.xmpp.adhoc")
 Write = Callable[[str], bool]
 
 
-@dataclass(frozen=True, slots=True)
-class _Session:
-    """A command that asked for a form: who runs it, and which it is."""
-
-    node: str
-    requester: str
-
-
 class AdhocCommands:
     """The XEP-0050 side of the admin commands on the component domain."""
 
-    def __init__(self, desk: AdminCommands, *, metrics: Metrics = NO_METRICS) -> None:
+    def __init__(
+        self,
+        desk: AdminCommands,
+        *,
+        metrics: Metrics = NO_METRICS,
+        key: bytes | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.desk = desk
         self.metrics = metrics
+        self._key = key if key is not None else secrets.token_bytes(32)
+        self._clock = clock
         self._nodes = {info.node: info.name for info in desk.commands()}
-        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._ended: OrderedDict[str, None] = OrderedDict()
         self._tasks = TaskOwner("adhoc_command_failed")
 
     def take(
@@ -148,9 +157,12 @@ class AdhocCommands:
             if action == "cancel":
                 raise Rejected("bad-request", "modify", "nothing to cancel")
             step = await self.desk.start(node, requester)
-            return self._step(node, secrets.token_hex(8), requester, step)
-        if self._sessions.pop(session_id, None) != _Session(node, requester):
+            return self._step(node, self._new_session(node, requester), requester, step)
+        if not self._valid(session_id, node, requester):
             raise Rejected("bad-request", "modify", "no such session")
+        self._ended[session_id] = None
+        while len(self._ended) > MAX_SESSIONS:
+            self._ended.popitem(last=False)
         if action == "cancel":
             return _command(node, session_id, "canceled")
         if action == "prev":
@@ -158,11 +170,25 @@ class AdhocCommands:
         step = await self.desk.submit(node, requester, _submitted(command))
         return self._step(node, session_id, requester, step)
 
+    def _sign(self, node: str, requester: str, nonce: str, expires: int) -> str:
+        text = f"{node}\n{requester}\n{nonce}\n{expires}".encode()
+        return hmac.new(self._key, text, hashlib.sha256).hexdigest()[:32]
+
+    def _new_session(self, node: str, requester: str) -> str:
+        nonce, expires = secrets.token_hex(8), int(self._clock() + SESSION_LIFE)
+        return f"{nonce}-{expires}-{self._sign(node, requester, nonce, expires)}"
+
+    def _valid(self, session_id: str, node: str, requester: str) -> bool:
+        """``session_id`` was made here or by another instance for ``node`` run by
+        ``requester``, has not expired, and has not ended here."""
+        nonce, _, rest = session_id.partition("-")
+        expires, _, mac = rest.partition("-")
+        if not expires.isdigit() or int(expires) < self._clock() or session_id in self._ended:
+            return False
+        return hmac.compare_digest(mac, self._sign(node, requester, nonce, int(expires)))
+
     def _step(self, node: str, session_id: str, requester: str, step: Step) -> str:
         if isinstance(step, Ask):
-            self._sessions[session_id] = _Session(node, requester)
-            while len(self._sessions) > MAX_SESSIONS:
-                self._sessions.popitem(last=False)
             inner = '<actions execute="complete"><complete/></actions>' + _form(step.form)
             return _command(node, session_id, "executing", inner)
         assert isinstance(step, Done)
