@@ -33,7 +33,7 @@ from component.runtime.loop_lag import LoopLag
 from component.runtime.presence_driver import CoreSerial, PresenceDriver
 from component.runtime.rooms_driver import RoomsDriver
 from component.runtime.signal import UserOnlineSignal, UserStateSignal
-from component.runtime.sweeps import sweep_chat_states, sweep_queue
+from component.runtime.sweeps import sweep_chat_states, sweep_message_identities, sweep_queue
 from component.runtime.tasks import TaskOwner
 from component.settings import Settings
 from component.sip.gate import SipGate, proxy_hosts
@@ -202,6 +202,7 @@ class Gateway:
             self.sip_side,
             clock=time.time,
             keep=timers.delay_time + timers.cache_time,
+            store=store,
         )
         self.router = MessageRouter(
             self.book,
@@ -393,6 +394,9 @@ class Gateway:
         database = asyncio.create_task(watch_database(self.store))
         heartbeat = asyncio.create_task(self.instances.run())
         typing = asyncio.create_task(sweep_chat_states(self.notifications))
+        identities = asyncio.create_task(
+            sweep_message_identities(self.notifications, interval=self.settings.timers.check_time)
+        )
         log.info(
             "gateway_started",
             component=self.settings.xmpp.component,
@@ -420,6 +424,7 @@ class Gateway:
             await self.transports.stop(timeout=left(1.0))
             await self.sipgate.drain(timeout=left(3.0))
             await self.router.drain(timeout=left(3.0))
+            await self.notifications.drain(timeout=left(1.0))  # identities still to write
             await self._tasks.wait(timeout=left(1.0))
             await self.commands.drain(timeout=left(1.0))
             sweeper.cancel()
@@ -427,12 +432,21 @@ class Gateway:
             forwarding.cancel()
             database.cancel()
             typing.cancel()
+            identities.cancel()
             lag.cancel()
             await self.xmpp.stop()
             await self._tasks.wait(timeout=5.0)  # what the closing link left unconfirmed
             link.cancel()
             await asyncio.gather(
-                link, sweeper, heartbeat, forwarding, database, typing, lag, return_exceptions=True
+                link,
+                sweeper,
+                heartbeat,
+                forwarding,
+                database,
+                typing,
+                identities,
+                lag,
+                return_exceptions=True,
             )
             await self.endpoint.close()
             self.health.report(Part.SIP, False, "closed")

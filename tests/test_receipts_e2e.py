@@ -16,13 +16,22 @@ from typing import Any
 import pytest
 
 from sipside import cpim, imdn
-from tests.gateway_fixture import RunningGateway, component_jid, gateway_behind_kamailio
+from tests.conftest import XMPP_PASSWORD
+from tests.gateway_fixture import (
+    RunningGateway,
+    component_jid,
+    gateway_behind_kamailio,
+    prepared_db,
+)
+from tests.harness.gateway import gateway_toml
 from tests.harness.kamailio import KamailioServer
 from tests.harness.pjsip import PjsipAgent
+from tests.harness.ports import free_port
 from tests.harness.rawsip import RawSip, RawSipPeer
 from tests.harness.values import LOOPBACK, SIP_DOMAIN
 from tests.harness.xmppclient import XmppClient
 from tests.harness.xmppserver import XmppServer
+from tests.test_faults import GatewayProcess
 
 pytestmark = pytest.mark.slow
 
@@ -406,3 +415,84 @@ async def test_client_without_cpim_gets_plain_text_for_receipt_requests(
     got = await alice.next_message()
     assert got.body == "receipt please"
     assert got.content_type.startswith("text/plain")
+
+
+# --- identities across a restart of the gateway process (DESIGN 4.3, 8) -------------------------
+
+
+async def test_receipts_name_the_message_after_a_gateway_restart(
+    tmp_path: Path, prosody: XmppServer, kamailio_factory: Callable[..., KamailioServer]
+) -> None:
+    """Both ways: a message asking for receipts is relayed, the gateway process is TERMed and
+    started again, then the receipts and markers come, and name the original message."""
+    kamailio = kamailio_factory(free_port())
+    config = tmp_path / "gateway.toml"
+    config.write_text(gateway_toml(prosody, kamailio, prepared_db(tmp_path)))
+    gateway = GatewayProcess(config)
+    bob = XmppClient(prosody.jid(f"idbob{next(_users)}"), XMPP_PASSWORD, register=True)
+    carol: RawUser | None = None
+    try:
+        gateway.start()
+        await gateway.up()
+        await bob.start(prosody.c2s_port)
+        carol = await RawUser.register(kamailio)
+        carol_jid = component_jid(carol.uri)
+        # XMPP -> SIP, asking for a receipt and a read marker
+        sent_id = _send(
+            bob,
+            carol_jid,
+            "read me after the restart",
+            f"<request xmlns='{NS_RECEIPTS}'/>",
+            f"<markable xmlns='{NS_MARKERS}'/>",
+        )
+        wrapper = _cpim(await carol.message())
+        assert wrapper.text() == "read me after the restart"
+        # SIP -> XMPP, asking for delivery and display notifications
+        when = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+        headers = imdn.request_headers(
+            "carol-restart-1", when, ("positive-delivery", "negative-delivery", "display")
+        )
+        wrapped = cpim.wrap(carol.uri, _uri_of(bob), b"confirm later", extra_headers=headers)
+        carol.send("MESSAGE", _uri_of(bob), body=cpim.build(wrapped), content_type="message/cpim")
+        assert (await carol.response()).status == 202
+        relayed = await _stanza(bob, carol_jid, lambda m: bool(m["body"]))
+        assert _child(relayed, NS_RECEIPTS, "request") is not None
+
+        proc = gateway.terminate()
+        while proc.poll() is None:
+            await asyncio.sleep(0.05)
+        gateway.start()
+        await gateway.up()
+
+        # SIP -> XMPP -> notifications: the SIP user's IMDNs become markers naming sent_id
+        for status, ns, name in (
+            (imdn.Disposition.DELIVERED, NS_RECEIPTS, "received"),
+            (imdn.Disposition.DISPLAYED, NS_MARKERS, "displayed"),
+        ):
+            note = _notification(wrapper, status, carol.uri, _uri_of(bob))
+            carol.send("MESSAGE", _uri_of(bob), body=note, content_type="message/cpim")
+            assert (await carol.response()).status == 200
+            marker = await _stanza(
+                bob, carol_jid, lambda m, ns=ns, name=name: _child(m, ns, name) is not None
+            )
+            assert _child(marker, ns, name).get("id") == sent_id  # type: ignore[union-attr]
+        # XMPP markers become IMDNs naming carol's Message-ID and DateTime
+        for ns, name, disposition in (
+            (NS_RECEIPTS, "received", imdn.Disposition.DELIVERED),
+            (NS_MARKERS, "displayed", imdn.Disposition.DISPLAYED),
+        ):
+            _send(bob, str(relayed["from"]), None, f"<{name} xmlns='{ns}' id='{relayed['id']}'/>")
+            got = _cpim(await carol.message())
+            note_back = imdn.decode_notification(got.body, got.content_type)
+            assert (note_back.message_id, note_back.date_time, note_back.status) == (
+                "carol-restart-1",
+                when,
+                disposition,
+            )
+        log = gateway.log()
+        assert "xmpp_marker_unmatched" not in log and "imdn_unmatched" not in log
+    finally:
+        if carol is not None:
+            carol.close()
+        await bob.stop()
+        gateway.process.close()

@@ -15,16 +15,24 @@ a body-less state never becomes a chat message. :class:`Notifications` keeps who
 identities of messages that asked for notifications, in both directions, so a notification
 always names the message the other side knows.
 
-Why the identity maps are in memory, not in the store: an entry lives ``keep`` seconds (at
-least ``delay_time``, while the message itself may still be delivered, plus ``cache_time`` for
-a late read marker) and is as cheap to lose as a notification is: after a restart a late
-receipt is logged and dropped, never misdelivered. The ids of messages waiting in the durable
-queue are stored with them (and their IMDN request), so a stored message keeps its identity.
-The maps are bounded (oldest first out), so a flood of receipt requests cannot grow memory.
+Identities live ``keep`` seconds (at least ``delay_time``, while the message itself may still
+be delivered, plus ``cache_time`` for a late read marker), in the store's
+``message_identity`` table with a bounded in-memory map in front (oldest first out, so a flood
+of receipt requests cannot grow memory). Only messages that asked for a notification are
+written, never on the message's own path: writes go in batches from a task of their own (one
+transaction per batch, the next batch gathered while one is written). A notification that
+misses memory asks the store, so one that comes after a restart, or reaches another instance
+sharing the PostgreSQL database (DESIGN 9), names the right message. When the database is
+down the gateway goes on with memory alone: identities it could not write are logged and
+counted, never a reason to fail a message; a lookup that fails is a notification dropped, as
+an unmatched one is. A sweep deletes expired rows. The last notification a message asked for
+forgets its identity, in the store too; another instance's memory may still hold it until
+``keep`` runs out. The ids of messages waiting in the durable queue are also stored with them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections import OrderedDict
@@ -35,6 +43,14 @@ from component.addresses import bare_jid
 from component.errors import Refusal
 from component.logs import get_logger
 from component.ports import Clock, SipPort, XmppPort
+from component.runtime.tasks import TaskOwner
+from component.store import (
+    IdentityKey,
+    MessageDirection,
+    MessageIdentity,
+    StoreError,
+    StorePort,
+)
 from component.values import (
     ChatMessage,
     ImdnAsk,
@@ -107,6 +123,28 @@ class FromSip:
     xmpp_recipient: str  # bare JID that may answer
     ask: ImdnAsk
 
+    def identity(self, stanza_id: str, expires_at: float) -> MessageIdentity:
+        """The stored form, keyed by the stanza id the XMPP recipient knows."""
+        ask = self.ask
+        return MessageIdentity(
+            MessageDirection.SIP_TO_XMPP,
+            self.xmpp_recipient,
+            stanza_id,
+            self.sip_sender,
+            ask.message_id,
+            self.sent_to,
+            ask.sent_at,
+            ask.delivery,
+            ask.display,
+            expires_at,
+        )
+
+    @classmethod
+    def of(cls, stored: MessageIdentity) -> FromSip:
+        """The in-memory form of a stored identity."""
+        ask = ImdnAsk(stored.sender_id, stored.sent_at, stored.delivery, stored.display)
+        return cls(stored.sender, stored.sent_to, stored.recipient, ask)
+
 
 @dataclass(frozen=True, slots=True)
 class FromXmpp:
@@ -117,6 +155,28 @@ class FromXmpp:
     component_jid: str  # the SIP user's JID the message was sent to
     stanza_id: str
     ask: ImdnAsk
+
+    def identity(self, to_uri: str, expires_at: float) -> MessageIdentity:
+        """The stored form, keyed by the recipient's AOR and the IMDN Message-ID."""
+        ask = self.ask
+        return MessageIdentity(
+            MessageDirection.XMPP_TO_SIP,
+            to_uri,
+            ask.message_id,
+            self.xmpp_sender,
+            self.stanza_id,
+            self.component_jid,
+            ask.sent_at,
+            ask.delivery,
+            ask.display,
+            expires_at,
+        )
+
+    @classmethod
+    def of(cls, stored: MessageIdentity) -> FromXmpp:
+        """The in-memory form of a stored identity."""
+        ask = ImdnAsk(stored.recipient_id, stored.sent_at, stored.delivery, stored.display)
+        return cls(stored.sender, stored.sent_to, stored.sender_id, ask)
 
 
 def sip_text_of(msg: ChatMessage, corrected: str | None = None) -> str | None:
@@ -142,7 +202,8 @@ class Notifications:
     """Chat states and IMDN <-> XEP-0184/0333 across the gateway (DESIGN 4.3).
 
     The message router hands it what is not plain chat, and asks it to dress a relayed
-    message with its notification request. Sees only values and the two ports.
+    message with its notification request. Sees only values and the ports; without a
+    ``store``, identities are kept in memory only.
     """
 
     def __init__(
@@ -153,10 +214,13 @@ class Notifications:
         clock: Clock,
         keep: float,
         typing_refresh: int = TYPING_REFRESH,
+        store: StorePort | None = None,
     ) -> None:
         self.xmpp = xmpp
         self.sip = sip
         self.clock = clock
+        self.keep = keep
+        self.store = store
         self.typing_refresh = typing_refresh
         self.from_sip: Recent[str, FromSip] = Recent(keep)
         self.from_xmpp: Recent[tuple[str, str], FromXmpp] = Recent(keep)
@@ -168,7 +232,21 @@ class Notifications:
         self._inflight: dict[tuple[str, str], bool | None] = {}
         self._prefix = os.urandom(4).hex()
         self._ids = 0
-        self.counters = {"chat_states": 0, "receipts": 0, "dropped": 0}
+        self.counters = {
+            "chat_states": 0,
+            "receipts": 0,
+            "dropped": 0,
+            "identities_stored": 0,
+            "identities_unstored": 0,  # the database was down: memory only
+            "identities_found": 0,  # a notification that missed memory, mapped by the store
+        }
+        # Identities waiting to be written, and keys to forget, in the next batch; the task
+        # writing batches while there are any.
+        self._unsaved: dict[IdentityKey, MessageIdentity] = {}
+        self._forgotten: set[IdentityKey] = set()
+        self._writer: asyncio.Task[None] | None = None
+        self._store_failing = False
+        self._tasks = TaskOwner("notification_task_failed")
 
     # --- SIP -> XMPP ----------------------------------------------------------------------------
 
@@ -179,11 +257,9 @@ class Notifications:
         ask = msg.imdn
         if ask is None or stanza.id is None:
             return stanza
-        self.from_sip.put(
-            stanza.id,
-            FromSip(msg.from_uri, msg.to_uri, bare_jid(stanza.recipient), ask),
-            self.clock(),
-        )
+        sent, now = FromSip(msg.from_uri, msg.to_uri, bare_jid(stanza.recipient), ask), self.clock()
+        self.from_sip.put(stanza.id, sent, now)
+        self._save(sent.identity(stanza.id, now + self.keep))
         return replace(stanza, receipt_request=ask.delivery, markable=ask.display)
 
     def on_sip(self, msg: SipText, recipient: str, sender: str) -> SipAnswer:
@@ -214,16 +290,35 @@ class Notifications:
             self.counters["dropped"] += 1
 
     def _sip_notification(self, news: ImdnNews, from_uri: str) -> None:
-        """The SIP recipient's IMDN about a message from XMPP: a receipt, a marker, an error."""
-        now = self.clock()
-        key = (from_uri, news.message_id)
-        sent = self.from_xmpp.get(key, now)
-        if sent is None or news.status is ImdnStatus.PROCESSED:
+        """The SIP recipient's IMDN about a message from XMPP: a receipt, a marker, an error.
+
+        One that misses memory is looked up in the store by a task of its own: the answer to
+        the notification (200) does not wait for the database."""
+        sent = self.from_xmpp.get((from_uri, news.message_id), self.clock())
+        if news.status is ImdnStatus.PROCESSED:
+            sent = None  # never asked for
+        elif sent is None and self.store is not None:
+            self._tasks.own(self._sip_notification_stored(news, from_uri))
+            return
+        self._answer_sip_notification(news, from_uri, sent)
+
+    async def _sip_notification_stored(self, news: ImdnNews, from_uri: str) -> None:
+        stored = await self._stored(MessageDirection.XMPP_TO_SIP, news.message_id, from_uri)
+        sent = None if stored is None else FromXmpp.of(stored)
+        if sent is not None:
+            self.from_xmpp.put((from_uri, news.message_id), sent, self.clock())
+        self._answer_sip_notification(news, from_uri, sent)
+
+    def _answer_sip_notification(
+        self, news: ImdnNews, from_uri: str, sent: FromXmpp | None
+    ) -> None:
+        if sent is None:
             log.info("imdn_unmatched", sip_uri=from_uri, message_id=news.message_id[:80])
             return
+        key = (from_uri, news.message_id)
         sender = sent.component_jid
         if news.status is ImdnStatus.FAILED:
-            self.from_xmpp.pop(key, now)
+            self._forget_from_xmpp(key)
             stub = ChatMessage(sent.xmpp_sender, sender, None, id=sent.stanza_id)
             self.xmpp.refuse(stub, _not_delivered(from_uri))
             return
@@ -232,7 +327,7 @@ class Notifications:
                 sender, sent.xmpp_sender, None, id=self._new_id(), receipt_for=sent.stanza_id
             )
         elif news.status is ImdnStatus.DISPLAYED and sent.ask.display:
-            self.from_xmpp.pop(key, now)
+            self._forget_from_xmpp(key)
             receipt = ChatMessage(
                 sender, sent.xmpp_sender, None, id=self._new_id(), displayed_for=sent.stanza_id
             )
@@ -241,13 +336,32 @@ class Notifications:
         if self.xmpp.send_message(receipt):
             self.counters["receipts"] += 1
 
+    def _forget_from_xmpp(self, key: tuple[str, str]) -> None:
+        self.from_xmpp.pop(key, self.clock())
+        self._forget(IdentityKey(MessageDirection.XMPP_TO_SIP, *key))
+
     def on_xmpp_error(self, err: StanzaError) -> FromSip | None:
         """An error for a stanza we sent: the SIP message it was, when it asked for negative
         delivery notifications (the caller sends the IMDN ``failed``)."""
         if err.id is None:
             return None
         sent = self.from_sip.pop(err.id, self.clock())
-        return sent if sent is not None and sent.ask.delivery else None
+        if sent is None:
+            if self.store is not None:
+                self._tasks.own(self._xmpp_error_stored(err.id))
+            return None
+        self._forget(IdentityKey(MessageDirection.SIP_TO_XMPP, sent.xmpp_recipient, err.id))
+        return sent if sent.ask.delivery else None
+
+    async def _xmpp_error_stored(self, stanza_id: str) -> None:
+        """:meth:`on_xmpp_error` for a stanza memory does not know: a restart, or another
+        instance sent it. Any recipient: the error may come from its server."""
+        stored = await self._stored(MessageDirection.SIP_TO_XMPP, stanza_id, None)
+        if stored is None:
+            return
+        self._forget(stored.key)
+        if stored.delivery:
+            await self.tell_failed(FromSip.of(stored))
 
     async def tell_failed(self, sent: FromSip) -> None:
         """IMDN ``failed`` to the SIP sender of a message XMPP refused (RFC 5438 negative)."""
@@ -309,16 +423,25 @@ class Notifications:
         now = self.clock()
         marked = msg.receipt_for or msg.displayed_for
         assert marked is not None
+        marker_from = bare_jid(msg.sender)
         sent = self.from_sip.get(marked, now)
-        if sent is None or sent.xmpp_recipient != bare_jid(msg.sender):
+        if sent is None and self.store is not None:
+            stored = await self._stored(MessageDirection.SIP_TO_XMPP, marked, marker_from)
+            if stored is not None:
+                sent = FromSip.of(stored)
+                self.from_sip.put(marked, sent, now)
+        if sent is None or sent.xmpp_recipient != marker_from:
             log.info("xmpp_marker_unmatched", jid=msg.sender, id=marked[:80])
             return
+        key = IdentityKey(MessageDirection.SIP_TO_XMPP, marker_from, marked)
         if msg.receipt_for is not None and sent.ask.delivery:
-            await self._notify(sent, ImdnStatus.DELIVERED)
             if not sent.ask.display:
                 self.from_sip.pop(marked, now)
+                self._forget(key)
+            await self._notify(sent, ImdnStatus.DELIVERED)
         elif msg.displayed_for is not None and sent.ask.display:
             self.from_sip.pop(marked, now)
+            self._forget(key)
             await self._notify(sent, ImdnStatus.DISPLAYED)
 
     async def _notify(self, sent: FromSip, status: ImdnStatus) -> None:
@@ -348,9 +471,9 @@ class Notifications:
         message_id = origin if origin and _IMDN_ID.fullmatch(origin) else self._new_id()
         now = self.clock()
         ask = ImdnAsk(message_id, now, delivery=msg.receipt_request, display=msg.markable)
-        self.from_xmpp.put(
-            (to_uri, message_id), FromXmpp(msg.sender, msg.recipient, msg.id, ask), now
-        )
+        sent = FromXmpp(msg.sender, msg.recipient, msg.id, ask)
+        self.from_xmpp.put((to_uri, message_id), sent, now)
+        self._save(sent.identity(to_uri, now + self.keep))
         return ask
 
     def text_of(self, msg: ChatMessage) -> str | None:
@@ -361,6 +484,85 @@ class Notifications:
         if msg.body is not None and msg.id is not None:
             self.texts.put((sender, msg.id), msg.body, now)
         return sip_text_of(msg, corrected)
+
+    # --- the store behind the identity maps ------------------------------------------------------
+
+    def _save(self, identity: MessageIdentity) -> None:
+        """Write ``identity`` with the next batch (never on the caller's path)."""
+        if self.store is None:
+            return
+        if len(self._unsaved) >= MAX_ENTRIES:
+            # A database that hangs rather than fails: memory still maps it, bounded as ever.
+            self.counters["identities_unstored"] += 1
+            return
+        self._unsaved[identity.key] = identity
+        self._forgotten.discard(identity.key)
+        self._start_writer()
+
+    def _forget(self, key: IdentityKey) -> None:
+        """Delete ``key``'s identity with the next batch: its last notification came."""
+        if self.store is None:
+            return
+        self._unsaved.pop(key, None)
+        self._forgotten.add(key)
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = self._tasks.own(self._write())
+
+    async def _write(self) -> None:
+        """Write batches until none is left: what comes while one is written is the next."""
+        store = self.store
+        assert store is not None
+        try:
+            while self._unsaved or self._forgotten:
+                saved, self._unsaved = list(self._unsaved.values()), {}
+                forgotten, self._forgotten = list(self._forgotten), set()
+                try:
+                    await store.write_message_identities(saved, forgotten)
+                except StoreError as exc:
+                    # Memory still maps them on this instance until keep runs out.
+                    self.counters["identities_unstored"] += len(saved)
+                    if not self._store_failing:
+                        self._store_failing = True
+                        log.warning(
+                            "message_identities_not_stored", count=len(saved), error=str(exc)
+                        )
+                    continue
+                self.counters["identities_stored"] += len(saved)
+                if self._store_failing:
+                    self._store_failing = False
+                    log.info("message_identities_stored_again", count=len(saved))
+        finally:
+            self._writer = None
+
+    async def _stored(
+        self, direction: MessageDirection, recipient_id: str, recipient: str | None
+    ) -> MessageIdentity | None:
+        """The stored identity a notification names, if any; None when the store fails."""
+        store = self.store
+        if store is None:
+            return None
+        try:
+            found = await store.message_identity(direction, recipient_id, self.clock(), recipient)
+        except StoreError as exc:
+            log.info("message_identity_lookup_failed", id=recipient_id[:80], error=str(exc))
+            return None
+        if found is not None:
+            self.counters["identities_found"] += 1
+        return found
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the identities still to be written and the lookups in
+        flight (at shutdown, before the store closes)."""
+        await self._tasks.wait(timeout)
+
+    async def expire_stored(self) -> int:
+        """Delete the stored identities whose ``keep`` ran out (called by a sweep)."""
+        if self.store is None:
+            return 0
+        return await self.store.expire_message_identities(self.clock())
 
     # --- time -----------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Periodic sweeps (DESIGN 8, 10 ``sleep_time``): the message queue retried and expired; typing
-that nobody refreshed ended (DESIGN 4.3)."""
+that nobody refreshed ended, and stored message identities past their ``keep`` deleted
+(DESIGN 4.3)."""
 
 from __future__ import annotations
 
@@ -44,4 +45,19 @@ async def sweep_chat_states(notes: Notifications, *, interval: float = 1.0) -> N
             await notes.expire()
         except Exception:
             log.exception("chat_state_sweep_failed")
+        await asyncio.sleep(interval)
+
+
+async def sweep_message_identities(notes: Notifications, *, interval: float) -> None:
+    """Until cancelled: every ``interval`` seconds, delete the stored message identities no
+    notification can come for any more. Every instance sweeps; a second DELETE finds none."""
+    while True:
+        try:
+            removed = await notes.expire_stored()
+            if removed:
+                log.debug("message_identities_expired", count=removed)
+        except StoreUnavailable as exc:
+            log.debug("identity_sweep_skipped", reason=str(exc))
+        except Exception:
+            log.exception("identity_sweep_failed")
         await asyncio.sleep(interval)

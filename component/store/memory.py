@@ -19,6 +19,9 @@ from .port import DEFAULT_LEASE, StorePort
 from .records import (
     ApprovalDirection,
     GatewayInstance,
+    IdentityKey,
+    MessageDirection,
+    MessageIdentity,
     MessageState,
     NewMessage,
     PresenceRecord,
@@ -152,6 +155,9 @@ class MemoryDatabase:
     )
     transports: _Table[TransportStatus] = field(default_factory=lambda: _Table("domain"))
     instances: _Table[GatewayInstance] = field(default_factory=lambda: _Table("name"))
+    identities: _Table[MessageIdentity] = field(
+        default_factory=lambda: _Table("direction", "recipient_id", "recipient")
+    )
 
 
 def _waiting(message: QueuedMessage, now: float) -> bool:
@@ -452,6 +458,36 @@ class MemoryStore:
 
     async def transport_statuses(self) -> list[TransportStatus]:
         return self._db.transports.select()
+
+    # --- message identities (DESIGN 4.3) ---------------------------------------------------
+
+    async def write_message_identities(
+        self, saved: list[MessageIdentity], forgotten: list[IdentityKey]
+    ) -> None:
+        table = self._db.identities
+        for identity in saved:
+            table.put(identity)
+        for key in forgotten:
+            table.delete(key.direction, key.recipient_id, key.recipient)
+
+    async def message_identity(
+        self,
+        direction: MessageDirection,
+        recipient_id: str,
+        now: float,
+        recipient: str | None = None,
+    ) -> MessageIdentity | None:
+        found = self._db.identities.select(
+            lambda i: i.expires_at > now,
+            direction=direction,
+            recipient_id=recipient_id,
+            recipient=recipient,
+        )
+        return found[0] if found else None
+
+    async def expire_message_identities(self, now: float) -> int:
+        table = self._db.identities
+        return table.delete_all(table.select(lambda i: i.expires_at <= now))
 
     async def counts(self) -> StoreCounts:
         db = self._db

@@ -28,6 +28,7 @@ from .records import (
 )
 
 ADDRESS_LENGTH = 512
+IDENTITY_LENGTH = 256  # an IMDN Message-ID at most (RFC 5438), or one of our stanza ids
 
 E = TypeVar("E", bound=enum.StrEnum)
 
@@ -247,6 +248,24 @@ class GatewayInstanceRow(SQLModel, table=True):
     started_at: datetime = _when(nullable=False)
     heartbeat_at: datetime = _when(nullable=False)
     gone: bool = Field(default=False, nullable=False)
+
+
+class MessageIdentityRow(SQLModel, table=True):
+    """Identities of relayed messages that asked for receipts or read markers, both ways, kept
+    while a notification can come (DESIGN 4.3): any instance maps one, after a restart too."""
+
+    __tablename__ = "message_identity"
+
+    direction: MessageDirection = Field(sa_type=EnumText(MessageDirection), primary_key=True)
+    recipient_id: str = Field(sa_type=String(IDENTITY_LENGTH), primary_key=True)
+    recipient: str = _address(primary_key=True)
+    sender: str = _address(nullable=False)
+    sender_id: str = Field(sa_type=Text, nullable=False)
+    sent_to: str = _address(nullable=False)
+    sent_at: datetime | None = _when(default=None, nullable=True)
+    delivery: bool = Field(nullable=False)
+    display: bool = Field(nullable=False)
+    expires_at: datetime = _when(nullable=False, index=True)
 
 
 class TransportStatusRow(SQLModel, table=True):

@@ -11,6 +11,9 @@ from typing import Protocol
 from .records import (
     ApprovalDirection,
     GatewayInstance,
+    IdentityKey,
+    MessageDirection,
+    MessageIdentity,
     NewMessage,
     PresenceRecord,
     Publication,
@@ -232,6 +235,28 @@ class StorePort(Protocol):
 
     async def transport_statuses(self) -> list[TransportStatus]:
         """The last probe result of every transport."""
+        ...
+
+    async def write_message_identities(
+        self, saved: list[MessageIdentity], forgotten: list[IdentityKey]
+    ) -> None:
+        """Insert or replace ``saved`` and forget ``forgotten``, in one transaction (DESIGN
+        4.3: the identities of messages that asked for notifications, written in batches)."""
+        ...
+
+    async def message_identity(
+        self,
+        direction: MessageDirection,
+        recipient_id: str,
+        now: float,
+        recipient: str | None = None,
+    ) -> MessageIdentity | None:
+        """The identity of the message ``recipient`` knows as ``recipient_id``, unless it
+        expired by ``now``; without ``recipient``, whoever received it."""
+        ...
+
+    async def expire_message_identities(self, now: float) -> int:
+        """Delete identities expired by ``now``; how many."""
         ...
 
     async def counts(self) -> StoreCounts:

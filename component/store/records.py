@@ -17,9 +17,11 @@ __all__ = [
     "ApprovalDirection",
     "ApprovalState",
     "GatewayInstance",
+    "IdentityKey",
     "JsonObject",
     "MembershipState",
     "MessageDirection",
+    "MessageIdentity",
     "MessageState",
     "NewMessage",
     "PresenceRecord",
@@ -132,6 +134,43 @@ class QueuedMessage:
     state: MessageState
     owner: str | None
     last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityKey:
+    """Which message a notification names: the direction it was relayed, its recipient (bare
+    JID or SIP AOR) and the id that recipient knows it by."""
+
+    direction: MessageDirection
+    recipient: str
+    recipient_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageIdentity:
+    """A relayed message that asked for receipts or read markers (DESIGN 4.3): the id each side
+    knows it by, and what it takes to send a notification back, until ``expires_at``.
+
+    SIP -> XMPP: ``recipient_id`` is our stanza id, ``sender_id`` the IMDN Message-ID,
+    ``sent_to`` the SIP address it was sent to. XMPP -> SIP: ``recipient_id`` is the IMDN
+    Message-ID, ``sender_id`` the stanza id, ``sent_to`` the SIP user's component JID.
+    """
+
+    direction: MessageDirection
+    recipient: str
+    recipient_id: str
+    sender: str  # where notifications go: SIP AOR, or full JID
+    sender_id: str
+    sent_to: str
+    sent_at: float | None  # the CPIM DateTime a notification repeats
+    delivery: bool
+    display: bool
+    expires_at: float
+
+    @property
+    def key(self) -> IdentityKey:
+        """The key a notification finds this by."""
+        return IdentityKey(self.direction, self.recipient, self.recipient_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,8 +27,8 @@ from sqlalchemy.orm import Session
 
 from component.ports import HealthReport, Part
 
+from . import identities, migrate, ops, queue
 from . import instances as heartbeats
-from . import migrate, ops, queue
 from .port import StorePort
 from .records import StoreError, StoreUnavailable
 
@@ -329,6 +329,9 @@ class Store:
     save_transport_status = _OnWorker(ops.save_transport_status)
     transport_status = _OnWorker(ops.transport_status)
     transport_statuses = _OnWorker(ops.transport_statuses)
+    write_message_identities = _OnWorker(identities.write_message_identities)
+    message_identity = _OnWorker(identities.message_identity)
+    expire_message_identities = _OnWorker(identities.expire_message_identities)
     counts = _OnWorker(ops.counts)
 
     join_instances = _OnWorker(heartbeats.join_instances)
