@@ -193,10 +193,15 @@ class World:
         kamailio.start()
         self._start_gateway(prosody, kamailio)
         wait_for_port(gateway_port, 30.0, self.gateway)
+        await self.start_clients(kamailio.uri, prosody.c2s_port)
+        await self._wait_for_link()
 
+    async def start_clients(self, proxy: str, c2s_port: int) -> None:
+        """The SIP endpoints behind ``proxy`` (aliceN registered there) and the XMPP clients
+        (bobN, carolN) logged in at ``c2s_port``."""
         listen = [f"udp:{LOOPBACK}:0"]
-        self.sip_sender = Endpoint(listen, self.on_sip, outbound_proxy=kamailio.uri)
-        self.sip_receiver = Endpoint(listen, self.on_sip, outbound_proxy=kamailio.uri)
+        self.sip_sender = Endpoint(listen, self.on_sip, outbound_proxy=proxy)
+        self.sip_receiver = Endpoint(listen, self.on_sip, outbound_proxy=proxy)
         await self.sip_sender.start()
         await self.sip_receiver.start()
         for index in range(1, self.users + 1):
@@ -205,8 +210,7 @@ class World:
             for index in range(1, self.users + 1):
                 client = RawXmppClient(f"{name}{index}", XMPP_DOMAIN, PASSWORD, self.on_xmpp)
                 group.append(client)
-                await client.login(LOOPBACK, prosody.c2s_port)
-        await self._wait_for_link()
+                await client.login(LOOPBACK, c2s_port)
 
     def _start_gateway(self, prosody: ProsodyServer, kamailio: KamailioServer) -> None:
         db_url = f"sqlite:///{self.workdir / 'gateway.db'}"
