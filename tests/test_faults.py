@@ -278,6 +278,17 @@ class XmppSide:
         msg.send()
 
 
+def _events(log: str) -> dict[str, int]:
+    """How often each event (with its reason, if any) is in a gateway's JSON log."""
+    counts: Counter[str] = Counter()
+    for line in log.splitlines():
+        if line.startswith("{"):
+            event = json.loads(line)
+            reason = event.get("reason")
+            counts[event["event"] + (f" ({reason})" if reason else "")] += 1
+    return dict(counts)
+
+
 def _received(account: SipAccount, into: list[str]) -> None:
     while not account.messages.empty():
         into.append(account.messages.get_nowait().body)
@@ -383,7 +394,7 @@ async def test_gateway_termed_amid_1000_messages_each_way_loses_nothing(
                 f"not settled: SIP answered {len(sip.answers)}/{TOTAL}; XMPP -> SIP neither "
                 f"delivered nor refused: {unaccounted[:20]}; "
                 f"accepted, undelivered: {len(accepted - set(bob.bodies))}, "
-                f"notices: {len(sip.notices)}"
+                f"notices: {len(sip.notices)}; the gateway's log: {_events(gateway.log())}"
             )
         await asyncio.sleep(1.0)  # late duplicates still count
         settled()
@@ -392,6 +403,7 @@ async def test_gateway_termed_amid_1000_messages_each_way_loses_nothing(
         sip.peer.close()
         await bob.client.stop()
         log = gateway.log()
+        (tmp_path / "gateway.log").write_text(log)  # kept for a failure's reader
         gateway.process.close()
 
     answers = {c.split("@")[0]: st for c, st in sip.answers.items() if c.startswith("s")}
@@ -422,11 +434,16 @@ async def test_gateway_termed_amid_1000_messages_each_way_loses_nothing(
     assert set(delivered_x) | set(bob.errors) == set(sent_x), figures
     assert not set(delivered_x) & set(bob.errors), figures
     # While it drained, new requests were refused: SIP 503 (500 once Kamailio relays it, RFC
-    # 3261 16.7), XMPP resource-constraint.
-    assert figures["sip_answers"][500] > 0 and bob.errors, figures
-    assert set(bob.errors.values()) <= {"resource-constraint", "service-unavailable"}, figures
-    # Stored at SIGTERM, delivered after the restart; a copy only of what was unanswered.
-    assert drained and drained[0] > 0, figures
+    # 3261 16.7), XMPP resource-constraint (a drain of a few tens of ms may see only one kind).
+    # Between the exit and the restart Prosody bounces what comes for the missing component
+    # ("Component unavailable": remote-server-timeout, or service-unavailable).
+    refusals = figures["sip_answers"][500] + Counter(bob.errors.values())["resource-constraint"]
+    assert refusals > 0, figures
+    bounces = {"resource-constraint", "service-unavailable", "remote-server-timeout"}
+    assert set(bob.errors.values()) <= bounces, figures
+    # What waited at SIGTERM was stored (none when the drain found nothing in flight) and
+    # delivered after the restart; a copy only of what was unanswered.
+    assert drained, figures
     assert figures["xmpp_duplicates"] <= 1 and figures["sip_duplicates"] == 0, figures
     # Order held per conversation through the store and the restart.
     assert figures["xmpp_inversions"] == 0, figures

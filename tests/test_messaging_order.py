@@ -426,6 +426,21 @@ async def test_after_sigterm_new_messages_are_refused_and_counted(store: MemoryS
     assert sip.sent == [] and router.counters["refused"] == 1
 
 
+async def test_read_after_the_stream_end_went_out_a_message_is_kept_not_lost(
+    store: MemoryStore,
+) -> None:
+    """DESIGN 8: the server wrote it before our ``</stream:stream>`` reached it and counts it
+    delivered; no error can go any more, so it waits in the store for the next start."""
+    xmpp, sip = FakeXmpp(), ScriptedSip()
+    router = _router(store, sip, xmpp, Clock())
+    router.stop_accepting()
+    xmpp.connected = False  # the link writes nothing after the stream's end
+    await router.on_xmpp_message(_from_bob("alice@sip.xmpp.test", "in the socket")[0])
+    [kept] = await store.messages_for_recipient(ALICE)
+    assert kept.body == "in the socket" and router.counters["refused"] == 0
+    assert sip.sent == []
+
+
 async def test_a_user_shown_online_is_seen_so_a_later_404_is_retried(store: MemoryStore) -> None:
     # DESIGN 4.2: the presence server's NOTIFY (or a PUBLISH) tells messaging the user is online.
     xmpp, clock = FakeXmpp(), Clock()

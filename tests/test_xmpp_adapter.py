@@ -463,6 +463,7 @@ class ScriptedServer:
         # barrier's pings); False plays a server that never gets that far.
         self.route_back = True
         self.routed_back: list[ET.Element] = []
+        self.before_close = b""  # written after the component's stream end, before ours
         self._server: asyncio.Server | None = None
 
     async def start(self, port: int = 0) -> None:
@@ -524,7 +525,7 @@ class ScriptedServer:
                         continue
                     self.stanzas.put_nowait(elem)
             if self.closed_cleanly.is_set():
-                writer.write(b"</stream:stream>")
+                writer.write(self.before_close + b"</stream:stream>")
                 break
         writer.close()
 
@@ -920,6 +921,35 @@ async def test_scripted_unanswered_ping_takes_the_link_down(scripted: ScriptedSe
         assert [m.id for m in rec.unconfirmed] == ["id-1"]
         scripted.route_back = True
         await rec.wait_link([True, False, True])
+
+
+async def test_nothing_is_written_after_the_stream_end(scripted: ScriptedServer) -> None:
+    """A server ignores what follows our ``</stream:stream>``: a stanza read after it went out
+    cannot be refused, and the write says so (the router then keeps the message, DESIGN 8)."""
+    written: list[tuple[str | None, bool]] = []
+
+    class Refusing(asyncio.Queue[ChatMessage]):
+        def put_nowait(self, item: ChatMessage) -> None:
+            written.append((item.id, link.refuse(item, busy("gateway stopping", 5))))
+            super().put_nowait(item)
+
+    rec = Recorder()
+    rec.messages = Refusing()
+    link = _link(scripted.port, rec)
+
+    def chat(msg_id: str) -> str:
+        return (
+            f"<message from='bob@xmpp.test/x' to='alice@{DOMAIN}' id='{msg_id}' type='chat'>"
+            "<body>hi</body></message>"
+        )
+
+    scripted.before_close = chat("late").encode()
+    async with running(link):
+        await rec.wait_link([True])
+        scripted.push(chat("early"))
+        await asyncio.wait_for(rec.messages.get(), 5)
+    await asyncio.wait_for(rec.messages.get(), 5)
+    assert written == [("early", True), ("late", False)]
 
 
 async def test_scripted_stop_waits_for_confirmation(scripted: ScriptedServer) -> None:

@@ -345,11 +345,15 @@ class MessageRouter:
             return None
         text = self.notes.text_of(msg)
         if not self._accepting:
-            if text is not None:
-                # DESIGN 8 SIGTERM: the sender is told to try again, as SIP senders get 503;
-                # a chat state or a receipt is never kept for later (DESIGN 4.3).
-                self._refuse(msg, busy("gateway stopping, try again", RETRY_AFTER), "stopping")
-            return None
+            if text is None:
+                return None  # a chat state or a receipt is never kept for later (DESIGN 4.3)
+            # DESIGN 8 SIGTERM: the sender is told to try again, as SIP senders get 503; read
+            # after the stream's end went out, it can no longer be told, and the server counts
+            # it delivered: it waits in the store for the next start.
+            if self.xmpp.refuse(msg, busy("gateway stopping, try again", RETRY_AFTER)):
+                self._refused(msg, "resource-constraint", "stopping")
+                return None
+            return self._keep_for_next_run(msg, text)
         try:
             to_uri = self.book.sip_uri_for_component_jid(bare_jid(msg.recipient))
             from_uri = self.book.sip_uri_for_jid(msg.sender)
@@ -389,18 +393,35 @@ class MessageRouter:
         )
         self._refuse(msg, refusal, "groupchat to a person")
 
+    def _keep_for_next_run(self, msg: ChatMessage, text: str) -> Awaitable[None] | None:
+        """Store ``msg``, read as the link closed, for the next start to send (in order: what
+        the drain stored of its conversation went before it)."""
+        try:
+            to_uri = self.book.sip_uri_for_component_jid(bare_jid(msg.recipient))
+            from_uri = self.book.sip_uri_for_jid(msg.sender)
+        except AddressError:
+            log.info("message_dropped_at_close", jid=msg.sender, recipient=msg.recipient)
+            return None
+        relayed = msg if text == msg.body else replace(msg, body=text)
+        ask = self.notes.ask_for(msg, from_uri, to_uri)
+        outgoing = _Outgoing(relayed, from_uri, to_uri, ask)
+        return self._store_for_sip(outgoing, "read as the link closed", capped=False)
+
     def _refuse(self, msg: ChatMessage, refusal: Refusal, reason: str) -> None:
         """Answer ``msg`` with an error stanza; every refusal is logged and counted."""
+        self.xmpp.refuse(msg, refusal)
+        self._refused(msg, refusal.xmpp_condition, reason)
+
+    def _refused(self, msg: ChatMessage, condition: str, reason: str) -> None:
         self.counters["refused"] += 1
         self.metrics.message(Way.TO_SIP, Outcome.REFUSED)
         log.info(
             "message_refused",
             jid=msg.sender,
             recipient=msg.recipient,
-            condition=refusal.xmpp_condition,
+            condition=condition,
             reason=reason,
         )
-        self.xmpp.refuse(msg, refusal)
 
     async def _take_turns(self, starts: list[tuple[Pair, _Outgoing]]) -> None:
         """Send what may start; each final answer lets the next of the conversation go."""

@@ -165,6 +165,7 @@ class XmppLink:
         self._closed: asyncio.Event | None = None
         self._wake = asyncio.Event()
         self._stopping = False
+        self._footer_sent = False  # our </stream:stream> went: nothing more may be written
         self._stream_error: str | None = None
         # Our iq ids: a random prefix per process, so replies meant for an earlier instance of
         # the gateway (same domain after a restart) are never taken for ours.
@@ -245,7 +246,10 @@ class XmppLink:
         if self.state is LinkState.UP and stream is not None and stream.transport is not None:
             # What the server has not confirmed yet would be handed back as unconfirmed.
             await self.confirmations.flush(2.0)
-            # Waits (bounded) for the server to close its side of the stream too.
+            # Waits (bounded) for the server to close its side of the stream too; what is read
+            # meanwhile cannot be answered (a server ignores what follows our stream's end), so
+            # the handlers see writes fail and keep what they must (DESIGN 8).
+            self._footer_sent = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(stream.disconnect(wait=2.0, reason="stop"), 5.0)
         elif self._attempt is not None and not self._attempt.done():
@@ -340,7 +344,7 @@ class XmppLink:
     def _write(self, text: str) -> bool:
         # Never into a dead stream: what a closing transport takes is silently dropped.
         stream = self._stream
-        if self.state is not LinkState.UP or stream is None:
+        if self.state is not LinkState.UP or stream is None or self._footer_sent:
             return False
         transport = stream.transport
         if transport is None or transport.is_closing():
