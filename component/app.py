@@ -203,6 +203,7 @@ class Gateway:
             clock=time.time,
             keep=timers.delay_time + timers.cache_time,
             store=store,
+            shared=not store.is_sqlite,  # PostgreSQL: maybe several instances
         )
         self.router = MessageRouter(
             self.book,

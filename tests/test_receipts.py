@@ -186,6 +186,14 @@ async def test_xmpp_composing_is_active_with_refresh_then_idle(world: World) -> 
     assert all(s.body is None for s in world.sip.sent)
 
 
+async def test_xmpp_paused_after_a_composing_relayed_elsewhere_is_idle(world: World) -> None:
+    """DESIGN 9: the composing went through another instance; paused still ends it here."""
+    world.router.notes.shared = True
+    await world.router.on_xmpp_message(ChatMessage(BOB, ALICE_JID, None, chat_state="paused"))
+    await world.router.on_xmpp_message(ChatMessage(BOB, ALICE_JID, None, chat_state="inactive"))
+    assert [(s.kind, s.to_uri, s.active) for s in world.sip.sent] == [("composing", ALICE, False)]
+
+
 async def test_xmpp_composing_without_follow_up_turns_idle(world: World) -> None:
     await world.router.on_xmpp_message(ChatMessage(BOB, ALICE_JID, None, chat_state="composing"))
     world.clock.now += 59

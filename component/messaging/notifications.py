@@ -215,8 +215,10 @@ class Notifications:
         keep: float,
         typing_refresh: int = TYPING_REFRESH,
         store: StorePort | None = None,
+        shared: bool = False,
     ) -> None:
         self.xmpp = xmpp
+        self.shared = shared  # other instances may relay a conversation's stanzas (DESIGN 9)
         self.sip = sip
         self.clock = clock
         self.keep = keep
@@ -381,6 +383,10 @@ class Notifications:
             self.typing_to_sip[pair] = now + self.typing_refresh
             await self._state_to_sip(pair, active=True)
         elif self.typing_to_sip.pop(pair, None) is not None:
+            await self._state_to_sip(pair, active=False)
+        elif msg.chat_state == "paused" and self.shared:
+            # XEP-0085: paused comes only after composing, which another instance relayed
+            # (DESIGN 9: ejabberd picks a connection per stanza).
             await self._state_to_sip(pair, active=False)
 
     async def _state_to_sip(self, pair: tuple[str, str], *, active: bool) -> None:
