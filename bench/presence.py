@@ -21,7 +21,9 @@ Run ``python -m bench.presence [--quick]``. It starts Prosody and the gateway as
    the same database. Reported: time to the first OPTIONS answer and to the ``presence_resumed``
    log line, and the refresh SUBSCRIBEs per second arriving at the stand-in (DESIGN 5.3 says
    they are spread out: the peak second and the window), and the RSS after resume less the
-   RSS before any subscription, per stored subscription.
+   RSS before any subscription, per stored subscription. ``--stored N`` copies stored
+   SIP-watcher rows (new watchers and Call-IDs) before the restart until N are stored, to
+   resume more subscriptions than the phases above create.
 
 Every phase has a count and a timeout. CPU is read from /proc (``bench.load``).
 """
@@ -65,6 +67,7 @@ from bench.presence_load import (
     RestartResult,
     Round,
     WatcherPool,
+    add_stored_sip_watchers,
     format_table,
     log_event_time,
     make_refreshes_overdue,
@@ -105,6 +108,7 @@ class Sizes:
     fanout: tuple[int, ...]
     rounds: int
     xmpp_watchers: int
+    stored: int = 0  # subscriptions stored at the restart: SIP-watcher rows copied up to it
 
 
 # --- the world -----------------------------------------------------------------------------------
@@ -549,6 +553,8 @@ async def restart(world: World, timeout: float) -> RestartResult:
     """SIGTERM, make the XMPP-watcher refreshes overdue, start again, watch the refreshes."""
     stop_seconds = world.stop_gateway()
     stored_sip, stored_xmpp = stored_counts(world.db_path)
+    added = add_stored_sip_watchers(world.db_path, world.sizes.stored - stored_sip - stored_xmpp)
+    stored_sip += added
     made_due = make_refreshes_overdue(world.db_path, time.time() - 3600.0)
     world.standin.refresh_times.clear()
     notifies_before = world.watchers.notifies
@@ -570,6 +576,8 @@ async def restart(world: World, timeout: float) -> RestartResult:
     notes = (
         f"{made_due} made overdue; watchers got {world.watchers.notifies - notifies_before} NOTIFYs"
     )
+    if added:
+        notes += f"; {added} SIP-watcher rows copied into the store before the restart"
     return RestartResult(
         stored_sip,
         stored_xmpp,
@@ -673,6 +681,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fanout", type=int, nargs="+", help="watcher counts (default 1000 10000)")
     parser.add_argument("--rounds", type=int, default=2, help="status changes per N")
     parser.add_argument("--xmpp-watchers", type=int, help="XMPP-watcher subscriptions")
+    parser.add_argument(
+        "--stored",
+        type=int,
+        default=0,
+        help="subscriptions stored at the restart: SIP-watcher rows are copied up to this count",
+    )
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep logs and database")
     parser.add_argument("--profile", metavar="FILE", help="cProfile the first gateway process")
     args = parser.parse_args(argv)
@@ -680,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     xmpp = args.xmpp_watchers or (1000 if args.quick else 10000)
     if min(fanout) < 1 or xmpp < 1 or args.rounds < 1 or len(set(fanout)) != len(fanout):
         parser.error("counts must be positive and the fan-out sizes distinct")
-    sizes = Sizes(tuple(fanout), args.rounds, xmpp)
+    sizes = Sizes(tuple(fanout), args.rounds, xmpp, max(0, args.stored))
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     print(machine_line(), flush=True)
     report = Report()

@@ -284,6 +284,39 @@ def make_refreshes_overdue(db_path: Path, when: float) -> int:
         return cursor.rowcount
 
 
+def add_stored_sip_watchers(db_path: Path, count: int) -> int:
+    """Store ``count`` more SIP-watcher subscriptions, copies of a stored one under new watchers
+    (``sip:st<i>@...``) and Call-IDs: stored subscriptions beyond those the benchmark made, for
+    the restart. Returns how many were added (0 if none was stored to copy)."""
+    with contextlib.closing(sqlite3.connect(db_path, timeout=30)) as db:
+        db.row_factory = sqlite3.Row
+        row = db.execute("SELECT * FROM sip_watcher_subscription LIMIT 1").fetchone()
+        if row is None or count <= 0:
+            return 0
+        user = str(row["watcher_aor"])[4:].split("@", 1)[0]
+        call_id = str(json.loads(row["dialog"])["call_id"])
+        columns = list(row.keys())
+
+        def copy(i: int) -> list[object]:
+            new_call_id_ = f"st{i}-{new_call_id()}"
+            values: list[object] = []
+            for name in columns:
+                value = row[name]
+                if isinstance(value, str) and name != "target_jid":
+                    value = value.replace(call_id, new_call_id_)
+                    value = value.replace(f"sip:{user}@", f"sip:st{i}@")
+                values.append(value)
+            return values
+
+        marks = ", ".join("?" for _ in columns)
+        db.executemany(
+            f"INSERT INTO sip_watcher_subscription ({', '.join(columns)}) VALUES ({marks})",
+            (copy(i) for i in range(count)),
+        )
+        db.commit()
+    return count
+
+
 def log_event_time(path: Path, event: str, since: float) -> tuple[float, dict[str, object]] | None:
     """The POSIX time and fields of the first ``event`` logged at or after ``since``."""
     try:

@@ -8,6 +8,7 @@ import asyncio
 import tracemalloc
 
 from component.runtime.presence_driver import MAX_IN_FLIGHT
+from component.sip.dialog_state import fresh
 from component.store import ApprovalDirection, ApprovalState, RosterApproval
 from component.store.memory import MemoryStore
 from component.values import Presence
@@ -16,8 +17,14 @@ from tests.test_presence import (
     T0,
     FakeIncoming,
     GatedEndpoint,
+    answer,
     answer_all,
+    approved_watchers,
     build,
+    deliver,
+    notify_for,
+    pidf_body,
+    respond,
     runtime_world,
     through_gate,
     watcher_jid,
@@ -121,3 +128,58 @@ async def test_an_idle_sip_watcher_subscription_is_small(memory_store: MemorySto
     assert len(w.side.watches.dialogs) == count
     print(f"{grown / count:.0f} B per idle SIP watcher")
     assert grown / count < 2048
+
+
+async def test_resumed_subscriptions_are_small_and_share_what_repeats(
+    memory_store: MemoryStore,
+) -> None:
+    """After a restart (DESIGN 8, 12) the dialogs of one watched entity share its PIDF body and
+    the strings every dialog repeats; the Python memory a resumed subscription keeps stays
+    bounded (the store's rows and the address book's bounded caches left out)."""
+    first = memory_store
+    w = build(first)
+    sip_count, xmpp_count = 300, 100
+    await approved_watchers(w, sip_count, [3600] * sip_count)
+    for j in range(xmpp_count):
+        sip_jid = f"s{j}@sip.xmpp.test"
+        await w.core.on_presence(Presence(sender=BOB, recipient=sip_jid, type="subscribe"), T0)
+        [(subscribe, _, reply)] = w.sip.take()
+        await respond(reply, answer(subscribe, 200, [("Expires", "3600")]), T0)
+        body = pidf_body("open")
+        assert await deliver(w, notify_for(subscribe, "active;expires=3600", body), T0) == 200
+    await first.close()
+    second = MemoryStore(first.database)
+    kept = [
+        tracemalloc.Filter(True, "*/component/*"),
+        tracemalloc.Filter(True, "*/sipside/*"),
+        tracemalloc.Filter(False, "*/component/store/memory.py"),
+        tracemalloc.Filter(False, "*/component/addresses.py"),
+    ]
+    try:
+        n = build(second, seed=2)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot().filter_traces(kept)
+            assert await n.side.resume(T0 + 100) == (sip_count, xmpp_count, 0)
+            after = tracemalloc.take_snapshot().filter_traces(kept)
+        finally:
+            tracemalloc.stop()
+        grown = sum(s.size_diff for s in after.compare_to(before, "filename"))
+        print(f"{grown / (sip_count + xmpp_count):.0f} B per resumed subscription")
+        assert grown / (sip_count + xmpp_count) < 1536
+        snaps = [d.notifier.snapshot() for d in n.side.watches.dialogs.values()]
+        assert len({id(s.body) for s in snaps}) == 1 and snaps[0].body  # one body for Bob
+        assert len({id(s.local_uri) for s in snaps}) == 1  # Bob's SIP URI, once
+        assert len({id(s.contact) for s in snaps}) == 1
+        held = list(n.side.subscriptions.held.values())
+        assert len({id(h.watcher_jid) for h in held}) == 1  # Bob's JID, once
+        assert all(n.side.subscriptions.held[h.pair] is h for h in held)
+    finally:
+        await second.close()
+
+
+def test_fresh_copies_a_string() -> None:
+    text = "sip:w1@sip.test"
+    copy = fresh(text)
+    assert copy == text and copy is not text
+    assert fresh("") == ""

@@ -10,6 +10,7 @@ used (RFC 3261 12.2.2: a UAS must accept a CSeq more than one higher than the la
 from __future__ import annotations
 
 import base64
+import sys
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, TypeVar
 
@@ -24,8 +25,10 @@ __all__ = [
     "CSEQ_RESERVE",
     "TIME_SLACK",
     "DialogParts",
+    "fresh",
     "needs_saving",
     "reserved",
+    "shared",
     "snapshot_from_json",
     "snapshot_json",
 ]
@@ -54,6 +57,47 @@ _FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {
 }
 
 
+# The fields whose values repeat across the dialogs of one process: our Contact, the event
+# package, the state, the content type, and our own end's URI (the watched XMPP entity's SIP
+# address for a notifier, the watching XMPP user's for a subscriber). Each is kept as one
+# string object however many dialogs hold it (``shared``).
+_SHARED_FIELDS: dict[type[Any], tuple[str, ...]] = {
+    NotifierSnapshot: ("local_uri", "contact", "event", "state", "content_type"),
+    SubscriberSnapshot: ("local_uri", "contact", "event", "state"),
+}
+# The Accept tuples of subscribers (our own few values): one tuple object per value.
+_TUPLES: dict[tuple[str, ...], tuple[str, ...]] = {}
+_MAX_TUPLES = 16
+
+
+def _one_tuple(value: tuple[str, ...]) -> tuple[str, ...]:
+    kept = _TUPLES.get(value)
+    if kept is not None:
+        return kept
+    if len(_TUPLES) < _MAX_TUPLES:
+        _TUPLES[value] = value = tuple(sys.intern(item) for item in value)
+    return value
+
+
+def shared(snap: Snapshot) -> Snapshot:
+    """``snap`` with the values many dialogs repeat as one shared object each (``sys.intern``).
+
+    Thousands of dialogs restored from the store, or saved, would otherwise each keep their own
+    copy of the same Contact, event, state and URI strings (tracemalloc: about 300 bytes per
+    subscription).
+    """
+    changes: dict[str, Any] = {}
+    for name in _SHARED_FIELDS[type(snap)]:
+        value = getattr(snap, name)
+        if isinstance(value, str) and value is not (one := sys.intern(value)):
+            changes[name] = one
+    if isinstance(snap, SubscriberSnapshot) and snap.accept is not (
+        accept := _one_tuple(snap.accept)
+    ):
+        changes["accept"] = accept
+    return replace(snap, **changes) if changes else snap
+
+
 def snapshot_json(snap: NotifierSnapshot | SubscriberSnapshot) -> JsonObject:
     """A snapshot as the store keeps it: bytes as base64, tuples as lists."""
     data: dict[str, Any] = asdict(snap)
@@ -65,21 +109,39 @@ def snapshot_json(snap: NotifierSnapshot | SubscriberSnapshot) -> JsonObject:
     return data
 
 
+def fresh(text: str) -> str:
+    """A copy of ``text`` in a new string object (CPython never copies a str otherwise).
+
+    What a restart rebuilds from thousands of stored rows keeps copies, never the strings the
+    rows were decoded into: the rows, their JSON and their columns are then freed whole, and
+    the allocator gives their memory back to the system. Holding one string of each row
+    instead pinned all of it (bench.presence resume of 13,000 rows in process: 3.3 KB of RSS
+    per subscription with the rows' strings kept, 2.9 KB with copies).
+    """
+    return (text + " ")[:-1]
+
+
 def snapshot_from_json(kind: type[Snapshot], data: JsonObject) -> Snapshot:
-    """The snapshot ``snapshot_json`` wrote; KeyError, TypeError or ValueError if unreadable."""
+    """The snapshot ``snapshot_json`` wrote, holding none of ``data``'s own strings (``fresh``)
+    and sharing the values dialogs repeat (``shared``); KeyError, TypeError or ValueError if
+    unreadable."""
     values = dict(data)
     for field in fields(kind):
         value = values.get(field.name)
         if isinstance(value, list):
-            values[field.name] = tuple(value)
+            values[field.name] = tuple(fresh(v) if isinstance(v, str) else v for v in value)
         elif field.name == "body" and isinstance(value, str):
             values[field.name] = base64.b64decode(value)
-    return kind(**values)
+        elif isinstance(value, str):
+            values[field.name] = fresh(value)
+        elif isinstance(value, float):
+            values[field.name] = value * 1.0  # a new float object, as for strings
+    return shared(kind(**values))
 
 
 def reserved(snap: Snapshot) -> Snapshot:
-    """``snap`` as stored: its local CSeq ``CSEQ_RESERVE`` ahead."""
-    return replace(snap, local_cseq=snap.local_cseq + CSEQ_RESERVE)
+    """``snap`` as stored: its local CSeq ``CSEQ_RESERVE`` ahead, repeated values ``shared``."""
+    return shared(replace(snap, local_cseq=snap.local_cseq + CSEQ_RESERVE))
 
 
 def _moved(saved: float | None, now: float | None) -> bool:

@@ -14,6 +14,7 @@ bounded rate.
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from component.logs import get_logger
 from component.sip.deadlines import DeadlineHeap
 from component.sip.dialog_state import (
     DialogParts,
+    fresh,
     needs_saving,
     reserved,
     snapshot_from_json,
@@ -90,17 +92,22 @@ class HeldSubscription:
     """An XMPP user watching a SIP user: our subscriber, or a resubscribe owed at ``retry_at``."""
 
     subscriber: Subscriber
-    watcher_jid: str
+    # (watcher, AOR): the key in every index, one tuple for all of them.
+    pair: _Pair
     sip_jid: str
-    sip_aor: str
     unsubscribing: bool = False
     retry_at: float | None = None
     saved: SubscriberSnapshot | None = None
 
     @property
-    def pair(self) -> _Pair:
-        """The key the subscription is held under."""
-        return (self.watcher_jid, self.sip_aor)
+    def watcher_jid(self) -> str:
+        """The XMPP user's bare JID."""
+        return self.pair[0]
+
+    @property
+    def sip_aor(self) -> str:
+        """The SIP user's AOR."""
+        return self.pair[1]
 
 
 def _deadline(held: HeldSubscription) -> float | None:
@@ -170,7 +177,8 @@ class PresenceSubscriptions:
         old = self.held.get((watcher_jid, aor))
         if old is not None:
             self._forget_dialog(old)
-        held = HeldSubscription(subscriber, watcher_jid, sip_jid, aor)
+        # The watcher's JID repeats in each of its subscriptions: one string for all of them.
+        held = HeldSubscription(subscriber, (sys.intern(watcher_jid), aor), sip_jid)
         self.held[held.pair] = held
         self._index(held)
         log.info("xmpp_watcher_subscribing", jid=watcher_jid, sip_uri=aor)
@@ -357,12 +365,14 @@ class PresenceSubscriptions:
                     spread=(slot + self.rng.random()) * window / len(rows),
                     refresh_offset=self.rng.uniform(0.0, 10.0),
                 )
-                sip_jid = self.book.jid_for_sip_uri(sub.sip_aor)
+                # Copies of the row's strings (``fresh``): the rows are freed whole.
+                pair = (sys.intern(fresh(sub.watcher_jid)), fresh(sub.sip_aor))
+                sip_jid = self.book.jid_for_sip_uri(pair[1])
             except (KeyError, TypeError, ValueError, AddressError) as exc:
                 log.warning("subscription_unrestorable", jid=sub.watcher_jid, error=str(exc))
                 await self.store.delete_xmpp_watcher_subscription(sub.watcher_jid, sub.sip_aor)
                 continue
-            held = HeldSubscription(subscriber, sub.watcher_jid, sip_jid, sub.sip_aor, saved=snap)
+            held = HeldSubscription(subscriber, pair, sip_jid, saved=snap)
             self.held[held.pair] = held
             self._index(held)
             self._deadlines.set(held.pair, _deadline(held))

@@ -14,6 +14,7 @@ only once per ``CSEQ_RESERVE`` requests.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -24,6 +25,7 @@ from component.logs import get_logger
 from component.sip.deadlines import DeadlineHeap
 from component.sip.dialog_state import (
     DialogParts,
+    fresh,
     needs_saving,
     reserved,
     snapshot_from_json,
@@ -82,6 +84,13 @@ class WatchDialog:
     saved: NotifierSnapshot | None = None
 
 
+def _listed(held: WatchDialog | list[WatchDialog] | None) -> list[WatchDialog]:
+    """The dialogs of one ``_by_watch`` entry, as a new list (safe to run while it changes)."""
+    if held is None:
+        return []
+    return list(held) if isinstance(held, list) else [held]
+
+
 def _dialog_key(key: DialogId) -> str:
     return f"{key.call_id};{key.local_tag};{key.remote_tag}"
 
@@ -95,8 +104,9 @@ class WatchDialogs:
         # RFC 6665 8.3.1 deprecates 202, DESIGN 5.2 asks for it.
         self.policy = NotifierPolicy(accept_status=202)
         self.dialogs: dict[DialogId, WatchDialog] = {}
-        # A watch has one dialog almost always: a list of one costs 64 bytes, a dict 250.
-        self._by_watch: dict[Watch, list[WatchDialog]] = {}
+        # A watch has one dialog almost always: held as such (a list of one costs 120 bytes,
+        # tracemalloc), a list only for a watch with several.
+        self._by_watch: dict[Watch, WatchDialog | list[WatchDialog]] = {}
         self._watched: Counter[str] = Counter()  # dialogs per target, for ``_bodies``
         self._deadlines: DeadlineHeap[DialogId] = DeadlineHeap()
         # The PIDF of each watched target's last document: encoded once per change.
@@ -152,7 +162,7 @@ class WatchDialogs:
 
     def _of(self, watch: Watch) -> list[WatchDialog]:
         """The dialogs of ``watch`` (a copy, safe to run)."""
-        return list(self._by_watch.get(watch, ()))
+        return _listed(self._by_watch.get(watch))
 
     async def notify(self, watch: Watch, document: pidf.PresenceDocument, now: float) -> None:
         """NOTIFY ``document`` in every dialog of ``watch``."""
@@ -179,7 +189,7 @@ class WatchDialogs:
         return [
             watch
             for watch, dialogs in self._by_watch.items()
-            if any(d.notifier.state is NotifierState.ACTIVE for d in dialogs)
+            if any(d.notifier.state is NotifierState.ACTIVE for d in _listed(dialogs))
         ]
 
     def _body(self, target_jid: str, document: pidf.PresenceDocument) -> bytes:
@@ -197,7 +207,13 @@ class WatchDialogs:
         key = dialog.notifier.dialog.id
         self._remove(key)  # a dialog of the same key would otherwise stay in the indexes
         self.dialogs[key] = dialog
-        self._by_watch.setdefault(dialog.watch, []).append(dialog)
+        held = self._by_watch.get(dialog.watch)
+        if held is None:
+            self._by_watch[dialog.watch] = dialog
+        elif isinstance(held, list):
+            held.append(dialog)
+        else:
+            self._by_watch[dialog.watch] = [held, dialog]
         self._watched[dialog.watch.target_jid] += 1
         self._deadlines.set(key, dialog.notifier.next_deadline())
 
@@ -207,10 +223,13 @@ class WatchDialogs:
         if dialog is None:
             return
         watch = dialog.watch
-        dialogs = self._by_watch.get(watch, [])
-        if dialog in dialogs:  # by identity
-            dialogs.remove(dialog)
-            if not dialogs:
+        held = self._by_watch.get(watch)
+        if held is dialog or (isinstance(held, list) and dialog in held):  # by identity
+            if isinstance(held, list):
+                held.remove(dialog)
+                if len(held) == 1:
+                    self._by_watch[watch] = held[0]
+            else:
                 del self._by_watch[watch]
             self._watched[watch.target_jid] -= 1
             if self._watched[watch.target_jid] <= 0:
@@ -338,21 +357,29 @@ class WatchDialogs:
         """Rebuild the notifiers from the store; unreadable rows are dropped. Returns the count.
         Dialogs already held stay as they are (a takeover resumes only what it moved)."""
         held = {_dialog_key(key) for key in self.dialogs}
+        # The target's presence, read and encoded once per target: its dialogs share the body.
+        bodies: dict[str, bytes] = {}
+        # The dialogs keep copies of the rows' strings (``fresh``): the rows are freed whole.
         for stored in await self.store.sip_watcher_subscriptions():
             if stored.dialog_id in held:
                 continue
             try:
                 snap = snapshot_from_json(NotifierSnapshot, stored.dialog)
-                watch = Watch(self.book.jid_for_sip_uri(stored.watcher_aor), stored.target_jid)
+                target = sys.intern(fresh(stored.target_jid))  # one string for all its watchers
+                watcher_aor = fresh(stored.watcher_aor)
+                watch = Watch(self.book.jid_for_sip_uri(watcher_aor), target)
                 if snap.state == NotifierState.ACTIVE.value:
                     # The stored body may predate the last NOTIFY (see _run): the target's
                     # stored presence is the current one.
-                    document = await self.events.document_of(stored.target_jid)
-                    snap = replace(snap, body=pidf.encode(document), content_type=PIDF)
+                    body = bodies.get(target)
+                    if body is None:
+                        document = await self.events.document_of(target)
+                        body = bodies[target] = self._body(target, document)
+                    snap = replace(snap, body=body, content_type=PIDF)
                 notifier = Notifier.restore(snap, policy=self.policy)
             except (KeyError, TypeError, ValueError, AddressError) as exc:
                 log.warning("subscription_unrestorable", dialog=stored.dialog_id, error=str(exc))
                 await self.store.delete_sip_watcher_subscription(stored.dialog_id)
                 continue
-            self._add(WatchDialog(notifier, watch, stored.watcher_aor, saved=snap))
+            self._add(WatchDialog(notifier, watch, watcher_aor, saved=snap))
         return len(self.dialogs)
