@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from component.ratelimit import SourceBuckets
+from component.settings import LimitSettings
 
 # (rate, burst, [(source, now), ...], expected admitted flags)
 CASES = {
@@ -93,3 +94,14 @@ def test_forgotten_bucket_starts_full() -> None:
 def test_bad_parameters(rate: float, burst: int, max_sources: int, log_every: int) -> None:
     with pytest.raises(ValueError):
         SourceBuckets(rate, burst, max_sources=max_sources, log_every=log_every)
+
+
+def test_default_xmpp_limit_takes_a_burst_of_200_and_refuses_a_flood() -> None:
+    # The bar: a burst of 200 from one XMPP user is queued, never refused; a flood of
+    # 2,000 at 20,000/s from one sender gets the burst and what refills in its 0.1 s.
+    limits = LimitSettings()
+    burst = SourceBuckets(limits.xmpp_rate, limits.xmpp_burst)
+    assert all(burst.take("bob@xmpp.test", 0.0).admitted for _ in range(200))
+    flood = SourceBuckets(limits.xmpp_rate, limits.xmpp_burst)
+    admitted = sum(flood.take("mal@xmpp.test", n / 20000).admitted for n in range(2000))
+    assert limits.xmpp_burst <= admitted <= limits.xmpp_burst + limits.xmpp_rate * 0.1 + 1

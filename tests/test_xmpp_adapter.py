@@ -43,6 +43,7 @@ from component.xmpp.stanzas import (
     parse_presence,
     xhtml_inner,
 )
+from component.xmpp.stream import CORK_LIMIT
 from sipside.errors import LocalError
 
 DOMAIN = "sip.xmpp.test"
@@ -756,6 +757,59 @@ async def test_scripted_flooding_sender_is_limited_before_parsing(
     assert link.stats.rate_limited == 8 and link.stats.errors_out == 7
     # One log line for the run, not one per stanza.
     assert capsys.readouterr().out.count("xmpp_stanza_rate_limited") == 1
+
+
+async def test_scripted_replies_to_one_read_go_out_together_in_order(
+    scripted: ScriptedServer,
+) -> None:
+    # A flood's refusals cost one send per read (every CORK_LIMIT replies at most), not one per
+    # stanza; an answer to another sender keeps its place among them.
+    rec = Recorder()
+    link = _link(scripted.port, rec, rate=SourceBuckets(0.001, 2))
+    async with running(link):
+        await rec.wait_link([True])
+        stream = link._stream
+        assert stream is not None and stream.transport is not None
+        writes: list[bytes] = []
+        write = stream.transport.write
+
+        def counted(data: bytes | bytearray | memoryview) -> None:
+            writes.append(bytes(data))
+            write(data)
+
+        stream.transport.write = counted  # type: ignore[method-assign]
+
+        def flood(ids: range) -> str:
+            return "".join(
+                f"<message from='mal@xmpp.test/r' to='alice@{DOMAIN}' type='chat' id='f{n}'>"
+                f"<body>f{n}</body></message>"
+                for n in ids
+            )
+
+        ping = (
+            f"<iq type='get' id='p' from='bob@xmpp.test/r' to='{DOMAIN}'>"
+            "<ping xmlns='urn:xmpp:ping'/></iq>"
+        )
+        stream.data_received((flood(range(4)) + ping + flood(range(4, 6))).encode())
+        assert len(writes) == 1  # f2 to f5 refused, the ping answered: one write
+        replies = [await scripted.next_stanza() for _ in range(5)]
+        assert [r.get("id") for r in replies] == ["f2", "f3", "p", "f4", "f5"]
+        assert [_condition(r) for r in replies] == ["resource-constraint"] * 2 + [None] + [
+            "resource-constraint"
+        ] * 2
+
+        writes.clear()
+        stream.data_received(flood(range(6, 6 + CORK_LIMIT + 1)).encode())
+        assert len(writes) == 2  # CORK_LIMIT replies, then the last one at the read's end
+        replies = [await scripted.next_stanza() for _ in range(CORK_LIMIT + 1)]
+        assert [r.get("id") for r in replies] == [f"f{n}" for n in range(6, 6 + CORK_LIMIT + 1)]
+
+        # Between reads, a write goes out at once.
+        writes.clear()
+        assert link.send_presence(Presence(f"alice@{DOMAIN}/sip", "bob@xmpp.test"))
+        assert len(writes) == 1
+    assert [m.body for m in [rec.messages.get_nowait() for _ in range(2)]] == ["f0", "f1"]
+    assert link.stats.rate_limited == 4 + CORK_LIMIT + 1
 
 
 async def test_scripted_queries(scripted: ScriptedServer) -> None:

@@ -349,7 +349,7 @@ class XmppLink:
         transport = stream.transport
         if transport is None or transport.is_closing():
             return False
-        transport.write(text.encode())
+        stream.write_text(text)
         self.stats.stanzas_out += 1
         return True
 

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 log = get_logger("component.xmpp")
 
+CORK_LIMIT = 64  # replies gathered during one read before they are written (Stream.write_text)
+
 _KINDS: dict[str, str] = {
     f"{{{ns}}}{kind}": kind
     for ns in (NS_COMPONENT, NS_CLIENT)
@@ -57,9 +59,54 @@ class Stream(ComponentXMPP):
     def __init__(self, link: XmppLink, secret: str) -> None:
         super().__init__(link.component, secret)  # type: ignore[no-untyped-call]
         self._link = link
+        # While one read is handled, what the link writes is gathered here (see write_text);
+        # None between reads.
+        self._corked: list[str] | None = None
         self.add_event_handler("session_start", link._on_session_start)
         self.add_event_handler("disconnected", link._on_disconnected)
         self.add_event_handler("stream_error", link._on_stream_error)
+
+    def data_received(self, data: bytes | str) -> None:
+        # Under a flood most stanzas of a read are refused, and a send per error reply cost as
+        # much as parsing and refusing the stanza (about 5 us each), besides a TCP segment each
+        # for the server: the replies to one read go out together. Nothing waits for them in
+        # between: a read is handled in one synchronous call, in order.
+        self._corked = []
+        try:
+            super().data_received(data)
+        finally:
+            self._flush()
+            self._corked = None
+
+    def write_text(self, text: str) -> None:
+        """Write stanzas to the transport (the caller checked it is open): at once, or while a
+        read is handled, with the other replies to it (every ``CORK_LIMIT`` stanzas and at its
+        end, so an answer waits for at most that many stanzas' handling, not a whole read's)."""
+        corked = self._corked
+        if corked is None:
+            if self.transport is not None:
+                self.transport.write(text.encode())
+            return
+        corked.append(text)
+        if len(corked) >= CORK_LIMIT:
+            self._flush()
+
+    def send_raw(self, data: str | bytes) -> None:
+        self._flush()  # slixmpp's own writes (a stream error, the stream's end) go after ours
+        super().send_raw(data)
+
+    def abort(self) -> None:
+        self._flush()  # the replies to the stanzas before a stream's end still go
+        super().abort()
+
+    def _flush(self) -> None:
+        corked = self._corked
+        if not corked:
+            return
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write("".join(corked).encode())
+        corked.clear()
 
     def _spawn_event(self, xml: ET.Element) -> None:
         kind = _KINDS.get(xml.tag)
