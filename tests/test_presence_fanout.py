@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import tracemalloc
 
+import pytest
+
 from component.runtime.presence_driver import MAX_IN_FLIGHT
+from component.sip import watch_dialogs
 from component.sip.dialog_state import fresh
 from component.store import ApprovalDirection, ApprovalState, RosterApproval
 from component.store.memory import MemoryStore
@@ -131,11 +134,12 @@ async def test_an_idle_sip_watcher_subscription_is_small(memory_store: MemorySto
 
 
 async def test_resumed_subscriptions_are_small_and_share_what_repeats(
-    memory_store: MemoryStore,
+    memory_store: MemoryStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After a restart (DESIGN 8, 12) the dialogs of one watched entity share its PIDF body and
     the strings every dialog repeats; the Python memory a resumed subscription keeps stays
     bounded (the store's rows and the address book's bounded caches left out)."""
+    monkeypatch.setattr(watch_dialogs, "RESTORE_PAGE", 7)  # read in pages: none is skipped
     first = memory_store
     w = build(first)
     sip_count, xmpp_count = 300, 100

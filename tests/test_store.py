@@ -394,6 +394,10 @@ async def test_sip_watcher_subscriptions(store: StorePort) -> None:
     assert await store.sip_watcher_subscriptions() == [active, other]
     assert await store.sip_watcher_subscriptions(expired_at=T0 + 60) == [other]
     assert (await store.counts()).sip_watchers == 2
+    # A restart reads them a page at a time, by dialog id.
+    assert await store.sip_watcher_page(None, 1) == [active]
+    assert await store.sip_watcher_page("d1", 5) == [other]
+    assert await store.sip_watcher_page("d2", 5) == []
     assert await store.delete_sip_watcher_subscription("d2")
     assert not await store.delete_sip_watcher_subscription("d2")
     assert await store.sip_watcher_subscription("d2") is None

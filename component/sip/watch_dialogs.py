@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -46,6 +46,7 @@ log = get_logger("component.sip.watch_dialogs")
 
 __all__ = ["PIDF", "Answerable", "WatchDialog", "WatchDialogs", "peer_for"]
 
+RESTORE_PAGE = 1000  # stored subscriptions read at a time on a restart
 PIDF = pidf.PIDF_CONTENT_TYPE  # sent bare: baresip refuses parameters (SERVERS.md)
 
 
@@ -353,14 +354,23 @@ class WatchDialogs:
                 await self._step(dialog, dialog.notifier.handle_timer(now), now)
         return len(due)
 
+    async def _stored(self) -> AsyncIterator[SipWatcherSubscription]:
+        after: str | None = None
+        while page := await self.store.sip_watcher_page(after, RESTORE_PAGE):
+            for stored in page:
+                yield stored
+            after = page[-1].dialog_id
+            del page
+
     async def restore(self) -> int:
         """Rebuild the notifiers from the store; unreadable rows are dropped. Returns the count.
         Dialogs already held stay as they are (a takeover resumes only what it moved)."""
         held = {_dialog_key(key) for key in self.dialogs}
         # The target's presence, read and encoded once per target: its dialogs share the body.
         bodies: dict[str, bytes] = {}
-        # The dialogs keep copies of the rows' strings (``fresh``): the rows are freed whole.
-        for stored in await self.store.sip_watcher_subscriptions():
+        # The dialogs keep copies of the rows' strings (``fresh``): the rows are freed whole,
+        # a page at a time.
+        async for stored in self._stored():
             if stored.dialog_id in held:
                 continue
             try:

@@ -356,6 +356,12 @@ class MemoryStore:
             lambda s: expired_at is None or s.expires_at <= expired_at, target_jid=target_jid
         )
 
+    async def sip_watcher_page(self, after: str | None, limit: int) -> list[SipWatcherSubscription]:
+        table = self._db.sip_watchers
+        owned = table.owned_by(self.instance)
+        rows = table.select(lambda s: owned(s) and (after is None or s.dialog_id > after))
+        return sorted(rows, key=lambda s: s.dialog_id)[:limit]
+
     async def delete_sip_watcher_subscription(self, dialog_id: str) -> bool:
         return self._db.sip_watchers.delete(dialog_id)
 

@@ -119,6 +119,17 @@ def sip_watcher_subscriptions(
     return SIP_WATCHERS.select(session, *(where or SIP_WATCHERS.matching(owner=owner)))
 
 
+def sip_watcher_page(
+    session: Session, owner: str, after: str | None, limit: int
+) -> list[SipWatcherSubscription]:
+    """Up to ``limit`` of those ``owner`` holds, by dialog id, after ``after`` (a restart reads
+    them a page at a time, so their rows are never all in memory at once)."""
+    where = SIP_WATCHERS.matching(owner=owner)
+    if after is not None:
+        where.append(SIP_WATCHERS.table.c.dialog_id > after)
+    return SIP_WATCHERS.select(session, *where, limit=limit)
+
+
 def delete_sip_watcher_subscription(session: Session, dialog_id: str) -> bool:
     """A DELETE by key."""
     return SIP_WATCHERS.delete(session, dialog_id)

@@ -127,6 +127,10 @@ class StorePort(Protocol):
         expired by a time."""
         ...
 
+    async def sip_watcher_page(self, after: str | None, limit: int) -> list[SipWatcherSubscription]:
+        """Up to ``limit`` of those this instance owns, by dialog id, after ``after``."""
+        ...
+
     async def delete_sip_watcher_subscription(self, dialog_id: str) -> bool:
         """Forget the subscription of ``dialog_id``; False if there was none."""
         ...

@@ -303,6 +303,7 @@ class Store:
     save_sip_watcher_subscription = _Owned(ops.save_sip_watcher_subscription)
     sip_watcher_subscription = _OnWorker(ops.sip_watcher_subscription)
     sip_watcher_subscriptions = _Owned(ops.sip_watcher_subscriptions)
+    sip_watcher_page = _Owned(ops.sip_watcher_page)
     delete_sip_watcher_subscription = _OnWorker(ops.delete_sip_watcher_subscription)
     save_xmpp_watcher_subscription = _Owned(ops.save_xmpp_watcher_subscription)
     xmpp_watcher_subscription = _OnWorker(ops.xmpp_watcher_subscription)
