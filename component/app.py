@@ -215,6 +215,7 @@ class Gateway:
             delay_time=settings.timers.delay_time,
             max_inflight=limits.workers * limits.max_jobs,
             queue=limits.queue,
+            queue_per_sender=limits.queue_per_sender,
             per_recipient=limits.queue_per_recipient,
             rooms=self.rooms,
             notifications=self.notifications,

@@ -461,6 +461,8 @@ class LimitSettings(_Section):
     max_jobs: Count = 10
     # Messages waiting in memory for a free transaction or their conversation's turn (DESIGN 8).
     queue: Count = 10000
+    # Of those, how many one XMPP sender's may take (its later ones are refused meanwhile).
+    queue_per_sender: Count = 1000
     # Messages stored for one recipient who is out of reach; beyond it the sender is refused.
     queue_per_recipient: Count = 100
     sip_rate: Annotated[float, AfterValidator(_check_rate)] = 100.0

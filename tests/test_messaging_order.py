@@ -94,6 +94,23 @@ def _from_bob(to: str, *bodies: str, sender: str = "bob@xmpp.test/phone") -> lis
 # --- the core: one in flight per pair, a bound in total, a bounded wait ---------------------
 
 
+def test_one_sender_takes_at_most_its_share_of_the_wait() -> None:
+    conv: Conversations[str] = Conversations(max_inflight=1, capacity=10, per_sender=2)
+    busy, calm = ("busy", "A"), ("calm", "B")
+    assert conv.offer(busy, "b0") == [(busy, "b0")]  # in flight: not waiting
+    conv.offer(busy, "b1")
+    conv.offer(("busy", "C"), "c1")  # the same sender to someone else counts too
+    with pytest.raises(QueueFull, match="of this sender"):
+        conv.offer(busy, "b2")
+    assert conv.offer(calm, "k1") == []  # another sender still waits for its turn
+    assert conv.done(busy) == [(("busy", "C"), "c1")]  # waited longer than b1
+    conv.offer(busy, "b2")  # a place of its own came free
+    assert conv.waiting == 3
+    assert [item for _, item in conv.take_waiting()] == ["b1", "b2", "k1"]
+    conv.offer(busy, "b3")
+    conv.offer(busy, "b4")  # nothing of it waits any more after take_waiting
+
+
 def test_conversations_one_in_flight_per_pair_and_bounded_in_total() -> None:
     conv: Conversations[str] = Conversations(max_inflight=2, capacity=3)
     a, b, c = ("x", "A"), ("x", "B"), ("x", "C")

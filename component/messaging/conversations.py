@@ -3,13 +3,15 @@
 A conversation is one sender talking to one recipient. :class:`Conversations` lets one message
 per conversation be in flight, the next only once the previous one is done (a proxy's workers
 reorder requests in flight at once), and at most ``max_inflight`` conversations at a time;
-everything else waits in one bounded queue. It is a plain data structure: the router runs what
-it hands back and reports each end with :meth:`Conversations.done`.
+everything else waits in one bounded queue, of which one sender may fill at most
+``per_sender`` places (so one busy sender cannot get every other one refused). It is a plain
+data structure: the router runs what it hands back and reports each end with
+:meth:`Conversations.done`.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -19,7 +21,8 @@ Pair = tuple[str, str]
 
 
 class QueueFull(Exception):
-    """No room to wait: ``capacity`` messages already wait for their turn."""
+    """No room to wait: ``capacity`` messages already wait for their turn, or ``per_sender``
+    of this sender's."""
 
 
 class Conversations(Generic[T]):
@@ -29,10 +32,12 @@ class Conversations(Generic[T]):
     conversation does not starve the others: after each of its messages it goes to the back.
     """
 
-    def __init__(self, *, max_inflight: int, capacity: int) -> None:
+    def __init__(self, *, max_inflight: int, capacity: int, per_sender: int | None = None) -> None:
         self.max_inflight = max_inflight
         self.capacity = capacity
+        self.per_sender = capacity if per_sender is None else per_sender
         self.waiting = 0
+        self._senders: Counter[str] = Counter()  # waiting items by sender
         self._queues: dict[Pair, deque[T]] = {}
         self._busy: set[Pair] = set()
         self._ready: deque[Pair] = deque()
@@ -50,6 +55,8 @@ class Conversations(Generic[T]):
         """
         if self.waiting >= self.capacity:
             raise QueueFull(f"{self.waiting} messages wait")
+        if self._senders[pair[0]] >= self.per_sender:
+            raise QueueFull(f"{self.per_sender} messages of this sender wait")
         queue = self._queues.get(pair)
         if queue is None:
             queue = self._queues[pair] = deque()
@@ -57,6 +64,7 @@ class Conversations(Generic[T]):
                 self._ready.append(pair)
         queue.append(item)
         self.waiting += 1
+        self._senders[pair[0]] += 1
         return self._fill()
 
     def done(self, pair: Pair) -> list[tuple[Pair, T]]:
@@ -76,6 +84,7 @@ class Conversations(Generic[T]):
         self._queues.clear()
         self._ready.clear()
         self.waiting = 0
+        self._senders.clear()
         return taken
 
     def _fill(self) -> list[tuple[Pair, T]]:
@@ -85,6 +94,11 @@ class Conversations(Generic[T]):
             queue = self._queues[pair]
             item = queue.popleft()
             self.waiting -= 1
+            sender = pair[0]
+            if self._senders[sender] <= 1:
+                del self._senders[sender]
+            else:
+                self._senders[sender] -= 1
             if not queue:
                 del self._queues[pair]
             self._busy.add(pair)

@@ -93,6 +93,7 @@ class MessageRouter:
         instance: str = "",
         max_inflight: int = 20,
         queue: int = 10_000,
+        queue_per_sender: int | None = None,
         per_recipient: int = 100,
         notifications: Notifications | None = None,
         metrics: Metrics = NO_METRICS,
@@ -118,7 +119,7 @@ class MessageRouter:
             "refused": 0,
         }
         self.conversations: Conversations[_Outgoing] = Conversations(
-            max_inflight=max_inflight, capacity=queue
+            max_inflight=max_inflight, capacity=queue, per_sender=queue_per_sender
         )
         self._idle = asyncio.Event()
         self._idle.set()
@@ -370,9 +371,8 @@ class MessageRouter:
         outgoing = _Outgoing(relayed, from_uri, to_uri, ask)
         try:
             starts = self.conversations.offer(pair, outgoing)
-        except QueueFull:
-            waiting = self.conversations.waiting
-            refusal = busy(f"gateway busy: {waiting} messages wait, try again", RETRY_AFTER)
+        except QueueFull as exc:
+            refusal = busy(f"gateway busy: {exc}, try again", RETRY_AFTER)
             self._refuse(msg, refusal, "queue full")
             return None
         self._idle.clear()
