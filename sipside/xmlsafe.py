@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 from xml.parsers import expat
 
 from sipside.errors import PeerError, bad_body
-from sipside.fastpath import fast_frozen_init
+from sipside.fastpath import fast_frozen_init, remember
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -220,8 +220,20 @@ class MediaType:
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
+_MEDIA_TYPES: dict[str, MediaType] = {}
+
+
 def parse_media_type(value: str) -> MediaType:
     """Parse a Content-Type value (RFC 3261 20.15, RFC 2045); PeerError(400) if unreadable."""
+    # Every MESSAGE's body is decoded by its Content-Type, and senders use a handful of them.
+    media = _MEDIA_TYPES.get(value)
+    if media is None:
+        media = _parse_media_type(value)
+        remember(_MEDIA_TYPES, value, media)
+    return media
+
+
+def _parse_media_type(value: str) -> MediaType:
     essence, *raw_params = value.split(";")
     essence = essence.strip().lower()
     if not _TOKEN.fullmatch(essence):
