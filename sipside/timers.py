@@ -11,6 +11,12 @@ from dataclasses import dataclass, field
 
 from sipside.errors import LocalError
 
+# Every UDP server transaction lingers 64*T1 after its answer (Timer J) to absorb
+# retransmissions, each with its own deadline: at a steady 200 requests a second, firing each
+# on time wakes the process once more per request. Firing up to this late lets the deadlines of
+# one such interval share a wake-up; retransmissions (T1 = 500 ms) are late by at most as much.
+TIMER_SLACK_MAX = 0.05
+
 
 @dataclass(frozen=True, slots=True)
 class TimerConfig:
@@ -23,6 +29,7 @@ class TimerConfig:
     # Derived values, filled in by __post_init__; not constructor arguments.
     timer_f: float = field(init=False, repr=False, compare=False)
     trying_delay: float = field(init=False, repr=False, compare=False)
+    slack: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not (self.t1 > 0 and self.t2 > 0 and self.t4 >= 0):
@@ -31,6 +38,9 @@ class TimerConfig:
         # transaction; also Timer J's value over unreliable transports (17.2.2).
         object.__setattr__(self, "timer_f", 64 * self.t1)
         object.__setattr__(self, "trying_delay", _time_until_e_reaches_t2(self.t1, self.t2))
+        # How late a timer may fire so that deadlines close together fire in one wake-up: a
+        # tenth of T1 (50 ms by default), never more than TIMER_SLACK_MAX.
+        object.__setattr__(self, "slack", min(self.t1 / 10, TIMER_SLACK_MAX))
 
     def timer_e(self, interval: float | None = None) -> float:
         """The next Timer E interval after ``interval`` (None: the first one, T1).

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 from xml.parsers import expat
 
 from sipside.errors import PeerError, bad_body
-from sipside.fastpath import fast_frozen_init
+from sipside.fastpath import fast_frozen_init, remember
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -165,13 +165,35 @@ def xml_safe_text(text: str) -> str:
     return _NOT_XML_CHAR.sub("", text)
 
 
+# Every stanza escapes its JIDs, id and body; nearly all are printable ASCII (U+0020-U+007E),
+# which XML carries as is and whose only specials are the four below. For those, a few
+# substring scans replace the regex and the per-character translate (0.8 us -> 0.1 us a JID).
+
+
+def _printable_ascii(text: str) -> bool:
+    return text.isascii() and text.isprintable()
+
+
 def text_escape(text: str) -> str:
     """Escape text for element content so that a parser gives back exactly ``text``."""
+    if _printable_ascii(text):
+        if "&" in text or "<" in text or ">" in text:
+            return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        return text
     return xml_safe_text(text).translate(_TEXT_ESCAPES)
 
 
 def attr_escape(text: str) -> str:
     """Escape text for a double-quoted attribute value, preserving whitespace exactly."""
+    if _printable_ascii(text):
+        if "&" in text or "<" in text or ">" in text or '"' in text:
+            return (
+                text.replace("&", "&amp;")
+                .replace("<", "&lt;")
+                .replace(">", "&gt;")
+                .replace('"', "&quot;")
+            )
+        return text
     return xml_safe_text(text).translate(_ATTR_ESCAPES)
 
 
@@ -198,8 +220,20 @@ class MediaType:
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
+_MEDIA_TYPES: dict[str, MediaType] = {}
+
+
 def parse_media_type(value: str) -> MediaType:
     """Parse a Content-Type value (RFC 3261 20.15, RFC 2045); PeerError(400) if unreadable."""
+    # Every MESSAGE's body is decoded by its Content-Type, and senders use a handful of them.
+    media = _MEDIA_TYPES.get(value)
+    if media is None:
+        media = _parse_media_type(value)
+        remember(_MEDIA_TYPES, value, media)
+    return media
+
+
+def _parse_media_type(value: str) -> MediaType:
     essence, *raw_params = value.split(";")
     essence = essence.strip().lower()
     if not _TOKEN.fullmatch(essence):

@@ -242,6 +242,40 @@ async def test_timeout_without_answer() -> None:
         await client.close()
 
 
+async def test_deadlines_within_the_slack_share_one_wakeup() -> None:
+    # Each answered UDP request lingers 64*T1 (Timer J) with its own deadline; the endpoint's
+    # one timer fires them all once the earliest is ``slack`` overdue, not once each.
+    config = TimerConfig(t1=0.05)  # Timer J 3.2 s, slack 5 ms
+    server = await _endpoint(Recorder(202), listen=("udp:127.0.0.1:0",), timers=config)
+    loop = server._loop
+    assert loop is not None
+    armed: list[float] = []
+    call_at = loop.call_at
+
+    def recording_call_at(when: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        armed.append(when)
+        return call_at(when, callback)
+
+    loop.call_at = recording_call_at  # type: ignore[method-assign,assignment]
+    try:
+        start = loop.time()
+        for k in range(5):
+            server._instant = start + k * 0.001  # five answers 1 ms apart
+            data = _raw_request("MESSAGE", 5060, branch=f"z9hG4bKslack{k}")
+            server._on_datagram(
+                data.replace(b"raw-1", f"raw-{k}".encode()), Peer("udp", "127.0.0.1", 9)
+            )
+        assert server.transactions == (0, 5)
+        assert armed == [pytest.approx(start + config.timer_f + config.slack)]
+        server._instant = armed[0]
+        server._on_timer()
+        assert server.transactions == (0, 0)
+    finally:
+        server._instant = None
+        del loop.call_at
+        await server.close()
+
+
 async def test_digest_challenge_answered() -> None:
     verifier = DigestVerifier("sip.test", {"gw": "pw"}.get, b"k" * 16)
     verdicts: list[object] = []

@@ -235,7 +235,8 @@ class SipGate:
 
     def _sip_text(self, incoming: IncomingRequest) -> SipText:
         request = incoming.request
-        decoded = decode_body(request.header("Content-Type"), request.body)
+        content_type = request.header("Content-Type")
+        decoded = decode_body(content_type, request.body)
         from_header = request.header("From") or ""
         try:
             from_addr = parse_name_addr(from_header)
@@ -245,7 +246,7 @@ class SipGate:
             from_uri=from_addr.uri,
             to_uri=request.uri,
             body=decoded.text,
-            content_type=request.header("Content-Type") or "text/plain",
+            content_type=content_type or "text/plain",
             call_id=request.call_id,
             from_display=from_addr.display or None,
             html=decoded.html,
