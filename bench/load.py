@@ -163,18 +163,41 @@ def _stat_cpu(stat: str) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """utime + stime summed over the live processes of a process group (Kamailio's workers)."""
-    total = 0.0
+def _live_stats() -> dict[int, str]:
+    """Each live process's /proc stat line, by pid."""
+    stats: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            stats[int(entry.name)] = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid:
+    return stats
+
+
+def _after_comm(stat: str) -> list[str]:
+    """The fields after "pid (comm)": state, ppid, pgrp, ..."""
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """utime + stime summed over the live processes of a process group (Kamailio's workers)."""
+    stats = _live_stats().values()
+    return sum(_stat_cpu(stat) for stat in stats if int(_after_comm(stat)[2]) == pgid)
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """utime + stime summed over ``root`` and its live descendants (PostgreSQL's backends each
+    start a session of their own, so its process group holds the postmaster alone)."""
+    stats = _live_stats()
+    parents = {pid: int(_after_comm(stat)[1]) for pid, stat in stats.items()}
+    total = 0.0
+    for pid, stat in stats.items():
+        ancestor = pid
+        while ancestor > 1 and ancestor != root:
+            ancestor = parents.get(ancestor, 0)
+        if ancestor == root:
             total += _stat_cpu(stat)
     return total
 

@@ -57,6 +57,7 @@ from bench.load import (
     log_summary,
     machine_line,
     proc_cpu_seconds,
+    tree_cpu_seconds,
 )
 from bench.message_table import MessagePath, RowResult, micros, ms
 from bench.message_world import (
@@ -122,28 +123,6 @@ def share_verdict(rows: list[ScaleRow], limit: float = MAX_SHARE) -> str:
         f"NOT shared: one instance took {top:.0%} (more than {limit:.0%}) of "
         f"{worst.path.name} {worst.mode}"
     )
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """utime + stime summed over ``root`` and its live descendants (PostgreSQL's backends each
-    start a session of their own, so its process group holds the postmaster alone)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-    total = 0.0
-    for pid in parents:
-        ancestor = pid
-        while ancestor > 1 and ancestor != root:
-            ancestor = parents.get(ancestor, 0)
-        if ancestor == root:
-            total += proc_cpu_seconds(pid)
-    return total
 
 
 # --- one row of the table ------------------------------------------------------------------------
