@@ -60,6 +60,16 @@ class RefusingXmpp:
     def __init__(self) -> None:
         self.refused: list[tuple[ChatMessage | Presence, Refusal]] = []
 
+    @property
+    def connected(self) -> bool:
+        return True
+
+    def send_message(self, msg: ChatMessage) -> bool:
+        raise AssertionError(f"the driver sent a chat message to {msg.recipient}")
+
+    def send_presence(self, presence: Presence) -> bool:
+        raise AssertionError(f"the driver sent a presence to {presence.recipient}")
+
     def refuse(self, stanza: ChatMessage | Presence, refusal: Refusal) -> bool:
         self.refused.append((stanza, refusal))
         return True

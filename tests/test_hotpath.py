@@ -24,7 +24,7 @@ from sipside.fastpath import fast_frozen_init
 from sipside.headers import Via
 from sipside.message import SipRequest, parse_message
 from sipside.peer import Peer
-from sipside.transaction import DeliverRequest
+from sipside.transaction import ClientTransaction, DeliverRequest, ServerTransaction
 from sipside.txlayer import TransactionLayer
 from sipside.validate import _header_bytes
 
@@ -163,10 +163,11 @@ def test_copies_made_in_code_rebuild_the_index() -> None:
 
 
 def brute_next_deadline(layer: TransactionLayer) -> float | None:
-    deadlines = [
-        d for tx in [*layer._clients.values(), *layer._servers.values()]
-        if (d := tx.next_deadline()) is not None
-    ]  # fmt: skip
+    transactions: list[ClientTransaction | ServerTransaction] = [
+        *layer._clients.values(),
+        *layer._servers.values(),
+    ]
+    deadlines = [d for tx in transactions if (d := tx.next_deadline()) is not None]
     return min(deadlines, default=None)
 
 

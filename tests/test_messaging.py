@@ -11,6 +11,7 @@ from component.store import MessageDirection
 from component.store.memory import MemoryStore
 from component.values import ChatMessage, ImdnAsk, Presence, SipAnswer, SipText, StanzaError
 from component.xmpp.stanzas import error_for
+from tests.fakes import UnusedSip
 
 BOOK = AddressBook(
     component="sip.xmpp.test",
@@ -59,7 +60,7 @@ class FakeCommands:
         return "ok" if msg.body == "online" else None
 
 
-class FakeSip:
+class FakeSip(UnusedSip):
     """Answers each MESSAGE with the next scripted status (200 when the script runs out)."""
 
     def __init__(self, *statuses: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import defaultdict
+from typing import TypedDict, Unpack
 
 import pytest
 
@@ -12,6 +13,7 @@ from component.messaging.conversations import Conversations, QueueFull
 from component.messaging.router import MessageRouter
 from component.store.memory import MemoryStore
 from component.values import ChatMessage, ImdnAsk, SipText
+from tests.fakes import UnusedSip
 from tests.test_messaging import BOOK, Clock, FakeCommands, FakeXmpp
 
 ALICE = "sip:alice@sip.test"
@@ -23,7 +25,7 @@ def store(memory_store: MemoryStore) -> MemoryStore:
     return memory_store
 
 
-class ScriptedSip:
+class ScriptedSip(UnusedSip):
     """A SIP side whose answers come late and out of order, like a proxy's workers.
 
     ``status_for(body, attempt)`` gives each MESSAGE's final status; ``gate`` (when set) holds
@@ -72,8 +74,16 @@ class ScriptedSip:
         return [b for f, t, b in self.sent if t == to_uri and from_uri in (None, f)]
 
 
+class Limits(TypedDict, total=False):
+    """The router's limits a test sets (the others keep the router's defaults)."""
+
+    max_inflight: int
+    queue: int
+    per_recipient: int
+
+
 def _router(
-    store: MemoryStore, sip: ScriptedSip, xmpp: FakeXmpp, clock: Clock, **limits: int
+    store: MemoryStore, sip: ScriptedSip, xmpp: FakeXmpp, clock: Clock, **limits: Unpack[Limits]
 ) -> MessageRouter:
     return MessageRouter(
         BOOK, xmpp, sip, store, FakeCommands(), clock=clock, delay_time=90.0, **limits

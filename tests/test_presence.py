@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,11 +30,12 @@ from component.sip.side import TIMER_BATCH, SipSide
 from component.sip.transactions import ClientTransactions, Deliver, RequestSender, Sends
 from component.store import ApprovalDirection, ApprovalState, PresenceRecord, RosterApproval
 from component.store.memory import MemoryStore
-from component.values import Presence, SipText
+from component.values import ChatMessage, ImdnAsk, Presence, SipText
 from sipside import pidf
 from sipside.errors import PeerError, TransportError
 from sipside.message import SipRequest, SipResponse, make_response, parse_message
 from sipside.peer import Peer
+from tests.fakes import UnusedSip
 
 T0 = 1_700_000_000.0
 GW_CONTACT = "sip:127.0.0.1:5070"
@@ -105,6 +106,12 @@ class FakeXmpp:
         sent, self.sent = self.sent, []
         return sent
 
+    def send_message(self, msg: ChatMessage) -> bool:
+        raise AssertionError(f"presence sent a chat message to {msg.recipient}")
+
+    def refuse(self, stanza: ChatMessage | Presence, refusal: Refusal) -> bool:
+        raise AssertionError(f"presence refused a stanza from {stanza.sender}: {refusal}")
+
 
 class FakeIncoming:
     """An incoming request as the endpoint hands it over."""
@@ -113,16 +120,14 @@ class FakeIncoming:
         self.request = request
         self.source = source
         self.responses: list[SipResponse] = []
-
-    @property
-    def answered(self) -> bool:
-        return bool(self.responses)
+        self.answered = False
 
     def send(self, response: SipResponse) -> None:
         self.responses.append(response)
+        self.answered = True
 
     def respond(
-        self, status: int, reason: str | None = None, *, headers: Sequence[tuple[str, str]] = ()
+        self, status: int, reason: str | None = None, *, headers: Iterable[tuple[str, str]] = ()
     ) -> SipResponse:
         response = make_response(self.request, status, reason, headers=headers)
         self.send(response)
@@ -274,11 +279,18 @@ def presence_side(
     )
 
 
-class NoTexts:
+class NoTexts(UnusedSip):
     """The SIP side's MESSAGE sender: presence sends none."""
 
     async def send_text(
-        self, *, from_uri: str, to_uri: str, body: str, from_display: str | None = None
+        self,
+        *,
+        from_uri: str,
+        to_uri: str,
+        body: str,
+        from_display: str | None = None,
+        imdn: ImdnAsk | None = None,
+        sent_at: float | None = None,
     ) -> int:
         raise AssertionError(f"presence sent a MESSAGE to {to_uri}")
 

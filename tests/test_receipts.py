@@ -23,6 +23,7 @@ from component.values import (
     StanzaError,
 )
 from component.xmpp.stanzas import format_message, parse_message
+from tests.fakes import UnusedSip
 from tests.test_messaging import BOOK, Clock, FakeCommands, FakeXmpp
 
 ALICE = "sip:alice@sip.test"  # the SIP user
@@ -48,7 +49,7 @@ class Sent:
 
 
 @dataclass
-class RecordingSip:
+class RecordingSip(UnusedSip):
     """Records every MESSAGE; answers each with the next scripted status (200 after)."""
 
     statuses: list[int] = field(default_factory=list)

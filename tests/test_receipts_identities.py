@@ -195,7 +195,7 @@ class Gateway:
 
 def _gateway(store: StorePort, clock: Clock) -> Gateway:
     xmpp, sip, counting = FakeXmpp(), RecordingSip(), CountingStore(store)
-    notes = Notifications(xmpp, sip, clock=clock, keep=KEEP, store=counting)  # type: ignore[arg-type]
+    notes = Notifications(xmpp, sip, clock=clock, keep=KEEP, store=counting)
     router = MessageRouter(
         BOOK, xmpp, sip, store, FakeCommands(), clock=clock, delay_time=90.0, notifications=notes
     )

@@ -9,6 +9,7 @@ from component.rooms.model import (
     DeleteMembership,
     DiscoverService,
     Membership,
+    Notice,
     PassToChat,
     RoomInvitation,
     RoomMessage,
@@ -302,6 +303,7 @@ def test_a_mediated_invitation_from_an_occupant_jid_names_the_nick() -> None:
     gw = Gateway()
     inv = RoomInvitation(ROOM, f"{ROOM}/bob", "alice@sip.xmpp.test", "hi", mediated=True)
     [notice] = gw.core.on_invitation(inv, gw.now)
+    assert isinstance(notice, Notice)
     assert notice.text.startswith(f"bob in {ROOM} invites you to the room {ROOM}")
 
 
@@ -316,6 +318,7 @@ def test_invitations_reach_the_sip_user_from_the_room_address(mediated: bool) ->
         mediated=mediated,
     )
     [notice] = gw.core.on_invitation(inv, gw.now)
+    assert isinstance(notice, Notice)
     assert notice.aor == ALICE
     assert notice.from_uri == ROOM_URI
     assert "bob@xmpp.test invites you to the room" in notice.text
@@ -326,6 +329,7 @@ def test_an_invitation_password_is_used_by_the_reply() -> None:
     gw = Gateway()
     inv = RoomInvitation(ROOM, "bob@xmpp.test", "alice@sip.xmpp.test", password="pw")
     [notice] = gw.core.on_invitation(inv, gw.now)
+    assert isinstance(notice, Notice)
     assert "/join NICK pw" in notice.text
     [join] = presences(gw.sip("/join"))
     assert join.muc_password == "pw"
@@ -335,6 +339,7 @@ def test_an_invitation_from_a_sip_user_names_their_sip_address() -> None:
     gw = Gateway()
     inv = RoomInvitation(ROOM, "dave@sip.xmpp.test/sip", "alice@sip.xmpp.test", mediated=True)
     [notice] = gw.core.on_invitation(inv, gw.now)
+    assert isinstance(notice, Notice)
     assert notice.text.startswith("sip:dave@sip.test invites you")
 
 

@@ -33,7 +33,7 @@ def test_user_state_reaches_every_listener_past_a_failing_one() -> None:
 
 
 def test_user_online_reaches_every_listener_past_a_failing_one() -> None:
-    signal, heard = UserOnlineSignal(), []
+    signal, heard = UserOnlineSignal(), list[str]()
 
     def broken(aor: str) -> None:
         raise RuntimeError("listener bug")

@@ -364,7 +364,8 @@ def test_a_nick_on_a_transport_is_chat_after_disco_of_its_own_address() -> None:
 def test_rooms_on_a_transport_that_goes_down_and_comes_back() -> None:
     core = _joined_core()
     (seat,) = core.seats.values()
-    assert seat.state is SeatState.JOINED
+    before = seat.state
+    assert before is SeatState.JOINED
     down = core.transport_down(IRC, T0 + 10)
     assert [n.text for n in down if isinstance(n, Notice)] == [
         "The transport irc.xmpp.test is down: you are out of #chan%127.0.0.1@irc.xmpp.test "

@@ -1094,7 +1094,7 @@ async def test_real_send_message_reaches_client(
     )
     assert got.xml.find("{urn:xmpp:receipts}request") is not None
     assert got.xml.find("{http://jabber.org/protocol/chatstates}active") is not None
-    assert got.xml.find(f"{{{NS_SID}}}origin-id").get("id") == "out-1"  # type: ignore[union-attr]
+    assert got.xml.find(f"{{{NS_SID}}}origin-id").get("id") == "out-1"
     # The server routes the barrier's ping back to the component: the message is confirmed.
     barrier = link.confirmations.barrier
     await _until(lambda: barrier.confirmed == 1)
