@@ -74,13 +74,13 @@ async def _run(client: XmppClient, node: str, **form: str | list[str]) -> dict[s
     """Run command ``node``: execute, then (if it asks) submit ``form``; the last command's
     status, note and form values."""
     xep_0050 = client.plugin["xep_0050"]
-    reply = await xep_0050.send_command(COMPONENT_DOMAIN, node, timeout=15)
+    reply = await xep_0050.send_command(COMPONENT_DOMAIN, node, timeout=15)  # type: ignore[no-untyped-call]
     command = reply["command"]
     if command["status"] == "executing":
-        submit = client.plugin["xep_0004"].make_form(ftype="submit")
+        submit = client.plugin["xep_0004"].make_form(ftype="submit")  # type: ignore[no-untyped-call]
         for var, value in form.items():
             submit.add_field(var=var, value=value)
-        reply = await xep_0050.send_command(
+        reply = await xep_0050.send_command(  # type: ignore[no-untyped-call]
             COMPONENT_DOMAIN,
             node,
             action="complete",
@@ -97,7 +97,7 @@ async def _run(client: XmppClient, node: str, **form: str | list[str]) -> dict[s
 
 async def _asked(client: XmppClient, node: str) -> Any:
     """Execute ``node`` and return its first form (the command asks for one)."""
-    reply = await client.plugin["xep_0050"].send_command(COMPONENT_DOMAIN, node, timeout=15)
+    reply = await client.plugin["xep_0050"].send_command(COMPONENT_DOMAIN, node, timeout=15)  # type: ignore[no-untyped-call]
     assert reply["command"]["status"] == "executing"
     return reply["command"]
 
@@ -148,16 +148,16 @@ async def test_a_stranger_sees_no_commands_and_is_forbidden(
     world: World, xmpp_client_factory: ClientFactory
 ) -> None:
     _, _, admin, metrics_url = world
-    listed = await admin.plugin["xep_0050"].get_commands(COMPONENT_DOMAIN, timeout=15)
+    listed = await admin.plugin["xep_0050"].get_commands(COMPONENT_DOMAIN, timeout=15)  # type: ignore[no-untyped-call]
     nodes = {node for _jid, node, _name in listed["disco_items"]["items"]}
     assert nodes == {"stats", "user", "queue", "announce"}  # slixmpp keeps items in a set
     eve = await xmpp_client_factory("eve")
     eve.register_plugin("xep_0050")
-    hidden = await eve.plugin["xep_0050"].get_commands(COMPONENT_DOMAIN, timeout=15)
+    hidden = await eve.plugin["xep_0050"].get_commands(COMPONENT_DOMAIN, timeout=15)  # type: ignore[no-untyped-call]
     assert list(hidden["disco_items"]["items"]) == []
     for node in ("stats", "announce"):
         with pytest.raises(IqError) as refused:
-            await eve.plugin["xep_0050"].send_command(COMPONENT_DOMAIN, node, timeout=15)
+            await eve.plugin["xep_0050"].send_command(COMPONENT_DOMAIN, node, timeout=15)  # type: ignore[no-untyped-call]
         assert refused.value.condition == "forbidden"
     samples = await _scrape(metrics_url)
     assert samples["sipxmpp_xmpp_errors_sent_total", (("condition", "forbidden"),)] == 2

@@ -171,7 +171,13 @@ async def _stanza(client: XmppClient, sender: str, want: Callable[[Any], bool]) 
 
 
 def _child(msg: Any, ns: str, name: str) -> ET.Element | None:
-    return msg.xml.find(f"{{{ns}}}{name}")
+    child: ET.Element | None = msg.xml.find(f"{{{ns}}}{name}")
+    return child
+
+
+def _has_child(ns: str, name: str) -> Callable[[Any], bool]:
+    """A ``_stanza`` filter: messages with a ``name`` element of namespace ``ns``."""
+    return lambda msg: _child(msg, ns, name) is not None
 
 
 def _cpim(msg: RawSip) -> cpim.CpimMessage:
@@ -270,9 +276,7 @@ async def test_receipt_and_read_marker_xmpp_to_sip(
         carol.send("MESSAGE", _uri_of(bob), body=note, content_type="message/cpim")
         assert (await carol.response()).status == 200
         ns = NS_RECEIPTS if name == "received" else NS_MARKERS
-        marker = await _stanza(
-            bob, carol_jid, lambda m, ns=ns, name=name: _child(m, ns, name) is not None
-        )
+        marker = await _stanza(bob, carol_jid, _has_child(ns, name))
         assert _child(marker, ns, name).get("id") == sent_id  # type: ignore[union-attr]
         assert not marker["body"]
 
@@ -472,9 +476,7 @@ async def test_receipts_name_the_message_after_a_gateway_restart(
             note = _notification(wrapper, status, carol.uri, _uri_of(bob))
             carol.send("MESSAGE", _uri_of(bob), body=note, content_type="message/cpim")
             assert (await carol.response()).status == 200
-            marker = await _stanza(
-                bob, carol_jid, lambda m, ns=ns, name=name: _child(m, ns, name) is not None
-            )
+            marker = await _stanza(bob, carol_jid, _has_child(ns, name))
             assert _child(marker, ns, name).get("id") == sent_id  # type: ignore[union-attr]
         # XMPP markers become IMDNs naming carol's Message-ID and DateTime
         for ns, name, disposition in (

@@ -224,7 +224,7 @@ async def test_private_messages_both_ways(
             break
     assert str(msg["from"]) == f"{room}/alice"
     assert msg["type"] == "chat"
-    msg.reply("psst alice").send()
+    msg.reply("psst alice").send()  # type: ignore[no-untyped-call]
     got = await _sip_message(alice, lambda m: m.body == "psst alice")
     assert _addr(got.from_uri) == _occupant_uri(room, "bob")
 

@@ -125,7 +125,12 @@ async def test_two_active_instances_on_ejabberd_share_and_survive_a_kill(
                 bob.send(component_jid(user), f"x{i}:{user}")
         await wait_until(lambda: all(sip.answers.get(c) for c in calls), 30)
         assert all(200 <= sip.answers[c] < 300 for c in calls)
-        await wait_until(lambda: (bob.take(), len(bob.bodies) >= USERS * EACH)[1], 30)
+
+        def bob_has_all() -> bool:
+            bob.take()
+            return len(bob.bodies) >= USERS * EACH
+
+        await wait_until(bob_has_all, 30)
         await wait_until(lambda: len(sip.notices) >= USERS * EACH, 30)
         assert sorted(bob.bodies) == sorted(f"{i}:{n}" for n in range(USERS) for i in range(EACH))
         assert _relayed(a) > 0 and _relayed(b) > 0  # both instances carried messages

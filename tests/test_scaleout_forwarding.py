@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-import psycopg2
+import psycopg2  # type: ignore[import-untyped]
 import pytest
 
 from component.addresses import AddressBook
@@ -207,12 +207,16 @@ class Node:
             self.seats,
             rooms=self.rooms,
             presence=self.presences.append,
-            answers=lambda xml: self.answers.append(xml) is None,
+            answers=self._answer,
             errors=self.errors.append,
             refresh=0.05,
             keep=10.0,
         )
         self.task: asyncio.Task[None] | None = None
+
+    def _answer(self, xml: str) -> bool:
+        self.answers.append(xml)
+        return True
 
     def start(self) -> None:
         self.task = asyncio.create_task(self.forwarding.run())
@@ -238,7 +242,8 @@ async def _settle(until: Callable[[], bool]) -> None:
 
 
 async def _pair() -> tuple[Node, Node]:
-    db, hub = MemoryDatabase(), {}
+    db = MemoryDatabase()
+    hub: dict[str, Callable[[str], None]] = {}
     a, b = Node(db, hub, "gw-a"), Node(db, hub, "gw-b")
     return a, b
 
@@ -305,7 +310,8 @@ async def test_a_forwarded_stanza_for_a_seat_gone_meanwhile_is_dropped_not_bounc
 
 
 async def test_room_stanzas_a_dead_owner_did_not_acknowledge_reach_the_one_taking_over() -> None:
-    db, hub = MemoryDatabase(), {}
+    db = MemoryDatabase()
+    hub: dict[str, Callable[[str], None]] = {}
     now = [T0]
     a, b = Node(db, hub, "gw-a"), Node(db, hub, "gw-b", clock=lambda: now[0])
     await a.store.save_membership(RoomMembership(ALICE, ROOM, "alice", MembershipState.JOINED))

@@ -300,7 +300,7 @@ async def test_gateway_domain_lists_transports_and_shows_sip_health(
     try:
         # XEP-0100 is still served on the component domain.
         iq = carol.make_iq_get(queryxmlns="jabber:iq:gateway", ito=COMPONENT_DOMAIN)
-        answer = await iq.send(timeout=5)
+        answer = await iq.send(timeout=5)  # type: ignore[no-untyped-call]
         assert "SIP address" in str(answer)
 
         async def listed(state: str) -> bool:
