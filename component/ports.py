@@ -60,11 +60,9 @@ class XmppPort(Protocol):
         ...
 
 
-class SipPort(Protocol):
-    """What the features need of the SIP side: MESSAGEs (DESIGN 4), and presence's dialogs as
-    values (DESIGN 5). Watches (5.2) are addressed by who watches whom, every dialog of the
-    pair at once; subscriptions at the SIP presence server (5.3) by the XMPP watcher and the
-    SIP user."""
+class MessageSender(Protocol):
+    """The MESSAGEs of the SIP side (DESIGN 4, 4.3): what ``SipPort`` offers for chat, and all
+    the SIP adapter's sender does."""
 
     async def send_text(
         self,
@@ -94,6 +92,13 @@ class SipPort(Protocol):
     ) -> int:
         """An RFC 5438 notification about ``message_id`` to its sender ``to_uri``."""
         ...
+
+
+class SipPort(MessageSender, Protocol):
+    """What the features need of the SIP side: MESSAGEs (DESIGN 4), and presence's dialogs as
+    values (DESIGN 5). Watches (5.2) are addressed by who watches whom, every dialog of the
+    pair at once; subscriptions at the SIP presence server (5.3) by the XMPP watcher and the
+    SIP user."""
 
     async def notify_watch(self, watch: Watch, document: PresenceDocument, now: float) -> None:
         """The watched entity's presence changed: NOTIFY it in every dialog of ``watch``."""

@@ -14,7 +14,6 @@ import datetime
 import secrets
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 from component.logs import get_logger
 from component.sip.media import MediaSupport, accepts
@@ -39,35 +38,6 @@ _DISPOSITIONS = {
     ImdnStatus.FAILED: (rfc5438.NotificationKind.DELIVERY, rfc5438.Disposition.FAILED),
     ImdnStatus.DISPLAYED: (rfc5438.NotificationKind.DISPLAY, rfc5438.Disposition.DISPLAYED),
 }
-
-
-class TextSender(Protocol):
-    """What ``SipSide`` needs to send MESSAGEs (``SipSender``; a fake in tests)."""
-
-    async def send_text(
-        self,
-        *,
-        from_uri: str,
-        to_uri: str,
-        body: str,
-        from_display: str | None = None,
-        imdn: ImdnAsk | None = None,
-        sent_at: float | None = None,
-    ) -> int:
-        """Send a MESSAGE; its final status."""
-        ...
-
-    async def send_composing(
-        self, *, from_uri: str, to_uri: str, active: bool, refresh: int | None
-    ) -> int:
-        """Send an isComposing MESSAGE; its final status (415 unsent: the client takes none)."""
-        ...
-
-    async def send_notification(
-        self, *, from_uri: str, to_uri: str, message_id: str, sent_at: float, status: ImdnStatus
-    ) -> int:
-        """Send an IMDN notification about ``message_id``; its final status."""
-        ...
 
 
 # A late message to a client without CPIM says when it was written once it waited this long.

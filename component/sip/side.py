@@ -20,12 +20,11 @@ from typing import Any, Protocol
 from component.addresses import AddressBook
 from component.errors import busy
 from component.logs import get_logger
-from component.ports import SipPort
+from component.ports import MessageSender, SipPort
 from component.presence.core import PresenceCore
 from component.sip.dialog_state import DialogParts
 from component.sip.presence_subscriptions import PresenceSubscriptions
 from component.sip.publications import Publications
-from component.sip.sender import TextSender
 from component.sip.transactions import Sends, Serial
 from component.sip.watch_dialogs import Answerable, WatchDialogs
 from component.store import StorePort, XmppWatcherSubscription
@@ -92,7 +91,7 @@ class SipSide:
         *,
         driver: Driver,
         transactions: Sends,
-        sender: TextSender,
+        sender: MessageSender,
         store: StorePort,
         presence: Callable[[SipPort], PresenceCore],
         max_waiting: int = 500,
