@@ -172,15 +172,23 @@ async def _join(account: SipAccount, room: str, nick: str) -> ReceivedMessage:
     return await _notice(account, f"{room} as {nick}")
 
 
-async def _alice_and_bob_in_a_room(
+async def _alice_and_a_room_of_bob(
     world: World, agent: PjsipAgent, xmpp_client_factory: ClientFactory
 ) -> tuple[SipAccount, XmppClient, str]:
-    """A new room with bob (XMPP) in it, and alice (SIP) joined as alice."""
+    """alice (SIP, registered), and a new room with bob (XMPP) in it as bob."""
     _, kamailio = world
     alice = await _sip_user(agent, kamailio)
     bob = await xmpp_client_factory("bob")
     room = _room()
     await bob.join_room(room, "bob")
+    return alice, bob, room
+
+
+async def _alice_and_bob_in_a_room(
+    world: World, agent: PjsipAgent, xmpp_client_factory: ClientFactory
+) -> tuple[SipAccount, XmppClient, str]:
+    """A new room with bob (XMPP) in it, and alice (SIP) joined as alice."""
+    alice, bob, room = await _alice_and_a_room_of_bob(world, agent, xmpp_client_factory)
     await _join(alice, room, "alice")
     return alice, bob, room
 
@@ -191,11 +199,7 @@ async def _alice_and_bob_in_a_room(
 async def test_join_talk_both_ways_without_echo(
     world: World, pjsip_agent: PjsipAgent, xmpp_client_factory: ClientFactory
 ) -> None:
-    _, kamailio = world
-    alice = await _sip_user(pjsip_agent, kamailio)
-    bob = await xmpp_client_factory("bob")
-    room = _room()
-    await bob.join_room(room, "bob")
+    alice, bob, room = await _alice_and_a_room_of_bob(world, pjsip_agent, xmpp_client_factory)
     notice = await _join(alice, room, "alice")
     assert "2 occupants" in notice.body
     await _occupant_presence(bob, room, "alice")
@@ -274,11 +278,7 @@ async def test_commands_who_topic_nick_leave(
 async def test_invitation_reaches_sip_user_and_join_by_reply(
     world: World, pjsip_agent: PjsipAgent, xmpp_client_factory: ClientFactory
 ) -> None:
-    _, kamailio = world
-    alice = await _sip_user(pjsip_agent, kamailio)
-    bob = await xmpp_client_factory("bob")
-    room = _room()
-    await bob.join_room(room, "bob")
+    alice, bob, room = await _alice_and_a_room_of_bob(world, pjsip_agent, xmpp_client_factory)
     # XEP-0249 direct invitation
     invite = bob.Message()
     invite["to"] = _component_jid(alice)
@@ -313,12 +313,8 @@ async def test_order_kept_over_a_burst_of_50(
 async def test_rejoin_after_gateway_restart(
     world: World, pjsip_agent: PjsipAgent, xmpp_client_factory: ClientFactory
 ) -> None:
-    running, kamailio = world
-    alice = await _sip_user(pjsip_agent, kamailio)
-    bob = await xmpp_client_factory("bob")
-    room = _room()
-    await bob.join_room(room, "bob")
-    await _join(alice, room, "alice")
+    running, _ = world
+    alice, bob, room = await _alice_and_bob_in_a_room(world, pjsip_agent, xmpp_client_factory)
     bob.send_groupchat(room, "before restart")
     await _from_room(alice, room, "bob: before restart")
     await running.stop()
@@ -351,11 +347,7 @@ async def _configure(client: XmppClient, room: str, **fields: str) -> None:
 async def test_members_only_room_refuses(
     world: World, pjsip_agent: PjsipAgent, xmpp_client_factory: ClientFactory
 ) -> None:
-    _, kamailio = world
-    alice = await _sip_user(pjsip_agent, kamailio)
-    bob = await xmpp_client_factory("bob")
-    room = _room()
-    await bob.join_room(room, "bob")
+    alice, bob, room = await _alice_and_a_room_of_bob(world, pjsip_agent, xmpp_client_factory)
     await _configure(bob, room, membersonly="1")
     assert (await alice.send_message(_occupant_uri(room, "alice"), "/join")).code == 202
     notice = await _notice(alice, "Could not join")
@@ -365,11 +357,7 @@ async def test_members_only_room_refuses(
 async def test_password_room(
     world: World, pjsip_agent: PjsipAgent, xmpp_client_factory: ClientFactory
 ) -> None:
-    _, kamailio = world
-    alice = await _sip_user(pjsip_agent, kamailio)
-    bob = await xmpp_client_factory("bob")
-    room = _room()
-    await bob.join_room(room, "bob")
+    alice, bob, room = await _alice_and_a_room_of_bob(world, pjsip_agent, xmpp_client_factory)
     await _configure(bob, room, passwordprotectedroom="1", roomsecret="s3cret")
     assert (await alice.send_message(_room_uri(room), "/join alice")).code == 202
     assert "needs a password" in (await _notice(alice, "Could not join")).body
@@ -387,12 +375,8 @@ async def test_rejoin_after_xmpp_server_restart(
     xmpp_server: XmppServer,
     xmpp_client_factory: ClientFactory,
 ) -> None:
-    running, kamailio = world
-    alice = await _sip_user(pjsip_agent, kamailio)
-    bob = await xmpp_client_factory("bob")
-    room = _room()
-    await bob.join_room(room, "bob")
-    await _join(alice, room, "alice")
+    running, _ = world
+    alice, _, room = await _alice_and_bob_in_a_room(world, pjsip_agent, xmpp_client_factory)
     gateway = running.gateway
     assert gateway is not None
     await asyncio.get_running_loop().run_in_executor(None, xmpp_server.restart)

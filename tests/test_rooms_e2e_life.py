@@ -26,6 +26,7 @@ from tests.test_rooms_e2e import (
     ClientFactory,
     World,
     _addr,
+    _alice_and_a_room_of_bob,
     _alice_and_bob_in_a_room,
     _component_jid,
     _configure,
@@ -137,11 +138,7 @@ async def test_two_sip_users_and_two_xmpp_users_talk_in_one_room(
 async def test_mediated_invitation_from_an_xmpp_user_reaches_the_sip_user(
     world: World, pjsip_agent: PjsipAgent, xmpp_client_factory: ClientFactory
 ) -> None:
-    _, kamailio = world
-    alice = await _sip_user(pjsip_agent, kamailio)
-    bob = await xmpp_client_factory("bob")
-    room = _room()
-    await bob.join_room(room, "bob")
+    alice, bob, room = await _alice_and_a_room_of_bob(world, pjsip_agent, xmpp_client_factory)
     # XEP-0045 7.8.2: bob asks the room to invite alice; the room passes it on
     bob.plugin["xep_0045"].invite(JID(room), JID(_component_jid(alice)), "our meeting")
     got = await _sip_message(alice, lambda m: "invites you" in m.body)
@@ -236,11 +233,8 @@ async def test_offline_member_stays_and_gets_room_messages_when_back(
 async def test_password_room_rejoined_after_a_gateway_restart(
     world: World, pjsip_agent: PjsipAgent, xmpp_client_factory: ClientFactory
 ) -> None:
-    running, kamailio = world
-    alice = await _sip_user(pjsip_agent, kamailio)
-    bob = await xmpp_client_factory("bob")
-    room = _room()
-    await bob.join_room(room, "bob")
+    running, _ = world
+    alice, bob, room = await _alice_and_a_room_of_bob(world, pjsip_agent, xmpp_client_factory)
     await _configure(bob, room, passwordprotectedroom="1", roomsecret="s3cret")
     assert (await alice.send_message(_room_uri(room), "/join alice s3cret")).code == 202
     await _notice(alice, f"You joined {room} as alice")
