@@ -356,8 +356,7 @@ class MessageRouter:
                 return None
             return self._keep_for_next_run(msg, text)
         try:
-            to_uri = self.book.sip_uri_for_component_jid(bare_jid(msg.recipient))
-            from_uri = self.book.sip_uri_for_jid(msg.sender)
+            from_uri, to_uri = self._uris(msg)
         except AddressError as exc:
             self._refuse(msg, exc, "bad address")
             return None
@@ -365,10 +364,7 @@ class MessageRouter:
             # DESIGN 4.3: a chat state, a receipt or a read marker; never queued.
             return self.notes.on_xmpp(msg, from_uri, to_uri)
         pair = (bare_jid(msg.sender), to_uri)
-        ask = self.notes.ask_for(msg, from_uri, to_uri)
-        # dataclasses.replace costs 7 us a message; most texts are the body as it came
-        relayed = msg if text == msg.body else replace(msg, body=text)
-        outgoing = _Outgoing(relayed, from_uri, to_uri, ask)
+        outgoing = self._outgoing(msg, text, from_uri, to_uri)
         try:
             starts = self.conversations.offer(pair, outgoing)
         except QueueFull as exc:
@@ -397,15 +393,24 @@ class MessageRouter:
         """Store ``msg``, read as the link closed, for the next start to send (in order: what
         the drain stored of its conversation went before it)."""
         try:
-            to_uri = self.book.sip_uri_for_component_jid(bare_jid(msg.recipient))
-            from_uri = self.book.sip_uri_for_jid(msg.sender)
+            from_uri, to_uri = self._uris(msg)
         except AddressError:
             log.info("message_dropped_at_close", jid=msg.sender, recipient=msg.recipient)
             return None
-        relayed = msg if text == msg.body else replace(msg, body=text)
-        ask = self.notes.ask_for(msg, from_uri, to_uri)
-        outgoing = _Outgoing(relayed, from_uri, to_uri, ask)
+        outgoing = self._outgoing(msg, text, from_uri, to_uri)
         return self._store_for_sip(outgoing, "read as the link closed", capped=False)
+
+    def _uris(self, msg: ChatMessage) -> tuple[str, str]:
+        """The SIP From and To of an XMPP message to a SIP user; raises AddressError."""
+        to_uri = self.book.sip_uri_for_component_jid(bare_jid(msg.recipient))
+        return self.book.sip_uri_for_jid(msg.sender), to_uri
+
+    def _outgoing(self, msg: ChatMessage, text: str, from_uri: str, to_uri: str) -> _Outgoing:
+        """``msg`` as the MESSAGE it becomes, with the notifications it asks for."""
+        ask = self.notes.ask_for(msg, from_uri, to_uri)
+        # dataclasses.replace costs 7 us a message; most texts are the body as it came
+        relayed = msg if text == msg.body else replace(msg, body=text)
+        return _Outgoing(relayed, from_uri, to_uri, ask)
 
     def _refuse(self, msg: ChatMessage, refusal: Refusal, reason: str) -> None:
         """Answer ``msg`` with an error stanza; every refusal is logged and counted."""
