@@ -1,14 +1,18 @@
 """CPU cost of the SIP hot path per message, in process, with no real socket I/O.
 
 Run ``python -m bench.hotpath`` from the repository root (``--profile ROW`` prints the cProfile
-hot spots of one row: parse, validate, server or client; ``--rounds`` and ``--count`` size the
-run). Every row feeds pre-built, distinct messages (fresh branch, Call-ID and tag each, so no
-retransmission matching short-cuts the work) and measures ``time.process_time()``:
+hot spots of one row: parse, validate, server, gateway or client; ``--rows`` picks rows;
+``--rounds`` and ``--count`` size the run). Every row feeds pre-built, distinct messages (fresh
+branch, Call-ID and tag each, so no retransmission matching short-cuts the work) and measures
+``time.process_time()``:
 
 - ``parse``: ``parse_message`` of a relayed MESSAGE;
 - ``parse+validate``: the same plus ``validate_request``;
 - ``server``: the datagram through ``Endpoint._on_datagram`` -> transaction layer -> a handler
   answering 202 -> the response serialised and written to a fake UDP transport;
+- ``gateway``: the whole SIP -> XMPP chat path of a real gateway (``bench.gateway_path``): the
+  datagram into the endpoint -> SIP gate -> router -> the stanza written to a fake XMPP stream,
+  the 202 to a fake UDP transport, the barrier's pings answered as the server would;
 - ``client``: ``await endpoint.request(MESSAGE)`` -> bytes written to the fake transport -> a
   200 datagram fed back -> the future resolved, driven in batches of concurrent requests. The
   time spent making up the 200s (the far end's work) is not counted.
@@ -28,10 +32,11 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
+from bench.gateway_path import FakeUdp, run_gateway
+from bench.gateway_path import relayed_message as message_datagram
 from sipside.endpoint import Endpoint, IncomingRequest, make_request
 from sipside.message import SipRequest, parse_message
 from sipside.peer import Peer
@@ -39,41 +44,6 @@ from sipside.validate import validate_request
 
 SOURCE = Peer("udp", "127.0.0.1", 5060)
 BATCH = 200  # client requests in flight at once
-
-
-def message_datagram(i: int) -> bytes:
-    """A MESSAGE as Kamailio relays it to the gateway; ``i`` makes branch, tag, Call-ID unique."""
-    body = b"Hello Bob, are you there this time?"
-    return (
-        b"MESSAGE sip:bob*xmpp.test@jabber.sip.test SIP/2.0\r\n"
-        b"Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK3c1d.7a0f2b1e%06d.0;rport\r\n"
-        b"Via: SIP/2.0/UDP 127.0.0.1:40112;rport=40112;received=127.0.0.1;"
-        b"branch=z9hG4bKPj8d2f8a7e-4c1b-%06d\r\n"
-        b"Max-Forwards: 69\r\n"
-        b'From: "Alice" <sip:alice@sip.test>;tag=6a9c2f0e-%06d\r\n'
-        b"To: <sip:bob*xmpp.test@jabber.sip.test>\r\n"
-        b"Call-ID: 1f2e3d4c-5b6a-4798-%06d\r\n"
-        b"CSeq: 21764 MESSAGE\r\n"
-        b"Accept: text/plain, application/im-iscomposing+xml\r\n"
-        b"User-Agent: PJSUA v2.15 Linux\r\n"
-        b"Content-Type: text/plain\r\n"
-        b"Content-Length: %d\r\n"
-        b"\r\n%s"
-    ) % (i, i, i, i, len(body), body)
-
-
-class FakeUdp:
-    """Stands in for the asyncio datagram transport: keeps what would have been sent."""
-
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    def sendto(self, data: bytes, addr: Any = None) -> None:
-        """Record one datagram."""
-        self.sent.append(data)
-
-    def close(self) -> None:
-        """Nothing to close."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +185,7 @@ ROWS: dict[str, tuple[str, Callable[[int], float]]] = {
     "parse": ("parse_message", run_parse),
     "validate": ("parse + validate_request", run_validate),
     "server": ("server: datagram -> 202 written", lambda n: asyncio.run(run_server(n))),
+    "gateway": ("gateway: datagram -> stanza + 202", lambda n: asyncio.run(run_gateway(n))),
     "client": ("client: request() -> 200 -> future", lambda n: asyncio.run(run_client(n))),
 }
 
@@ -233,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
         "--profile", nargs="?", const="server", choices=sorted(ROWS), help="profile one row"
     )
     parser.add_argument(
+        "--rows", nargs="+", choices=sorted(ROWS), default=list(ROWS), help="rows to measure"
+    )
+    parser.add_argument(
         "--gc",
         choices=("default", "frozen", "off"),
         default="default",
@@ -245,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.gc == "frozen":
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
-    # Logging as in production at "warning": the hot path must not pay for debug events.
+    # Logging as in production at "warning": the hot path must not pay for debug events (the
+    # gateway row sets up the gateway's own logging, at its default level).
     logging.basicConfig(level=logging.WARNING)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     if args.profile:
@@ -257,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{ROWS[args.profile][0]}: {cpu / args.count * 1e6:.1f} us/msg under the profiler")
         return
     rows = []
-    for key, (name, _func) in ROWS.items():
+    for key in args.rows:
+        name = ROWS[key][0]
         best = min(measure(key, args.count) for _ in range(args.rounds))
         rows.append(Row(name, args.count, best))
     print_table(rows)
