@@ -365,7 +365,8 @@ class Endpoint:
             self.stats.requests_in += 1
         now = self._now()
         try:
-            effects = self._layer.receive(message, source, now)
+            # The handler answers most requests within _run, before _arm_timer reads the timers.
+            effects = self._layer.receive(message, source, now, answer_first=True)
         except PeerError as exc:
             self.stats.parse_errors += 1
             self._answer_unparsable(data, source, exc)

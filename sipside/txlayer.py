@@ -80,6 +80,10 @@ class TransactionLayer:
         # change it; the endpoint asks after every batch of effects.
         self._next: float | None = None
         self._next_known = False
+        # New server transactions received with answer_first whose deadline is not in the heap
+        # yet: scheduled when answered, or by whatever next reads or fires the timers
+        # (next_deadline, handle_timer, transport_error), whichever comes first.
+        self._unscheduled: dict[AnyServerKey, ServerTransaction] = {}
 
     @property
     def config(self) -> TimerConfig:
@@ -128,15 +132,23 @@ class TransactionLayer:
 
     # --- incoming messages ---------------------------------------------------------------------
 
-    def receive(self, message: SipMessage, source: Peer, now: float) -> list[Effect]:
+    def receive(
+        self, message: SipMessage, source: Peer, now: float, *, answer_first: bool = False
+    ) -> list[Effect]:
         """Match a message from ``source`` to its transaction, or create a server transaction.
 
         Raises PeerError for a request that lacks what transactions are keyed on (Via, Call-ID,
         CSeq); the caller answers or drops it. Unusable responses become Stray effects.
+
+        ``answer_first``: the caller hands a new request to an application that usually answers
+        it at once, before the timers are read again (the endpoint). The new transaction's
+        first deadline then goes into the timer heap only if it is still unanswered when they
+        are: an answered one would leave a stale entry behind, and moving it would make
+        ``next_deadline`` walk the heap. Timers fire the same either way.
         """
         if isinstance(message, SipResponse):
             return self._receive_response(message, source, now)
-        return self._receive_request(message, source, now)
+        return self._receive_request(message, source, now, answer_first)
 
     def _receive_response(self, response: SipResponse, source: Peer, now: float) -> list[Effect]:
         try:
@@ -157,7 +169,9 @@ class TransactionLayer:
         self._settle(tx, before)
         return effects
 
-    def _receive_request(self, request: SipRequest, source: Peer, now: float) -> list[Effect]:
+    def _receive_request(
+        self, request: SipRequest, source: Peer, now: float, answer_first: bool
+    ) -> list[Effect]:
         if request.method == "ACK":
             # We never answer INVITE, so an ACK can only be stray (RFC 3261 17.2.3 would match
             # it to an INVITE server transaction); it gets no transaction and no response.
@@ -195,7 +209,10 @@ class TransactionLayer:
                 return [Stray(request, source, reason), *effects]
             self._merge[merge_key] = key
             self._merge_of[key] = merge_key
-        self._settle(tx, None)
+        if answer_first:
+            self._unscheduled[key] = tx
+        else:
+            self._settle(tx, None)
         return [DeliverRequest(key, request, source)]
 
     # --- application answers, timers, transport failures --------------------------------------
@@ -207,13 +224,14 @@ class TransactionLayer:
         if tx is None:
             # Terminated already (the 64*T1 guard, or a transport error): the client is gone.
             return [Discarded(key, response, "no such server transaction")]
-        before = tx.next_deadline()
+        before = None if self._unscheduled.pop(key, None) is not None else tx.next_deadline()
         effects = tx.send_response(response, now)
         self._settle(tx, before)
         return effects
 
     def handle_timer(self, now: float) -> list[Effect]:
         """Fire every timer due at ``now``."""
+        self._schedule_new()
         heap = self._heap
         effects: list[Effect] = []
         self._next_known = False
@@ -230,6 +248,8 @@ class TransactionLayer:
 
     def next_deadline(self) -> float | None:
         """The earliest time ``handle_timer`` must be called, or None when nothing is pending."""
+        if self._unscheduled:
+            self._schedule_new()
         if self._next_known:
             return self._next
         heap = self._heap
@@ -248,6 +268,7 @@ class TransactionLayer:
         self, key: TransactionKey, error: TransportError, now: float
     ) -> list[Effect]:
         """Sending a Transmit of transaction ``key`` failed (RFC 3261 17.1.4, 17.2.4)."""
+        self._schedule_new()
         tx = self._lookup(key)
         if tx is None:
             return []
@@ -257,6 +278,14 @@ class TransactionLayer:
         return effects
 
     # --- bookkeeping -----------------------------------------------------------------------------
+
+    def _schedule_new(self) -> None:
+        """Put the deadlines of the new server transactions not answered yet in the heap."""
+        unscheduled = self._unscheduled
+        if unscheduled:
+            for tx in unscheduled.values():
+                self._settle(tx, None)
+            unscheduled.clear()
 
     def _lookup(self, key: TransactionKey) -> _Transaction | None:
         if isinstance(key, ClientKey):

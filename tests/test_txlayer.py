@@ -386,6 +386,50 @@ def test_stale_timer_entries_are_dropped_not_rearmed() -> None:
     assert layer.next_deadline() == 33.0
 
 
+def _answer_first_run(answer_first: bool) -> list[object]:
+    """Requests answered at once, one left to its automatic 100, a retransmission, a transport
+    error and the timers, as a list of what each step returned and the next deadline."""
+    layer = TransactionLayer()
+    seen: list[object] = []
+
+    def step(effects: list[Effect]) -> None:
+        seen.append((kinds(effects), layer.next_deadline(), layer.server_count))
+
+    keys = []
+    for i in range(4):
+        effects = layer.receive(
+            req(branch=f"z9hG4bK-{i}", call_id=f"c{i}"), SOURCE, float(i), answer_first=answer_first
+        )
+        keys.append(delivered(effects).key)
+        if i != 2:  # the third waits for its automatic 100
+            step(layer.send_response(keys[i], make_response(req(), 202, to_tag="t"), float(i)))
+        else:
+            step(effects)
+    step(layer.receive(req(branch="z9hG4bK-1", call_id="c1"), SOURCE, 4.0, answer_first=True))
+    step(layer.transport_error(keys[3], TransportError("gone"), 4.5))
+    for now in (3.0, 5.5, 6.0, 33.0, 34.0, 36.0):
+        step(layer.handle_timer(now))
+    return seen
+
+
+def test_answer_first_fires_the_same_timers_without_stale_entries() -> None:
+    # The endpoint's way (answer_first) and the plain way give the same effects, deadlines and
+    # transactions at every step.
+    assert _answer_first_run(True) == _answer_first_run(False)
+    layer = TransactionLayer()
+    key = delivered(layer.receive(req(), SOURCE, 0.0, answer_first=True)).key
+    layer.send_response(key, make_response(req(), 200, to_tag="t"), 1.0)
+    assert layer.scheduled_timers == 1  # Timer J only: no automatic-100 entry to go stale
+    assert layer.next_deadline() == 33.0
+
+
+def test_answer_first_request_left_unanswered_gets_its_100() -> None:
+    layer = TransactionLayer()
+    layer.receive(req(), SOURCE, 10.0, answer_first=True)
+    assert layer.next_deadline() == 10.0 + layer.config.trying_delay
+    assert kinds(layer.handle_timer(10.0 + layer.config.trying_delay)) == ["send 100"]
+
+
 # --- many transactions: every one ends, nothing leaks ------------------------------------------
 
 
