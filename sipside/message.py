@@ -143,7 +143,17 @@ class _Headers:
         key = header_key(name)
         if key == "Content-Length":
             return str(len(self.body))
-        position = self._header_index().get(key)
+        return self._first(key)
+
+    def _first(self, key: str) -> str | None:
+        """First value of the header with index key ``key`` (the accessors' short way)."""
+        try:
+            index = self._index
+        except AttributeError:
+            index = None
+        if index is None:
+            index = self._header_index()
+        position = index.get(key)
         return None if position is None else self.headers[position][1]
 
     def header_values(self, name: str) -> list[str]:
@@ -167,7 +177,7 @@ class _Headers:
     @property
     def call_id(self) -> str:
         """The Call-ID; PeerError 400 if missing."""
-        value = self.header("Call-ID")
+        value = self._first("Call-ID")
         if not value:
             raise bad_request("missing Call-ID")
         return value
@@ -175,7 +185,7 @@ class _Headers:
     @property
     def cseq(self) -> tuple[int, str]:
         """``(number, method)`` from CSeq (RFC 3261 20.16); PeerError 400 if missing or bad."""
-        value = self.header("CSeq")
+        value = self._first("CSeq")
         if value is not None:
             cached = _CSEQS.get(value)
             if cached is not None:
@@ -194,13 +204,13 @@ class _Headers:
     @property
     def from_tag(self) -> str | None:
         """The From tag, None if there is none (RFC 2543 peers)."""
-        value = self.header("From")
+        value = self._first("From")
         return parse_name_addr(value).tag if value is not None else None
 
     @property
     def to_tag(self) -> str | None:
         """The To tag, None outside a dialog."""
-        value = self.header("To")
+        value = self._first("To")
         return parse_name_addr(value).tag if value is not None else None
 
     @property
@@ -216,10 +226,9 @@ class _Headers:
     @property
     def top_via(self) -> Via | None:
         """The first Via value, parsing no other; PeerError 400 if it is malformed."""
-        position = self._header_index().get("Via")
-        if position is None:
+        value = self._first("Via")
+        if value is None:
             return None
-        value = self.headers[position][1]
         return Via.parse(value if "," not in value else split_list(value)[0])
 
     def replace_headers(self, name: str, values: Iterable[str]) -> Self:
