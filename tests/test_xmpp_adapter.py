@@ -19,6 +19,8 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from slixmpp import JID
 from slixmpp.exceptions import IqError
 
@@ -37,14 +39,18 @@ from component.xmpp.stanzas import (
     format_message,
     format_presence,
     jid_or_none,
+    origin_id,
     outbound_jids,
     parse_error,
     parse_message,
     parse_presence,
     xhtml_inner,
 )
+from component.xmpp.stanzas import attr as format_attr
+from component.xmpp.stanzas import elem as format_elem
 from component.xmpp.stream import CORK_LIMIT
 from sipside.errors import LocalError
+from sipside.xmlsafe import attr_escape
 
 DOMAIN = "sip.xmpp.test"
 SECRET = "secret"
@@ -137,6 +143,28 @@ def test_message_round_trip(msg: ChatMessage) -> None:
     # Every message we send carries its id as XEP-0359 origin-id too (DESIGN 8).
     expected = dataclasses.replace(msg, origin_id=msg.origin_id or msg.id)
     assert parse_message(_element(text), msg.sender, msg.recipient) == expected
+
+
+_SOME_TEXT = st.one_of(st.none(), st.text(alphabet=st.characters(), max_size=40))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_SOME_TEXT, _SOME_TEXT, _SOME_TEXT, _SOME_TEXT)
+def test_message_head_is_what_the_element_helpers_make(
+    body: str | None, subject: str | None, thread: str | None, id_: str | None
+) -> None:
+    # format_message writes id, body, subject, thread and origin-id inline: the same text as
+    # the general helpers (attr, elem, origin_id) make.
+    msg = ChatMessage(
+        'al"ice@sip.xmpp.test/s&p', "bob@xmpp.test", body, id=id_, subject=subject, thread=thread
+    )
+    expected = (
+        f'<message from="{attr_escape(msg.sender)}" to="bob@xmpp.test" type="chat"'
+        f"{format_attr('id', id_)}>{format_elem('body', body)}"
+        f"{format_elem('subject', subject)}{format_elem('thread', thread)}{origin_id(id_)}"
+        "</message>"
+    )
+    assert format_message(msg) == expected
 
 
 @pytest.mark.parametrize(

@@ -147,6 +147,9 @@ def format_message(msg: ChatMessage) -> str:
         raise LocalError(f"message type {msg.type!r} is not one of {sorted(MESSAGE_TYPES)}")
     if msg.body is not None and len(msg.body) > MAX_BODY:
         raise LocalError(f"message body over {MAX_BODY} characters")
+    # The id is escaped once for both places it goes; absent parts cost no call (this runs for
+    # every message both ways).
+    ident = None if msg.id is None else attr_escape(msg.id)
     parts = [
         '<message from="',
         attr_escape(msg.sender),
@@ -154,14 +157,17 @@ def format_message(msg: ChatMessage) -> str:
         attr_escape(msg.recipient),
         '" type="',
         msg.type,
-        '"',
-        attr("id", msg.id),
+        '"' if ident is None else f'" id="{ident}"',
         ">",
-        elem("body", msg.body),
-        elem("subject", msg.subject),
-        elem("thread", msg.thread),
-        origin_id(msg.id),
     ]
+    if msg.body is not None:
+        parts.append(f"<body>{text_escape(msg.body)}</body>")
+    if msg.subject is not None:
+        parts.append(f"<subject>{text_escape(msg.subject)}</subject>")
+    if msg.thread is not None:
+        parts.append(f"<thread>{text_escape(msg.thread)}</thread>")
+    if ident is not None:
+        parts.append(f'<origin-id xmlns="{NS_SID}" id="{ident}"/>')
     if msg.html is not None:
         inner = clean_xhtml(msg.html)
         if inner is not None:  # an unusable html part is dropped; the body says it all
