@@ -256,7 +256,30 @@ class Via:
 
     @classmethod
     def _parse(cls, value: str) -> Via:
-        simple = _VIA_SIMPLE.fullmatch(value) if cls is Via else None
+        if cls is not Via:
+            return cls._parse_general(value)
+        # The branch is what tells one Via of a peer from its next: the same text with
+        # another branch is the same Via with that branch (see _VIA_SHAPES).
+        cut = value.find(";branch=")
+        if cut > 0:
+            start = cut + 8
+            end = value.find(";", start)
+            if end < 0:
+                end = len(value)
+            shape = value[:start] + value[end:]
+            known = _VIA_SHAPES.get(shape)
+            if known is not None:
+                branch = value[start:end]
+                if _plain_value(branch):
+                    template, at = known
+                    kept = template.params
+                    return Via(
+                        template.transport,
+                        template.host,
+                        template.port,
+                        (*kept[:at], ("branch", branch), *kept[at + 1 :]),
+                    )
+        simple = _VIA_SIMPLE.fullmatch(value)
         if simple is not None:
             # The usual shape (upper-case transport, no LWS, plain parameters): what the
             # general path below would make of it, in fewer steps.
@@ -264,7 +287,14 @@ class Via:
             port_number = int(port) if port else None
             params = _plain_params(rest)
             if params is not None and (port_number is None or port_number <= 65535):
-                return Via(transport, host, port_number, params)
+                via = Via(transport, host, port_number, params)
+                if cut > 0:
+                    # Neither sent-protocol nor sent-by holds a ';': the ';' before the cut
+                    # count the parameters before the branch.
+                    at = value.count(";", 0, cut)
+                    if params[at][0] == "branch":
+                        remember(_VIA_SHAPES, shape, (via, at), _SHAPES_SIZE)
+                return via
         return cls._parse_general(value)
 
     @classmethod
@@ -280,7 +310,28 @@ class Via:
 
 
 _VIAS: dict[str, Via] = {}
+# A Via text with its branch value cut out -> the Via parsed from one such text by the simple
+# path and the position of its branch parameter. A peer's (or a proxy's) Via differs from one
+# request to the next only in its branch: a text of a known shape whose new branch value the
+# simple path would take as it is (_plain_value) parses to the known Via with that branch,
+# without the regex and the parameter split.
+_VIA_SHAPES: dict[str, tuple[Via, int]] = {}
+# One shape per peer and transport (not per message), so a proxy relaying from many user agents
+# keeps theirs; bounded like every memo table (emptied when full).
+_SHAPES_SIZE = 1024
 _set_via_branch = slot_setter(Via, "branch")
+
+
+def _plain_value(value: str) -> bool:
+    """A parameter value the simple paths take as it is: not empty, printable ASCII without
+    space or quote (within what _SIMPLE_PARAMS and _plain_params accept)."""
+    return (
+        value.isascii()
+        and value.isprintable()
+        and " " not in value
+        and '"' not in value
+        and value != ""
+    )
 
 
 def remember_via(value: str, via: Via) -> None:

@@ -53,6 +53,35 @@ def test_via_fast_path_parses_as_the_general_path(text: str) -> None:
     assert outcome(lambda: Via._parse(text)) == outcome(lambda: Via._parse_general(text))
 
 
+BRANCH_PIECES = ["z9hG4bK", "abc", "-", ".", "=", ";", " ", '"', "é", "\x00", "\t", ",", "", "<"]
+branches = st.lists(st.sampled_from(BRANCH_PIECES), max_size=6).map("".join)
+
+
+@SETTINGS
+@given(texts, texts, branches, branches)
+def test_via_of_a_known_shape_parses_as_the_general_path(
+    head: str, tail: str, first: str, second: str
+) -> None:
+    # The first text teaches the parser its shape (when the simple path takes it); the second,
+    # the same text with another branch value, must parse as the general path parses it.
+    h._VIA_SHAPES.clear()
+    known = f"SIP/2.0/UDP 192.0.2.1:5060{head};branch={first}{tail}"
+    assert outcome(lambda: Via._parse(known)) == outcome(lambda: Via._parse_general(known))
+    text = f"SIP/2.0/UDP 192.0.2.1:5060{head};branch={second}{tail}"
+    assert outcome(lambda: Via._parse(text)) == outcome(lambda: Via._parse_general(text))
+
+
+def test_via_of_a_known_shape_takes_the_short_way() -> None:
+    h._VIA_SHAPES.clear()
+    first = Via._parse("SIP/2.0/UDP 192.0.2.1:40112;rport=40112;branch=z9hG4bK-1;x")
+    assert len(h._VIA_SHAPES) == 1
+    via = Via._parse("SIP/2.0/UDP 192.0.2.1:40112;rport=40112;branch=z9hG4bK-2;x")
+    assert via == Via(
+        "UDP", "192.0.2.1", 40112, (("rport", "40112"), ("branch", "z9hG4bK-2"), ("x", None))
+    )
+    assert via.branch == "z9hG4bK-2" and first.branch == "z9hG4bK-1"
+
+
 @SETTINGS
 @given(texts)
 def test_name_addr_fast_path_parses_as_the_general_path(text: str) -> None:
