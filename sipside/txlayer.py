@@ -224,8 +224,11 @@ class TransactionLayer:
         if tx is None:
             # Terminated already (the 64*T1 guard, or a transport error): the client is gone.
             return [Discarded(key, response, "no such server transaction")]
-        before = None if self._unscheduled.pop(key, None) is not None else tx.next_deadline()
-        effects = tx.send_response(response, now)
+        unscheduled = key in self._unscheduled
+        before = None if unscheduled else tx.next_deadline()
+        effects = tx.send_response(response, now)  # may raise: then it stays unscheduled
+        if unscheduled:
+            del self._unscheduled[key]
         self._settle(tx, before)
         return effects
 

@@ -423,6 +423,18 @@ def test_answer_first_fires_the_same_timers_without_stale_entries() -> None:
     assert layer.next_deadline() == 33.0
 
 
+def test_answer_first_refused_response_leaves_the_transaction_scheduled() -> None:
+    # RFC 4320 4.2: the application may not answer 408; the transaction it tried to answer
+    # keeps its automatic 100 and its guard, as it does without answer_first.
+    layer = TransactionLayer()
+    key = delivered(layer.receive(req(), SOURCE, 10.0, answer_first=True)).key
+    with pytest.raises(LocalError):
+        layer.send_response(key, make_response(req(), 408, to_tag="t"), 10.0)
+    assert layer.next_deadline() == 10.0 + layer.config.trying_delay
+    assert kinds(layer.handle_timer(10.0 + layer.config.trying_delay)) == ["send 100"]
+    assert layer.next_deadline() == 10.0 + layer.config.timer_f
+
+
 def test_answer_first_request_left_unanswered_gets_its_100() -> None:
     layer = TransactionLayer()
     layer.receive(req(), SOURCE, 10.0, answer_first=True)
