@@ -111,11 +111,15 @@ def cmd_run(
     args: argparse.Namespace, settings: Settings, path: Path | None, out: TextIO, err: TextIO
 ) -> int:
     """Run the gateway until it is told to stop."""
+    import sipside
     from component.logs import configure_logging, get_logger
 
     configure_logging(args.log_level, json=args.log_json)
     get_logger(__name__).info(
-        "gateway_starting", config=str(path) if path else None, component=settings.xmpp.component
+        "gateway_starting",
+        config=str(path) if path else None,
+        component=settings.xmpp.component,
+        sip_stack="compiled" if sipside.NATIVE else "pure Python",
     )
     try:
         from component.app import main as app_main

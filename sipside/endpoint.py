@@ -438,9 +438,9 @@ class Endpoint:
         incoming = IncomingRequest(self, key, request, source)
         try:
             self._screen(request, source)
-        except UnsupportedExtension as exc:
+        except UnsupportedExtension as unsupported:
             self.stats.rejected += 1
-            incoming.respond(420, headers=[("Unsupported", ", ".join(exc.options))])
+            incoming.respond(420, headers=[("Unsupported", ", ".join(unsupported.options))])
             return
         except PeerError as exc:
             self.stats.rejected += 1

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from mypy_extensions import mypyc_attr
 
+
+@mypyc_attr(allow_interpreted_subclasses=True)
 class SipError(Exception):
     """Base class of every error raised by sipside."""
 
 
+# The gateway refines it (a 415 that carries its Accept header); compiled (sipside/__init__.py),
+# a class is closed to subclasses in pure Python unless it says otherwise.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class PeerError(SipError):
     """The peer broke the protocol; answer its request with ``status``.
 

@@ -53,6 +53,8 @@ def fast_frozen_init(cls: type[_C]) -> type[_C]:
     ``__post_init__`` the same way; fields with a default_factory or kw_only (and InitVars) are
     not supported. Slots of base classes that are not fields (private caches) start as None.
     """
+    if "__mypyc_attrs__" in cls.__dict__:
+        return cls  # compiled (sipside/__init__.py): its native __init__ is faster still
     params: list[str] = []
     lines: list[str] = []
     namespace: dict[str, object] = {}

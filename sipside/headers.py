@@ -214,7 +214,6 @@ def _format_params(params: Params) -> str:
     return "".join([f";{k}" if v is None else f";{k}={v}" for k, v in params])
 
 
-@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class Via:
     """One Via value (RFC 3261 20.42): sent-protocol transport, sent-by, parameters."""
@@ -309,6 +308,9 @@ class Via:
         return cls(transport.upper(), host, port_number, parse_params(rest or ""))
 
 
+fast_frozen_init(Via)
+
+
 _VIAS: dict[str, Via] = {}
 # A Via text with its branch value cut out -> the Via parsed from one such text by the simple
 # path and the position of its branch parameter. A peer's (or a proxy's) Via differs from one
@@ -340,7 +342,6 @@ def remember_via(value: str, via: Via) -> None:
     remember(_VIAS, value, via)
 
 
-@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class NameAddr:
     """An address header value (To, From, Contact, Route...): display name, URI, parameters."""
@@ -357,6 +358,9 @@ class NameAddr:
     def tag(self) -> str | None:
         """The ``tag`` parameter (RFC 3261 19.3)."""
         return _param(self.params, "tag")
+
+
+fast_frozen_init(NameAddr)
 
 
 _ADDRESSES: dict[str, NameAddr] = {}

@@ -301,7 +301,6 @@ def _serialize(start: str, headers: tuple[tuple[str, str], ...], body: bytes) ->
     return head + body if body else head
 
 
-@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class SipRequest(_Headers):
     """A SIP request; ``headers`` in wire order without Content-Length (derived from body)."""
@@ -317,8 +316,17 @@ class SipRequest(_Headers):
     def _with_headers(self, headers: tuple[tuple[str, str], ...]) -> Self:
         return type(self)(self.method, self.uri, headers, self.body)
 
+    def __reduce__(
+        self,
+    ) -> tuple[type[SipRequest], tuple[str, str, tuple[tuple[str, str], ...], bytes]]:
+        # copy and pickle through the constructor: the private slots start afresh, and a
+        # compiled frozen class takes no state set after construction
+        return (type(self), (self.method, self.uri, self.headers, self.body))
 
-@fast_frozen_init
+
+fast_frozen_init(SipRequest)
+
+
 @dataclass(frozen=True, slots=True)
 class SipResponse(_Headers):
     """A SIP response; ``headers`` in wire order without Content-Length (derived from body)."""
@@ -333,6 +341,14 @@ class SipResponse(_Headers):
 
     def _with_headers(self, headers: tuple[tuple[str, str], ...]) -> Self:
         return type(self)(self.status, self.reason, headers, self.body)
+
+    def __reduce__(
+        self,
+    ) -> tuple[type[SipResponse], tuple[int, str, tuple[tuple[str, str], ...], bytes]]:
+        return (type(self), (self.status, self.reason, self.headers, self.body))
+
+
+fast_frozen_init(SipResponse)
 
 
 SipMessage = SipRequest | SipResponse

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from sipside.fastpath import fast_frozen_init
 
 
-@fast_frozen_init  # built per datagram: the plain frozen __init__ is slow
 @dataclass(frozen=True, slots=True)
 class Peer:
     """A transport-level address: ``transport`` is "udp", "tcp" or "tls"; ``host`` an IP literal
@@ -29,3 +28,6 @@ class Peer:
 
     def __str__(self) -> str:
         return f"{self.transport}:{self.hostport()}"
+
+
+fast_frozen_init(Peer)  # built per datagram: the plain frozen __init__ is slow

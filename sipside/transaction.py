@@ -23,7 +23,6 @@ from sipside.timers import TimerConfig
 # --- transaction keys: our own small hashable values, never library objects (STYLE 5) ---------
 
 
-@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class ClientKey:
     """A client transaction: top Via branch plus CSeq method (RFC 3261 17.1.3)."""
@@ -32,7 +31,9 @@ class ClientKey:
     method: str
 
 
-@fast_frozen_init
+fast_frozen_init(ClientKey)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerKey:
     """A server transaction of an RFC 3261 peer: branch, top Via sent-by, method (17.2.3)."""
@@ -43,7 +44,9 @@ class ServerKey:
     method: str
 
 
-@fast_frozen_init
+fast_frozen_init(ServerKey)
+
+
 @dataclass(frozen=True, slots=True)
 class LegacyServerKey:
     """A server transaction of an RFC 2543 peer (no magic cookie): the fallback of 17.2.3."""
@@ -57,13 +60,15 @@ class LegacyServerKey:
     via: str
 
 
+fast_frozen_init(LegacyServerKey)
+
+
 TransactionKey = ClientKey | ServerKey | LegacyServerKey
 AnyServerKey = ServerKey | LegacyServerKey
 
 # --- effects -----------------------------------------------------------------------------------
 
 
-@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class Transmit:
     """Send ``data`` to ``peer``; report a failure with ``transport_error(key, ...)``."""
@@ -73,7 +78,9 @@ class Transmit:
     key: TransactionKey
 
 
-@fast_frozen_init
+fast_frozen_init(Transmit)
+
+
 @dataclass(frozen=True, slots=True)
 class DeliverResponse:
     """A response for the application that started the client transaction ``key``."""
@@ -82,7 +89,9 @@ class DeliverResponse:
     response: SipResponse
 
 
-@fast_frozen_init
+fast_frozen_init(DeliverResponse)
+
+
 @dataclass(frozen=True, slots=True)
 class DeliverRequest:
     """A new request for the application; answer it with ``send_response(key, ...)``."""
@@ -92,7 +101,9 @@ class DeliverRequest:
     source: Peer
 
 
-@fast_frozen_init
+fast_frozen_init(DeliverRequest)
+
+
 @dataclass(frozen=True, slots=True)
 class Failed:
     """The transaction ended without success: TransactionTimeout or TransportError."""
@@ -101,7 +112,9 @@ class Failed:
     error: TransactionTimeout | TransportError
 
 
-@fast_frozen_init
+fast_frozen_init(Failed)
+
+
 @dataclass(frozen=True, slots=True)
 class Terminated:
     """The transaction is over; its key is forgotten."""
@@ -109,7 +122,9 @@ class Terminated:
     key: TransactionKey
 
 
-@fast_frozen_init
+fast_frozen_init(Terminated)
+
+
 @dataclass(frozen=True, slots=True)
 class Discarded:
     """A response the application asked to send was not sent (too late, or too early)."""
@@ -119,7 +134,9 @@ class Discarded:
     reason: str
 
 
-@fast_frozen_init
+fast_frozen_init(Discarded)
+
+
 @dataclass(frozen=True, slots=True)
 class Stray:
     """An incoming message that matched no transaction and was dropped; for logging only."""
@@ -127,6 +144,9 @@ class Stray:
     message: SipMessage
     source: Peer
     reason: str
+
+
+fast_frozen_init(Stray)
 
 
 Effect = Transmit | DeliverResponse | DeliverRequest | Failed | Terminated | Discarded | Stray

@@ -15,7 +15,7 @@ import socket
 import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import structlog
 
@@ -108,7 +108,9 @@ class DatagramSocket(asyncio.DatagramProtocol):
     else is already queued on the socket, up to ``DRAIN`` more, without waiting.
     """
 
-    DRAIN = 16  # datagrams read per wake-up besides asyncio's own: others' turn comes soon
+    DRAIN: ClassVar[int] = (
+        16  # datagrams read per wake-up besides asyncio's own: others' turn comes soon
+    )
 
     def __init__(self, local: Peer, received: Callable[[bytes, Peer], None]) -> None:
         self.local = local

@@ -124,8 +124,8 @@ def parse_xml(body: bytes, limits: XmlLimits = DEFAULT_LIMITS) -> ET.Element:
         raise PeerError(
             400, "Bad Request", f"malformed XML: {expat.errors.messages[exc.code]}"
         ) from None
-    except (ValueError, UnicodeError, RecursionError) as exc:
-        raise PeerError(400, "Bad Request", f"malformed XML: {type(exc).__name__}") from None
+    except (ValueError, UnicodeError, RecursionError) as broken:
+        raise PeerError(400, "Bad Request", f"malformed XML: {type(broken).__name__}") from None
     return builder.close()
 
 
@@ -197,7 +197,6 @@ def attr_escape(text: str) -> str:
     return xml_safe_text(text).translate(_ATTR_ESCAPES)
 
 
-@fast_frozen_init
 @dataclass(frozen=True, slots=True)
 class MediaType:
     """A parsed Content-Type: lower-case ``type/subtype`` and parameters (names lower-cased)."""
@@ -215,6 +214,9 @@ class MediaType:
         """The charset parameter, lower-cased, if present."""
         value = self.param("charset")
         return value.lower() if value is not None else None
+
+
+fast_frozen_init(MediaType)
 
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+")

@@ -1,0 +1,68 @@
+"""The compiled SIP stack (scripts/build_native.py) is used only while it matches the sources."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sipside
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(cwd: Path, code: str, **env: str) -> str:
+    environ = {k: v for k, v in os.environ.items() if k != "SIPXMPP_PURE"}
+    environ["PYTHONPATH"] = str(cwd)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.strip()
+
+
+def _copy_sources(tmp_path: Path) -> Path:
+    """A checkout holding sipside's sources only, and a build directory of our making."""
+    shutil.copytree(REPO / "sipside", tmp_path / "sipside", ignore=shutil.ignore_patterns("*.so"))
+    (tmp_path / "build" / "native" / "sipside").mkdir(parents=True)
+    return tmp_path
+
+
+WHERE = "import sipside, sipside.peer as m; print(sipside.NATIVE, m.__file__)"
+
+
+def test_a_build_stamped_for_other_sources_is_not_used(tmp_path: Path) -> None:
+    root = _copy_sources(tmp_path)
+    (root / "build" / "native" / "STAMP").write_text("0" * 64 + "\n")
+    native, where = _run(root, WHERE).split()
+    assert native == "False"
+    assert where == str(root / "sipside" / "peer.py")
+
+
+def test_a_matching_stamp_puts_the_build_first_and_an_edit_undoes_it(tmp_path: Path) -> None:
+    root = _copy_sources(tmp_path)
+    stamp = _run(root, "import sipside; print(sipside.source_stamp())")
+    (root / "build" / "native" / "STAMP").write_text(stamp + "\n")
+    # Nothing compiled there: the package path falls through to the sources, but says native.
+    assert _run(root, WHERE).split()[0] == "True"
+    assert _run(root, WHERE, SIPXMPP_PURE="1").split()[0] == "False"
+    peer = root / "sipside" / "peer.py"
+    peer.write_text(peer.read_text() + "\n# edited\n")
+    assert _run(root, WHERE).split()[0] == "False"
+
+
+@pytest.mark.skipif(not sipside.NATIVE, reason="no compiled build matching these sources")
+def test_the_compiled_modules_are_what_is_imported() -> None:
+    out = _run(
+        REPO, "import sipside.message as m, sipside.endpoint as e; print(m.__file__, e.__file__)"
+    )
+    for path in out.split():
+        assert path.startswith(str(sipside.NATIVE_DIR)) and path.endswith(".so")
