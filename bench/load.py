@@ -233,7 +233,11 @@ class CpuSnapshot:
 
 
 def machine_line() -> str:
-    """Core count, CPU model and load average, so a reader can tell how busy the box was."""
+    """Core count, CPU model and load average, so a reader can tell how busy the box was, and
+    whether the gateway's SIP stack ran compiled (sipside/__init__.py; the gateway processes
+    import the same checkout)."""
+    import sipside
+
     model = "unknown CPU"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -241,7 +245,8 @@ def machine_line() -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"machine: {os.cpu_count()} cores ({model}); load average {load}"
+    stack = "compiled" if sipside.NATIVE else "pure Python"
+    return f"machine: {os.cpu_count()} cores ({model}); load average {load}; SIP stack {stack}"
 
 
 def profile_summary(path: Path, top: int = 15) -> str:
