@@ -216,7 +216,15 @@ ROWS: dict[str, tuple[str, Callable[[int], float]]] = {
     "validate": ("parse + validate_request", run_validate),
     "server": ("server: datagram -> 202 written", lambda n: asyncio.run(run_server(n))),
     "client": ("client: request() -> 200 -> future", lambda n: asyncio.run(run_client(n))),
+    "xmpp-in-1": ("xmpp -> sip, 1 conversation", lambda n: _xmpp_in(n, 1)),
+    "xmpp-in-10": ("xmpp -> sip, 10 conversations", lambda n: _xmpp_in(n, 10)),
 }
+
+
+def _xmpp_in(count: int, conversations: int) -> float:
+    from bench import xmpp_in  # it builds on this module's fakes
+
+    return xmpp_in.run(count, conversations)
 
 
 def measure(key: str, count: int) -> float:
@@ -239,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         help="garbage collector: as is; gc.freeze() after imports and a gen0 threshold of "
         "50000 (what a long-running gateway can do); or disabled (to see its share)",
     )
+    parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), help="rows to run (all)")
     args = parser.parse_args(argv)
     if args.gc == "off":
         gc.disable()
@@ -257,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{ROWS[args.profile][0]}: {cpu / args.count * 1e6:.1f} us/msg under the profiler")
         return
     rows = []
-    for key, (name, _func) in ROWS.items():
+    for key in args.rows or ROWS:
+        name = ROWS[key][0]
         best = min(measure(key, args.count) for _ in range(args.rounds))
         rows.append(Row(name, args.count, best))
     print_table(rows)
