@@ -3,7 +3,8 @@
 It owns UDP, TCP and TLS listeners, stream connections (reused both ways), the transaction
 layer and its single timer. Incoming requests go to one application callback with a
 ``respond`` handle; outgoing requests are ``await endpoint.request(...)`` and return the final
-response, answering Digest challenges on the way. OPTIONS goes to the application as well:
+response, answering Digest challenges on the way (or ``endpoint.send(..., done)`` hands it to a
+callback, for callers that need no task per request). OPTIONS goes to the application as well:
 only it knows which Request-URIs it serves (RFC 3261 11.2).
 """
 
@@ -119,13 +120,17 @@ class IncomingRequest:
 
 
 RequestHandler = Callable[[IncomingRequest], None]
+Final = SipResponse | TransactionTimeout | TransportError
+"""How a client transaction ends: its final response, or why none came."""
+FinalHandler = Callable[[Final], None]
 
 
 @dataclass(slots=True)
 class _Pending:
-    future: asyncio.Future[SipResponse]
-    request: SipRequest
+    done: FinalHandler
+    request: SipRequest  # as the caller gave it: a Digest retry is built from it
     peer: Peer
+    retried: bool  # the Digest retry: its own 401/407 is final
 
 
 @dataclass(slots=True)
@@ -188,6 +193,7 @@ class Endpoint:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
+        self._sending = False  # inside send(): a final outcome now waits for the next loop turn
         self._hooks = StreamHooks(
             self.limits.max_stream_buffer,
             self._now,
@@ -241,10 +247,9 @@ class Endpoint:
             task.cancel()
         for server in self._servers:
             server.close()
-        for pending in self._pending.values():
-            if not pending.future.done():
-                pending.future.set_exception(TransportError("endpoint closed"))
-        self._pending.clear()
+        pending, self._pending = list(self._pending.values()), {}
+        for entry in pending:
+            self._final(entry, TransportError("endpoint closed"))
         for stream in list(self._streams.values()):
             if stream.transport is not None:
                 stream.transport.close()
@@ -283,18 +288,60 @@ class Endpoint:
         401/407 is answered once with the endpoint's Digest credentials. Raises
         TransactionTimeout or TransportError when no final response comes.
         """
+        future: asyncio.Future[Final] = asyncio.get_running_loop().create_future()
+        self.send(request, lambda final: None if future.done() else future.set_result(final), peer)
+        final = await future
+        if isinstance(final, SipResponse):
+            return final
+        raise final
+
+    def send(self, request: SipRequest, done: FinalHandler, peer: Peer | None = None) -> None:
+        """:meth:`request` without a task: ``done`` gets the final response, or the
+        TransactionTimeout or TransportError, once; never before this returns.
+
+        Raises TransportError at once when the endpoint is closing.
+        """
         if self._closing:
             raise TransportError("endpoint is closing")
         dest = peer or self._route_peer(request) or self.proxy or peer_for_uri(request.uri)
-        response = await self._request_once(request, dest)
-        if response.status in (401, 407) and self.digest is not None:
+        self._sending = True
+        try:
+            self._send_once(_Pending(done, request, dest, self.digest is None), request)
+        finally:
+            self._sending = False
+
+    def _final(self, pending: _Pending, final: Final) -> None:
+        """Hand the outcome of ``pending`` to its caller, answering a challenge once first."""
+        digest = self.digest
+        if (
+            not pending.retried
+            and isinstance(final, SipResponse)
+            and final.status in (401, 407)
+            and digest is not None
+        ):
+            request = pending.request
             try:
-                retry = retry_with_credentials(self.digest, request, response, request.cseq[0] + 1)
+                retry = retry_with_credentials(digest, request, final, request.cseq[0] + 1)
             except AuthenticationError as exc:
                 log.warning("sip_auth_unanswerable", uri=request.uri, error=str(exc))
-                return response
-            response = await self._request_once(retry, dest)
-        return response
+            else:
+                self._send_once(_Pending(pending.done, request, pending.peer, True), retry)
+                return
+        if self._sending:
+            # Failed before send() returned: the caller hears of it from the loop, not from
+            # inside its own call.
+            assert self._loop is not None
+            self._loop.call_soon(self._call_done, pending.done, final)
+            return
+        self._call_done(pending.done, final)
+
+    @staticmethod
+    def _call_done(done: FinalHandler, final: Final) -> None:
+        try:
+            done(final)
+        except Exception:
+            # The caller's bug: the transaction layer's own effects still run.
+            log.exception("sip_final_handler_failed")
 
     @staticmethod
     def _route_peer(request: SipRequest) -> Peer | None:
@@ -306,7 +353,8 @@ class Endpoint:
         uri = first[1 : first.index(">")] if first.startswith("<") and ">" in first else first
         return peer_for_uri(uri)
 
-    async def _request_once(self, request: SipRequest, dest: Peer) -> SipResponse:
+    def _send_once(self, pending: _Pending, request: SipRequest) -> None:
+        dest = pending.peer
         data_len = len(request.body) + 600  # headers of our own requests stay well under this
         if dest.transport == "udp" and data_len > UDP_MAX_REQUEST and "tcp" in self._local:
             dest = Peer("tcp", dest.host, dest.port)  # RFC 3261 18.1.1
@@ -329,12 +377,10 @@ class Endpoint:
         request = SipRequest(request.method, request.uri, headers, request.body)
         loop = self._loop
         assert loop is not None, "Endpoint.start() first"
-        future: asyncio.Future[SipResponse] = loop.create_future()
         key, effects = self._layer.send_request(request, dest, loop.time())
-        self._pending[key] = _Pending(future, request, dest)
+        self._pending[key] = pending
         self.stats.requests_out += 1
         self._run(effects)
-        return await future
 
     # --- incoming bytes ------------------------------------------------------------------------
 
@@ -407,16 +453,16 @@ class Endpoint:
                 case DeliverResponse(key=key, response=response):
                     if response.status >= 200:
                         pending = self._pending.pop(key, None)
-                        if pending is not None and not pending.future.done():
-                            pending.future.set_result(response)
+                        if pending is not None:
+                            self._final(pending, response)
                 case Failed(key=key, error=error):
                     if isinstance(error, TransactionTimeout):
                         self.stats.timeouts += 1
                     else:
                         self.stats.transport_errors += 1
                     pending = self._pending.pop(key, None)  # type: ignore[arg-type]
-                    if pending is not None and not pending.future.done():
-                        pending.future.set_exception(error)
+                    if pending is not None:
+                        self._final(pending, error)
                 case Terminated(key=key):
                     self._pending.pop(key, None)  # type: ignore[arg-type]
                 case Stray(message=message, source=source, reason=reason):
@@ -600,6 +646,8 @@ __all__ = [
     "Admission",
     "Endpoint",
     "EndpointLimits",
+    "Final",
+    "FinalHandler",
     "IncomingRequest",
     "RequestHandler",
     "Stats",

@@ -20,7 +20,7 @@ from component.sip.media import MediaSupport, accepts
 from component.values import ImdnAsk, ImdnStatus
 from sipside import cpim, iscomposing
 from sipside import imdn as rfc5438
-from sipside.endpoint import Endpoint, make_request
+from sipside.endpoint import Endpoint, Final, make_request
 from sipside.errors import TransactionTimeout, TransportError
 from sipside.headers import quote_warning
 from sipside.message import SipRequest, SipResponse, new_call_id, new_tag
@@ -98,6 +98,19 @@ class SipSender:
             plain = self._stamped(body, sent_at).encode("utf-8")
             return _status(await self._send(from_uri, to_uri, PLAIN, plain, from_display))
         return _status(answer)
+
+    def start_text(
+        self, *, from_uri: str, to_uri: str, body: str, done: Callable[[int], None]
+    ) -> bool:
+        """``send_text`` of plain text without a task: the MESSAGE is written now and ``done``
+        gets its final status later (never before this returns); False when the endpoint is
+        closing, for ``send_text`` to answer."""
+        request = self._build("MESSAGE", from_uri, to_uri, [("Content-Type", PLAIN)], body, None)
+        try:
+            self.endpoint.send(request, lambda final: done(_status(_outcome(final, to_uri))))
+        except TransportError:
+            return False
+        return True
 
     def _stamped(self, body: str, sent_at: float | None) -> str:
         """DESIGN 4.3 for a client without CPIM: a message that waited long says when it was
@@ -180,17 +193,28 @@ class SipSender:
         body: bytes,
         display: str | None,
     ) -> SipResponse | int:
+        request = self._build(method, from_uri, to_uri, headers, body, display)
+        return await self._answer(request, to_uri)
+
+    @staticmethod
+    def _build(
+        method: str,
+        from_uri: str,
+        to_uri: str,
+        headers: list[tuple[str, str]],
+        body: bytes | str,
+        display: str | None,
+    ) -> SipRequest:
         shown = f'"{quote_warning(display)}" ' if display else ""
-        request = make_request(
+        return make_request(
             method,
             to_uri,
             from_=f"{shown}<{from_uri}>;tag={new_tag()}",
             to=f"<{to_uri}>",
             call_id=new_call_id(),
             headers=headers,
-            body=body,
+            body=body.encode("utf-8") if isinstance(body, str) else body,
         )
-        return await self._answer(request, to_uri)
 
     async def options(self, uri: str, from_uri: str) -> int:
         """OPTIONS to ``uri`` (RFC 3261 11), a health check; the final status as for MESSAGE."""
@@ -201,11 +225,8 @@ class SipSender:
         """The final response, or 408/503 for a timeout or a transport failure."""
         try:
             return await self.endpoint.request(request)
-        except TransactionTimeout:
-            return 408
-        except TransportError as exc:
-            log.info("sip_send_failed", sip_uri=to_uri, error=str(exc))
-            return 503
+        except (TransactionTimeout, TransportError) as exc:
+            return _outcome(exc, to_uri)
 
 
 def imdn_request_headers(
@@ -215,6 +236,16 @@ def imdn_request_headers(
     if not notify:
         return (("DateTime", cpim.format_datetime(_utc(sent_at))),)
     return rfc5438.request_headers(message_id, _utc(sent_at), notify)
+
+
+def _outcome(final: Final, to_uri: str) -> SipResponse | int:
+    """The final response, or 408/503 for a timeout or a transport failure."""
+    if isinstance(final, TransactionTimeout):
+        return 408
+    if isinstance(final, TransportError):
+        log.info("sip_send_failed", sip_uri=to_uri, error=str(final))
+        return 503
+    return final
 
 
 def _status(answer: SipResponse | int) -> int:
