@@ -346,6 +346,8 @@ class Endpoint:
     @staticmethod
     def _route_peer(request: SipRequest) -> Peer | None:
         """RFC 3261 8.1.2 / 12.2.1.1: a request with a route set goes to its first Route."""
+        if request.header("Route") is None:
+            return None  # most requests: no list of values made and split to find that out
         routes = request.header_values("Route")
         if not routes:
             return None
@@ -362,10 +364,9 @@ class Endpoint:
         if local is None:
             raise LocalError(f"no {dest.transport} listener to send {request.method} to {dest}")
         host = f"[{local.host}]" if ":" in local.host else local.host
-        via = Via(
-            dest.transport.upper(), host, local.port, (("branch", new_branch()), ("rport", None))
-        )
-        via_text = str(via)
+        transport, branch = dest.transport.upper(), new_branch()
+        via = Via(transport, host, local.port, (("branch", branch), ("rport", None)))
+        via_text = f"SIP/2.0/{transport} {host}:{local.port};branch={branch};rport"  # str(via)
         remember_via(via_text, via)  # the transaction layer and the response look it up
         # One copy with all our headers, as add_header would place them: Via first, then the
         # request's own, then Max-Forwards and User-Agent unless it has them.

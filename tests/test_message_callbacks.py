@@ -9,6 +9,8 @@ import socket
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bench.hotpath import FakeUdp, answer_200
 from component.messaging.router import MessageRouter
@@ -17,7 +19,8 @@ from component.store.memory import MemoryStore
 from component.values import ChatMessage
 from sipside.endpoint import Endpoint, Final, make_request
 from sipside.errors import TransactionTimeout, TransportError
-from sipside.message import SipResponse, new_call_id
+from sipside.headers import Via
+from sipside.message import SipResponse, _serialize, new_call_id
 from sipside.peer import Peer
 from tests.test_messaging import BOOK, Clock, FakeCommands, FakeXmpp
 from tests.test_messaging_order import ScriptedSip
@@ -287,3 +290,29 @@ async def test_the_next_message_goes_from_the_answer_itself() -> None:
     assert [body for _, _, body in sip.sent] == ["m0", "m1", "m2"]
     assert router.counters["xmpp_to_sip"] == 3 and len(router._tasks) == 0
     assert router.conversations.inflight == 0 and router._idle.is_set()
+
+
+# --- the request as written ---------------------------------------------------------------------
+
+
+async def test_the_top_via_written_is_the_via_formatted(endpoint: tuple[Endpoint, FakeUdp]) -> None:
+    ep, udp = endpoint
+    request = make_request("MESSAGE", TO, from_=f"<{FROM}>;tag=t1", to=f"<{TO}>", call_id="c6")
+    ep.send(request, lambda final: None)
+    [sent] = udp.sent
+    value = sent.split(b"\r\n")[1].decode().removeprefix("Via: ")
+    via = Via._parse(value)  # not the remembered object: parsed afresh
+    assert str(via) == value and via.param("rport") == "" and via.branch is not None
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["To", "X-a", "Via"]), st.text(max_size=8)), max_size=6),
+    st.binary(max_size=8),
+)
+def test_serialize_writes_each_header_as_name_colon_value(
+    headers: list[tuple[str, str]], body: bytes
+) -> None:
+    lines = ["START", *[f"{name}: {value}" for name, value in headers]]
+    lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+    expected = "\r\n".join(lines).encode() + body
+    assert _serialize("START", tuple(headers), body) == expected
