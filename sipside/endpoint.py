@@ -125,10 +125,27 @@ Final = SipResponse | TransactionTimeout | TransportError
 FinalHandler = Callable[[Final], None]
 
 
+# Where a template's per-request values go; nothing a request of ours holds otherwise.
+TAG_MARK = "\x00tag\x00"
+CALL_ID_MARK = "\x00call-id\x00"
+_BRANCH_MARK = "z9hG4bK\x00branch\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTemplate:
+    """A request as the endpoint writes it, cut where each request's own values go: the top
+    Via's branch, the From tag, the Call-ID and the Content-Length (``Endpoint.template``)."""
+
+    method: str
+    peer: Peer
+    via: tuple[str, str, int]  # transport, host, port of the top Via
+    pieces: tuple[bytes, bytes, bytes, bytes]  # before the branch, tag, Call-ID, length
+
+
 @dataclass(slots=True)
 class _Pending:
     done: FinalHandler
-    request: SipRequest  # as the caller gave it: a Digest retry is built from it
+    request: SipRequest | None  # as the caller gave it: a Digest retry is built from it
     peer: Peer
     retried: bool  # the Digest retry: its own 401/407 is final
 
@@ -313,13 +330,14 @@ class Endpoint:
     def _final(self, pending: _Pending, final: Final) -> None:
         """Hand the outcome of ``pending`` to its caller, answering a challenge once first."""
         digest = self.digest
+        request = pending.request
         if (
             not pending.retried
             and isinstance(final, SipResponse)
             and final.status in (401, 407)
             and digest is not None
+            and request is not None
         ):
-            request = pending.request
             try:
                 retry = retry_with_credentials(digest, request, final, request.cseq[0] + 1)
             except AuthenticationError as exc:
@@ -334,6 +352,70 @@ class Endpoint:
             self._loop.call_soon(self._call_done, pending.done, final)
             return
         self._call_done(pending.done, final)
+
+    def template(self, request: SipRequest, peer: Peer | None = None) -> RequestTemplate | None:
+        """``request`` (with :data:`TAG_MARK` in its From and :data:`CALL_ID_MARK` as its Call-ID,
+        no body) as :meth:`send` would write it, for :meth:`send_templated` to fill in; None when
+        requests must take :meth:`send` (Digest credentials to answer challenges with)."""
+        if self.digest is not None or self._closing:
+            return None
+        dest = peer or self._route_peer(request) or self.proxy or peer_for_uri(request.uri)
+        written, dest, via = self._with_our_headers(request, dest, _BRANCH_MARK)
+        data = bytes(written)
+        head, _, rest = data.partition(_BRANCH_MARK.encode())
+        middle, _, rest = rest.partition(TAG_MARK.encode())
+        before_call_id, _, rest = rest.partition(CALL_ID_MARK.encode())
+        length, end = b"Content-Length: ", b"0\r\n\r\n"
+        if not (middle and before_call_id and rest.endswith(length + end)) or request.body:
+            raise LocalError("a request template needs the tag and Call-ID marks and no body")
+        pieces = (head + b"z9hG4bK", middle, before_call_id, rest[: -len(end)])
+        port = via.port or 0
+        return RequestTemplate(request.method, dest, (via.transport, via.host, port), pieces)
+
+    def send_templated(
+        self, template: RequestTemplate, tag: str, call_id: str, body: bytes, done: FinalHandler
+    ) -> bool:
+        """:meth:`send` of ``template`` with its own From tag, Call-ID and body, written without
+        building the request; False when it must take :meth:`send` (a body too large for UDP).
+        Raises TransportError at once when the endpoint is closing."""
+        if self._closing:
+            raise TransportError("endpoint is closing")
+        dest = template.peer
+        if dest.transport == "udp" and len(body) + 600 > UDP_MAX_REQUEST and "tcp" in self._local:
+            return False  # RFC 3261 18.1.1: over TCP, with a Via that says so
+        loop = self._loop
+        assert loop is not None, "Endpoint.start() first"
+        random = new_branch()[7:]
+        head, middle, before_call_id, before_length = template.pieces
+        data = b"".join(
+            (
+                head,
+                random.encode(),
+                middle,
+                tag.encode(),
+                before_call_id,
+                call_id.encode(),
+                before_length,
+                str(len(body)).encode(),
+                b"\r\n\r\n",
+                body,
+            )
+        )
+        transport, host, port = template.via
+        branch = "z9hG4bK" + random
+        via = Via(transport, host, port, (("branch", branch), ("rport", None)))
+        remember_via(f"SIP/2.0/{transport} {host}:{port};branch={branch};rport", via)
+        self._sending = True
+        try:
+            key, effects = self._layer.send_written(
+                ClientKey(branch, template.method), data, dest, loop.time()
+            )
+            self._pending[key] = _Pending(done, None, dest, True)
+            self.stats.requests_out += 1
+            self._run(effects)
+        finally:
+            self._sending = False
+        return True
 
     @staticmethod
     def _call_done(done: FinalHandler, final: Final) -> None:
@@ -356,7 +438,21 @@ class Endpoint:
         return peer_for_uri(uri)
 
     def _send_once(self, pending: _Pending, request: SipRequest) -> None:
-        dest = pending.peer
+        request, dest, via = self._with_our_headers(request, pending.peer, new_branch())
+        remember_via(
+            request.headers[0][1], via
+        )  # the transaction layer and the response look it up
+        loop = self._loop
+        assert loop is not None, "Endpoint.start() first"
+        key, effects = self._layer.send_request(request, dest, loop.time())
+        self._pending[key] = pending
+        self.stats.requests_out += 1
+        self._run(effects)
+
+    def _with_our_headers(
+        self, request: SipRequest, dest: Peer, branch: str
+    ) -> tuple[SipRequest, Peer, Via]:
+        """``request`` as it goes to ``dest`` (or over TCP, RFC 3261 18.1.1), with our Via."""
         data_len = len(request.body) + 600  # headers of our own requests stay well under this
         if dest.transport == "udp" and data_len > UDP_MAX_REQUEST and "tcp" in self._local:
             dest = Peer("tcp", dest.host, dest.port)  # RFC 3261 18.1.1
@@ -364,10 +460,9 @@ class Endpoint:
         if local is None:
             raise LocalError(f"no {dest.transport} listener to send {request.method} to {dest}")
         host = f"[{local.host}]" if ":" in local.host else local.host
-        transport, branch = dest.transport.upper(), new_branch()
+        transport = dest.transport.upper()
         via = Via(transport, host, local.port, (("branch", branch), ("rport", None)))
         via_text = f"SIP/2.0/{transport} {host}:{local.port};branch={branch};rport"  # str(via)
-        remember_via(via_text, via)  # the transaction layer and the response look it up
         # One copy with all our headers, as add_header would place them: Via first, then the
         # request's own, then Max-Forwards and User-Agent unless it has them.
         headers = (("Via", via_text), *request.headers)
@@ -375,13 +470,7 @@ class Endpoint:
             headers += (("Max-Forwards", "70"),)
         if request.header("User-Agent") is None:
             headers += (("User-Agent", self.user_agent),)
-        request = SipRequest(request.method, request.uri, headers, request.body)
-        loop = self._loop
-        assert loop is not None, "Endpoint.start() first"
-        key, effects = self._layer.send_request(request, dest, loop.time())
-        self._pending[key] = pending
-        self.stats.requests_out += 1
-        self._run(effects)
+        return SipRequest(request.method, request.uri, headers, request.body), dest, via
 
     # --- incoming bytes ------------------------------------------------------------------------
 
@@ -644,6 +733,8 @@ def _call_id(message: SipMessage) -> str | None:
 __all__ = [
     "ALLOW",
     "ANSWERED_METHODS",
+    "CALL_ID_MARK",
+    "TAG_MARK",
     "Admission",
     "Endpoint",
     "EndpointLimits",
@@ -651,6 +742,7 @@ __all__ = [
     "FinalHandler",
     "IncomingRequest",
     "RequestHandler",
+    "RequestTemplate",
     "Stats",
     "make_request",
     "parse_listen",

@@ -17,8 +17,9 @@ from component.messaging.router import MessageRouter
 from component.sip.sender import SipSender
 from component.store.memory import MemoryStore
 from component.values import ChatMessage
+from sipside.digest import Credentials, DigestClient
 from sipside.endpoint import Endpoint, Final, make_request
-from sipside.errors import TransactionTimeout, TransportError
+from sipside.errors import LocalError, TransactionTimeout, TransportError
 from sipside.headers import Via
 from sipside.message import SipResponse, _serialize, new_call_id
 from sipside.peer import Peer
@@ -149,7 +150,9 @@ async def test_a_failing_callback_leaves_the_transaction_layer_whole(
 # --- the sender --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("body", ["Hello Alice", 'héllo <&> "quoted"\r\nline two', ""])
+@pytest.mark.parametrize(
+    "body", ["Hello Alice", 'héllo <&> "quoted"\r\nline two', "", "long " * 400]
+)
 async def test_start_text_writes_what_send_text_writes(
     endpoint: tuple[Endpoint, FakeUdp], body: str
 ) -> None:
@@ -164,6 +167,56 @@ async def test_start_text_writes_what_send_text_writes(
     ep._on_datagram(answer_200(fast).replace(b"200 OK", b"486 Busy Here"), PROXY)
     ep._on_datagram(answer_200(general).replace(b"200 OK", b"486 Busy Here"), PROXY)
     assert statuses == [await waiting] == [486]
+
+
+async def test_a_templated_request_is_retransmitted_as_written(
+    endpoint: tuple[Endpoint, FakeUdp],
+) -> None:
+    ep, udp = endpoint
+    statuses: list[int] = []
+    sender = SipSender(ep)
+    for body in ("one", "two"):  # the second from the conversation's template, kept
+        assert sender.start_text(from_uri=FROM, to_uri=TO, body=body, done=statuses.append)
+    first, second = udp.sent
+    assert _unique(first) == _unique(second).replace(b"two", b"one")
+    assert first.split(b"\r\n")[1] != second.split(b"\r\n")[1]  # a branch each
+    # RFC 3261 17.1.2.2: Timer E resends the very same bytes
+    ep._run(ep._layer.handle_timer(asyncio.get_running_loop().time() + 0.6))
+    assert udp.sent[2:] == [first, second]
+    ep._on_datagram(answer_200(second), PROXY)
+    ep._on_datagram(answer_200(first), PROXY)
+    assert statuses == [200, 200]
+
+
+async def test_with_digest_credentials_no_template_is_made() -> None:
+    ep = Endpoint(
+        ["udp:127.0.0.1:0"],
+        outbound_proxy="sip:127.0.0.1:5060",
+        digest=DigestClient(Credentials("gw", "secret")),
+    )
+    await ep.start(lambda incoming: None)
+    fake = FakeUdp()
+    real = ep._udp[socket.AF_INET].transport
+    assert real is not None
+    real.close()
+    ep._udp[socket.AF_INET].transport = fake  # type: ignore[assignment]
+    try:
+        statuses: list[int] = []
+        sender = SipSender(ep)
+        assert sender.start_text(from_uri=FROM, to_uri=TO, body="x", done=statuses.append)
+        assert sender._templates == {(FROM, TO): None}
+        [sent] = fake.sent
+        ep._on_datagram(answer_200(sent), PROXY)
+        assert statuses == [200]
+    finally:
+        await ep.close()
+
+
+async def test_a_template_needs_its_marks(endpoint: tuple[Endpoint, FakeUdp]) -> None:
+    ep, _ = endpoint
+    unmarked = make_request("MESSAGE", TO, from_=f"<{FROM}>;tag=t1", to=f"<{TO}>", call_id="c7")
+    with pytest.raises(LocalError):
+        ep.template(unmarked)
 
 
 async def test_start_text_maps_a_timeout_to_408(endpoint: tuple[Endpoint, FakeUdp]) -> None:

@@ -20,7 +20,14 @@ from component.sip.media import MediaSupport, accepts
 from component.values import ImdnAsk, ImdnStatus
 from sipside import cpim, iscomposing
 from sipside import imdn as rfc5438
-from sipside.endpoint import Endpoint, Final, make_request
+from sipside.endpoint import (
+    CALL_ID_MARK,
+    TAG_MARK,
+    Endpoint,
+    Final,
+    RequestTemplate,
+    make_request,
+)
 from sipside.errors import TransactionTimeout, TransportError
 from sipside.headers import quote_warning
 from sipside.message import SipRequest, SipResponse, new_call_id, new_tag
@@ -39,6 +46,9 @@ _DISPOSITIONS = {
     ImdnStatus.DISPLAYED: (rfc5438.NotificationKind.DISPLAY, rfc5438.Disposition.DISPLAYED),
 }
 
+
+# Conversations whose plain-text MESSAGE is kept written out, its own values left open.
+TEMPLATES = 1024
 
 # A late message to a client without CPIM says when it was written once it waited this long.
 LATE_NOTE_AFTER = 60.0
@@ -61,6 +71,8 @@ class SipSender:
         self.endpoint = endpoint
         self.clock = clock
         self.support = MediaSupport(cache_time)
+        # (From, To) -> the MESSAGE template, None where the endpoint makes none (Digest)
+        self._templates: dict[tuple[str, str], RequestTemplate | None] = {}
 
     async def send_text(
         self,
@@ -105,12 +117,35 @@ class SipSender:
         """``send_text`` of plain text without a task: the MESSAGE is written now and ``done``
         gets its final status later (never before this returns); False when the endpoint is
         closing, for ``send_text`` to answer."""
-        request = self._build("MESSAGE", from_uri, to_uri, [("Content-Type", PLAIN)], body, None)
+
+        def final(answer: Final) -> None:
+            done(_status(_outcome(answer, to_uri)))
+
+        pair, templates = (from_uri, to_uri), self._templates
+        template = templates[pair] if pair in templates else self._template(from_uri, to_uri)
+        payload = body.encode("utf-8")
         try:
-            self.endpoint.send(request, lambda final: done(_status(_outcome(final, to_uri))))
+            if template is not None and self.endpoint.send_templated(
+                template, new_tag(), new_call_id(), payload, final
+            ):
+                return True
+            headers = [("Content-Type", PLAIN)]
+            self.endpoint.send(self._build("MESSAGE", from_uri, to_uri, headers, payload), final)
         except TransportError:
             return False
         return True
+
+    def _template(self, from_uri: str, to_uri: str) -> RequestTemplate | None:
+        """The plain-text MESSAGE from ``from_uri`` to ``to_uri`` as a template, kept."""
+        headers = [("Content-Type", PLAIN)]
+        marked = self._build(
+            "MESSAGE", from_uri, to_uri, headers, b"", tag=TAG_MARK, call_id=CALL_ID_MARK
+        )
+        template = self.endpoint.template(marked)
+        if len(self._templates) >= TEMPLATES:
+            self._templates.clear()
+        self._templates[from_uri, to_uri] = template
+        return template
 
     def _stamped(self, body: str, sent_at: float | None) -> str:
         """DESIGN 4.3 for a client without CPIM: a message that waited long says when it was
@@ -202,18 +237,21 @@ class SipSender:
         from_uri: str,
         to_uri: str,
         headers: list[tuple[str, str]],
-        body: bytes | str,
-        display: str | None,
+        body: bytes,
+        display: str | None = None,
+        *,
+        tag: str | None = None,
+        call_id: str | None = None,
     ) -> SipRequest:
         shown = f'"{quote_warning(display)}" ' if display else ""
         return make_request(
             method,
             to_uri,
-            from_=f"{shown}<{from_uri}>;tag={new_tag()}",
+            from_=f"{shown}<{from_uri}>;tag={tag or new_tag()}",
             to=f"<{to_uri}>",
-            call_id=new_call_id(),
+            call_id=call_id or new_call_id(),
             headers=headers,
-            body=body.encode("utf-8") if isinstance(body, str) else body,
+            body=body,
         )
 
     async def options(self, uri: str, from_uri: str) -> int:
