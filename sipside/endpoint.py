@@ -138,7 +138,6 @@ class RequestTemplate:
 
     method: str
     peer: Peer
-    via: tuple[str, str, int]  # transport, host, port of the top Via
     pieces: tuple[bytes, bytes, bytes, bytes]  # before the branch, tag, Call-ID, length
 
 
@@ -360,7 +359,7 @@ class Endpoint:
         if self.digest is not None or self._closing:
             return None
         dest = peer or self._route_peer(request) or self.proxy or peer_for_uri(request.uri)
-        written, dest, via = self._with_our_headers(request, dest, _BRANCH_MARK)
+        written, dest, _ = self._with_our_headers(request, dest, _BRANCH_MARK)
         data = bytes(written)
         head, _, rest = data.partition(_BRANCH_MARK.encode())
         middle, _, rest = rest.partition(TAG_MARK.encode())
@@ -369,8 +368,7 @@ class Endpoint:
         if not (middle and before_call_id and rest.endswith(length + end)) or request.body:
             raise LocalError("a request template needs the tag and Call-ID marks and no body")
         pieces = (head + b"z9hG4bK", middle, before_call_id, rest[: -len(end)])
-        port = via.port or 0
-        return RequestTemplate(request.method, dest, (via.transport, via.host, port), pieces)
+        return RequestTemplate(request.method, dest, pieces)
 
     def send_templated(
         self, template: RequestTemplate, tag: str, call_id: str, body: bytes, done: FinalHandler
@@ -401,10 +399,9 @@ class Endpoint:
                 body,
             )
         )
-        transport, host, port = template.via
+        # No Via remembered for the answer: the next hop fills in the rport our Via asks for
+        # (RFC 3581), so the answer's Via is never the text written; it is parsed afresh.
         branch = "z9hG4bK" + random
-        via = Via(transport, host, port, (("branch", branch), ("rport", None)))
-        remember_via(f"SIP/2.0/{transport} {host}:{port};branch={branch};rport", via)
         self._sending = True
         try:
             key, effects = self._layer.send_written(

@@ -337,7 +337,8 @@ class MessageRouter:
         starts with it, a chat state or receipt), None when nothing is.
 
         At full load most messages wait behind their conversation's MESSAGE in flight: those
-        cost no task and no event-loop turn of their own.
+        cost no task and no event-loop turn of their own. Plain text that may go now goes on
+        the SIP side's callback path (``start_text``): nothing to await either.
         """
         if msg.type == "error":
             return None
