@@ -187,7 +187,15 @@ ROWS: dict[str, tuple[str, Callable[[int], float]]] = {
     "server": ("server: datagram -> 202 written", lambda n: asyncio.run(run_server(n))),
     "gateway": ("gateway: datagram -> stanza + 202", lambda n: asyncio.run(run_gateway(n))),
     "client": ("client: request() -> 200 -> future", lambda n: asyncio.run(run_client(n))),
+    "xmpp-in-1": ("xmpp -> sip, 1 conversation", lambda n: _xmpp_in(n, 1)),
+    "xmpp-in-10": ("xmpp -> sip, 10 conversations", lambda n: _xmpp_in(n, 10)),
 }
+
+
+def _xmpp_in(count: int, conversations: int) -> float:
+    from bench import xmpp_in  # it builds on this module's fakes
+
+    return xmpp_in.run(count, conversations)
 
 
 def measure(key: str, count: int) -> float:

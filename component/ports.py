@@ -80,6 +80,14 @@ class MessageSender(Protocol):
         (DESIGN 4.3); a recipient that takes neither gets the plain text."""
         ...
 
+    def start_text(
+        self, *, from_uri: str, to_uri: str, body: str, done: Callable[[int], None]
+    ) -> bool:
+        """``send_text`` of plain text without a task: the MESSAGE goes now and ``done`` gets
+        its final status later, never before this returns; False when it cannot go this way
+        (then ``send_text`` does it)."""
+        ...
+
     async def send_composing(
         self, *, from_uri: str, to_uri: str, active: bool, refresh: int | None
     ) -> int:

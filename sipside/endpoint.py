@@ -3,7 +3,8 @@
 It owns UDP, TCP and TLS listeners, stream connections (reused both ways), the transaction
 layer and its single timer. Incoming requests go to one application callback with a
 ``respond`` handle; outgoing requests are ``await endpoint.request(...)`` and return the final
-response, answering Digest challenges on the way. OPTIONS goes to the application as well:
+response, answering Digest challenges on the way (or ``endpoint.send(..., done)`` hands it to a
+callback, for callers that need no task per request). OPTIONS goes to the application as well:
 only it knows which Request-URIs it serves (RFC 3261 11.2).
 """
 
@@ -119,13 +120,33 @@ class IncomingRequest:
 
 
 RequestHandler = Callable[[IncomingRequest], None]
+Final = SipResponse | TransactionTimeout | TransportError
+"""How a client transaction ends: its final response, or why none came."""
+FinalHandler = Callable[[Final], None]
+
+
+# Where a template's per-request values go; nothing a request of ours holds otherwise.
+TAG_MARK = "\x00tag\x00"
+CALL_ID_MARK = "\x00call-id\x00"
+_BRANCH_MARK = "z9hG4bK\x00branch\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTemplate:
+    """A request as the endpoint writes it, cut where each request's own values go: the top
+    Via's branch, the From tag, the Call-ID and the Content-Length (``Endpoint.template``)."""
+
+    method: str
+    peer: Peer
+    pieces: tuple[bytes, bytes, bytes, bytes]  # before the branch, tag, Call-ID, length
 
 
 @dataclass(slots=True)
 class _Pending:
-    future: asyncio.Future[SipResponse]
-    request: SipRequest
+    done: FinalHandler
+    request: SipRequest | None  # as the caller gave it: a Digest retry is built from it
     peer: Peer
+    retried: bool  # the Digest retry: its own 401/407 is final
 
 
 @dataclass(slots=True)
@@ -188,6 +209,7 @@ class Endpoint:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
+        self._sending = False  # inside send(): a final outcome now waits for the next loop turn
         self._hooks = StreamHooks(
             self.limits.max_stream_buffer,
             self._now,
@@ -241,10 +263,9 @@ class Endpoint:
             task.cancel()
         for server in self._servers:
             server.close()
-        for pending in self._pending.values():
-            if not pending.future.done():
-                pending.future.set_exception(TransportError("endpoint closed"))
-        self._pending.clear()
+        pending, self._pending = list(self._pending.values()), {}
+        for entry in pending:
+            self._final(entry, TransportError("endpoint closed"))
         for stream in list(self._streams.values()):
             if stream.transport is not None:
                 stream.transport.close()
@@ -283,22 +304,129 @@ class Endpoint:
         401/407 is answered once with the endpoint's Digest credentials. Raises
         TransactionTimeout or TransportError when no final response comes.
         """
+        future: asyncio.Future[Final] = asyncio.get_running_loop().create_future()
+        self.send(request, lambda final: None if future.done() else future.set_result(final), peer)
+        final = await future
+        if isinstance(final, SipResponse):
+            return final
+        raise final
+
+    def send(self, request: SipRequest, done: FinalHandler, peer: Peer | None = None) -> None:
+        """:meth:`request` without a task: ``done`` gets the final response, or the
+        TransactionTimeout or TransportError, once; never before this returns.
+
+        Raises TransportError at once when the endpoint is closing.
+        """
         if self._closing:
             raise TransportError("endpoint is closing")
         dest = peer or self._route_peer(request) or self.proxy or peer_for_uri(request.uri)
-        response = await self._request_once(request, dest)
-        if response.status in (401, 407) and self.digest is not None:
+        self._sending = True
+        try:
+            self._send_once(_Pending(done, request, dest, self.digest is None), request)
+        finally:
+            self._sending = False
+
+    def _final(self, pending: _Pending, final: Final) -> None:
+        """Hand the outcome of ``pending`` to its caller, answering a challenge once first."""
+        digest = self.digest
+        request = pending.request
+        if (
+            not pending.retried
+            and isinstance(final, SipResponse)
+            and final.status in (401, 407)
+            and digest is not None
+            and request is not None
+        ):
             try:
-                retry = retry_with_credentials(self.digest, request, response, request.cseq[0] + 1)
+                retry = retry_with_credentials(digest, request, final, request.cseq[0] + 1)
             except AuthenticationError as exc:
                 log.warning("sip_auth_unanswerable", uri=request.uri, error=str(exc))
-                return response
-            response = await self._request_once(retry, dest)
-        return response
+            else:
+                self._send_once(_Pending(pending.done, request, pending.peer, True), retry)
+                return
+        if self._sending:
+            # Failed before send() returned: the caller hears of it from the loop, not from
+            # inside its own call.
+            assert self._loop is not None
+            self._loop.call_soon(self._call_done, pending.done, final)
+            return
+        self._call_done(pending.done, final)
+
+    def template(self, request: SipRequest, peer: Peer | None = None) -> RequestTemplate | None:
+        """``request`` (with :data:`TAG_MARK` in its From and :data:`CALL_ID_MARK` as its Call-ID,
+        no body) as :meth:`send` would write it, for :meth:`send_templated` to fill in; None when
+        requests must take :meth:`send` (Digest credentials to answer challenges with)."""
+        if self.digest is not None or self._closing:
+            return None
+        dest = peer or self._route_peer(request) or self.proxy or peer_for_uri(request.uri)
+        written, dest, _ = self._with_our_headers(request, dest, _BRANCH_MARK)
+        data = bytes(written)
+        head, _, rest = data.partition(_BRANCH_MARK.encode())
+        middle, _, rest = rest.partition(TAG_MARK.encode())
+        before_call_id, _, rest = rest.partition(CALL_ID_MARK.encode())
+        length, end = b"Content-Length: ", b"0\r\n\r\n"
+        if not (middle and before_call_id and rest.endswith(length + end)) or request.body:
+            raise LocalError("a request template needs the tag and Call-ID marks and no body")
+        pieces = (head + b"z9hG4bK", middle, before_call_id, rest[: -len(end)])
+        return RequestTemplate(request.method, dest, pieces)
+
+    def send_templated(
+        self, template: RequestTemplate, tag: str, call_id: str, body: bytes, done: FinalHandler
+    ) -> bool:
+        """:meth:`send` of ``template`` with its own From tag, Call-ID and body, written without
+        building the request; False when it must take :meth:`send` (a body too large for UDP).
+        Raises TransportError at once when the endpoint is closing."""
+        if self._closing:
+            raise TransportError("endpoint is closing")
+        dest = template.peer
+        if dest.transport == "udp" and len(body) + 600 > UDP_MAX_REQUEST and "tcp" in self._local:
+            return False  # RFC 3261 18.1.1: over TCP, with a Via that says so
+        loop = self._loop
+        assert loop is not None, "Endpoint.start() first"
+        random = new_branch()[7:]
+        head, middle, before_call_id, before_length = template.pieces
+        data = b"".join(
+            (
+                head,
+                random.encode(),
+                middle,
+                tag.encode(),
+                before_call_id,
+                call_id.encode(),
+                before_length,
+                str(len(body)).encode(),
+                b"\r\n\r\n",
+                body,
+            )
+        )
+        # No Via remembered for the answer: the next hop fills in the rport our Via asks for
+        # (RFC 3581), so the answer's Via is never the text written; it is parsed afresh.
+        branch = "z9hG4bK" + random
+        self._sending = True
+        try:
+            key, effects = self._layer.send_written(
+                ClientKey(branch, template.method), data, dest, loop.time()
+            )
+            self._pending[key] = _Pending(done, None, dest, True)
+            self.stats.requests_out += 1
+            self._run(effects)
+        finally:
+            self._sending = False
+        return True
+
+    @staticmethod
+    def _call_done(done: FinalHandler, final: Final) -> None:
+        try:
+            done(final)
+        except Exception:
+            # The caller's bug: the transaction layer's own effects still run.
+            log.exception("sip_final_handler_failed")
 
     @staticmethod
     def _route_peer(request: SipRequest) -> Peer | None:
         """RFC 3261 8.1.2 / 12.2.1.1: a request with a route set goes to its first Route."""
+        if request.header("Route") is None:
+            return None  # most requests: no list of values made and split to find that out
         routes = request.header_values("Route")
         if not routes:
             return None
@@ -306,7 +434,22 @@ class Endpoint:
         uri = first[1 : first.index(">")] if first.startswith("<") and ">" in first else first
         return peer_for_uri(uri)
 
-    async def _request_once(self, request: SipRequest, dest: Peer) -> SipResponse:
+    def _send_once(self, pending: _Pending, request: SipRequest) -> None:
+        request, dest, via = self._with_our_headers(request, pending.peer, new_branch())
+        remember_via(
+            request.headers[0][1], via
+        )  # the transaction layer and the response look it up
+        loop = self._loop
+        assert loop is not None, "Endpoint.start() first"
+        key, effects = self._layer.send_request(request, dest, loop.time())
+        self._pending[key] = pending
+        self.stats.requests_out += 1
+        self._run(effects)
+
+    def _with_our_headers(
+        self, request: SipRequest, dest: Peer, branch: str
+    ) -> tuple[SipRequest, Peer, Via]:
+        """``request`` as it goes to ``dest`` (or over TCP, RFC 3261 18.1.1), with our Via."""
         data_len = len(request.body) + 600  # headers of our own requests stay well under this
         if dest.transport == "udp" and data_len > UDP_MAX_REQUEST and "tcp" in self._local:
             dest = Peer("tcp", dest.host, dest.port)  # RFC 3261 18.1.1
@@ -314,11 +457,9 @@ class Endpoint:
         if local is None:
             raise LocalError(f"no {dest.transport} listener to send {request.method} to {dest}")
         host = f"[{local.host}]" if ":" in local.host else local.host
-        via = Via(
-            dest.transport.upper(), host, local.port, (("branch", new_branch()), ("rport", None))
-        )
-        via_text = str(via)
-        remember_via(via_text, via)  # the transaction layer and the response look it up
+        transport = dest.transport.upper()
+        via = Via(transport, host, local.port, (("branch", branch), ("rport", None)))
+        via_text = f"SIP/2.0/{transport} {host}:{local.port};branch={branch};rport"  # str(via)
         # One copy with all our headers, as add_header would place them: Via first, then the
         # request's own, then Max-Forwards and User-Agent unless it has them.
         headers = (("Via", via_text), *request.headers)
@@ -326,15 +467,7 @@ class Endpoint:
             headers += (("Max-Forwards", "70"),)
         if request.header("User-Agent") is None:
             headers += (("User-Agent", self.user_agent),)
-        request = SipRequest(request.method, request.uri, headers, request.body)
-        loop = self._loop
-        assert loop is not None, "Endpoint.start() first"
-        future: asyncio.Future[SipResponse] = loop.create_future()
-        key, effects = self._layer.send_request(request, dest, loop.time())
-        self._pending[key] = _Pending(future, request, dest)
-        self.stats.requests_out += 1
-        self._run(effects)
-        return await future
+        return SipRequest(request.method, request.uri, headers, request.body), dest, via
 
     # --- incoming bytes ------------------------------------------------------------------------
 
@@ -408,16 +541,16 @@ class Endpoint:
                 case DeliverResponse(key=key, response=response):
                     if response.status >= 200:
                         pending = self._pending.pop(key, None)
-                        if pending is not None and not pending.future.done():
-                            pending.future.set_result(response)
+                        if pending is not None:
+                            self._final(pending, response)
                 case Failed(key=key, error=error):
                     if isinstance(error, TransactionTimeout):
                         self.stats.timeouts += 1
                     else:
                         self.stats.transport_errors += 1
                     pending = self._pending.pop(key, None)  # type: ignore[arg-type]
-                    if pending is not None and not pending.future.done():
-                        pending.future.set_exception(error)
+                    if pending is not None:
+                        self._final(pending, error)
                 case Terminated(key=key):
                     self._pending.pop(key, None)  # type: ignore[arg-type]
                 case Stray(message=message, source=source, reason=reason):
@@ -598,11 +731,16 @@ def _call_id(message: SipMessage) -> str | None:
 __all__ = [
     "ALLOW",
     "ANSWERED_METHODS",
+    "CALL_ID_MARK",
+    "TAG_MARK",
     "Admission",
     "Endpoint",
     "EndpointLimits",
+    "Final",
+    "FinalHandler",
     "IncomingRequest",
     "RequestHandler",
+    "RequestTemplate",
     "Stats",
     "make_request",
     "parse_listen",

@@ -169,14 +169,14 @@ class ClientTransaction:
     __slots__ = ("_config", "_data", "_e_at", "_e_interval", "_end_at", "key", "peer", "state")
 
     def __init__(
-        self, key: ClientKey, request: SipRequest, peer: Peer, config: TimerConfig
+        self, key: ClientKey, request: SipRequest | bytes, peer: Peer, config: TimerConfig
     ) -> None:
         self.key = key
         self.peer = peer
         self.state = ClientState.TRYING
         self._config = config
         # Serialised once: every retransmission sends the very same bytes (RFC 3261 17.1.2.2).
-        self._data = bytes(request)
+        self._data = request if isinstance(request, bytes) else bytes(request)
         self._e_at: float | None = None
         self._e_interval = 0.0
         # Timer F while Trying/Proceeding, Timer K while Completed; None until start().

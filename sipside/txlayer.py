@@ -118,10 +118,16 @@ class TransactionLayer:
             raise LocalError(f"{request.method} transactions are not supported")
         top = _top_via(request)
         branch = top.branch if top is not None else None
-        if branch is None or not branch.startswith(MAGIC_COOKIE):
+        return self.send_written(ClientKey(branch or "", request.method), request, peer, now)
+
+    def send_written(
+        self, key: ClientKey, request: SipRequest | bytes, peer: Peer, now: float
+    ) -> tuple[ClientKey, list[Effect]]:
+        """:meth:`send_request` of a request already written out (``request`` its bytes, whose
+        top Via carries ``key.branch``): one that the sender wrote from a template."""
+        if not key.branch.startswith(MAGIC_COOKIE):
             # RFC 3261 8.1.1.7: our requests always carry a cookie branch in a top Via.
-            raise LocalError(f"request without a z9hG4bK branch in its top Via: {branch!r}")
-        key = ClientKey(branch, request.method)
+            raise LocalError(f"request without a z9hG4bK branch in its top Via: {key.branch!r}")
         if key in self._clients:
             raise LocalError(f"branch reused by a live client transaction: {key}")
         tx = ClientTransaction(key, request, peer, self._config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NoReturn
 
 from component.values import (
@@ -33,6 +34,11 @@ class UnusedSip:
         sent_at: float | None = None,
     ) -> int:
         _unused("send_text")
+
+    def start_text(
+        self, *, from_uri: str, to_uri: str, body: str, done: Callable[[int], None]
+    ) -> bool:
+        return False  # the fakes answer in send_text
 
     async def send_composing(
         self, *, from_uri: str, to_uri: str, active: bool, refresh: int | None

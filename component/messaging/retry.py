@@ -184,13 +184,17 @@ class DurableQueue:
                 return True
         return False
 
+    def knows_user(self, aor: str) -> bool:
+        """Whether :meth:`saw_user` has nothing to do for ``aor`` (seen, or not a home user)."""
+        return aor in self._seen or not self._is_home(aor)
+
     async def saw_user(self, aor: str) -> None:
         """A MESSAGE to ``aor`` got a 2xx: the user exists, so a later 404 means offline.
 
         Recorded as seen but not online: a delivered message says nothing of a registration,
         and an online mark would hide the user's next REGISTER from presence (DESIGN 5.4).
         """
-        if aor in self._seen or not self._is_home(aor):
+        if self.knows_user(aor):
             return
         try:
             if not await self.store.user_seen_before(aor):

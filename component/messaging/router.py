@@ -337,7 +337,8 @@ class MessageRouter:
         starts with it, a chat state or receipt), None when nothing is.
 
         At full load most messages wait behind their conversation's MESSAGE in flight: those
-        cost no task and no event-loop turn of their own.
+        cost no task and no event-loop turn of their own. Plain text that may go now goes on
+        the SIP side's callback path (``start_text``): nothing to await either.
         """
         if msg.type == "error":
             return None
@@ -372,7 +373,7 @@ class MessageRouter:
             self._refuse(msg, refusal, "queue full")
             return None
         self._idle.clear()
-        return self._take_turns(starts) if starts else None
+        return self._start(starts)
 
     def refuse_groupchat_to_person(self, msg: ChatMessage) -> None:
         """A ``groupchat`` message addressed to a SIP user's JID: an error, not silence.
@@ -428,24 +429,74 @@ class MessageRouter:
             reason=reason,
         )
 
-    async def _take_turns(self, starts: list[tuple[Pair, _Outgoing]]) -> None:
-        """Send what may start; each final answer lets the next of the conversation go."""
-        while starts:
-            (pair, outgoing), *others = starts
-            for other in others:
-                self._tasks.own(self._take_turns([other]))
+    def _start(self, starts: list[tuple[Pair, _Outgoing]]) -> Awaitable[None] | None:
+        """Send what may start: on the SIP side's path without a task when it takes the
+        message, else in a task of its own; the first such task's work is returned to be
+        awaited, the others are owned."""
+        work: Awaitable[None] | None = None
+        for pair, outgoing in starts:
             self._inflight[pair] = outgoing
-            try:
-                await self._send_to_sip(pair, outgoing)
-            except Exception:
-                log.exception("message_send_failed", jid=outgoing.msg.sender, sip_uri=pair[1])
-            finally:
-                self._inflight.pop(pair, None)
-                starts = self.conversations.done(pair)
-                # Idle: nothing in flight, and nothing waiting that may still start.
-                conversations = self.conversations
-                if not conversations.inflight and not (conversations.waiting and self._accepting):
-                    self._idle.set()
+            if self._send_now(pair, outgoing):
+                continue
+            turn = self._take_turn(pair, outgoing)
+            if work is None:
+                work = turn
+            else:
+                self._tasks.own(turn)
+        return work
+
+    def _send_now(self, pair: Pair, outgoing: _Outgoing) -> bool:
+        """Plain text of a conversation with nothing stored goes without a task; its final
+        status comes to :meth:`_answered`. False when it must take the general path."""
+        if outgoing.ask is not None or self.queue.holds(pair) or self.queue.unchecked(pair):
+            return False
+        try:
+            return self.sip.start_text(
+                from_uri=outgoing.from_uri,
+                to_uri=outgoing.to_uri,
+                body=outgoing.msg.body or "",
+                done=lambda status: self._answered(pair, outgoing, status),
+            )
+        except Exception:
+            log.exception("message_send_failed", jid=outgoing.msg.sender, sip_uri=pair[1])
+            return False  # the general path tries it again, and decides
+
+    def _answered(self, pair: Pair, outgoing: _Outgoing, status: int) -> None:
+        """The final status of a MESSAGE sent by :meth:`_send_now`."""
+        try:
+            rest = self._outcome(pair, outgoing, status)
+        except Exception:
+            log.exception("message_send_failed", jid=outgoing.msg.sender, sip_uri=pair[1])
+            rest = None
+        if rest is None:
+            self._turn_done(pair)
+        else:
+            self._tasks.own(self._take_turn(pair, outgoing, rest))
+
+    async def _take_turn(
+        self, pair: Pair, outgoing: _Outgoing, rest: Awaitable[None] | None = None
+    ) -> None:
+        """Send ``outgoing`` (or finish what its answer left, ``rest``); then the next of its
+        conversation may go."""
+        try:
+            await (self._send_to_sip(pair, outgoing) if rest is None else rest)
+        except Exception:
+            log.exception("message_send_failed", jid=outgoing.msg.sender, sip_uri=pair[1])
+        finally:
+            self._turn_done(pair)
+
+    def _turn_done(self, pair: Pair) -> None:
+        """``pair``'s MESSAGE in flight is done with: each final answer lets the next of the
+        conversation go."""
+        self._inflight.pop(pair, None)
+        starts = self.conversations.done(pair)
+        # Idle: nothing in flight, and nothing waiting that may still start.
+        conversations = self.conversations
+        if not conversations.inflight and not (conversations.waiting and self._accepting):
+            self._idle.set()
+        work = self._start(starts) if starts else None
+        if work is not None:
+            self._tasks.own(work)
 
     async def _send_to_sip(self, pair: Pair, outgoing: _Outgoing) -> None:
         msg, from_uri, to_uri = outgoing.msg, outgoing.from_uri, outgoing.to_uri
@@ -456,18 +507,30 @@ class MessageRouter:
         status = await self.sip.send_text(
             from_uri=from_uri, to_uri=to_uri, body=msg.body or "", imdn=outgoing.ask
         )
+        rest = self._outcome(pair, outgoing, status)
+        if rest is not None:
+            await rest
+
+    def _outcome(self, pair: Pair, outgoing: _Outgoing, status: int) -> Awaitable[None] | None:
+        """Act on the final status of ``outgoing``'s MESSAGE; what must be awaited (storing
+        it, asking the store), None when nothing is."""
+        msg, to_uri = outgoing.msg, outgoing.to_uri
         if pair in self._abandoned:
             # Stored unanswered when the drain ended: the stored copy is its fate now.
             self._abandoned.discard(pair)
             log.info("message_answered_after_drain", jid=msg.sender, sip_uri=to_uri, status=status)
-            return
+            return None
         if status < 300:
             self.counters["xmpp_to_sip"] += 1
             self.metrics.message(Way.TO_SIP, Outcome.DELIVERED)
             if debug_enabled():
                 log.debug("message_relayed", jid=msg.sender, sip_uri=to_uri, status=status)
-            await self.queue.saw_user(to_uri)
-            return
+            return None if self.queue.knows_user(to_uri) else self.queue.saw_user(to_uri)
+        return self._not_delivered(outgoing, status)
+
+    async def _not_delivered(self, outgoing: _Outgoing, status: int) -> None:
+        """A final status of 300 or more: stored when the user is offline, else refused."""
+        msg, to_uri = outgoing.msg, outgoing.to_uri
         if await self.queue.is_offline(status, to_uri):
             await self._store_for_sip(outgoing, f"SIP {status}")
             return

@@ -20,7 +20,14 @@ from component.sip.media import MediaSupport, accepts
 from component.values import ImdnAsk, ImdnStatus
 from sipside import cpim, iscomposing
 from sipside import imdn as rfc5438
-from sipside.endpoint import Endpoint, make_request
+from sipside.endpoint import (
+    CALL_ID_MARK,
+    TAG_MARK,
+    Endpoint,
+    Final,
+    RequestTemplate,
+    make_request,
+)
 from sipside.errors import TransactionTimeout, TransportError
 from sipside.headers import quote_warning
 from sipside.message import SipRequest, SipResponse, new_call_id, new_tag
@@ -39,6 +46,9 @@ _DISPOSITIONS = {
     ImdnStatus.DISPLAYED: (rfc5438.NotificationKind.DISPLAY, rfc5438.Disposition.DISPLAYED),
 }
 
+
+# Conversations whose plain-text MESSAGE is kept written out, its own values left open.
+TEMPLATES = 1024
 
 # A late message to a client without CPIM says when it was written once it waited this long.
 LATE_NOTE_AFTER = 60.0
@@ -61,6 +71,8 @@ class SipSender:
         self.endpoint = endpoint
         self.clock = clock
         self.support = MediaSupport(cache_time)
+        # (From, To) -> the MESSAGE template, None where the endpoint makes none (Digest)
+        self._templates: dict[tuple[str, str], RequestTemplate | None] = {}
 
     async def send_text(
         self,
@@ -98,6 +110,42 @@ class SipSender:
             plain = self._stamped(body, sent_at).encode("utf-8")
             return _status(await self._send(from_uri, to_uri, PLAIN, plain, from_display))
         return _status(answer)
+
+    def start_text(
+        self, *, from_uri: str, to_uri: str, body: str, done: Callable[[int], None]
+    ) -> bool:
+        """``send_text`` of plain text without a task: the MESSAGE is written now and ``done``
+        gets its final status later (never before this returns); False when the endpoint is
+        closing, for ``send_text`` to answer."""
+
+        def final(answer: Final) -> None:
+            done(_status(_outcome(answer, to_uri)))
+
+        pair, templates = (from_uri, to_uri), self._templates
+        template = templates[pair] if pair in templates else self._template(from_uri, to_uri)
+        payload = body.encode("utf-8")
+        try:
+            if template is not None and self.endpoint.send_templated(
+                template, new_tag(), new_call_id(), payload, final
+            ):
+                return True
+            headers = [("Content-Type", PLAIN)]
+            self.endpoint.send(self._build("MESSAGE", from_uri, to_uri, headers, payload), final)
+        except TransportError:
+            return False
+        return True
+
+    def _template(self, from_uri: str, to_uri: str) -> RequestTemplate | None:
+        """The plain-text MESSAGE from ``from_uri`` to ``to_uri`` as a template, kept."""
+        headers = [("Content-Type", PLAIN)]
+        marked = self._build(
+            "MESSAGE", from_uri, to_uri, headers, b"", tag=TAG_MARK, call_id=CALL_ID_MARK
+        )
+        template = self.endpoint.template(marked)
+        if len(self._templates) >= TEMPLATES:
+            self._templates.clear()
+        self._templates[from_uri, to_uri] = template
+        return template
 
     def _stamped(self, body: str, sent_at: float | None) -> str:
         """DESIGN 4.3 for a client without CPIM: a message that waited long says when it was
@@ -180,17 +228,31 @@ class SipSender:
         body: bytes,
         display: str | None,
     ) -> SipResponse | int:
+        request = self._build(method, from_uri, to_uri, headers, body, display)
+        return await self._answer(request, to_uri)
+
+    @staticmethod
+    def _build(
+        method: str,
+        from_uri: str,
+        to_uri: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        display: str | None = None,
+        *,
+        tag: str | None = None,
+        call_id: str | None = None,
+    ) -> SipRequest:
         shown = f'"{quote_warning(display)}" ' if display else ""
-        request = make_request(
+        return make_request(
             method,
             to_uri,
-            from_=f"{shown}<{from_uri}>;tag={new_tag()}",
+            from_=f"{shown}<{from_uri}>;tag={tag or new_tag()}",
             to=f"<{to_uri}>",
-            call_id=new_call_id(),
+            call_id=call_id or new_call_id(),
             headers=headers,
             body=body,
         )
-        return await self._answer(request, to_uri)
 
     async def options(self, uri: str, from_uri: str) -> int:
         """OPTIONS to ``uri`` (RFC 3261 11), a health check; the final status as for MESSAGE."""
@@ -201,11 +263,8 @@ class SipSender:
         """The final response, or 408/503 for a timeout or a transport failure."""
         try:
             return await self.endpoint.request(request)
-        except TransactionTimeout:
-            return 408
-        except TransportError as exc:
-            log.info("sip_send_failed", sip_uri=to_uri, error=str(exc))
-            return 503
+        except (TransactionTimeout, TransportError) as exc:
+            return _outcome(exc, to_uri)
 
 
 def imdn_request_headers(
@@ -215,6 +274,16 @@ def imdn_request_headers(
     if not notify:
         return (("DateTime", cpim.format_datetime(_utc(sent_at))),)
     return rfc5438.request_headers(message_id, _utc(sent_at), notify)
+
+
+def _outcome(final: Final, to_uri: str) -> SipResponse | int:
+    """The final response, or 408/503 for a timeout or a transport failure."""
+    if isinstance(final, TransactionTimeout):
+        return 408
+    if isinstance(final, TransportError):
+        log.info("sip_send_failed", sip_uri=to_uri, error=str(final))
+        return 503
+    return final
 
 
 def _status(answer: SipResponse | int) -> int:

@@ -182,6 +182,12 @@ class SipSide:
             sent_at=sent_at,
         )
 
+    def start_text(
+        self, *, from_uri: str, to_uri: str, body: str, done: Callable[[int], None]
+    ) -> bool:
+        """See ``SipPort``."""
+        return self.sender.start_text(from_uri=from_uri, to_uri=to_uri, body=body, done=done)
+
     async def send_composing(
         self, *, from_uri: str, to_uri: str, active: bool, refresh: int | None
     ) -> int:
