@@ -21,7 +21,7 @@ import socket
 import time
 from typing import Any
 
-from bench.hotpath import FakeUdp
+from bench.gateway_path import FakeUdp
 from component.addresses import AddressBook
 from component.logs import configure_logging
 from component.messaging.router import MessageRouter

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench.hotpath import FakeUdp, answer_200
+from bench.gateway_path import FakeUdp
+from bench.hotpath import answer_200
 from component.messaging.router import MessageRouter
 from component.sip.sender import SipSender
 from component.store.memory import MemoryStore
