@@ -242,6 +242,9 @@ def adopt_auth_retry(number: int, pending: Collection[int], local_cseq: int) -> 
     return number not in pending and number - 1 in pending and number > local_cseq
 
 
+_NO_RETRIES: frozenset[int] = frozenset()
+
+
 class OutgoingRequests(Generic[Tag]):
     """The requests a subscriber or publisher has in flight, numbered by its dialog: each sent
     preauthorized, matched to its final response, and resent once with digest credentials
@@ -256,7 +259,9 @@ class OutgoingRequests(Generic[Tag]):
         self.dialog = dialog
         self._digest = digest
         self._pending: dict[int, tuple[Tag, SipRequest]] = {}
-        self._retried: set[int] = set()
+        # The CSeqs of our digest retries: none almost always. All share the empty frozenset
+        # until one is made (an empty set of each subscriber's own was 216 bytes, tracemalloc).
+        self._retried: frozenset[int] = _NO_RETRIES
 
     def send(
         self, method: str, tag: Tag, headers: list[tuple[str, str]], body: bytes = b""
@@ -307,7 +312,7 @@ class OutgoingRequests(Generic[Tag]):
             retry = retry_with_credentials(self._digest, request, response, number)
         except AuthenticationError:
             return None
-        self._retried.add(number)
+        self._retried |= {number}
         self.dialog = replace(self.dialog, local_cseq=number)
         return retry
 
