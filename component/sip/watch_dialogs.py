@@ -326,6 +326,8 @@ class WatchDialogs:
             return
         if self.dialogs.get(key) is dialog:
             self._deadlines.set(key, dialog.notifier.next_deadline())
+        if dialog.saved is not None and dialog.notifier.unchanged_since(dialog.saved):
+            return  # e.g. the 2xx to a NOTIFY, or a NOTIFY within the CSeq reserve
         snap = dialog.notifier.snapshot()
         # The body is not needed: ``restore`` rebuilds it from the target's stored presence.
         if not needs_saving(dialog.saved, snap, ignore=("body",)):
