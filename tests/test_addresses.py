@@ -465,3 +465,18 @@ def test_parse_jid_refuses_with_jid_malformed(text: str) -> None:
     with pytest.raises(AddressError) as caught:
         parse_jid(text)
     assert (caught.value.sip_status, caught.value.xmpp_condition) == (400, "jid-malformed")
+
+
+def test_jid_for_sip_uri_once_maps_the_same_and_leaves_the_caches() -> None:
+    from component import addresses
+
+    caches = [getattr(addresses, name) for name in addresses._CACHED_ON_THE_WAY]
+    uris = ["sip:once1@sip.test", "sip:once2@example.org", "sip:Once%C3%A93@sip.test"]
+    sizes = [cache.cache_info().currsize for cache in caches]
+    once = [BOOK.jid_for_sip_uri_once(uri) for uri in uris]
+    assert [cache.cache_info().currsize for cache in caches] == sizes
+    assert [getattr(addresses, name) for name in addresses._CACHED_ON_THE_WAY] == caches
+    assert once == [BOOK.jid_for_sip_uri(uri) for uri in uris]
+    with pytest.raises(AddressError):
+        BOOK.jid_for_sip_uri_once("sip:nobody@" + BOOK.jdomain)
+    assert [getattr(addresses, name) for name in addresses._CACHED_ON_THE_WAY] == caches

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import tracemalloc
+from unittest.mock import ANY
 
 import pytest
 
@@ -17,6 +18,7 @@ from component.store.memory import MemoryStore
 from component.values import Presence
 from tests.test_presence import (
     BOB,
+    BOB_SIP,
     T0,
     FakeIncoming,
     GatedEndpoint,
@@ -29,6 +31,7 @@ from tests.test_presence import (
     pidf_body,
     respond,
     runtime_world,
+    sip,
     through_gate,
     watcher_jid,
     watcher_subscribe,
@@ -178,6 +181,42 @@ async def test_resumed_subscriptions_are_small_and_share_what_repeats(
         held = list(n.side.subscriptions.held.values())
         assert len({id(h.watcher_jid) for h in held}) == 1  # Bob's JID, once
         assert all(n.side.subscriptions.held[h.pair] is h for h in held)
+    finally:
+        await second.close()
+
+
+async def test_resumed_dialogs_know_their_watchers_aor(memory_store: MemoryStore) -> None:
+    """A dialog reads its watcher's AOR from its remote URI when that is ``<AOR>``, and keeps
+    its own otherwise (a display name); both before and after a restart."""
+    first = memory_store
+    w = build(first)
+    await approved_watchers(w, 2)
+    await first.save_approval(
+        RosterApproval(
+            watcher_jid(7), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+        )
+    )
+    named = sip(
+        "SUBSCRIBE",
+        BOB_SIP,
+        [("Contact", "<sip:w7@127.0.0.1:5062>"), ("Event", "presence"), ("Expires", "600")],
+        call_id="named",
+        from_='"Seven" <sip:w7@sip.test>;tag=f7',
+    )
+    await w.request(FakeIncoming(named), T0)
+    expected = {"sip:w0@sip.test", "sip:w1@sip.test", "sip:w7@sip.test"}
+    kept = {d.watcher_aor: d.own_aor for d in w.side.watches.dialogs.values()}
+    assert kept == {"sip:w0@sip.test": None, "sip:w1@sip.test": None, "sip:w7@sip.test": ANY}
+    await first.close()
+    second = MemoryStore(first.database)
+    try:
+        n = build(second, seed=2)
+        assert (await n.side.resume(T0 + 100))[0] == 3
+        dialogs = list(n.side.watches.dialogs.values())
+        assert {d.watcher_aor for d in dialogs} == expected
+        assert [d.own_aor for d in dialogs].count(None) == 2
+        stored = await second.sip_watcher_subscriptions()
+        assert {s.watcher_aor for s in stored} == expected
     finally:
         await second.close()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import fields, replace
+from typing import Any
 
 import pytest
 
@@ -10,7 +12,7 @@ from sipside.dialog import Dialog, strip_tag
 from sipside.digest import Credentials, DigestClient, parse_auth_params
 from sipside.errors import PeerError
 from sipside.message import SipMessage, SipRequest, SipResponse, make_response, parse_message
-from sipside.notifier import Notifier, NotifierPolicy, NotifierState
+from sipside.notifier import Notifier, NotifierPolicy, NotifierSnapshot, NotifierState
 from sipside.subscription import (
     NOTIFY_TIMEOUT_FACTOR,
     EventHeader,
@@ -711,3 +713,24 @@ def test_response_to_an_endpoint_auth_retry_is_adopted() -> None:
     assert (
         sub.handle_response(reply(refresh.replace_headers("CSeq", ["5 SUBSCRIBE"]), 481), at) == []
     )
+
+
+def test_unchanged_since_compares_every_field_a_restart_needs() -> None:
+    notifier, _ = accept(body=b"<a/>", content_type="application/pidf+xml")
+    assert notifier is not None
+    snap = notifier.snapshot()
+    ahead = replace(snap, local_cseq=snap.local_cseq + 64)
+    assert notifier.unchanged_since(snap) and notifier.unchanged_since(ahead)
+    # the body is rebuilt on a restart: not compared
+    assert notifier.unchanged_since(replace(snap, body=b"<other/>"))
+    assert not notifier.unchanged_since(replace(snap, local_cseq=snap.local_cseq - 1))
+    others: dict[str, Any] = {"route_set": ("<sip:p.test;lr>",), "secure": True}
+    for f in fields(NotifierSnapshot):
+        if f.name in ("body", "local_cseq"):
+            continue
+        value: Any = getattr(snap, f.name)
+        other = others.get(f.name, f"{value}x" if isinstance(value, str) else (value or 0) + 7)
+        assert not notifier.unchanged_since(replace(snap, **{f.name: other})), f.name
+    # what the notifier changes itself is seen too: here its state
+    notifier.activate(1.0)
+    assert not notifier.unchanged_since(snap) and not notifier.unchanged_since(ahead)

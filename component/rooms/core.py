@@ -85,6 +85,10 @@ class RoomsCore:
 
     def claims(self, sender: str, recipient: str) -> bool:
         """True when a stanza from ``sender`` to ``recipient`` is a room's, for this core."""
+        if not self.seats:
+            # No SIP user sits in a room: nothing to map. Every inbound presence and message
+            # is asked about, one per SIP watcher of a status change (bench.presence).
+            return False
         key = self._key_for_stanza(sender, recipient)
         return key is not None and key in self.seats
 
