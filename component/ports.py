@@ -217,6 +217,12 @@ class RoomStanzas(Protocol):
         """An invitation for a SIP user (XEP-0249 or XEP-0045 7.8.2)."""
         ...
 
+    def on_unclaimed(self, stanza: RoomPresence | RoomMessage) -> bool:
+        """A room's stanza by its form (a MUC presence, a groupchat) for a SIP user no seat
+        here is known for: True when taken (passed on to wherever the seat may be), False to
+        treat it as no room's."""
+        ...
+
 
 class RoomTexts(Protocol):
     """What messaging asks the chat rooms about a SIP MESSAGE to a jdomain address (DESIGN 6)."""

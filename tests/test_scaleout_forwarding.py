@@ -185,6 +185,9 @@ class LocalRooms:
     def on_invitation(self, invitation: RoomInvitation) -> None:
         self.got.append(invitation)
 
+    def on_unclaimed(self, stanza: RoomPresence | RoomMessage) -> bool:
+        raise AssertionError("only the link asks: Forwarding stands in front of the rooms")
+
 
 class Node:
     """One instance: its store, bus, rooms, presence handler and forwarding."""
@@ -286,6 +289,26 @@ async def test_an_announced_seat_is_routed_before_its_row_exists() -> None:
         await _settle(lambda: b.forwarding.claims(joined.sender, joined.recipient))
         b.forwarding.on_room_presence(joined)
         await _settle(lambda: a.rooms.got == [joined])
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_join_answer_that_lands_before_the_announcement_still_reaches_the_seat() -> None:
+    a, b = await _pair()
+    a.start()
+    b.start()
+    try:
+        await _settle(lambda: "gw-a" in a.bus.hub and "gw-b" in a.bus.hub)
+        a.rooms.seats.add((ROOM, "alice@sip.xmpp.test"))  # joining; gw-b has heard nothing
+        joined = RoomPresence(f"{ROOM}/alice", ALICE_JID, status_codes=(110,))
+        said = RoomMessage(ROOM, ALICE_JID, "welcome")
+        assert not b.forwarding.claims(joined.sender, joined.recipient)
+        assert b.forwarding.on_unclaimed(joined) and b.forwarding.on_unclaimed(said)
+        await _settle(lambda: a.rooms.got == [joined, said])
+        await asyncio.sleep(0.05)
+        assert b.rooms.got == []  # its own broadcast came back to it and was left alone
+        assert a.rooms.got == [joined, said]
     finally:
         await a.stop()
         await b.stop()

@@ -294,6 +294,14 @@ class Forwarding:
         """Any instance tells the SIP user (no seat yet)."""
         self.rooms.on_invitation(invitation)
 
+    def on_unclaimed(self, stanza: RoomPresence | RoomMessage) -> bool:
+        """A room's stanza for a seat no instance is known to hold yet: to every other
+        instance. The room's answer to a join may land here before the joining instance's
+        announcement (the NOTIFY on the database and the stanza through the XMPP server race);
+        the one holding the seat takes it, the others drop it."""
+        self._queue(ALL, stanza)
+        return True
+
     def _forwards(self, value: Forwarded, sender: str, recipient: str) -> bool:
         if self.rooms.claims(sender, recipient):
             return False
@@ -403,6 +411,8 @@ class Forwarding:
             for name in owners:
                 if name != ALL and isinstance(value, _ROOM_KINDS):
                     text = encode(value, self.instance, self._keep(name, value))
+                elif isinstance(value, _ROOM_KINDS):
+                    text = encode(value, self.instance)  # its own comes back: see _received
                 else:
                     text = encode(value)
                 batches.setdefault(name, []).append(text)
@@ -442,10 +452,13 @@ class Forwarding:
                 self.errors(value.error())
             case StrayError():
                 pass
+            case RoomPresence() | RoomMessage() | StanzaError() if origin == self.instance:
+                pass  # its own broadcast of a stanza for a seat it did not know (on_unclaimed)
             case RoomPresence() | RoomMessage() | StanzaError() if not self.rooms.claims(
                 value.sender, value.recipient
             ):
-                log.info("forward_seat_gone", sender=value.sender, recipient=value.recipient)
+                if seq is not None:  # sent here as the seat's owner: the seat is gone
+                    log.info("forward_seat_gone", sender=value.sender, recipient=value.recipient)
             case RoomPresence():
                 self.rooms.on_room_presence(value)
             case RoomMessage():

@@ -368,6 +368,10 @@ class RoomsDriver:
         """``RoomStanzas``: an invitation for a SIP user."""
         self._call(lambda now: self.core.on_invitation(invitation, now))
 
+    def on_unclaimed(self, stanza: RoomPresence | RoomMessage) -> bool:
+        """``RoomStanzas``: one instance holds every seat there is, so none is elsewhere."""
+        return False
+
     # --- SIP users' presence, the link ------------------------------------------------------
 
     def user_state(self, aor: str, online: bool, show: str | None, status: str | None) -> None:

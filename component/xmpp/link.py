@@ -61,6 +61,7 @@ from component.xmpp.muc import (
     service_info,
 )
 from component.xmpp.stanzas import (
+    NS_MUC_USER,
     Rejected,
     error_for,
     format_error,
@@ -93,6 +94,7 @@ log = get_logger("component.xmpp")
 
 _ID_MARK = "sipxmpp-id"  # where a cached error reply takes the refused stanza's id
 _MAX_FLOOD_REPLIES = 1000
+_MUC_USER_X = f"{{{NS_MUC_USER}}}x"  # what marks a presence as a room occupant's
 
 
 class XmppLink:
@@ -575,9 +577,13 @@ class XmppLink:
                 return True
         if not rooms.claims(src, dst):
             if kind == "message" and stype == "groupchat":
+                if rooms.on_unclaimed(parse_room_message(xml, src, dst)):
+                    return True  # maybe another instance's seat
                 # A room nobody here is in any more: not a one-to-one chat either.
                 self._reject_in(kind, xml, "groupchat from a room no SIP user is in")
                 return True
+            if kind == "presence" and xml.find(_MUC_USER_X) is not None:
+                return rooms.on_unclaimed(parse_room_presence(xml, src, dst))
             return False
         if kind == "presence":
             rooms.on_room_presence(parse_room_presence(xml, src, dst))
