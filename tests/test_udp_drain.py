@@ -47,3 +47,27 @@ async def test_nothing_queued_reads_nothing_more() -> None:
     protocol.datagram_received(b"only", ("127.0.0.1", 9))
     assert got == [b"only"]
     transport.close()
+
+
+async def test_a_lone_datagram_after_a_pause_reads_nothing_more_and_loses_nothing() -> None:
+    got: list[bytes] = []
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: DatagramSocket(Peer("udp", "127.0.0.1", 0), lambda data, _peer: got.append(data)),
+        local_addr=("127.0.0.1", 0),
+    )
+    port = transport.get_extra_info("sockname")[1]
+    protocol.datagram_received(b"earlier", ("127.0.0.1", 9))
+    await asyncio.sleep(DatagramSocket.DRAIN_GAP * 10)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        for number in range(3):
+            sender.sendto(b"%d" % number, ("127.0.0.1", port))
+        # After a pause no read is tried: the queued ones wait for the event loop.
+        protocol.datagram_received(b"lone", sender.getsockname())
+    assert got == [b"earlier", b"lone"]
+    for _ in range(200):
+        if len(got) == 5:
+            break
+        await asyncio.sleep(0.01)
+    assert got == [b"earlier", b"lone", b"0", b"1", b"2"]
+    transport.close()

@@ -42,6 +42,8 @@ class Confirmations:
         self._on_overdue = on_overdue
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        # The loop, once known: asyncio.get_running_loop() costs a getpid() call each time.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._settled: asyncio.Event | None = None
         self._overdue = False  # the link is being torn down; no timer until lost()
 
@@ -95,6 +97,7 @@ class Confirmations:
     def close(self) -> None:
         """Cancel the timer (the link stopped)."""
         self._cancel()
+        self._loop = None
 
     def _apply(self, effects: list[Effect]) -> None:
         for effect in effects:
@@ -117,9 +120,10 @@ class Confirmations:
         if deadline is None or self._overdue:
             return
         self._timer_at = deadline
-        self._timer = asyncio.get_running_loop().call_later(
-            max(0.0, deadline - now), self._on_timer
-        )
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(max(0.0, deadline - now), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
