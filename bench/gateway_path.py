@@ -33,6 +33,7 @@ from component.store.migrate import upgrade
 from component.store.store import Store
 from component.values import ServiceKind
 from component.xmpp.stream import LinkState, Stream
+from sipside.endpoint import Endpoint
 from sipside.peer import Peer
 from tests.gateway_fixture import gateway_settings
 from tests.harness.ports import free_port
@@ -73,6 +74,16 @@ class FakeUdp:
 
     def close(self) -> None:
         """Nothing to close."""
+
+
+def fake_udp(endpoint: Endpoint) -> FakeUdp:
+    """Put one FakeUdp in place of every UDP socket of a started ``endpoint``."""
+    udp = FakeUdp()
+    for datagram in endpoint._udp.values():
+        assert datagram.transport is not None
+        datagram.transport.close()
+        datagram.transport = udp  # type: ignore[assignment]
+    return udp
 
 
 class FakeServer:
@@ -128,11 +139,7 @@ class GatewayPath:
         gateway = Gateway(settings, store, health)
         await gateway.router.resume()
         await gateway.endpoint.start(gateway.sipgate.handle)
-        udp = FakeUdp()
-        for datagram in gateway.endpoint._udp.values():
-            assert datagram.transport is not None
-            datagram.transport.close()
-            datagram.transport = udp  # type: ignore[assignment]
+        udp = fake_udp(gateway.endpoint)
         server = FakeServer()
         link = gateway.xmpp
         stream = Stream(link, settings.xmpp.secret.get_secret_value())
@@ -197,7 +204,7 @@ async def run_gateway(count: int, warmup: int = 200) -> float:
     return cpu
 
 
-__all__ = ["FakeServer", "FakeUdp", "GatewayPath", "relayed_message", "run_gateway"]
+__all__ = ["FakeServer", "FakeUdp", "GatewayPath", "fake_udp", "relayed_message", "run_gateway"]
 
 
 def main(argv: list[str] | None = None) -> None:

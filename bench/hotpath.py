@@ -28,14 +28,13 @@ import cProfile
 import gc
 import logging
 import pstats
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
-from bench.gateway_path import FakeUdp, run_gateway
+from bench.gateway_path import FakeUdp, fake_udp, run_gateway
 from bench.gateway_path import relayed_message as message_datagram
 from sipside.endpoint import Endpoint, IncomingRequest, make_request
 from sipside.message import SipRequest, parse_message
@@ -99,12 +98,7 @@ def run_validate(count: int) -> float:
 async def _endpoint(handler: Callable[[IncomingRequest], None]) -> tuple[Endpoint, FakeUdp]:
     endpoint = Endpoint(["udp:127.0.0.1:0"], handler)
     await endpoint.start()
-    fake = FakeUdp()
-    real = endpoint._udp[socket.AF_INET].transport
-    assert real is not None
-    real.close()
-    endpoint._udp[socket.AF_INET].transport = fake  # type: ignore[assignment]
-    return endpoint, fake
+    return endpoint, fake_udp(endpoint)
 
 
 def answer_202(incoming: IncomingRequest) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from bench.gateway_path import FakeUdp, fake_udp
 from component.addresses import AddressBook, parse_jid
 from component.messaging.router import MessageRouter
 from component.settings import Settings
@@ -64,17 +64,6 @@ class Presence:
         incoming.respond(200)
 
 
-class FakeUdp:
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    def sendto(self, data: bytes, addr: Any = None) -> None:
-        self.sent.append(data)
-
-    def close(self) -> None:
-        pass
-
-
 @dataclass
 class Edge:
     endpoint: Endpoint
@@ -100,11 +89,7 @@ async def edge() -> AsyncIterator[Edge]:
     gate = SipGate(router, Presence(), book=BOOK)
     endpoint = Endpoint(["udp:127.0.0.1:0"], gate.handle)
     await endpoint.start()
-    udp = FakeUdp()
-    real = endpoint._udp[socket.AF_INET].transport
-    assert real is not None
-    real.close()
-    endpoint._udp[socket.AF_INET].transport = udp  # type: ignore[assignment]
+    udp = fake_udp(endpoint)
     yield Edge(endpoint, gate, xmpp, udp)
     await endpoint.close()
 
@@ -273,11 +258,7 @@ async def _sip_sender_never_becomes_a_foreign_from(user: str, host: str) -> None
     gate = SipGate(router, book=BOOK)
     endpoint = Endpoint(["udp:127.0.0.1:0"], gate.handle)
     await endpoint.start()
-    udp = FakeUdp()
-    real = endpoint._udp[socket.AF_INET].transport
-    assert real is not None
-    real.close()
-    endpoint._udp[socket.AF_INET].transport = udp  # type: ignore[assignment]
+    udp = fake_udp(endpoint)
     try:
         endpoint._on_message(message("sip:bob" + JD, from_uri=f"sip:{user}@{host}"), SOURCE)
         await gate.drain(5.0)

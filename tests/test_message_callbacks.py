@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench.gateway_path import FakeUdp
+from bench.gateway_path import FakeUdp, fake_udp
 from bench.hotpath import answer_200
 from component.messaging.router import MessageRouter
 from component.sip.sender import SipSender
@@ -36,11 +36,7 @@ async def endpoint() -> AsyncIterator[tuple[Endpoint, FakeUdp]]:
     """An endpoint whose UDP socket is a fake that keeps what is sent."""
     ep = Endpoint(["udp:127.0.0.1:0"], outbound_proxy="sip:127.0.0.1:5060")
     await ep.start(lambda incoming: None)
-    fake = FakeUdp()
-    real = ep._udp[socket.AF_INET].transport
-    assert real is not None
-    real.close()
-    ep._udp[socket.AF_INET].transport = fake  # type: ignore[assignment]
+    fake = fake_udp(ep)
     yield ep, fake
     await ep.close()
 
@@ -196,11 +192,7 @@ async def test_with_digest_credentials_no_template_is_made() -> None:
         digest=DigestClient(Credentials("gw", "secret")),
     )
     await ep.start(lambda incoming: None)
-    fake = FakeUdp()
-    real = ep._udp[socket.AF_INET].transport
-    assert real is not None
-    real.close()
-    ep._udp[socket.AF_INET].transport = fake  # type: ignore[assignment]
+    fake = fake_udp(ep)
     try:
         statuses: list[int] = []
         sender = SipSender(ep)

@@ -10,13 +10,17 @@ from sipside.peer import Peer
 from sipside.transport import DatagramSocket
 
 
-async def test_queued_datagrams_are_read_in_the_same_wakeup() -> None:
-    got: list[bytes] = []
-    loop = asyncio.get_running_loop()
-    transport, protocol = await loop.create_datagram_endpoint(
+async def _bound(got: list[bytes]) -> tuple[asyncio.DatagramTransport, DatagramSocket]:
+    """A DatagramSocket on a loopback port, handing what it reads to ``got``."""
+    return await asyncio.get_running_loop().create_datagram_endpoint(
         lambda: DatagramSocket(Peer("udp", "127.0.0.1", 0), lambda data, _peer: got.append(data)),
         local_addr=("127.0.0.1", 0),
     )
+
+
+async def test_queued_datagrams_are_read_in_the_same_wakeup() -> None:
+    got: list[bytes] = []
+    transport, protocol = await _bound(got)
     port = transport.get_extra_info("sockname")[1]
     queued = DatagramSocket.DRAIN + 10
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
@@ -39,11 +43,7 @@ async def test_queued_datagrams_are_read_in_the_same_wakeup() -> None:
 
 async def test_nothing_queued_reads_nothing_more() -> None:
     got: list[bytes] = []
-    loop = asyncio.get_running_loop()
-    transport, protocol = await loop.create_datagram_endpoint(
-        lambda: DatagramSocket(Peer("udp", "127.0.0.1", 0), lambda data, _peer: got.append(data)),
-        local_addr=("127.0.0.1", 0),
-    )
+    transport, protocol = await _bound(got)
     protocol.datagram_received(b"only", ("127.0.0.1", 9))
     assert got == [b"only"]
     transport.close()
@@ -51,11 +51,7 @@ async def test_nothing_queued_reads_nothing_more() -> None:
 
 async def test_a_lone_datagram_after_a_pause_reads_nothing_more_and_loses_nothing() -> None:
     got: list[bytes] = []
-    loop = asyncio.get_running_loop()
-    transport, protocol = await loop.create_datagram_endpoint(
-        lambda: DatagramSocket(Peer("udp", "127.0.0.1", 0), lambda data, _peer: got.append(data)),
-        local_addr=("127.0.0.1", 0),
-    )
+    transport, protocol = await _bound(got)
     port = transport.get_extra_info("sockname")[1]
     protocol.datagram_received(b"earlier", ("127.0.0.1", 9))
     await asyncio.sleep(DatagramSocket.DRAIN_GAP * 10)
