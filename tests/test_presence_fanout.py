@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import tracemalloc
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any
 from unittest.mock import ANY
 
 import pytest
@@ -13,13 +15,18 @@ import pytest
 from component.runtime.presence_driver import MAX_IN_FLIGHT
 from component.sip import watch_dialogs
 from component.sip.dialog_state import fresh
+from component.sip.side import SipSide
 from component.store import ApprovalDirection, ApprovalState, RosterApproval
 from component.store.memory import MemoryStore
 from component.values import Presence
+from sipside.endpoint import Final
+from sipside.message import SipRequest, SipResponse
+from sipside.peer import Peer
 from tests.test_presence import (
     BOB,
     BOB_SIP,
     T0,
+    FakeEndpoint,
     FakeIncoming,
     GatedEndpoint,
     answer,
@@ -226,3 +233,160 @@ def test_fresh_copies_a_string() -> None:
     copy = fresh(text)
     assert copy == text and copy is not text
     assert fresh("") == ""
+
+
+class CallbackEndpoint(FakeEndpoint):
+    """An endpoint that answers by callback (``Endpoint.send``): NOTIFYs wait in ``held`` for
+    the test to answer them with ``reply``; other requests are answered 200 in a later pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[SipRequest, Callable[[Final], None]]] = []
+
+    def send(
+        self, request: SipRequest, done: Callable[[Final], None], peer: Peer | None = None
+    ) -> None:
+        self.requests.append((request, peer))
+        if request.method == "NOTIFY":
+            self.held.append((request, done))
+            return
+        asyncio.get_running_loop().call_soon(done, answer(request, 200, [("Expires", "600")]))
+
+    async def request(self, request: SipRequest, peer: Peer | None = None) -> SipResponse:
+        raise AssertionError("presence's transactions are answered by callback")
+
+    def reply(self, index: int, status: int = 200) -> None:
+        request, done = self.held[index]
+        done(answer(request, status))
+
+
+class CountingTasks:
+    """Counts the tasks made on the running loop while in use."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __enter__(self) -> CountingTasks:
+        loop = asyncio.get_running_loop()
+        self._old = loop.get_task_factory()
+
+        def factory(
+            loop: asyncio.AbstractEventLoop,
+            coro: Coroutine[Any, Any, Any] | Generator[Any, None, Any],
+            **kw: Any,
+        ) -> asyncio.Task[Any]:
+            self.count += 1
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        loop.set_task_factory(factory)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        asyncio.get_running_loop().set_task_factory(self._old)
+
+
+async def _watched_by(store: MemoryStore, side: SipSide, count: int) -> None:
+    for i in range(count):
+        await store.save_approval(
+            RosterApproval(
+                watcher_jid(i), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
+            )
+        )
+        incoming = FakeIncoming(watcher_subscribe(i))
+        await through_gate(side, incoming)
+        assert incoming.status == 202
+
+
+async def test_a_fan_out_by_callback_keeps_the_window_and_the_order(
+    memory_store: MemoryStore,
+) -> None:
+    store = memory_store
+    count = MAX_IN_FLIGHT + 10
+    endpoint = CallbackEndpoint()
+    runtime, side, _ = runtime_world(store, endpoint)
+    await runtime.start()
+    try:
+        await _watched_by(store, side, count)
+        await _idle()
+        assert len(endpoint.held) == count  # the first NOTIFYs, one per dialog
+        for i in range(count):
+            endpoint.reply(i)
+        await runtime.settle()
+        with CountingTasks() as tasks:
+            for i in range(count):
+                runtime.on_presence(
+                    Presence(sender=f"{BOB}/pc", recipient=watcher_jid(i), show="away")
+                )
+            await _idle()
+            assert len(endpoint.held) == count + MAX_IN_FLIGHT  # the window, not more
+            assert runtime.queued_presence == count - MAX_IN_FLIGHT
+            endpoint.reply(count)  # one answer makes room for one more NOTIFY
+            await _idle()
+            assert len(endpoint.held) == count + MAX_IN_FLIGHT + 1
+            answered = count + 1
+            while answered < len(endpoint.held) or runtime.queued_presence:
+                endpoint.reply(answered)
+                answered += 1
+                await _idle(2)
+            await runtime.settle()
+        assert len(endpoint.held) == 2 * count
+        # No task per NOTIFY: the worker, and at most one to run queued outcomes at a time.
+        assert tasks.count <= 3
+        notified = [r.call_id for r, _ in endpoint.held[count:]]
+        assert notified == [watcher_subscribe(i).call_id for i in range(count)]  # in order
+    finally:
+        await runtime.stop()
+
+
+async def test_by_callback_one_notify_per_dialog_newest_state_and_481_ends(
+    memory_store: MemoryStore,
+) -> None:
+    store = memory_store
+    endpoint = CallbackEndpoint()
+    runtime, side, _ = runtime_world(store, endpoint)
+    await runtime.start()
+    try:
+        await _watched_by(store, side, 2)
+        await _idle()
+        endpoint.reply(0)
+        endpoint.reply(1)
+        await runtime.settle()
+        for show in ("away", "dnd", "xa"):  # while the first is unanswered: coalesced
+            runtime.on_presence(Presence(sender=f"{BOB}/pc", recipient=watcher_jid(0), show=show))
+        await _idle()
+        assert len(endpoint.held) == 3  # one NOTIFY in flight in the dialog
+        endpoint.reply(2)
+        await _idle()
+        assert len(endpoint.held) == 4  # the newest state, next in CSeq order
+        first, latest = endpoint.held[2][0], endpoint.held[3][0]
+        assert latest.cseq[0] == first.cseq[0] + 1
+        assert b"xa" in latest.body and b"dnd" not in latest.body
+        endpoint.reply(3, 481)  # the watcher is gone: the dialog ends (RFC 6665 4.2.2)
+        await runtime.settle()
+        assert side.counts()["sip_watchers"] == 1
+        assert [s.watcher_aor for s in await store.sip_watcher_subscriptions()] == [
+            "sip:w1@sip.test"
+        ]
+    finally:
+        await runtime.stop()
+
+
+async def test_every_queued_stanza_is_handled_once_in_order(
+    memory_store: MemoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime, _, _ = runtime_world(memory_store, CallbackEndpoint())
+    seen: list[str] = []
+
+    async def on_presence(presence: Presence, now: float) -> None:
+        seen.append(presence.recipient)
+
+    monkeypatch.setattr(runtime.core, "on_presence", on_presence)
+    await runtime.start()
+    try:
+        count = 500
+        for i in range(count):
+            runtime.on_presence(Presence(sender=f"{BOB}/pc", recipient=watcher_jid(i)))
+        await runtime.settle()
+        assert seen == [watcher_jid(i) for i in range(count)]
+    finally:
+        await runtime.stop()

@@ -1,16 +1,18 @@
 """The serialised driver of presence: one lock, one timer, a sweep, a bounded stanza queue.
 
 ``CoreSerial`` runs every call into presence (the core and the SIP side's dialogs) one at a
-time with the current time, so their awaits on the store never interleave; it owns the tasks
-of our client transactions and counts those awaiting an answer. ``PresenceDriver`` drives
-through it: one timer task sleeps until the SIP side's next deadline or until a call may have
-moved it, a second task runs the sleep_time sweep of registrations, and ``start`` resumes
-subscriptions from the store (DESIGN 8).
+time with the current time, so their awaits on the store never interleave; it counts our client
+transactions awaiting an answer and runs their outcomes, queued in order, a batch per call.
+``PresenceDriver`` drives through it: one timer task sleeps until the SIP side's next deadline
+or until a call may have moved it, a second task runs the sleep_time sweep of registrations,
+and ``start`` resumes subscriptions from the store (DESIGN 8).
 
 Overload (DESIGN 8): XMPP presence stanzas wait in one bounded FIFO served by one worker, which
 holds at most one place in the lock's queue, so SIP answers and timers never wait behind a flood
 of stanzas; the worker and the timer also pause while too many of our transactions are in
-flight.
+flight. A transaction's answer comes by callback and, when the core is idle, is handled in the
+pass it arrived, with no task per request: an answer that makes room is followed by the next
+NOTIFY one event-loop pass later.
 
 Shutdown (DESIGN 8 SIGTERM): ``stop`` takes no new work, lets calls and transactions in flight
 finish up to its timeout, then stops calling in: nothing is deleted from the store because we
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -31,6 +34,7 @@ from component.ports import XmppPort
 from component.presence.core import PresenceCore
 from component.runtime.tasks import TaskOwner
 from component.sip.side import ResumeState, SipSide
+from component.sip.transactions import DONE
 from component.store import StoreUnavailable
 from component.values import Presence, SipText
 
@@ -56,17 +60,23 @@ Work = Callable[[float], Awaitable[Any]]
 
 
 class CoreSerial:
-    """Runs calls into presence one at a time; owns and counts our transactions' tasks."""
+    """Runs calls into presence one at a time; counts our transactions and runs their answers."""
 
     def __init__(self, *, clock: Callable[[], float], max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.clock = clock
         self.max_in_flight = max_in_flight
         self._lock = asyncio.Lock()
-        self.wake = asyncio.Event()  # set after every call: a deadline may have moved
+        self.wake = asyncio.Event()  # set after a call that may have moved a deadline earlier
+        # While the timer sleeps: until when (clock), and what tells the earliest deadline.
+        self._sleep: tuple[float, Callable[[], float | None]] | None = None
         self.tasks = TaskOwner("presence_task_failed")
         self._waiting = 0  # calls queued on or holding the lock
         self._in_flight = 0  # our client transactions awaiting a final response
         self._room = asyncio.Event()  # set whenever a transaction finishes
+        self._ended = asyncio.Event()  # likewise, for ``quiet``
+        # Outcomes of transactions to run in order, or what is left of one to await.
+        self._answers: deque[Work | Awaitable[Any]] = deque()
+        self._draining: asyncio.Task[Any] | None = None
         self._closing = False  # stop began: no new work
         self._closed = False  # stop ended: nothing is called any more
 
@@ -89,21 +99,92 @@ class CoreSerial:
         """Run ``work`` as an owned task (``stop`` waits for it)."""
         return self.tasks.own(work)
 
-    def own_transaction(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[Any]:
-        """Run a client transaction ``work`` as an owned task, counted in flight from now until
-        it ends (its outcome delivered, or cancelled before it ran).
+    @property
+    def in_flight(self) -> int:
+        """Our client transactions awaiting a final response."""
+        return self._in_flight
 
-        Counted at once, not when the task first runs: a fan-out sends many requests before it
-        yields, and ``wait_for_room`` must see them all.
+    @property
+    def has_room(self) -> bool:
+        """True while fewer than ``max_in_flight`` transactions await answers."""
+        return self._in_flight < self.max_in_flight
+
+    def begin_transaction(self) -> None:
+        """A client transaction was sent: counted in flight until it ends.
+
+        Counted at once: a fan-out sends many requests in one call, and ``has_room`` and
+        ``wait_for_room`` must see them all.
         """
         self._in_flight += 1
-        task = self.tasks.own(work)
-        task.add_done_callback(self._landed)
-        return task
 
-    def _landed(self, _task: asyncio.Task[Any]) -> None:
+    def answered(self, work: Work) -> None:
+        """A transaction ended (its callback, in the pass its answer came): ``work(now)`` runs
+        in the core after the outcomes queued before it.
+
+        When the core is idle (no call holds or waits for the lock, no outcome queued) it runs
+        at once, as a call would, and what it returns other than ``DONE`` is awaited in the
+        core next: the usual 2xx to a NOTIFY costs no task and no wait. Otherwise it is queued
+        and the queue runs in one call.
+        """
+        self.unanswered()
+        answers = self._answers
+        if self._waiting or answers or self._closed:
+            answers.append(work)
+        else:
+            try:
+                more = work(self.clock())
+            except Exception as exc:
+                log.error("presence_task_failed", error=repr(exc))
+                return
+            finally:
+                self._wake_if_earlier()
+            if more is DONE:
+                return
+            answers.append(more)
+        if self._draining is None:
+            self._draining = self.tasks.own(self._drain())
+
+    def unanswered(self) -> None:
+        """A transaction ended with nothing to run in the core."""
         self._in_flight -= 1
         self._room.set()
+        self._ended.set()
+
+    async def _drain(self) -> None:
+        try:
+            while self._answers and not self._closed:
+                await self.call(self._run_answers)
+        finally:
+            self._draining = None
+            if self._closed:  # after stop an outcome changes nothing (see ``call``)
+                for left in self._answers:
+                    if inspect.iscoroutine(left):
+                        left.close()
+                self._answers.clear()
+
+    async def _run_answers(self, now: float) -> None:
+        answers = self._answers
+        while answers:
+            work = answers.popleft()
+            try:
+                await (work(now) if callable(work) else work)
+            except Exception as exc:  # one outcome's failure does not hold up the others
+                log.error("presence_task_failed", error=repr(exc))
+
+    async def quiet(self, timeout: float | None = None) -> None:
+        """Wait until no owned task is left and no transaction is in flight, or ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            await self.tasks.wait(None if deadline is None else max(0.0, deadline - loop.time()))
+            left = None if deadline is None else deadline - loop.time()
+            if (not self._in_flight and not len(self.tasks)) or (left is not None and left <= 0):
+                return
+            if self._in_flight:
+                self._ended.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await self._ended.wait()
 
     async def wait_for_room(self) -> None:
         """Pause new work while ``max_in_flight`` of our transactions await answers."""
@@ -123,7 +204,21 @@ class CoreSerial:
                 await work(self.clock())
         finally:
             self._waiting -= 1
-            self.wake.set()  # any call may have created or moved a deadline
+            self._wake_if_earlier()
+
+    def timer_sleeps(self, until: float | None, deadline: Callable[[], float | None]) -> None:
+        """The timer sleeps until ``until`` (clock time; None: it is awake). Until then a call
+        wakes it only when ``deadline()`` comes before (a fan-out's answers rarely do)."""
+        self._sleep = None if until is None else (until, deadline)
+
+    def _wake_if_earlier(self) -> None:
+        sleep = self._sleep
+        if sleep is None:
+            self.wake.set()  # the timer is not asleep: it reads the deadline before it sleeps
+            return
+        earliest = sleep[1]()
+        if earliest is not None and earliest < sleep[0]:
+            self.wake.set()
 
     def begin_stop(self) -> None:
         """Take no new work; a worker waiting for room sees it and ends."""
@@ -134,7 +229,7 @@ class CoreSerial:
         """Let owned tasks and queued calls finish until ``deadline`` (loop time), then close."""
         loop = asyncio.get_running_loop()
         # Transactions started meanwhile (a NOTIFY owed after a 2xx) are waited for too.
-        await self.tasks.wait(max(0.0, deadline - loop.time()))
+        await self.quiet(max(0.0, deadline - loop.time()))
         pending = self.tasks.pending()
         for task in pending:
             task.cancel()
@@ -296,8 +391,8 @@ class PresenceDriver:
         await self.serial.finish(deadline)
 
     async def settle(self) -> None:
-        """Wait until no owned task is left (transactions, callbacks and what they started)."""
-        await self.serial.tasks.wait()
+        """Wait until no owned task and no transaction is left (and what they started)."""
+        await self.serial.quiet()
 
     async def _timer_loop(self) -> None:
         wake = self.serial.wake
@@ -306,11 +401,16 @@ class PresenceDriver:
             delay = _MAX_SLEEP if deadline is None else deadline - self.serial.clock()
             if delay > 0:
                 wake.clear()
+                sleep = min(delay, _MAX_SLEEP)
+                self.serial.timer_sleeps(self.serial.clock() + sleep, self.sip.next_deadline)
                 # Not asyncio.wait_for: on 3.11 it swallows a cancel that races with the wake-up
                 # (the loop then never ends and stop() hangs); asyncio.timeout does not.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(delay, _MAX_SLEEP)):
-                        await wake.wait()
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(sleep):
+                            await wake.wait()
+                finally:
+                    self.serial.timer_sleeps(None, self.sip.next_deadline)
                 continue
             await self.serial.wait_for_room()
             try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -31,6 +31,7 @@ from component.sip.dialog_state import (
     snapshot_from_json,
     snapshot_json,
 )
+from component.sip.transactions import DONE
 from component.store import SipWatcherSubscription, StoreUnavailable, SubscriptionState
 from component.values import Watch, WatchRequest
 from sipside import pidf
@@ -286,29 +287,44 @@ class WatchDialogs:
         now: float,
         incoming: Answerable | None = None,
     ) -> None:
+        if incoming is None:
+            await self._sent(dialog, effects)
+            return
+        ended, responses, requests = self._sorted(dialog, effects)
+        # DESIGN 8: a SUBSCRIBE is answered (and its first NOTIFY sent) once its dialog is
+        # stored; a store that is down raises here and the gate answers 503 instead.
+        await self._persist(dialog, ended)
+        for response in responses:
+            incoming.send(response)
+        self._send_all(dialog, requests)
+
+    def _sent(
+        self, dialog: WatchDialog | None, effects: Iterable[SubscriptionEffect]
+    ) -> Awaitable[None]:
+        """Our own effects: the NOTIFYs go out now (even if storing fails, and in CSeq order
+        with any sent after); what is returned stores the dialog."""
+        ended, _, requests = self._sorted(dialog, effects)
+        self._send_all(dialog, requests)
+        return self._persist(dialog, ended)
+
+    def _sorted(
+        self, dialog: WatchDialog | None, effects: Iterable[SubscriptionEffect]
+    ) -> tuple[bool, list[SipResponse], list[SipRequest]]:
+        """Whether the dialog ended, the responses and the requests among ``effects``."""
         ended = False
         responses: list[SipResponse] = []
         requests: list[SipRequest] = []
         for effect in effects:
             match effect:
                 case SendResponse(response):
-                    if incoming is not None:
-                        responses.append(response)
+                    responses.append(response)
                 case SendRequest(request) if dialog is not None:
                     requests.append(request)
                 case SubscriptionEnded(reason):
                     ended = True
                     if dialog is not None:
                         log.info("sip_watcher_ended", sip_uri=dialog.watcher_aor, reason=reason)
-        if incoming is None:
-            self._send_all(dialog, requests)  # our own NOTIFYs go out even if storing fails
-        # DESIGN 8: a SUBSCRIBE is answered (and its first NOTIFY sent) once its dialog is
-        # stored; a store that is down raises here and the gate answers 503 instead.
-        await self._persist(dialog, ended)
-        if incoming is not None:
-            for response in responses:
-                incoming.send(response)
-            self._send_all(dialog, requests)
+        return ended, responses, requests
 
     def _send_all(self, dialog: WatchDialog | None, requests: list[SipRequest]) -> None:
         for request in requests:
@@ -348,10 +364,12 @@ class WatchDialogs:
     def _send(self, key: DialogId, request: SipRequest) -> None:
         cseq = request.cseq[0]
 
-        async def deliver(response: SipResponse | None, now: float) -> None:
+        def deliver(response: SipResponse | None, now: float) -> Awaitable[None]:
+            # At once (the driver calls it in the answer's pass when the core is idle): the
+            # usual 2xx is done here; a NOTIFY it owes goes out here, its storing is returned.
             dialog = self.dialogs.get(key)
             if dialog is None:
-                return
+                return DONE
             notifier = dialog.notifier
             state, sip_dialog = notifier.state, notifier.dialog
             if response is None:
@@ -359,13 +377,13 @@ class WatchDialogs:
             elif response.call_id == key.call_id:
                 effects = notifier.handle_response(response, now)
             else:
-                return
+                return DONE
             if not effects and notifier.state is state and notifier.dialog is sip_dialog:
                 # The usual 2xx: nothing a restart needs moved, so no snapshot to compare
                 # (half the CPU of a NOTIFY's persistence checks); a retry time may have.
                 self._deadlines.set(key, notifier.next_deadline())
-                return
-            await self._run(dialog, effects, now)
+                return DONE
+            return self._sent(dialog, effects)
 
         self.transactions.send(request, peer_for(request), deliver)
 
