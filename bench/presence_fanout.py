@@ -31,7 +31,6 @@ import structlog
 
 from component.runtime.presence_driver import MAX_IN_FLIGHT, CoreSerial, PresenceDriver
 from component.sip.transactions import ClientTransactions
-from component.store import ApprovalDirection, ApprovalState, RosterApproval
 from component.store.memory import MemoryStore
 from component.values import Presence
 from sipside.endpoint import Final
@@ -40,15 +39,12 @@ from sipside.peer import Peer
 from tests.test_presence import (
     BOB,
     GW_CONTACT,
-    T0,
-    FakeIncoming,
     FakeOnline,
     FakeXmpp,
     answer,
     presence_side,
-    through_gate,
+    watched_by,
     watcher_jid,
-    watcher_subscribe,
 )
 
 
@@ -140,20 +136,7 @@ async def run(watchers: int, rounds: int) -> dict[str, float]:
     driver = PresenceDriver(serial, core=side.presence, sip=side, sweep_interval=3600)
     await driver.start()
     try:
-        for i in range(watchers):
-            await store.save_approval(
-                RosterApproval(
-                    watcher_jid(i),
-                    BOB,
-                    ApprovalDirection.SIP_WATCHES_XMPP,
-                    ApprovalState.APPROVED,
-                    T0,
-                )
-            )
-            incoming = FakeIncoming(watcher_subscribe(i, expires=3600))
-            await through_gate(side, incoming)
-            if incoming.status != 202:
-                raise RuntimeError(f"SUBSCRIBE {i} answered {incoming.status}")
+        await watched_by(store, side, watchers, expires=3600)
         await driver.settle()
         passes = tasks = sent = 0
         cpu: list[float] = []

@@ -28,7 +28,13 @@ from component.sip.dialog_state import CSEQ_RESERVE
 from component.sip.presence_subscriptions import RESTORE_RATE
 from component.sip.side import TIMER_BATCH, SipSide
 from component.sip.transactions import ClientTransactions, Deliver, RequestSender, Sends
-from component.store import ApprovalDirection, ApprovalState, PresenceRecord, RosterApproval
+from component.store import (
+    ApprovalDirection,
+    ApprovalState,
+    PresenceRecord,
+    RosterApproval,
+    StorePort,
+)
 from component.store.memory import MemoryStore
 from component.values import ChatMessage, ImdnAsk, Presence, SipText
 from sipside import pidf
@@ -1041,14 +1047,30 @@ def watcher_jid(i: int) -> str:
     return f"w{i}@sip.xmpp.test"
 
 
-async def approved_watchers(w: World, count: int, expires: list[int] | None = None) -> None:
-    """``count`` SIP users watch Bob, approved and with every NOTIFY answered."""
+async def approve_watchers(store: StorePort, count: int) -> None:
+    """Bob approves SIP users ``w0`` .. ``w<count-1>`` watching him."""
     for i in range(count):
-        await w.store.save_approval(
+        await store.save_approval(
             RosterApproval(
                 watcher_jid(i), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
             )
         )
+
+
+async def watched_by(store: StorePort, side: SipSide, count: int, expires: int = 600) -> None:
+    """``count`` approved SIP users subscribe to Bob through the gate, each answered 202."""
+    await approve_watchers(store, count)
+    for i in range(count):
+        incoming = FakeIncoming(watcher_subscribe(i, expires))
+        await through_gate(side, incoming)
+        if incoming.status != 202:
+            raise AssertionError(f"SUBSCRIBE {i} answered {incoming.status}")
+
+
+async def approved_watchers(w: World, count: int, expires: list[int] | None = None) -> None:
+    """``count`` SIP users watch Bob, approved and with every NOTIFY answered."""
+    await approve_watchers(w.store, count)
+    for i in range(count):
         incoming = FakeIncoming(watcher_subscribe(i, expires[i] if expires else 600))
         await w.request(incoming, T0)
         assert incoming.status == 202

@@ -15,7 +15,6 @@ import pytest
 from component.runtime.presence_driver import MAX_IN_FLIGHT
 from component.sip import watch_dialogs
 from component.sip.dialog_state import fresh
-from component.sip.side import SipSide
 from component.store import ApprovalDirection, ApprovalState, RosterApproval
 from component.store.memory import MemoryStore
 from component.values import Presence
@@ -31,6 +30,7 @@ from tests.test_presence import (
     GatedEndpoint,
     answer,
     answer_all,
+    approve_watchers,
     approved_watchers,
     build,
     deliver,
@@ -39,7 +39,7 @@ from tests.test_presence import (
     respond,
     runtime_world,
     sip,
-    through_gate,
+    watched_by,
     watcher_jid,
     watcher_subscribe,
 )
@@ -60,19 +60,7 @@ async def test_a_fan_out_keeps_at_most_max_in_flight_notifies_unanswered(
     runtime, side, _ = runtime_world(store, endpoint)
     await runtime.start()
     try:
-        for i in range(count):
-            await store.save_approval(
-                RosterApproval(
-                    watcher_jid(i),
-                    BOB,
-                    ApprovalDirection.SIP_WATCHES_XMPP,
-                    ApprovalState.APPROVED,
-                    T0,
-                )
-            )
-            incoming = FakeIncoming(watcher_subscribe(i))
-            await through_gate(side, incoming)
-            assert incoming.status == 202
+        await watched_by(store, side, count)
         while len(endpoint.held) < count:  # the first NOTIFYs, one per dialog
             await asyncio.sleep(0)
         for gate in endpoint.held:
@@ -111,12 +99,7 @@ async def test_an_idle_sip_watcher_subscription_is_small(memory_store: MemorySto
     store = memory_store
     count = 400
     w = build(store)
-    for i in range(count):
-        await store.save_approval(
-            RosterApproval(
-                watcher_jid(i), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
-            )
-        )
+    await approve_watchers(store, count)
     requests = [watcher_subscribe(i) for i in range(count)]
     # Our code's allocations, without the store fake's rows (the gateway's are in its database)
     # and the address book's caches (bounded, so constant at scale).
@@ -285,18 +268,6 @@ class CountingTasks:
         asyncio.get_running_loop().set_task_factory(self._old)
 
 
-async def _watched_by(store: MemoryStore, side: SipSide, count: int) -> None:
-    for i in range(count):
-        await store.save_approval(
-            RosterApproval(
-                watcher_jid(i), BOB, ApprovalDirection.SIP_WATCHES_XMPP, ApprovalState.APPROVED, T0
-            )
-        )
-        incoming = FakeIncoming(watcher_subscribe(i))
-        await through_gate(side, incoming)
-        assert incoming.status == 202
-
-
 async def test_a_fan_out_by_callback_keeps_the_window_and_the_order(
     memory_store: MemoryStore,
 ) -> None:
@@ -306,7 +277,7 @@ async def test_a_fan_out_by_callback_keeps_the_window_and_the_order(
     runtime, side, _ = runtime_world(store, endpoint)
     await runtime.start()
     try:
-        await _watched_by(store, side, count)
+        await watched_by(store, side, count)
         await _idle()
         assert len(endpoint.held) == count  # the first NOTIFYs, one per dialog
         for i in range(count):
@@ -346,7 +317,7 @@ async def test_by_callback_one_notify_per_dialog_newest_state_and_481_ends(
     runtime, side, _ = runtime_world(store, endpoint)
     await runtime.start()
     try:
-        await _watched_by(store, side, 2)
+        await watched_by(store, side, 2)
         await _idle()
         endpoint.reply(0)
         endpoint.reply(1)
