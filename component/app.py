@@ -246,6 +246,8 @@ class Gateway:
             proxies=proxy_hosts(sip.proxy),
         )
         self.endpoint.admit = self.sipgate.admit_source
+        # Datagrams read in one wake-up: the stanzas they make go to the server in one write.
+        self.endpoint.set_burst(self.xmpp)
         # DESIGN 9: the figures of /metrics and of the admin statistics, read from their owners;
         # the admin commands (XEP-0050) for admin.jids, given to the XMPP link's run().
         self.loop_lag = LoopLag()

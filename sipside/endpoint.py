@@ -48,6 +48,7 @@ from sipside.transaction import (
     Transmit,
 )
 from sipside.transport import (
+    Burst,
     DatagramSocket,
     StreamConnection,
     StreamHooks,
@@ -198,6 +199,7 @@ class Endpoint:
         self._layer = TransactionLayer(timers)
         self._tls_cert, self._tls_key, self._tls_verify = tls_cert, tls_key, tls_verify
         self._udp: dict[int, DatagramSocket] = {}  # address family -> socket of that family
+        self._burst: Burst | None = None
         self._local: dict[str, Peer] = {}  # transport -> our bound address for Via/Contact
         self._servers: list[asyncio.Server] = []
         self._streams: dict[Peer, StreamConnection] = {}
@@ -219,6 +221,12 @@ class Endpoint:
             self._stream_framing_failed,
         )
 
+    def set_burst(self, burst: Burst | None) -> None:
+        """Tell ``burst`` when UDP datagrams read in one wake-up are handled together."""
+        self._burst = burst
+        for udp in self._udp.values():
+            udp.burst = burst
+
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start(self, handler: RequestHandler | None = None) -> None:
@@ -230,7 +238,9 @@ class Endpoint:
             family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
             if spec.transport == "udp":
                 transport, protocol = await loop.create_datagram_endpoint(
-                    lambda spec=spec: DatagramSocket(spec, self._on_datagram),  # type: ignore[misc]
+                    lambda spec=spec: DatagramSocket(  # type: ignore[misc]
+                        spec, self._on_datagram, self._burst
+                    ),
                     local_addr=(spec.host, spec.port),
                     family=family,
                 )

@@ -17,7 +17,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Protocol, cast
 
 import structlog
 
@@ -114,6 +114,18 @@ class StreamHooks:
     framing_failed: Callable[[StreamConnection, PeerError], None]  # about to be closed
 
 
+class Burst(Protocol):
+    """Told around the handling of datagrams read together (one wake-up's drain), so that
+    what their handling writes elsewhere (one stream write per datagram) can be written once at
+    the end. Never around a lone datagram: nothing waits for a burst that has no second one."""
+
+    def begin(self) -> None:
+        """Datagrams read together are about to be handled."""
+
+    def end(self) -> None:
+        """They were (also when one's handling raised)."""
+
+
 class DatagramSocket(asyncio.DatagramProtocol):
     """One bound UDP socket; each datagram goes to ``received`` with its source.
 
@@ -132,9 +144,17 @@ class DatagramSocket(asyncio.DatagramProtocol):
     )
     DRAIN_GAP: ClassVar[float] = 0.001  # seconds; slower than 1,000 datagrams/s: no drain
 
-    def __init__(self, local: Peer, received: Callable[[bytes, Peer], None]) -> None:
+    def __init__(
+        self,
+        local: Peer,
+        received: Callable[[bytes, Peer], None],
+        burst: Burst | None = None,
+    ) -> None:
         self.local = local
         self.received = received
+        # Told when a drain starts and ends, so that what the handling of its datagrams writes
+        # elsewhere can go out together (see Burst).
+        self.burst = burst
         self.transport: asyncio.DatagramTransport | None = None
         # A second handle on the transport's socket (same file description, so non-blocking
         # too), for reading without another wake-up; asyncio's own handle is not to be read.
@@ -155,9 +175,23 @@ class DatagramSocket(asyncio.DatagramProtocol):
         now = time.monotonic()
         previous = self._last_at
         self._last_at = now
-        self.received(data, Peer("udp", addr[0], addr[1]))
         if previous >= 0.0 and now - previous > self.DRAIN_GAP:
-            return  # a lone datagram: nothing else is likely queued
+            # A lone datagram: nothing else is likely queued.
+            self.received(data, Peer("udp", addr[0], addr[1]))
+            return
+        burst = self.burst
+        if burst is None:
+            self.received(data, Peer("udp", addr[0], addr[1]))
+            self._drain()
+            return
+        burst.begin()
+        try:
+            self.received(data, Peer("udp", addr[0], addr[1]))
+            self._drain()
+        finally:
+            burst.end()
+
+    def _drain(self) -> None:
         for _ in range(self.DRAIN):
             reader = self._reader
             if reader is None or self.transport is None or self.transport.is_closing():

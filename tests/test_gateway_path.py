@@ -48,3 +48,22 @@ async def test_retransmission_gets_the_same_202_and_no_second_stanza(path: Gatew
     assert isinstance(response, SipResponse) and response.status == 202
     assert response.to_tag  # RFC 3261 8.2.6.2
     assert response.header("Call-ID") == "1f2e3d4c-5b6a-4798-000001"
+
+
+async def test_messages_read_in_one_wakeup_reach_the_server_in_one_write(
+    path: GatewayPath,
+) -> None:
+    # app.py tells the endpoint's UDP sockets to bracket a drain's datagrams with the link.
+    link = path.gateway.xmpp
+    assert path.gateway.endpoint._burst is link
+    link.begin()
+    path.feed([relayed_message(i, f"text {i}".encode()) for i in range(5)])
+    assert len(path.udp.sent) == 5  # each 202 at once
+    assert path.server.written == []  # the stanzas wait for the drain's end
+    link.end()
+    assert len(path.server.written) == 1
+    assert _bodies(path) == [f"text {i}" for i in range(5)]
+    assert link.confirmations.barrier.unconfirmed == 5  # written, waiting for a ping's answer
+    # Outside a drain each stanza is written at once, as before.
+    path.feed([relayed_message(5, b"text 5")])
+    assert len(path.server.written) == 2

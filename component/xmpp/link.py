@@ -162,6 +162,7 @@ class XmppLink:
         self._rate = rate
         self._flood_replies: dict[tuple[str, str, str], tuple[str, str]] = {}
         self._stream: Stream | None = None
+        self._corked: Stream | None = None  # the stream corked by begin(), until end()
         self._attempt: asyncio.Future[bool] | None = None
         self._handshake: asyncio.Future[bool] | None = None
         self._closed: asyncio.Event | None = None
@@ -195,6 +196,22 @@ class XmppLink:
             write_ping=self._write_ping,
             on_overdue=self._abort,
         )
+
+    # --- batched writes ------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """SIP datagrams read together are about to be handled (sipside's ``Burst``): the
+        stanzas their handling writes go out in one write, at :meth:`end`, instead of a
+        stream write (and a TCP segment for the server to read) each."""
+        stream = self._stream
+        if stream is not None and stream.cork():
+            self._corked = stream
+
+    def end(self) -> None:
+        """The datagrams were handled: write what they wrote."""
+        stream, self._corked = self._corked, None
+        if stream is not None:
+            stream.uncork()
 
     # --- state ---------------------------------------------------------------------------------
 

@@ -91,6 +91,19 @@ class Stream(ComponentXMPP):
         if len(corked) >= CORK_LIMIT:
             self._flush()
 
+    def cork(self) -> bool:
+        """Gather what is written until :meth:`uncork`; False (and nothing to undo) when writes
+        are gathered already, as while a read is handled."""
+        if self._corked is not None:
+            return False
+        self._corked = []
+        return True
+
+    def uncork(self) -> None:
+        """Write what was gathered since :meth:`cork`, in one write."""
+        self._flush()
+        self._corked = None
+
     def send_raw(self, data: str | bytes) -> None:
         self._flush()  # slixmpp's own writes (a stream error, the stream's end) go after ours
         super().send_raw(data)
