@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import MISSING, fields
-from typing import TypeVar
+from inspect import signature
+from typing import TypeVar, cast
 
 from sipside.errors import LocalError
 
@@ -44,6 +45,10 @@ def slot_setter(cls: type, name: str) -> Callable[[object, object], None]:
     return setter
 
 
+def _parameters(function: Callable[..., object]) -> list[tuple[str, object, object]]:
+    return [(p.name, p.kind, p.default) for p in signature(function).parameters.values()]
+
+
 def fast_frozen_init(cls: type[_C]) -> type[_C]:
     """Give a frozen, slotted dataclass an ``__init__`` that stores into the slots directly.
 
@@ -52,9 +57,16 @@ def fast_frozen_init(cls: type[_C]) -> type[_C]:
     such objects per message. The replacement has the same signature and defaults and calls
     ``__post_init__`` the same way; fields with a default_factory or kw_only (and InitVars) are
     not supported. Slots of base classes that are not fields (private caches) start as None.
+
+    Compiled (sipside/__init__.py), a dataclass's generated methods stay interpreted: its
+    ``__init__`` sets each field through ``object.__setattr__`` (about 0.8 us for four fields,
+    twice the pure-Python cost with this function's init). A hot class therefore writes its
+    own ``__init__`` in the class body (``@dataclass(init=False)``), which mypyc compiles to
+    plain slot stores; in pure Python that body would trip the frozen ``__setattr__``, so it is
+    replaced here, after checking it takes the same parameters as the fields.
     """
     if "__mypyc_attrs__" in cls.__dict__:
-        return cls  # compiled (sipside/__init__.py): its native __init__ is faster still
+        return cls  # compiled: its own __init__ (or the dataclass's) stays
     params: list[str] = []
     lines: list[str] = []
     namespace: dict[str, object] = {}
@@ -84,6 +96,12 @@ def fast_frozen_init(cls: type[_C]) -> type[_C]:
     source = f"def __init__(self, {', '.join(params)}):\n" + "\n".join(lines or ["    pass"])
     exec(source, namespace)
     init = namespace["__init__"]
+    own: Callable[..., object] | None = cls.__dict__.get("__init__")
+    made = cast(Callable[..., object], init)
+    if own is not None and _parameters(own) != _parameters(made):
+        raise LocalError(
+            f"{cls.__name__}.__init__{signature(own)} does not take the fields as {signature(made)}"
+        )
     init.__qualname__ = f"{cls.__qualname__}.__init__"  # type: ignore[attr-defined]
     setattr(cls, "__init__", init)  # noqa: B010 - mypy forbids assigning to a method
     return cls

@@ -214,7 +214,7 @@ def _format_params(params: Params) -> str:
     return "".join([f";{k}" if v is None else f";{k}={v}" for k, v in params])
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Via:
     """One Via value (RFC 3261 20.42): sent-protocol transport, sent-by, parameters."""
 
@@ -222,9 +222,18 @@ class Via:
     host: str
     port: int | None
     params: Params = ()
-    branch: str | None = field(default=None, compare=False)
+    branch: str | None = field(default=None, compare=False, init=False)  # from params
+
+    # Written out (not generated) so that compiled it is native: see fast_frozen_init.
+    def __init__(self, transport: str, host: str, port: int | None, params: Params = ()) -> None:
+        self.transport = transport  # type: ignore[misc]
+        self.host = host  # type: ignore[misc]
+        self.port = port  # type: ignore[misc]
+        self.params = params  # type: ignore[misc]
+        self.branch = _param(params, "branch")  # type: ignore[misc]
 
     def __post_init__(self) -> None:
+        # pure Python: fast_frozen_init's __init__ sets the fields, then this
         _set_via_branch(self, _param(self.params, "branch"))
 
     def param(self, name: str) -> str | None:
@@ -342,13 +351,18 @@ def remember_via(value: str, via: Via) -> None:
     remember(_VIAS, value, via)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class NameAddr:
     """An address header value (To, From, Contact, Route...): display name, URI, parameters."""
 
     display: str | None
     uri: str
     params: Params = ()
+
+    def __init__(self, display: str | None, uri: str, params: Params = ()) -> None:
+        self.display = display  # type: ignore[misc]
+        self.uri = uri  # type: ignore[misc]
+        self.params = params  # type: ignore[misc]
 
     def param(self, name: str) -> str | None:
         """Value of a header parameter (None if absent, "" for a flag)."""

@@ -301,7 +301,7 @@ def _serialize(start: str, headers: tuple[tuple[str, str], ...], body: bytes) ->
     return head + body if body else head
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class SipRequest(_Headers):
     """A SIP request; ``headers`` in wire order without Content-Length (derived from body)."""
 
@@ -309,6 +309,15 @@ class SipRequest(_Headers):
     uri: str
     headers: tuple[tuple[str, str], ...]
     body: bytes = b""
+
+    # Written out (not generated) so that compiled it is native: see fast_frozen_init.
+    def __init__(
+        self, method: str, uri: str, headers: tuple[tuple[str, str], ...], body: bytes = b""
+    ) -> None:
+        self.method = method  # type: ignore[misc]
+        self.uri = uri  # type: ignore[misc]
+        self.headers = headers  # type: ignore[misc]
+        self.body = body  # type: ignore[misc]
 
     def __bytes__(self) -> bytes:
         return _serialize(f"{self.method} {self.uri} SIP/2.0", self.headers, self.body)
@@ -327,7 +336,7 @@ class SipRequest(_Headers):
 fast_frozen_init(SipRequest)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class SipResponse(_Headers):
     """A SIP response; ``headers`` in wire order without Content-Length (derived from body)."""
 
@@ -335,6 +344,14 @@ class SipResponse(_Headers):
     reason: str
     headers: tuple[tuple[str, str], ...]
     body: bytes = b""
+
+    def __init__(
+        self, status: int, reason: str, headers: tuple[tuple[str, str], ...], body: bytes = b""
+    ) -> None:
+        self.status = status  # type: ignore[misc]
+        self.reason = reason  # type: ignore[misc]
+        self.headers = headers  # type: ignore[misc]
+        self.body = body  # type: ignore[misc]
 
     def __bytes__(self) -> bytes:
         return _serialize(f"SIP/2.0 {self.status} {self.reason}", self.headers, self.body)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sipside.fastpath import fast_frozen_init
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False, eq=False)
 class Peer:
     """A transport-level address: ``transport`` is "udp", "tcp" or "tls"; ``host`` an IP literal
     without brackets; ``port`` the port number."""
@@ -15,6 +15,24 @@ class Peer:
     transport: str
     host: str
     port: int
+
+    # Written out (not generated) so that compiled they are native: see fast_frozen_init.
+    def __init__(self, transport: str, host: str, port: int) -> None:
+        self.transport = transport  # type: ignore[misc]
+        self.host = host  # type: ignore[misc]
+        self.port = port  # type: ignore[misc]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Peer):
+            return NotImplemented
+        return (
+            self.port == other.port
+            and self.host == other.host
+            and (self.transport == other.transport)
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.transport, self.host, self.port))
 
     @property
     def reliable(self) -> bool:

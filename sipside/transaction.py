@@ -23,18 +23,32 @@ from sipside.timers import TimerConfig
 # --- transaction keys: our own small hashable values, never library objects (STYLE 5) ---------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False, eq=False)
 class ClientKey:
     """A client transaction: top Via branch plus CSeq method (RFC 3261 17.1.3)."""
 
     branch: str
     method: str
 
+    # The methods of the hot classes here are written out (not generated) so that compiled
+    # they are native: see fast_frozen_init.
+    def __init__(self, branch: str, method: str) -> None:
+        self.branch = branch  # type: ignore[misc]
+        self.method = method  # type: ignore[misc]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ClientKey):
+            return NotImplemented
+        return self.branch == other.branch and self.method == other.method
+
+    def __hash__(self) -> int:
+        return hash((self.branch, self.method))
+
 
 fast_frozen_init(ClientKey)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False, eq=False)
 class ServerKey:
     """A server transaction of an RFC 3261 peer: branch, top Via sent-by, method (17.2.3)."""
 
@@ -42,6 +56,25 @@ class ServerKey:
     host: str
     port: int | None
     method: str
+
+    def __init__(self, branch: str, host: str, port: int | None, method: str) -> None:
+        self.branch = branch  # type: ignore[misc]
+        self.host = host  # type: ignore[misc]
+        self.port = port  # type: ignore[misc]
+        self.method = method  # type: ignore[misc]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ServerKey):
+            return NotImplemented
+        return (
+            self.branch == other.branch
+            and self.method == other.method
+            and self.port == other.port
+            and self.host == other.host
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.branch, self.host, self.port, self.method))
 
 
 fast_frozen_init(ServerKey)
@@ -69,7 +102,7 @@ AnyServerKey = ServerKey | LegacyServerKey
 # --- effects -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Transmit:
     """Send ``data`` to ``peer``; report a failure with ``transport_error(key, ...)``."""
 
@@ -77,28 +110,42 @@ class Transmit:
     peer: Peer
     key: TransactionKey
 
+    def __init__(self, data: bytes, peer: Peer, key: TransactionKey) -> None:
+        self.data = data  # type: ignore[misc]
+        self.peer = peer  # type: ignore[misc]
+        self.key = key  # type: ignore[misc]
+
 
 fast_frozen_init(Transmit)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class DeliverResponse:
     """A response for the application that started the client transaction ``key``."""
 
     key: ClientKey
     response: SipResponse
 
+    def __init__(self, key: ClientKey, response: SipResponse) -> None:
+        self.key = key  # type: ignore[misc]
+        self.response = response  # type: ignore[misc]
+
 
 fast_frozen_init(DeliverResponse)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class DeliverRequest:
     """A new request for the application; answer it with ``send_response(key, ...)``."""
 
     key: AnyServerKey
     request: SipRequest
     source: Peer
+
+    def __init__(self, key: AnyServerKey, request: SipRequest, source: Peer) -> None:
+        self.key = key  # type: ignore[misc]
+        self.request = request  # type: ignore[misc]
+        self.source = source  # type: ignore[misc]
 
 
 fast_frozen_init(DeliverRequest)
@@ -115,11 +162,14 @@ class Failed:
 fast_frozen_init(Failed)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Terminated:
     """The transaction is over; its key is forgotten."""
 
     key: TransactionKey
+
+    def __init__(self, key: TransactionKey) -> None:
+        self.key = key  # type: ignore[misc]
 
 
 fast_frozen_init(Terminated)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable
-from dataclasses import FrozenInstanceError, dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field, fields, replace
 from typing import Any
 
 import pytest
@@ -21,12 +21,19 @@ from sipside import headers as h
 from sipside import message as m
 from sipside.errors import LocalError, PeerError
 from sipside.fastpath import fast_frozen_init
-from sipside.headers import Via
-from sipside.message import SipRequest, parse_message
+from sipside.headers import NameAddr, Via
+from sipside.message import SipRequest, SipResponse, parse_message
 from sipside.peer import Peer
-from sipside.transaction import ClientTransaction, DeliverRequest, ServerTransaction
+from sipside.transaction import (
+    ClientKey,
+    ClientTransaction,
+    DeliverRequest,
+    ServerKey,
+    ServerTransaction,
+)
 from sipside.txlayer import TransactionLayer
 from sipside.validate import _header_bytes
+from sipside.xmlsafe import MediaType
 
 SETTINGS = settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -283,6 +290,51 @@ def test_fast_frozen_init_keeps_the_dataclass_contract(
         sample.a = 9  # type: ignore[misc]
     with pytest.raises(TypeError):
         Sample()  # type: ignore[call-arg]
+
+
+def test_fast_frozen_init_refuses_an_own_init_that_does_not_take_the_fields() -> None:
+    # A hot class writes its __init__ out for the compiler; the pure-Python one replaces it and
+    # must take the same parameters, or the two builds would disagree.
+    with pytest.raises(LocalError, match="does not take the fields"):
+
+        @fast_frozen_init
+        @dataclass(frozen=True, slots=True, init=False)
+        class Drifted:
+            a: int
+            b: str = "x"
+
+            def __init__(self, a: int, b: str = "y") -> None:
+                object.__setattr__(self, "a", a)
+                object.__setattr__(self, "b", b)
+
+
+@pytest.mark.parametrize(
+    ("cls", "args"),
+    [
+        (Via, ("UDP", "h", 5060, (("branch", "z9hG4bK1"), ("rport", None)))),
+        (NameAddr, (None, "sip:a@b", (("tag", "t"),))),
+        (SipRequest, ("MESSAGE", "sip:a@b", (("Call-ID", "c"),), b"hi")),
+        (SipResponse, (202, "Accepted", (("Call-ID", "c"),), b"")),
+        (Peer, ("udp", "127.0.0.1", 5060)),
+        (ServerKey, ("z9hG4bK1", "h", None, "MESSAGE")),
+        (ClientKey, ("z9hG4bK1", "MESSAGE")),
+        (MediaType, ("text/plain", (("charset", "utf-8"),))),
+    ],
+)
+def test_the_hot_classes_own_inits_keep_the_dataclass_contract(
+    cls: type[Any], args: tuple[Any, ...]
+) -> None:
+    # Compiled or not (CI runs this file both ways): fields set, equal and hashed by value,
+    # frozen, and replace() goes through the same constructor.
+    one, two = cls(*args), cls(*args)
+    assert [getattr(one, f.name) for f in fields(one) if f.init] == list(args)
+    assert one == two and hash(one) == hash(two)
+    with pytest.raises(FrozenInstanceError):
+        setattr(one, fields(one)[0].name, None)
+    assert replace(one) == one
+    if cls is Via:
+        assert one.branch == "z9hG4bK1"
+        assert replace(one, params=()).branch is None
 
 
 def test_fast_frozen_init_refuses_default_factory() -> None:
