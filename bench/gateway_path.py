@@ -96,10 +96,17 @@ class FakeServer:
         self.pings: list[bytes] = []
 
     def write(self, data: bytes) -> None:
-        """Record one write; a barrier ping is also kept to be routed back."""
+        """Record one write; a barrier ping in it is also kept to be routed back."""
         self.written.append(data)
-        if data.startswith(b"<iq ") and b"urn:xmpp:ping" in data:
-            self.pings.append(data)
+        if b"urn:xmpp:ping" not in data:
+            return
+        # A ping may go in the same write as the message it follows.
+        start = data.find(b"<iq ")
+        while start >= 0:
+            end = data.index(b"</iq>", start) + len(b"</iq>")
+            if b"urn:xmpp:ping" in data[start:end]:
+                self.pings.append(data[start:end])
+            start = data.find(b"<iq ", end)
 
     def is_closing(self) -> bool:
         """Never: the link stays up."""

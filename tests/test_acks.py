@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from component.xmpp.acks import AckBarrier, PingOverdue, SendPing, Unconfirmed
@@ -29,6 +31,34 @@ def test_one_ping_per_batch_after_the_delay_confirms_what_was_written_before_it(
     assert acks.answered("ack-1", 10.07) == 2
     assert acks.unconfirmed == 1 and acks.confirmed == 2
     assert acks.lost() == [Unconfirmed("m3", 10.06)]
+
+
+def test_at_a_steady_rate_the_ping_goes_with_the_write_before_the_deadline() -> None:
+    # 200 writes/s: the batch's deadline would pass before the next write, so the write just
+    # before it carries the ping and the timer has nothing to do.
+    acks = _barrier(batch_size=1000, batch_delay=0.05)
+    pings: list[tuple[int, float]] = []
+    for i in range(400):
+        now = 100.0 + i * 0.005
+        for effect in acks.written(f"m{i}", now):
+            assert isinstance(effect, SendPing)
+            pings.append((i, now))
+        assert acks.handle_timer(now) == []  # never due: the writes keep ahead of it
+    assert len(pings) >= 40  # about one per 50 ms ...
+    assert all(b - a >= 2 for (a, _), (b, _) in itertools.pairwise(pings))  # ... each for 2 or more
+    assert acks.pings_sent == len(pings)
+
+
+def test_a_lone_write_or_a_passed_deadline_is_left_to_the_timer() -> None:
+    acks = _barrier(batch_delay=0.05)
+    assert acks.written("a", 0.0) == []  # the first write of a batch never pings early
+    # The timer was late (the loop was busy): the write does not ping, the timer due in this
+    # same pass does.
+    assert acks.written("b", 0.06) == []
+    assert acks.handle_timer(0.06) == [SendPing("ack-1")]
+    # Writes a second apart: each batch's deadline passes between writes; the timer pings.
+    assert acks.written("c", 1.0) == [] and acks.written("d", 2.0) == []
+    assert acks.handle_timer(2.0) == [SendPing("ack-2")]
 
 
 def test_a_full_batch_pings_at_once() -> None:

@@ -276,6 +276,49 @@ async def test_deadlines_within_the_slack_share_one_wakeup() -> None:
         await server.close()
 
 
+async def test_deadlines_past_due_fire_in_a_pass_awake_for_a_datagram() -> None:
+    # Under steady traffic a datagram comes before the loop timer (armed ``slack`` after the
+    # earliest deadline): once that deadline is half the slack old, the datagram's pass fires
+    # what is due and moves the loop timer to the next deadline, so it never wakes the process.
+    config = TimerConfig(t1=0.05)  # Timer J 3.2 s, slack 5 ms
+    server = await _endpoint(Recorder(202), listen=("udp:127.0.0.1:0",), timers=config)
+    loop = server._loop
+    assert loop is not None
+    armed: list[asyncio.TimerHandle] = []
+    call_at = loop.call_at
+
+    def recording_call_at(when: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        handle = call_at(when, callback)
+        armed.append(handle)
+        return handle
+
+    loop.call_at = recording_call_at  # type: ignore[method-assign,assignment]
+    source = Peer("udp", "127.0.0.1", 9)
+
+    def datagram(k: int, at: float) -> None:
+        server._instant = at
+        data = _raw_request("MESSAGE", 5060, branch=f"z9hG4bKdue{k}")
+        server._on_datagram(data.replace(b"raw-1", f"raw-{k}".encode()), source)
+
+    try:
+        start = loop.time()
+        for k in range(5):
+            datagram(k, start + k * 0.001)  # five answers 1 ms apart
+        assert server.transactions == (0, 5) and len(armed) == 1
+        due = start + config.timer_f
+        datagram(5, due + config.slack * 0.4)  # within half the slack: left to the timer
+        assert server.transactions == (0, 6) and len(armed) == 1
+        datagram(6, due + 0.0035)  # 0.7 slack: the first four are due, and fire now
+        assert server.transactions == (0, 3)
+        assert armed[0].cancelled() and len(armed) == 2
+        assert armed[1].when() == pytest.approx(due + 0.004 + config.slack)
+        assert not armed[1].cancelled()
+    finally:
+        server._instant = None
+        del loop.call_at
+        await server.close()
+
+
 async def test_digest_challenge_answered() -> None:
     verifier = DigestVerifier("sip.test", {"gw": "pw"}.get, b"k" * 16)
     verdicts: list[object] = []

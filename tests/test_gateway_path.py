@@ -67,3 +67,23 @@ async def test_messages_read_in_one_wakeup_reach_the_server_in_one_write(
     # Outside a drain each stanza is written at once, as before.
     path.feed([relayed_message(5, b"text 5")])
     assert len(path.server.written) == 2
+
+
+async def test_at_a_steady_rate_the_barrier_ping_goes_in_a_message_write(
+    path: GatewayPath,
+) -> None:
+    # One MESSAGE every 5 ms, each in a wake-up of its own: the barrier's ping goes in the
+    # write of the message before its deadline, not in a timer's wake-up and a write of its own.
+    now = [500.0]
+    link = path.gateway.xmpp
+    link.confirmations._clock = lambda: now[0]
+    for i in range(40):
+        path.feed([relayed_message(i, f"text {i}".encode())])
+        now[0] += 0.005
+    assert _bodies(path) == [f"text {i}" for i in range(40)]
+    assert len(path.server.written) == 40  # one write per message, pings included
+    with_ping = [w for w in path.server.written if b"urn:xmpp:ping" in w]
+    assert len(with_ping) >= 3 and all(w.startswith(b"<message ") for w in with_ping)
+    barrier = link.confirmations.barrier
+    assert barrier.pings_sent == len(with_ping) == barrier.pings_answered
+    assert barrier.confirmed + barrier.unconfirmed == 40 and barrier.confirmed >= 30

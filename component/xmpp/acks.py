@@ -10,7 +10,10 @@ It is sans-IO: every call takes ``now``; :meth:`AckBarrier.next_deadline` says w
 :meth:`AckBarrier.handle_timer` wants to run; the adapter writes the pings the effects ask for.
 One ping covers a whole batch: it is due ``batch_delay`` seconds after the first unproven write,
 or at once when ``batch_size`` stanzas wait for one, so the cost per message stays a fraction
-of a ping.
+of a ping. When the batch's deadline will pass before the next write is likely (writes come at
+a steady rate, each ``gap`` apart on a moving average), the ping goes with the write now, in the
+same stream write, rather than from a timer of its own: at an ordinary rate the process is then
+not woken a second time for each batch. The timer stays as the safety net.
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ class AckBarrier(Generic[T]):
         self._written: deque[tuple[int, float, T]] = deque()
         self._pings: deque[_Ping] = deque()
         self._ping_ids = 0
+        self._last_write: float | None = None
+        self._gap = batch_delay  # moving average of the time between writes
+        self._lead = batch_delay / 2  # a ping goes early with a write by at most this much
         self.confirmed = 0  # stanzas proven processed, over the barrier's life
         self.pings_sent = 0
         self.pings_answered = 0
@@ -94,12 +100,26 @@ class AckBarrier(Generic[T]):
         return iq_id.startswith(self.id_prefix)
 
     def written(self, item: T, now: float) -> list[Effect]:
-        """``item`` was written to the stream; a ping is due at once if the batch is full."""
+        """``item`` was written to the stream; a ping is due with it if the batch is full, or if
+        the batch's deadline is near and will likely pass before the next write.
+
+        Near means less than one and a half times the expected gap to the next write away, and
+        at most half the batch delay: at a low rate a batch still covers about two writes. A
+        deadline already passed is left to the timer, which is due in this same loop pass."""
+        last = self._last_write
+        self._last_write = now
+        if last is not None:
+            self._gap += (now - last - self._gap) * 0.125
         self._seq += 1
         self._written.append((self._seq, now, item))
-        if self._first_unpinged_at is None:
-            self._first_unpinged_at = now
+        first = self._first_unpinged_at
+        if first is None:
+            self._first_unpinged_at = first = now
         if self._seq - self._pinged >= self.batch_size:
+            return [self._ping(now)]
+        deadline = first + self.batch_delay
+        # One and a half gaps: the next write may come a little late, or at the deadline itself.
+        if now < deadline <= now + min(self._gap * 1.5, self._lead):
             return [self._ping(now)]
         return []
 

@@ -3,8 +3,9 @@
 :class:`~component.xmpp.acks.AckBarrier` decides; :class:`Confirmations` gives it the clock,
 arms one loop timer at its next deadline, writes the pings it asks for through the link, and
 tells the link when the server stopped answering. The link calls :meth:`Confirmations.written`
-for each message it writes, :meth:`Confirmations.answered` for each ping answer, and
-:meth:`Confirmations.lost` when the stream is gone.
+for each message it writes (and writes the ping it may return in the same write),
+:meth:`Confirmations.answered` for each ping answer, and :meth:`Confirmations.lost` when the
+stream is gone.
 """
 
 from __future__ import annotations
@@ -47,15 +48,22 @@ class Confirmations:
         self._settled: asyncio.Event | None = None
         self._overdue = False  # the link is being torn down; no timer until lost()
 
-    def written(self, msg: ChatMessage) -> None:
-        """``msg`` was written to the stream: it waits for the next ping's answer."""
+    def written(self, msg: ChatMessage) -> str | None:
+        """``msg`` is being written to the stream: it waits for the next ping's answer. Returns
+        the id of a ping due with it, which the caller writes right after it, in the same write
+        (None: no ping now)."""
         now = self._clock()
         effects = self.barrier.written(msg, now)
-        if effects:
-            self._apply(effects)
-        # Only the first write of a batch moves the deadline earlier.
-        if self._timer is None or self._timer_at > now + self.barrier.batch_delay:
+        ping_id = None
+        for effect in effects:
+            if isinstance(effect, SendPing):
+                ping_id = effect.ping_id
+        # Only the first write of a batch moves the deadline earlier; a ping moves it out (to
+        # that ping's timeout), so the batch's timer does not wake the process for nothing.
+        batch_deadline = now + self.barrier.batch_delay
+        if ping_id is not None or self._timer is None or self._timer_at > batch_deadline:
             self._arm(now)
+        return ping_id
 
     def answered(self, ping_id: str) -> None:
         """The server answered one of our pings: what was written before it is confirmed."""

@@ -360,23 +360,31 @@ class XmppLink:
 
     # --- outbound ------------------------------------------------------------------------------
 
-    def _write(self, text: str) -> bool:
+    def _writable(self) -> Stream | None:
         # Never into a dead stream: what a closing transport takes is silently dropped.
         stream = self._stream
         if self.state is not LinkState.UP or stream is None or self._footer_sent:
-            return False
+            return None
         transport = stream.transport
         if transport is None or transport.is_closing():
+            return None
+        return stream
+
+    def _write(self, text: str) -> bool:
+        stream = self._writable()
+        if stream is None:
             return False
         stream.write_text(text)
         self.stats.stanzas_out += 1
         return True
 
-    def _write_ping(self, ping_id: str) -> bool:
-        ping = format_iq(
+    def _ping_stanza(self, ping_id: str) -> str:
+        return format_iq(
             "get", self.component, self.component, ping_id, f'<ping xmlns="{NS_PING}"/>'
         )
-        return self._write(ping)
+
+    def _write_ping(self, ping_id: str) -> bool:
+        return self._write(self._ping_stanza(ping_id))
 
     def _abort(self) -> None:
         stream = self._stream
@@ -405,9 +413,17 @@ class XmppLink:
         Raises LocalError for a stanza that must never be sent (foreign ``from``, bad JID).
         """
         self._checked(msg.sender, msg.recipient, "message")
-        if not self._write(format_message(msg)):
+        stream = self._writable()
+        if stream is None:
             return False
-        self.confirmations.written(msg)
+        text = format_message(msg)
+        ping_id = self.confirmations.written(msg)
+        if ping_id is not None:
+            # The barrier's ping, due now, goes in the same write as the message it covers.
+            text += self._ping_stanza(ping_id)
+            self.stats.stanzas_out += 1
+        stream.write_text(text)
+        self.stats.stanzas_out += 1
         return True
 
     def send_presence(self, p: Presence) -> bool:
