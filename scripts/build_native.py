@@ -1,4 +1,5 @@
-"""Compile the SIP stack (sipside) with mypyc into build/native/, stamped with its sources' hash.
+"""Compile the SIP stack (sipside) and the gateway's hot modules with mypyc into build/native/,
+stamped with their sources' hash.
 
     python3 scripts/build_native.py          build unless the build there matches the sources
     python3 scripts/build_native.py --force  build anyway
@@ -40,12 +41,14 @@ def build(force: bool) -> int:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sipxmpp-native-") as scratch_dir:
         scratch = Path(scratch_dir)
-        (scratch / "sipside").mkdir()
-        names = []
-        for path in sipside.compiled_sources():
-            shutil.copy2(path, scratch / "sipside" / path.name)
-            names.append(f"sipside/{path.name}")
+        # Both packages as sources (mypyc type-checks what the compiled modules import), with
+        # the mypy settings; sipside's own __init__ is left out (it would find this build).
+        ignore = shutil.ignore_patterns("*.so", "__pycache__")
+        shutil.copytree(REPO / "component", scratch / "component", ignore=ignore)
+        shutil.copytree(REPO / "sipside", scratch / "sipside", ignore=ignore)
         (scratch / "sipside" / "__init__.py").write_text("")
+        shutil.copy2(REPO / "pyproject.toml", scratch / "pyproject.toml")
+        names = [path.relative_to(REPO).as_posix() for path in sipside.compiled_sources()]
         result = subprocess.run(
             [sys.executable, "-m", "mypyc", *names],
             cwd=scratch,
@@ -59,11 +62,13 @@ def build(force: bool) -> int:
             )
             return 1
         staged = Path(tempfile.mkdtemp(prefix="native-", dir=target.parent))
-        (staged / "sipside").mkdir()
         for lib in scratch.glob("*.so"):  # the compiled modules' shared runtime
             shutil.copy2(lib, staged / lib.name)
-        for lib in (scratch / "sipside").glob("*.so"):
-            shutil.copy2(lib, staged / "sipside" / lib.name)
+        for name in names:
+            stem = name.removesuffix(".py")
+            for lib in scratch.glob(stem + ".*.so"):
+                (staged / lib.relative_to(scratch)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(lib, staged / lib.relative_to(scratch))
         if sipside.source_stamp() != stamp:
             print("build-native: sipside changed while compiling; run again", file=sys.stderr)
             shutil.rmtree(staged)
@@ -75,7 +80,7 @@ def build(force: bool) -> int:
             target.rename(old)
         staged.rename(target)
         shutil.rmtree(old, ignore_errors=True)
-    print(f"build-native: compiled {len(names)} sipside modules into {target.relative_to(REPO)}")
+    print(f"build-native: compiled {len(names)} modules into {target.relative_to(REPO)}")
     return 0
 
 

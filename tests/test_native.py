@@ -1,4 +1,5 @@
-"""The compiled SIP stack (scripts/build_native.py) is used only while it matches the sources."""
+"""The compiled SIP stack and hot modules (scripts/build_native.py) are used only while the build
+matches the sources."""
 
 from __future__ import annotations
 
@@ -28,8 +29,12 @@ def _run(cwd: Path, code: str, **env: str) -> str:
 
 
 def _copy_sources(tmp_path: Path) -> Path:
-    """A checkout holding sipside's sources only, and a build directory of our making."""
+    """A checkout holding the compiled modules' sources only, and a build directory of our
+    making."""
     shutil.copytree(REPO / "sipside", tmp_path / "sipside", ignore=shutil.ignore_patterns("*.so"))
+    for name in sipside.HOT_MODULES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, tmp_path / name)
     (tmp_path / "build" / "native" / "sipside").mkdir(parents=True)
     return tmp_path
 
@@ -53,7 +58,13 @@ def test_a_matching_stamp_puts_the_build_first_and_an_edit_undoes_it(tmp_path: P
     assert _run(root, WHERE).split()[0] == "True"
     assert _run(root, WHERE, SIPXMPP_PURE="1").split()[0] == "False"
     peer = root / "sipside" / "peer.py"
-    peer.write_text(peer.read_text() + "\n# edited\n")
+    original = peer.read_text()
+    peer.write_text(original + "\n# edited\n")
+    assert _run(root, WHERE).split()[0] == "False"
+    peer.write_text(original)
+    assert _run(root, WHERE).split()[0] == "True"
+    hot = root / "component" / "values.py"  # one of the gateway's modules compiled with them
+    hot.write_text(hot.read_text() + "\n# edited\n")
     assert _run(root, WHERE).split()[0] == "False"
 
 
@@ -64,7 +75,11 @@ def test_the_build_setup_made_is_what_the_gateway_imports() -> None:
         "build/native does not match the sources: run python3 scripts/build_native.py"
     )
     out = _run(
-        REPO, "import sipside.message as m, sipside.endpoint as e; print(m.__file__, e.__file__)"
+        REPO,
+        "import sipside.message as m, sipside.endpoint as e, component.sip.gate as g, "
+        "component.settings as s; print(m.__file__, e.__file__, g.__file__, s.__file__)",
     )
-    for path in out.split():
+    *compiled, settings = out.split()
+    assert settings == str(REPO / "component" / "settings.py")  # not one of the hot modules
+    for path in compiled:
         assert path.startswith(str(sipside.NATIVE_DIR)) and path.endswith(".so")

@@ -368,8 +368,8 @@ class MessageRouter:
         outgoing = self._outgoing(msg, text, from_uri, to_uri)
         try:
             starts = self.conversations.offer(pair, outgoing)
-        except QueueFull as exc:
-            refusal = busy(f"gateway busy: {exc}, try again", RETRY_AFTER)
+        except QueueFull as full:
+            refusal = busy(f"gateway busy: {full}, try again", RETRY_AFTER)
             self._refuse(msg, refusal, "queue full")
             return None
         self._idle.clear()

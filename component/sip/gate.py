@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
 
 from component.addresses import AddressBook, AddressError, HomeUser, sip_user_and_host
 from component.errors import Refusal, busy, not_found
@@ -25,9 +25,10 @@ from component.sip.answers import refuse, send_answer, warning
 from component.sip.bodies import ACCEPT, UnsupportedMediaType, decode_body
 from component.store import StoreUnavailable
 from component.values import SipAnswer, SipText
-from sipside.endpoint import ANSWERED_METHODS, IncomingRequest
+from sipside.endpoint import ANSWERED_METHODS
 from sipside.errors import LocalError, PeerError
-from sipside.message import parse_name_addr
+from sipside.message import SipRequest, SipResponse, parse_name_addr
+from sipside.peer import Peer
 from sipside.transport import peer_for_uri
 
 log = get_logger("component.sip.gate")
@@ -37,6 +38,27 @@ PRESENCE_METHODS = frozenset({"SUBSCRIBE", "NOTIFY", "PUBLISH", "REGISTER"})
 RETRY_LATER = 30  # seconds: stopping (SIGTERM) or the store is down; a restarted gateway serves
 RETRY_SOON = 5  # seconds: too many requests being answered right now
 LOG_EVERY = 100  # one log line per this many refusals of a kind (a flood writes few lines)
+
+
+class Incoming(Protocol):
+    """A request the endpoint hands the gate (``sipside.endpoint.IncomingRequest``).
+
+    A protocol, not that class: compiled, a parameter of a class's type admits only that class,
+    and the gate's tests hand it their own."""
+
+    request: SipRequest
+    source: Peer
+    answered: bool
+
+    def respond(
+        self, status: int, reason: str | None = None, *, headers: Iterable[tuple[str, str]] = ()
+    ) -> Any:
+        """Send a final response built from the request."""
+        ...
+
+    def send(self, response: SipResponse) -> None:
+        """Send a final response."""
+        ...
 
 
 def proxy_hosts(proxy: str) -> frozenset[str]:
@@ -66,7 +88,7 @@ class MessageCore(Protocol):
 class PresenceRequests(Protocol):
     """The presence side's entry for SUBSCRIBE, NOTIFY, PUBLISH and REGISTER."""
 
-    async def handle_request(self, incoming: IncomingRequest) -> None:
+    async def handle_request(self, incoming: Incoming) -> None:
         """Answer ``incoming``; may raise Refusal or PeerError before answering."""
         ...
 
@@ -107,7 +129,7 @@ class SipGate:
         self.allow = ", ".join(served)
         self._tasks = TaskOwner("sip_request_task_failed")
 
-    def handle(self, incoming: IncomingRequest) -> None:
+    def handle(self, incoming: Incoming) -> None:
         """Answer ``incoming`` now, or start the owned work that will."""
         request = incoming.request
         method = request.method
@@ -153,8 +175,8 @@ class SipGate:
                 else:
                     incoming.respond(405, headers=[("Allow", self.allow)])  # RFC 3261 21.4.6
                 return
-        except UnsupportedMediaType as exc:
-            incoming.respond(415, headers=[("Accept", ACCEPT), *warning(exc.warning)])
+        except UnsupportedMediaType as unsupported:
+            incoming.respond(415, headers=[("Accept", ACCEPT), *warning(unsupported.warning)])
             return
         except (Refusal, PeerError) as exc:
             refuse(incoming, exc)
@@ -177,7 +199,7 @@ class SipGate:
         self._count_limited(host, verdict.refused, verdict.log)
         return verdict.retry_after
 
-    def _admit_sender(self, incoming: IncomingRequest) -> bool:
+    def _admit_sender(self, incoming: Incoming) -> bool:
         """Take a token for the sender of a request relayed by the proxy; 503 if none."""
         assert self.rate is not None
         # validated before it got here; should it still not parse, the proxy's address it is
@@ -200,7 +222,7 @@ class SipGate:
         if log_it:
             log.warning("sip_request_rate_limited", source=source, refused=refused, call_id=call_id)
 
-    def _refuse_busy(self, incoming: IncomingRequest, reason: str, retry_after: int) -> None:
+    def _refuse_busy(self, incoming: Incoming, reason: str, retry_after: int) -> None:
         """503 + Retry-After for ``reason`` (stopping, busy); counted, one line per LOG_EVERY."""
         self.refusals[reason] += 1
         count = self.refusals[reason]
@@ -214,7 +236,7 @@ class SipGate:
             )
         refuse(incoming, busy("", retry_after))
 
-    def _answer_options(self, incoming: IncomingRequest) -> None:
+    def _answer_options(self, incoming: Incoming) -> None:
         """RFC 3261 11.2: 200 with Allow and Accept for an address the gateway serves.
 
         A Request-URI without a user part is the gateway itself (keep-alive probes). An
@@ -234,7 +256,7 @@ class SipGate:
             return
         incoming.respond(200, headers=[("Allow", self.allow), ("Accept", ACCEPT)])
 
-    def _sip_text(self, incoming: IncomingRequest) -> SipText:
+    def _sip_text(self, incoming: Incoming) -> SipText:
         request = incoming.request
         content_type = request.header("Content-Type")
         decoded = decode_body(content_type, request.body)
@@ -257,7 +279,7 @@ class SipGate:
             sent_at=decoded.sent_at,
         )
 
-    async def _finish(self, incoming: IncomingRequest, work: Awaitable[SipAnswer | None]) -> None:
+    async def _finish(self, incoming: Incoming, work: Awaitable[SipAnswer | None]) -> None:
         """Await the slow path; a handler that answered itself returns None."""
         call_id = incoming.request.call_id
         try:

@@ -45,12 +45,26 @@ class PingOverdue:
 Effect = SendPing | PingOverdue
 
 
-@dataclass(frozen=True, slots=True)
 class Unconfirmed(Generic[T]):
     """A stanza written to a link that was lost before the server proved it processed it."""
 
-    item: T
-    written_at: float
+    # Written out, not a dataclass: compiled, a generic dataclass cannot be built.
+    __slots__ = ("item", "written_at")
+
+    def __init__(self, item: T, written_at: float) -> None:
+        self.item = item
+        self.written_at = written_at
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Unconfirmed):
+            return NotImplemented
+        return bool(self.item == other.item and self.written_at == other.written_at)
+
+    def __hash__(self) -> int:
+        return hash((self.item, self.written_at))
+
+    def __repr__(self) -> str:
+        return f"Unconfirmed(item={self.item!r}, written_at={self.written_at!r})"
 
 
 @dataclass(frozen=True, slots=True)
