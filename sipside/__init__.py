@@ -29,20 +29,29 @@ ROOT = _HERE.parent
 NATIVE_DIR = ROOT / "build" / "native"
 STAMP_FILE = NATIVE_DIR / "STAMP"
 
-# The gateway's modules a message from SIP to XMPP runs through (bench.gateway_path), relative
-# to the checkout. Compiled, a module may not bind one name to two exception types in one
-# function, and a generic class may not be a dataclass (mypyc); the tests run both ways.
+# The gateway's modules a chat message runs through each way (bench.gateway_path, bench.xmpp_in)
+# and a status change to SIP watchers (bench.presence_fanout), relative to the checkout.
+# Compiled, a module may not bind one name to two exception types in one function, and a
+# generic class may not be a dataclass (mypyc); the tests run both ways.
 HOT_MODULES = (
     "component/addresses.py",
     "component/http/metrics.py",
+    "component/messaging/conversations.py",
     "component/messaging/notifications.py",
+    "component/messaging/retry.py",
     "component/messaging/router.py",
+    "component/presence/sip_watches_xmpp.py",
     "component/ratelimit.py",
     "component/rooms/core.py",
     "component/runtime/rooms_driver.py",
     "component/sip/answers.py",
     "component/sip/bodies.py",
+    "component/sip/deadlines.py",
     "component/sip/gate.py",
+    "component/sip/sender.py",
+    "component/sip/side.py",
+    "component/sip/transactions.py",
+    "component/sip/watch_dialogs.py",
     "component/transports/board.py",
     "component/transports/service.py",
     "component/values.py",

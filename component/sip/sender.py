@@ -14,6 +14,7 @@ import datetime
 import secrets
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from component.logs import get_logger
 from component.sip.media import MediaSupport, accepts
@@ -23,14 +24,15 @@ from sipside import imdn as rfc5438
 from sipside.endpoint import (
     CALL_ID_MARK,
     TAG_MARK,
-    Endpoint,
     Final,
+    FinalHandler,
     RequestTemplate,
     make_request,
 )
 from sipside.errors import TransactionTimeout, TransportError
 from sipside.headers import quote_warning
 from sipside.message import SipRequest, SipResponse, new_call_id, new_tag
+from sipside.peer import Peer
 
 log = get_logger("component.sip.sender")
 
@@ -58,12 +60,37 @@ def _utc(when: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(when, datetime.UTC).replace(microsecond=0)
 
 
+class MessageEndpoint(Protocol):
+    """What the sender uses of the endpoint (``sipside.endpoint.Endpoint``).
+
+    A protocol, not that class: compiled, a parameter of a class's type admits only that class,
+    and the tests hand the sender their own endpoints."""
+
+    def send(self, request: SipRequest, done: FinalHandler, peer: Peer | None = None) -> None:
+        """Send ``request`` in a client transaction; its final outcome goes to ``done``."""
+        ...
+
+    def template(self, request: SipRequest, peer: Peer | None = None) -> RequestTemplate | None:
+        """``request`` written out once, for :meth:`send_templated` to fill in."""
+        ...
+
+    def send_templated(
+        self, template: RequestTemplate, tag: str, call_id: str, body: bytes, done: FinalHandler
+    ) -> bool:
+        """Send a request made from ``template``; False when it must take :meth:`send`."""
+        ...
+
+    async def request(self, request: SipRequest, peer: Peer | None = None) -> SipResponse:
+        """Send ``request`` and await its final response."""
+        ...
+
+
 class SipSender:
     """Sends MESSAGEs in the endpoint's client transactions; the features see the status."""
 
     def __init__(
         self,
-        endpoint: Endpoint,
+        endpoint: MessageEndpoint,
         *,
         cache_time: float = 600.0,
         clock: Callable[[], float] = time.time,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast
 
 from component.logs import get_logger
 from sipside.errors import TransactionTimeout, TransportError
@@ -62,7 +62,6 @@ class RequestSender(Protocol):
         ...
 
 
-@runtime_checkable
 class CallbackSender(Protocol):
     """An endpoint that hands a request's outcome to a callback (``Endpoint.send``)."""
 
@@ -131,7 +130,10 @@ class ClientTransactions:
     def __init__(self, endpoint: RequestSender, serial: Serial) -> None:
         self.endpoint = endpoint
         self.serial = serial
-        self._by_callback = endpoint if isinstance(endpoint, CallbackSender) else None
+        # What a runtime-checkable protocol would check; this module runs compiled, where
+        # protocols are not.
+        by_callback = hasattr(endpoint, "send")
+        self._by_callback = cast(CallbackSender, endpoint) if by_callback else None
 
     def send(self, request: SipRequest, peer: Peer | None, deliver: Deliver) -> None:
         """Run a client transaction; its outcome goes to ``deliver`` in the core."""

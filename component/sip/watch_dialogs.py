@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -402,14 +402,6 @@ class WatchDialogs:
                 await self._step(dialog, dialog.notifier.handle_timer(now), now)
         return len(due)
 
-    async def _stored(self) -> AsyncIterator[SipWatcherSubscription]:
-        after: str | None = None
-        while page := await self.store.sip_watcher_page(after, RESTORE_PAGE):
-            for stored in page:
-                yield stored
-            after = page[-1].dialog_id
-            del page
-
     async def restore(self) -> int:
         """Rebuild the notifiers from the store; unreadable rows are dropped. Returns the count.
         Dialogs already held stay as they are (a takeover resumes only what it moved)."""
@@ -417,30 +409,38 @@ class WatchDialogs:
         # The target's presence, read and encoded once per target: its dialogs share the body.
         bodies: dict[str, bytes] = {}
         # The dialogs keep copies of the rows' strings (``fresh``): the rows are freed whole,
-        # a page at a time.
-        async for stored in self._stored():
-            if stored.dialog_id in held:
-                continue
-            try:
-                snap = snapshot_from_json(NotifierSnapshot, stored.dialog)
-                target = sys.intern(fresh(stored.target_jid))  # one string for all its watchers
-                # Each watcher's address is seen once here: the book's caches are left as they are.
-                watch = Watch(self.book.jid_for_sip_uri_once(stored.watcher_aor), target)
-                if snap.state == NotifierState.ACTIVE.value:
-                    # The stored body may predate the last NOTIFY (see _run): the target's
-                    # stored presence is the current one.
-                    body = bodies.get(target)
-                    if body is None:
-                        document = await self.events.document_of(target)
-                        body = bodies[target] = self._body(target, document)
-                    snap = replace(snap, body=body, content_type=PIDF)
-                notifier = Notifier.restore(snap, policy=self.policy)
-            except (KeyError, TypeError, ValueError, AddressError) as exc:
-                log.warning("subscription_unrestorable", dialog=stored.dialog_id, error=str(exc))
-                await self.store.delete_sip_watcher_subscription(stored.dialog_id)
-                continue
-            dialog = WatchDialog.of(notifier, watch, stored.watcher_aor, saved=snap)
-            if dialog.own_aor is not None:
-                dialog.own_aor = fresh(dialog.own_aor)
-            self._add(dialog)
+        # a page at a time (read here, not by an async generator: this module runs compiled).
+        after: str | None = None
+        while page := await self.store.sip_watcher_page(after, RESTORE_PAGE):
+            after = page[-1].dialog_id
+            for stored in page:
+                if stored.dialog_id in held:
+                    continue
+                try:
+                    snap = snapshot_from_json(NotifierSnapshot, stored.dialog)
+                    # One string for all the target's watchers.
+                    target = sys.intern(fresh(stored.target_jid))
+                    # Each watcher's address is seen once here: the book's caches are left as
+                    # they are.
+                    watch = Watch(self.book.jid_for_sip_uri_once(stored.watcher_aor), target)
+                    if snap.state == NotifierState.ACTIVE.value:
+                        # The stored body may predate the last NOTIFY (see _run): the target's
+                        # stored presence is the current one.
+                        body = bodies.get(target)
+                        if body is None:
+                            document = await self.events.document_of(target)
+                            body = bodies[target] = self._body(target, document)
+                        snap = replace(snap, body=body, content_type=PIDF)
+                    notifier = Notifier.restore(snap, policy=self.policy)
+                except (KeyError, TypeError, ValueError, AddressError) as exc:
+                    log.warning(
+                        "subscription_unrestorable", dialog=stored.dialog_id, error=str(exc)
+                    )
+                    await self.store.delete_sip_watcher_subscription(stored.dialog_id)
+                    continue
+                dialog = WatchDialog.of(notifier, watch, stored.watcher_aor, saved=snap)
+                if dialog.own_aor is not None:
+                    dialog.own_aor = fresh(dialog.own_aor)
+                self._add(dialog)
+            del page
         return len(self.dialogs)
