@@ -319,11 +319,26 @@ class AddressBook:
     _registrar_key: tuple[str | None, str] | None = field(
         init=False, repr=False, compare=False, hash=False
     )
+    _hash: int = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_alias_map", dict(self.aliases))
         key = sip_user_and_host(self.registrar) if self.registrar else None
         object.__setattr__(self, "_registrar_key", key)
+        fields = (
+            self.component,
+            self.sip_domain,
+            self.jdomain,
+            self.delimiter,
+            self.aliases,
+            self.registrar,
+        )
+        object.__setattr__(self, "_hash", hash(fields))
+
+    def __hash__(self) -> int:
+        # Kept, not generated: the mapping caches below are keyed by the book, so it is hashed
+        # a few times per message (a generated __hash__ runs interpreted even compiled).
+        return self._hash
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AddressBook:

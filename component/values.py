@@ -15,8 +15,7 @@ from sipside.pidf import PresenceDocument
 # --- XMPP side -----------------------------------------------------------------------------------
 
 
-@fast_frozen_init  # built per message: the plain frozen __init__ is slow
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class ChatMessage:
     """A ``<message>`` in either direction. JIDs are strings already validated by the adapter
     (inbound) or built by the address book (outbound)."""
@@ -39,6 +38,50 @@ class ChatMessage:
     displayed_for: str | None = None  # XEP-0333 <displayed id=.../>
     replaces: str | None = None  # XEP-0308 <replace id=.../>: corrects that message
     link: str | None = None  # XEP-0066 <x xmlns="jabber:x:oob"><url> (XEP-0363 uploads)
+
+    # Written out (not generated) so that compiled it is native: see fast_frozen_init.
+    def __init__(
+        self,
+        sender: str,
+        recipient: str,
+        body: str | None,
+        id: str | None = None,
+        type: str = "chat",
+        thread: str | None = None,
+        subject: str | None = None,
+        html: str | None = None,
+        chat_state: str | None = None,
+        receipt_request: bool = False,
+        receipt_for: str | None = None,
+        delay_stamp: str | None = None,
+        delay_from: str | None = None,
+        origin_id: str | None = None,
+        markable: bool = False,
+        displayed_for: str | None = None,
+        replaces: str | None = None,
+        link: str | None = None,
+    ) -> None:
+        self.sender = sender  # type: ignore[misc]
+        self.recipient = recipient  # type: ignore[misc]
+        self.body = body  # type: ignore[misc]
+        self.id = id  # type: ignore[misc]
+        self.type = type  # type: ignore[misc]
+        self.thread = thread  # type: ignore[misc]
+        self.subject = subject  # type: ignore[misc]
+        self.html = html  # type: ignore[misc]
+        self.chat_state = chat_state  # type: ignore[misc]
+        self.receipt_request = receipt_request  # type: ignore[misc]
+        self.receipt_for = receipt_for  # type: ignore[misc]
+        self.delay_stamp = delay_stamp  # type: ignore[misc]
+        self.delay_from = delay_from  # type: ignore[misc]
+        self.origin_id = origin_id  # type: ignore[misc]
+        self.markable = markable  # type: ignore[misc]
+        self.displayed_for = displayed_for  # type: ignore[misc]
+        self.replaces = replaces  # type: ignore[misc]
+        self.link = link  # type: ignore[misc]
+
+
+fast_frozen_init(ChatMessage)  # built per message: the plain frozen __init__ is slow
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,8 +210,7 @@ class Membership:
 # --- SIP side ------------------------------------------------------------------------------------
 
 
-@fast_frozen_init
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class SipText:
     """An instant message on the SIP side (RFC 3428 MESSAGE), body already decoded to text."""
 
@@ -183,6 +225,36 @@ class SipText:
     imdn: ImdnAsk | None = None  # the CPIM wrapper asked for notifications (RFC 5438)
     notification: ImdnNews | None = None  # an RFC 5438 notification instead of text
     sent_at: float | None = None  # CPIM DateTime, seconds since the epoch
+
+    # Written out (not generated) so that compiled it is native: see fast_frozen_init.
+    def __init__(
+        self,
+        from_uri: str,
+        to_uri: str,
+        body: str,
+        content_type: str = "text/plain",
+        call_id: str | None = None,
+        from_display: str | None = None,
+        html: str | None = None,
+        composing: Composing | None = None,
+        imdn: ImdnAsk | None = None,
+        notification: ImdnNews | None = None,
+        sent_at: float | None = None,
+    ) -> None:
+        self.from_uri = from_uri  # type: ignore[misc]
+        self.to_uri = to_uri  # type: ignore[misc]
+        self.body = body  # type: ignore[misc]
+        self.content_type = content_type  # type: ignore[misc]
+        self.call_id = call_id  # type: ignore[misc]
+        self.from_display = from_display  # type: ignore[misc]
+        self.html = html  # type: ignore[misc]
+        self.composing = composing  # type: ignore[misc]
+        self.imdn = imdn  # type: ignore[misc]
+        self.notification = notification  # type: ignore[misc]
+        self.sent_at = sent_at  # type: ignore[misc]
+
+
+fast_frozen_init(SipText)  # built per message: the plain frozen __init__ is slow
 
 
 @dataclass(frozen=True, slots=True)

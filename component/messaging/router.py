@@ -45,6 +45,7 @@ from component.ports import (
 from component.runtime.tasks import TaskOwner
 from component.store import MessageDirection, NewMessage, StorePort, StoreUnavailable
 from component.values import ChatMessage, ImdnAsk, SipAnswer, SipText, StanzaError
+from sipside.fastpath import fast_frozen_init
 
 log = get_logger("component.messaging")
 
@@ -52,15 +53,23 @@ _MAX_TRACKED = 20000  # stanza ids remembered to map XMPP errors back to SIP sen
 ACCEPTED = SipAnswer(202, "Accepted")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class _Sent:
     """A stanza we sent for a SIP user: where to report an XMPP error about it."""
 
     sip_sender: str
     recipient: str
 
+    # Written out (not generated) so that compiled it is native: see fast_frozen_init.
+    def __init__(self, sip_sender: str, recipient: str) -> None:
+        self.sip_sender = sip_sender  # type: ignore[misc]
+        self.recipient = recipient  # type: ignore[misc]
 
-@dataclass(frozen=True, slots=True)
+
+fast_frozen_init(_Sent)  # built per message: the plain frozen __init__ is slow
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class _Outgoing:
     """An XMPP message waiting for its turn, with the SIP addresses it goes between."""
 
@@ -68,6 +77,22 @@ class _Outgoing:
     from_uri: str
     to_uri: str
     ask: ImdnAsk | None = None  # the IMDN request it carries (DESIGN 4.3)
+
+    # Written out (not generated) so that compiled it is native: see fast_frozen_init.
+    def __init__(
+        self,
+        msg: ChatMessage,
+        from_uri: str,
+        to_uri: str,
+        ask: ImdnAsk | None = None,
+    ) -> None:
+        self.msg = msg  # type: ignore[misc]
+        self.from_uri = from_uri  # type: ignore[misc]
+        self.to_uri = to_uri  # type: ignore[misc]
+        self.ask = ask  # type: ignore[misc]
+
+
+fast_frozen_init(_Outgoing)  # built per message: the plain frozen __init__ is slow
 
 
 class MessageRouter:

@@ -20,8 +20,7 @@ ACCEPT = "text/plain, message/cpim, text/html, application/im-iscomposing+xml"
 MAX_TEXT = 65536
 
 
-@fast_frozen_init
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class DecodedBody:
     """A MESSAGE body as text, with the XHTML-IM form when the SIP side sent HTML."""
 
@@ -31,6 +30,26 @@ class DecodedBody:
     imdn: ImdnAsk | None = None
     notification: ImdnNews | None = None
     sent_at: float | None = None
+
+    # Written out (not generated) so that compiled it is native: see fast_frozen_init.
+    def __init__(
+        self,
+        text: str,
+        html: str | None = None,
+        composing: Composing | None = None,
+        imdn: ImdnAsk | None = None,
+        notification: ImdnNews | None = None,
+        sent_at: float | None = None,
+    ) -> None:
+        self.text = text  # type: ignore[misc]
+        self.html = html  # type: ignore[misc]
+        self.composing = composing  # type: ignore[misc]
+        self.imdn = imdn  # type: ignore[misc]
+        self.notification = notification  # type: ignore[misc]
+        self.sent_at = sent_at  # type: ignore[misc]
+
+
+fast_frozen_init(DecodedBody)  # built per message: the plain frozen __init__ is slow
 
 
 # RFC 5438 statuses as the core sees them; processed and stored (never asked for) say nothing.
