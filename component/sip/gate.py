@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from component.addresses import AddressBook, AddressError, HomeUser, sip_user_and_host
 from component.errors import Refusal, busy, not_found
@@ -23,12 +23,12 @@ from component.ratelimit import SourceBuckets
 from component.runtime.tasks import TaskOwner
 from component.sip.answers import refuse, send_answer, warning
 from component.sip.bodies import ACCEPT, UnsupportedMediaType, decode_body
+from component.sip.side import Incoming
 from component.store import StoreUnavailable
 from component.values import SipAnswer, SipText
 from sipside.endpoint import ANSWERED_METHODS
 from sipside.errors import LocalError, PeerError
-from sipside.message import SipRequest, SipResponse, parse_name_addr
-from sipside.peer import Peer
+from sipside.message import parse_name_addr
 from sipside.transport import peer_for_uri
 
 log = get_logger("component.sip.gate")
@@ -38,27 +38,6 @@ PRESENCE_METHODS = frozenset({"SUBSCRIBE", "NOTIFY", "PUBLISH", "REGISTER"})
 RETRY_LATER = 30  # seconds: stopping (SIGTERM) or the store is down; a restarted gateway serves
 RETRY_SOON = 5  # seconds: too many requests being answered right now
 LOG_EVERY = 100  # one log line per this many refusals of a kind (a flood writes few lines)
-
-
-class Incoming(Protocol):
-    """A request the endpoint hands the gate (``sipside.endpoint.IncomingRequest``).
-
-    A protocol, not that class: compiled, a parameter of a class's type admits only that class,
-    and the gate's tests hand it their own."""
-
-    request: SipRequest
-    source: Peer
-    answered: bool
-
-    def respond(
-        self, status: int, reason: str | None = None, *, headers: Iterable[tuple[str, str]] = ()
-    ) -> Any:
-        """Send a final response built from the request."""
-        ...
-
-    def send(self, response: SipResponse) -> None:
-        """Send a final response."""
-        ...
 
 
 def proxy_hosts(proxy: str) -> frozenset[str]:

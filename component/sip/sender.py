@@ -18,6 +18,7 @@ from typing import Protocol
 
 from component.logs import get_logger
 from component.sip.media import MediaSupport, accepts
+from component.sip.transactions import CallbackSender
 from component.values import ImdnAsk, ImdnStatus
 from sipside import cpim, iscomposing
 from sipside import imdn as rfc5438
@@ -60,15 +61,11 @@ def _utc(when: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(when, datetime.UTC).replace(microsecond=0)
 
 
-class MessageEndpoint(Protocol):
-    """What the sender uses of the endpoint (``sipside.endpoint.Endpoint``).
+class MessageEndpoint(CallbackSender, Protocol):
+    """What the sender uses of the endpoint (``sipside.endpoint.Endpoint``): ``send`` and these.
 
     A protocol, not that class: compiled, a parameter of a class's type admits only that class,
     and the tests hand the sender their own endpoints."""
-
-    def send(self, request: SipRequest, done: FinalHandler, peer: Peer | None = None) -> None:
-        """Send ``request`` in a client transaction; its final outcome goes to ``done``."""
-        ...
 
     def template(self, request: SipRequest, peer: Peer | None = None) -> RequestTemplate | None:
         """``request`` written out once, for :meth:`send_templated` to fill in."""
