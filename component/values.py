@@ -97,7 +97,7 @@ class StanzaError:
     kind: str = "message"  # message, presence, iq
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Presence:
     """A ``<presence>`` in either direction (RFC 6121). ``type`` None means available."""
 
@@ -115,6 +115,40 @@ class Presence:
     muc_status_codes: tuple[int, ...] = ()
     muc_nick: str | None = None
     error_condition: str | None = None
+
+    # Written out (not generated) so that compiled it is native: one per stanza received.
+    def __init__(
+        self,
+        sender: str,
+        recipient: str,
+        type: str | None = None,
+        show: str | None = None,
+        status: str | None = None,
+        priority: int = 0,
+        id: str | None = None,
+        muc: bool = False,
+        muc_history: int | None = None,
+        muc_password: str | None = None,
+        muc_status_codes: tuple[int, ...] = (),
+        muc_nick: str | None = None,
+        error_condition: str | None = None,
+    ) -> None:
+        self.sender = sender  # type: ignore[misc]
+        self.recipient = recipient  # type: ignore[misc]
+        self.type = type  # type: ignore[misc]
+        self.show = show  # type: ignore[misc]
+        self.status = status  # type: ignore[misc]
+        self.priority = priority  # type: ignore[misc]
+        self.id = id  # type: ignore[misc]
+        self.muc = muc  # type: ignore[misc]
+        self.muc_history = muc_history  # type: ignore[misc]
+        self.muc_password = muc_password  # type: ignore[misc]
+        self.muc_status_codes = muc_status_codes  # type: ignore[misc]
+        self.muc_nick = muc_nick  # type: ignore[misc]
+        self.error_condition = error_condition  # type: ignore[misc]
+
+
+fast_frozen_init(Presence)
 
 
 # --- chat rooms (DESIGN 6) ----------------------------------------------------------------------
@@ -309,12 +343,28 @@ class SipAnswer:
 # back, ``component.presence.translate`` turns documents into XMPP presence and back.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False, eq=False)
 class Watch:
     """A SIP user (by component JID) watching an XMPP entity (bare JID), DESIGN 5.2."""
 
     watcher_jid: str
     target_jid: str
+
+    # Written out (not generated) so that compiled they are native: one per NOTIFY, a key.
+    def __init__(self, watcher_jid: str, target_jid: str) -> None:
+        self.watcher_jid = watcher_jid  # type: ignore[misc]
+        self.target_jid = target_jid  # type: ignore[misc]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Watch):
+            return NotImplemented
+        return self.watcher_jid == other.watcher_jid and self.target_jid == other.target_jid
+
+    def __hash__(self) -> int:
+        return hash((self.watcher_jid, self.target_jid))
+
+
+fast_frozen_init(Watch)
 
 
 @dataclass(frozen=True, slots=True)

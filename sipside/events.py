@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from sipside.dialog import Dialog
 from sipside.digest import AuthenticationError, DigestClient, retry_with_credentials
 from sipside.errors import PeerError
+from sipside.fastpath import fast_frozen_init
 from sipside.message import SipRequest, SipResponse, make_response
 
 Tag = TypeVar("Tag")
@@ -33,7 +34,7 @@ class SubscriptionState(enum.StrEnum):
     TERMINATED = "terminated"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class SubscriptionStateHeader:
     """A parsed ``Subscription-State`` header; unknown states are kept as ``state=None``."""
 
@@ -41,6 +42,19 @@ class SubscriptionStateHeader:
     expires: int | None = None
     reason: str | None = None
     retry_after: int | None = None
+
+    # Written out (not generated) so that compiled it is native (one per NOTIFY sent).
+    def __init__(
+        self,
+        state: SubscriptionState | None,
+        expires: int | None = None,
+        reason: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        self.state = state  # type: ignore[misc]
+        self.expires = expires  # type: ignore[misc]
+        self.reason = reason  # type: ignore[misc]
+        self.retry_after = retry_after  # type: ignore[misc]
 
     def __str__(self) -> str:
         text = self.state.value if self.state else "pending"
@@ -51,6 +65,9 @@ class SubscriptionStateHeader:
         if self.retry_after is not None:
             text += f";retry-after={self.retry_after}"
         return text
+
+
+fast_frozen_init(SubscriptionStateHeader)
 
 
 def _params(value: str) -> tuple[str, dict[str, str]]:
@@ -161,18 +178,30 @@ def resubscribe_delay(reason: str | None, retry_after: int | None) -> float | No
     return float(retry_after or 0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class SendRequest:
     """Send this request in a new client transaction; report its outcome back."""
 
     request: SipRequest
 
+    def __init__(self, request: SipRequest) -> None:  # native when compiled: see fast_frozen_init
+        self.request = request  # type: ignore[misc]
 
-@dataclass(frozen=True, slots=True)
+
+fast_frozen_init(SendRequest)
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class SendResponse:
     """Answer the request just handled with this response."""
 
     response: SipResponse
+
+    def __init__(self, response: SipResponse) -> None:  # native when compiled: see fast_frozen_init
+        self.response = response  # type: ignore[misc]
+
+
+fast_frozen_init(SendResponse)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,11 +219,17 @@ class StateChanged:
     status: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class SubscriptionEnded:
     """Notifier side: the subscription is over; the application forgets it."""
 
     reason: str
+
+    def __init__(self, reason: str) -> None:  # native when compiled: see fast_frozen_init
+        self.reason = reason  # type: ignore[misc]
+
+
+fast_frozen_init(SubscriptionEnded)
 
 
 SubscriptionEffect = SendRequest | SendResponse | StateChanged | SubscriptionEnded
@@ -284,7 +319,7 @@ class OutgoingRequests(Generic[Tag]):
         number, method = response.cseq
         if adopt_auth_retry(number, self._pending.keys(), self.dialog.local_cseq):
             self._pending[number] = self._pending.pop(number - 1)
-            self.dialog = replace(self.dialog, local_cseq=number)
+            self.dialog = self.dialog.with_local_cseq(number)
         sent = self._pending.get(number)
         if sent is None or sent[1].method != method or response.status < 200:
             return None
@@ -313,7 +348,7 @@ class OutgoingRequests(Generic[Tag]):
         except AuthenticationError:
             return None
         self._retried |= {number}
-        self.dialog = replace(self.dialog, local_cseq=number)
+        self.dialog = self.dialog.with_local_cseq(number)
         return retry
 
 

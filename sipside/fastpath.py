@@ -83,7 +83,9 @@ def fast_frozen_init(cls: type[_C]) -> type[_C]:
             raise LocalError(
                 f"{cls.__name__}.{name}: default_factory and kw_only are not supported"
             )
-        namespace[f"_set_{name}"] = slot_setter(cls, name)
+        # The slot is the class's own, or a base dataclass's whose fields it inherits.
+        owner = next(base for base in cls.__mro__ if name in base.__dict__)
+        namespace[f"_set_{name}"] = slot_setter(owner, name)
         if spec.default is not MISSING:
             namespace[f"_default_{name}"] = spec.default
         if spec.init:

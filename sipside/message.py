@@ -15,7 +15,7 @@ import os
 import re
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Self
 
 from sipside.errors import LocalError, PeerError
@@ -85,8 +85,8 @@ class _Headers:
 
     Lookups go through an index of header positions by name, built once per message (by the
     parser, or on first use for a message made in code) and kept in two private slots that are
-    not dataclass fields (not compared, hashed or copied); copies made with
-    ``dataclasses.replace`` start without them.
+    not dataclass fields (not compared, hashed or copied): every constructor sets them to
+    None, so copies start without them.
     """
 
     __slots__ = ("_index", "_repeats", "_wire_size")
@@ -236,13 +236,13 @@ class _Headers:
         canon = _settable(name)
         lname = canon.lower()
         kept = tuple((k, v) for k, v in self.headers if k.lower() != lname)
-        return replace(self, headers=kept + tuple((canon, v) for v in values))  # type: ignore[type-var]
+        return self._with_headers(kept + tuple((canon, v) for v in values))
 
     def add_header(self, name: str, value: str, *, first: bool = False) -> Self:
         """A copy with one more header, at the end or (``first``) before all others."""
         entry = ((_settable(name), value),)
         headers = entry + self.headers if first else self.headers + entry
-        return replace(self, headers=headers)  # type: ignore[type-var]
+        return self._with_headers(headers)
 
     def replace_first(self, name: str, value: str) -> Self:
         """A copy whose first ``name`` header has ``value``, in place; LocalError if none."""
@@ -318,6 +318,11 @@ class SipRequest(_Headers):
         self.uri = uri  # type: ignore[misc]
         self.headers = headers  # type: ignore[misc]
         self.body = body  # type: ignore[misc]
+        # Set, not left out: compiled, reading a slot never set raises, and a raise through
+        # native code costs as much as building the index (two per NOTIFY, callgrind).
+        self._index = None  # type: ignore[misc]
+        self._repeats = None  # type: ignore[misc]
+        self._wire_size = None  # type: ignore[misc]
 
     def __bytes__(self) -> bytes:
         return _serialize(f"{self.method} {self.uri} SIP/2.0", self.headers, self.body)
@@ -352,6 +357,11 @@ class SipResponse(_Headers):
         self.reason = reason  # type: ignore[misc]
         self.headers = headers  # type: ignore[misc]
         self.body = body  # type: ignore[misc]
+        # Set, not left out: compiled, reading a slot never set raises, and a raise through
+        # native code costs as much as building the index (two per NOTIFY, callgrind).
+        self._index = None  # type: ignore[misc]
+        self._repeats = None  # type: ignore[misc]
+        self._wire_size = None  # type: ignore[misc]
 
     def __bytes__(self) -> bytes:
         return _serialize(f"SIP/2.0 {self.status} {self.reason}", self.headers, self.body)

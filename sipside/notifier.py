@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Collection
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from sipside.dialog import Dialog, DialogFields, dialog_fields, dialog_from
 from sipside.errors import PeerError
@@ -282,7 +282,7 @@ class Notifier:
         number, method = response.cseq
         if adopt_auth_retry(number, self._outstanding, self._dialog.local_cseq):
             self._outstanding = (self._outstanding - {number - 1}) | {number}
-            self._dialog = replace(self._dialog, local_cseq=number)
+            self._dialog = self._dialog.with_local_cseq(number)
         if method != "NOTIFY" or number not in self._outstanding or response.status < 200:
             return []
         self._outstanding = self._outstanding - {number} or _NONE_OUTSTANDING

@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import tracemalloc
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any
+from typing import Any, cast
 from unittest.mock import ANY
 
 import pytest
 
-from component.runtime.presence_driver import MAX_IN_FLIGHT
+from component.runtime.presence_driver import MAX_IN_FLIGHT, Core
 from component.sip import watch_dialogs
 from component.sip.dialog_state import fresh
 from component.store import ApprovalDirection, ApprovalState, RosterApproval
@@ -342,16 +342,21 @@ async def test_by_callback_one_notify_per_dialog_newest_state_and_481_ends(
         await runtime.stop()
 
 
-async def test_every_queued_stanza_is_handled_once_in_order(
-    memory_store: MemoryStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+class RecordingCore:
+    """A presence core that only notes the recipient of each stanza it is handed."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def on_presence(self, presence: Presence, now: float) -> None:
+        self.seen.append(presence.recipient)
+
+
+async def test_every_queued_stanza_is_handled_once_in_order(memory_store: MemoryStore) -> None:
     runtime, _, _ = runtime_world(memory_store, CallbackEndpoint())
-    seen: list[str] = []
-
-    async def on_presence(presence: Presence, now: float) -> None:
-        seen.append(presence.recipient)
-
-    monkeypatch.setattr(runtime.core, "on_presence", on_presence)
+    core = RecordingCore()
+    seen = core.seen
+    runtime.core = cast(Core, core)  # the driver calls nothing else of it here
     await runtime.start()
     try:
         count = 500

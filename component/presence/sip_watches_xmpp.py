@@ -98,10 +98,16 @@ class SipWatchers:
         available = presence.type is None
         show = presence.show if presence.show in SHOW_VALUES else None
         priority = max(-128, min(127, presence.priority))
-        update = XmppPresence(resource, available, show, presence.status, priority)
+        status = presence.status
         known = next((p for p in current if p.resource == resource), None)
-        # The server sends a change once per watcher JID: only the first one writes.
-        changed = known != update if available else known is not None
+        # The server sends a change once per watcher JID: only the first one writes. The known
+        # entry (always available) is compared field by field: the rest build nothing.
+        if available:
+            changed = known is None or not (
+                known.show == show and known.status == status and known.priority == priority
+            )
+        else:
+            changed = known is not None
         if available and changed:
             await self.store.save_presence(
                 PresenceRecord(
@@ -109,7 +115,7 @@ class SipWatchers:
                     resource or "",
                     available=True,
                     show=show,
-                    status=presence.status,
+                    status=status,
                     priority=priority,
                     updated_at=now,
                 )
@@ -117,6 +123,7 @@ class SipWatchers:
         elif changed:
             await self.store.clear_presence(bob, resource or "")
         if changed:
+            update = XmppPresence(resource, available, show, status, priority)
             self._xmpp_presence[bob] = current.updated(update)
             self._documents.pop(bob, None)
         await self.sip.notify_watch(Watch(watcher, bob), await self.document_of(bob), now)

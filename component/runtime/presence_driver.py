@@ -26,14 +26,13 @@ import contextlib
 import inspect
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from component.errors import busy
 from component.logs import get_logger
 from component.ports import XmppPort
-from component.presence.core import PresenceCore
 from component.runtime.tasks import TaskOwner
-from component.sip.side import ResumeState, SipSide
+from component.sip.side import ResumeState
 from component.sip.transactions import DONE
 from component.store import StoreUnavailable
 from component.values import Presence, SipText
@@ -57,6 +56,28 @@ _LINK_UP_BATCH = 50  # SIP users re-announced per call into the core after the l
 MAX_IN_FLIGHT = 32
 
 Work = Callable[[float], Awaitable[Any]]
+
+
+class Core(Protocol):
+    """What the driver calls of the presence core (``component.presence.core.PresenceCore``).
+
+    A protocol, not the class: compiled, an argument annotated with a class must be one, and
+    the tests hand the driver cores of their own."""
+
+    async def on_presence(self, presence: Presence, now: float) -> None: ...
+    async def command(self, msg: SipText, now: float) -> str | None: ...
+    async def sweep(self, now: float) -> None: ...
+    async def link_up_begin(self, now: float) -> None: ...
+    async def link_up_step(self, now: float, limit: int | None) -> bool: ...
+
+
+class Dialogs(Protocol):
+    """What the driver calls of the SIP side (``component.sip.side.SipSide``)."""
+
+    def next_deadline(self) -> float | None: ...
+    async def handle_timer(self, now: float) -> None: ...
+    async def resume_stored(self) -> ResumeState: ...
+    async def resume_subscribers(self, state: ResumeState, now: float) -> tuple[int, int, int]: ...
 
 
 class CoreSerial:
@@ -255,8 +276,8 @@ class PresenceDriver:
         self,
         serial: CoreSerial,
         *,
-        core: PresenceCore,
-        sip: SipSide,
+        core: Core,
+        sip: Dialogs,
         xmpp: XmppPort | None = None,
         sweep_interval: float = 20.0,
         max_queued_presence: int = 50_000,

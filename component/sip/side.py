@@ -232,12 +232,12 @@ class SipSide:
 
     def next_deadline(self) -> float | None:
         """The earliest time ``handle_timer`` has work (cheap: each part keeps a heap)."""
-        times = (
-            self.watches.next_deadline(),
-            self.subscriptions.next_deadline(),
-            self.publications.next_deadline(),
-        )
-        return min((t for t in times if t is not None), default=None)
+        # Asked after every call into presence (twice a NOTIFY): no generator, no tuple.
+        earliest = self.watches.next_deadline()
+        for other in (self.subscriptions.next_deadline(), self.publications.next_deadline()):
+            if other is not None and (earliest is None or other < earliest):
+                earliest = other
+        return earliest
 
     async def handle_timer(self, now: float, limit: int = TIMER_BATCH) -> None:
         """Fire up to ``limit`` due dialogs: notifier expiry, subscriber refresh/expiry,
