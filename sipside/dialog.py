@@ -273,18 +273,7 @@ class Dialog(DialogFields):
         if target_refresh and contact is not None:
             # RFC 3261 12.2.2 / RFC 6665 4.1.2.1: target refresh requests update the target.
             target = address_uri(contact)
-        return Dialog(
-            self.call_id,
-            self.local_tag,
-            self.remote_tag,
-            self.local_uri,
-            self.remote_uri,
-            self.local_cseq,
-            number,
-            target,
-            self.route_set,
-            self.secure,
-        )
+        return replace(self, remote_cseq=number, remote_target=target)
 
     def refresh_target(self, message: SipRequest | SipResponse) -> Dialog:
         """Adopt the Contact of a target-refresh message (e.g. the 2xx of a re-SUBSCRIBE)."""
